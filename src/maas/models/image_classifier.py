@@ -1,0 +1,229 @@
+"""CNN image classifiers (ResNet, VGG, EfficientNet, …) from torchvision or timm.
+
+Input: :class:`~maas.preprocess.image.ImageBatch` (``uint8`` (N, 3, H, W)) from the shared
+image preprocessor. Normalisation with the model's mean/std happens here, on the model's
+device. Output per request: for each image, the top-k classes with softmax scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from ray import serve
+
+from maas.config import (
+    ImagePreprocessingSpec,
+    ModelSpec,
+    PackageSource,
+    RandomSource,
+    TimmSource,
+    TorchvisionSource,
+)
+from maas.errors import InvalidRequest, WeightsError
+from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
+from maas.preprocess.image import normalize
+from maas.weights import apply_state_dict, file_source_path, load_state_dict
+
+logger = logging.getLogger("maas.models.image")
+
+DEFAULT_TOP_K = 5
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet-1k class names from torchvision's weights metadata (no download)."""
+    import torchvision
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _torchvision_weights_enum(arch: str, member: str | None):
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"torchvision has no classification model named {arch!r}") from exc
+    if member is None:
+        return enum.DEFAULT
+    try:
+        return enum[member]
+    except KeyError:
+        raise ValueError(
+            f"torchvision {arch} has no weights {member!r}; choose one of {[w.name for w in enum]}"
+        ) from None
+
+
+def resolve_image_preprocessing(spec: ModelSpec) -> ImagePreprocessingSpec:
+    """The model's image preprocessing: the spec's own, else the library's preset.
+
+    * torchvision: ``weights.transforms()`` of the named weights (``DEFAULT`` when the weights
+      are random or a file): resize, crop, interpolation, mean, std.
+    * timm: the architecture's pretrained config: crop = ``input_size``, resize =
+      ``floor(crop / crop_pct)`` (timm's ``transforms_factory`` formula), interpolation, mean, std.
+
+    Raises:
+        ValueError: unknown architecture or weights name.
+    """
+    if spec.preprocessing is not None:
+        return spec.preprocessing
+    assert spec.architecture is not None
+    if spec.library == "torchvision":
+        member = spec.weights.weights if isinstance(spec.weights, TorchvisionSource) else None
+        preset = _torchvision_weights_enum(spec.architecture, member).transforms()
+        return ImagePreprocessingSpec(
+            resize_px=int(preset.resize_size[0]),
+            crop_px=int(preset.crop_size[0]),
+            interpolation=preset.interpolation.value,
+            mean=tuple(preset.mean),
+            std=tuple(preset.std),
+        )
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.architecture)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained config for {spec.architecture!r}; give 'preprocessing' explicitly")
+    crop = int(cfg.input_size[-1])
+    interp = cfg.interpolation if cfg.interpolation in ("nearest", "bilinear", "bicubic") else "bicubic"
+    return ImagePreprocessingSpec(
+        resize_px=int(math.floor(crop / (cfg.crop_pct or 0.875))),
+        crop_px=crop,
+        interpolation=interp,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+    )
+
+
+class ImageClassifierRunner(ModelRunner):
+    """Lifecycle of a CNN classifier.
+
+    Per-request params: ``top_k`` (1 ≤ top_k ≤ number of classes, default 5) and
+    ``return_logits`` (bool), both read only in :meth:`postprocess`.
+    """
+
+    def load(self) -> None:
+        spec = self.spec
+        self.pre = resolve_image_preprocessing(spec)
+        self.labels = self._labels()
+        self.model = self._build(num_classes=len(self.labels))
+        self.model.eval().to(self.device)
+        self.loaded = True
+
+    def _labels(self) -> list[str]:
+        spec = self.spec
+        if isinstance(spec.labels, list):
+            return list(spec.labels)
+        if spec.labels == "imagenet" or spec.labels is None:
+            if spec.library == "torchvision" and isinstance(spec.weights, TorchvisionSource) and spec.weights.weights:
+                return list(_torchvision_weights_enum(spec.architecture, spec.weights.weights).meta["categories"])
+            return imagenet_categories()
+        raise ValueError(spec.labels)  # unreachable: config validates
+
+    def _build(self, num_classes: int) -> torch.nn.Module:
+        spec = self.spec
+        w = spec.weights
+        if isinstance(w, RandomSource):
+            torch.manual_seed(w.seed)
+        try:
+            if spec.library == "torchvision":
+                import torchvision
+
+                model = torchvision.models.get_model(spec.architecture, weights=None, num_classes=num_classes)
+            else:
+                import timm
+
+                model = timm.create_model(spec.architecture, pretrained=False, num_classes=num_classes)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise WeightsError(f"model {spec.name!r}: cannot build {spec.library} architecture {spec.architecture!r}: {exc}") from None
+        if isinstance(w, RandomSource):
+            logger.warning("model %s uses RANDOM demo weights (seed %d): outputs are meaningless", spec.name, w.seed)
+            return model
+        if isinstance(w, TorchvisionSource) and w.weights is not None:
+            path = self._torchvision_checkpoint(w.weights)
+            apply_state_dict(model, load_state_dict(path, spec.name), spec.name, str(path))
+            return model
+        assert isinstance(w, (TorchvisionSource, TimmSource, PackageSource))
+        path = file_source_path(w, spec.name)
+        match = getattr(w, "match_keys", "name")
+        apply_state_dict(model, load_state_dict(path, spec.name), spec.name, path, match_keys=match)
+        return model
+
+    def _torchvision_checkpoint(self, member: str) -> Path:
+        """The torch hub cache file of a torchvision weights enum, downloaded when missing.
+
+        Loaded by us with ``weights_only=True`` rather than through ``get_state_dict``.
+        """
+        weights = _torchvision_weights_enum(self.spec.architecture, member)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not cached.exists():
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(weights.url, str(cached), progress=False)
+            except Exception as exc:  # noqa: BLE001 - network errors of any kind
+                raise WeightsError(
+                    f"model {self.spec.name!r}: torchvision weights {self.spec.architecture}:{member} are not in the "
+                    f"cache ({cached}) and could not be downloaded ({type(exc).__name__}). Copy the file there, or "
+                    "point the model at a local state dict: weights: {source: torchvision, path: /path/to/file.pth}"
+                ) from None
+        return cached
+
+    def validate(self, request: ModelRequest) -> None:
+        top_k = request.params.get("top_k", DEFAULT_TOP_K)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.labels):
+            raise InvalidRequest(
+                f"top_k must be an integer from 1 to {len(self.labels)} (the model's class count), got {top_k!r}",
+                param="top_k",
+            )
+
+    def preprocess(self, requests: list[ModelRequest]) -> torch.Tensor:
+        """Concatenate the requests' ``uint8`` pixels and normalise on the device.
+
+        Returns:
+            ``float32`` tensor (N_total, 3, H, W).
+        """
+        pixels = torch.cat([r.inputs.pixels for r in requests]) if len(requests) > 1 else requests[0].inputs.pixels
+        return normalize(pixels.to(self.device, non_blocking=True), self.pre.mean, self.pre.std)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Returns logits, ``float32`` (N_total, num_classes)."""
+        return self.model(batch)
+
+    def postprocess(self, logits: torch.Tensor, requests: list[ModelRequest]) -> list[dict]:
+        """Per request: ``{"results": [{"top_k": [{"index", "label", "score"}], "logits"?}]}``."""
+        logits = logits.float().cpu()
+        probs = torch.softmax(logits, dim=-1)
+        out, start = [], 0
+        for r in requests:
+            n = len(r.inputs)
+            k = r.params.get("top_k", DEFAULT_TOP_K)
+            scores, idx = probs[start : start + n].topk(k, dim=-1)
+            items = []
+            for row in range(n):
+                item = {
+                    "top_k": [
+                        {"index": int(i), "label": self.labels[int(i)], "score": float(s)}
+                        for s, i in zip(scores[row], idx[row])
+                    ]
+                }
+                if r.params.get("return_logits"):
+                    item["logits"] = logits[start + row].tolist()
+                items.append(item)
+            out.append({"results": items})
+            start += n
+        return out
+
+    def info(self) -> dict:
+        return {
+            "device": str(self.device),
+            "num_classes": len(self.labels),
+            "preprocessing": self.pre.model_dump(),
+        }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class ImageClassifier(ModelDeployment):
+    """Serve deployment of one image classifier (see :class:`ImageClassifierRunner`)."""
+
+    runner_cls = ImageClassifierRunner

@@ -1,0 +1,1 @@
+"""Shared preprocessing deployments: one per distinct preprocessing key."""
