@@ -151,3 +151,27 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     m = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)
+
+
+from ray import serve  # noqa: E402 - the deployment below is the only Ray-dependent part
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2})
+class ImagePreprocessor:
+    """Shared image preprocessing deployment (CPU only), one per preprocessing key.
+
+    Args:
+        spec: :class:`~maas.config.ImagePreprocessingSpec` as a dict.
+        max_image_pixels: Decompression-bomb limit, pixels (width × height).
+    """
+
+    def __init__(self, spec: dict, max_image_pixels: int):
+        from maas.models.base import replica_num_cpus, set_torch_threads
+
+        set_torch_threads(replica_num_cpus())
+        self.spec = ImagePreprocessingSpec.model_validate(spec)
+        self.max_image_pixels = max_image_pixels
+
+    def __call__(self, images: list[bytes]) -> ImageBatch:
+        """Decode and transform one request's images into ``uint8`` (N, 3, crop, crop)."""
+        return preprocess_images(images, self.spec, max_pixels=self.max_image_pixels)

@@ -1,0 +1,133 @@
+"""``build_app``: serve config ``args:`` → the routing graph (an ``Application``).
+
+Used by ``serve run serve_configs/local.yaml`` (``import_path: maas.app:build_app``).
+
+Per model one deployment (named after the model), one preprocessing deployment per
+distinct preprocessing key (shared by every model with that key), and the ``Ingress`` bound
+over them. Each model deployment gets:
+
+* ``ray_actor_options`` from the spec's ``resources`` (``num_cpus``, ``num_gpus``),
+* ``user_config`` = the spec's ``batching`` (``max_batch_size``, ``batch_wait_timeout_s``),
+* ``max_ongoing_requests`` = the spec's value or 2 × ``max_batch_size`` (so batches fill).
+
+All of these are Ray's own deployment options, so a serve config ``deployments:`` entry
+with the deployment's name overrides them (and adds ``num_replicas`` or
+``autoscaling_config``) without touching ``args``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray.serve import Application
+
+from maas.config import (
+    INGRESS_DEPLOYMENT,
+    AppConfig,
+    ModelSpec,
+    image_preprocessor_deployment_name,
+    tokenizer_deployment_name,
+    tokenizer_key,
+)
+from maas.ingress import Ingress
+from maas.models.image_classifier import ImageClassifier, resolve_image_preprocessing
+from maas.models.seq2seq import Seq2SeqGenerator
+from maas.models.text_encoder import TextEncoder
+from maas.models.text_generator import TextGenerator
+from maas.preprocess.image import ImagePreprocessor
+from maas.preprocess.text import Tokenizer
+
+FAMILY_DEPLOYMENTS = {
+    "text-encoder": TextEncoder,
+    "text-generator": TextGenerator,
+    "seq2seq": Seq2SeqGenerator,
+    "image-classifier": ImageClassifier,
+}
+
+
+class ConfigError(ValueError):
+    """The serve config's ``args`` are invalid; the message names each bad field."""
+
+
+def parse_config(args: dict[str, Any] | AppConfig) -> AppConfig:
+    """Validate ``args`` strictly.
+
+    Raises:
+        ConfigError: listing every bad field as ``models.0.weights.path: message``.
+    """
+    if isinstance(args, AppConfig):
+        return args
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in e["loc"])
+            lines.append(f"  {loc}: {e['msg']}")
+        raise ConfigError("invalid maas config (serve config 'args'):\n" + "\n".join(lines)) from None
+
+
+def plan_graph(config: AppConfig) -> dict[str, dict[str, str]]:
+    """The graph's deployment names without Ray: which preprocessor each model uses.
+
+    Returns:
+        ``{"models": {model: deployment}, "preprocessors": {model: preprocessor deployment}}``.
+
+    Raises:
+        ConfigError: two different preprocessing keys would share one deployment name.
+    """
+    pre_names: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for spec in config.models:
+        if spec.family == "image-classifier":
+            pre = resolve_image_preprocessing(spec)
+            key, dep = f"image:{pre.key}", image_preprocessor_deployment_name(pre)
+        else:
+            key, dep = f"text:{tokenizer_key(spec)}", tokenizer_deployment_name(spec)
+        if owners.setdefault(dep, key) != key:
+            raise ConfigError(f"preprocessing keys {owners[dep]!r} and {key!r} map to one deployment name {dep!r}")
+        pre_names[spec.name] = dep
+    return {"models": {s.name: s.deployment_name for s in config.models}, "preprocessors": pre_names}
+
+
+def _model_deployment(spec: ModelSpec):
+    return FAMILY_DEPLOYMENTS[spec.family].options(
+        name=spec.deployment_name,
+        ray_actor_options={"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus},
+        max_ongoing_requests=spec.resolved_max_ongoing_requests,
+        user_config=spec.batching.model_dump(),
+    ).bind(spec.model_dump(mode="json"))
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Build the maas graph from the serve config's ``args``.
+
+    Raises:
+        ConfigError: invalid args (before anything is deployed).
+    """
+    config = parse_config(args)
+    plan = plan_graph(config)
+    models: dict[str, Any] = {}
+    preprocessors: dict[str, Any] = {}
+    bound_pre: dict[str, Any] = {}
+    for spec in config.models:
+        models[spec.name] = _model_deployment(spec)
+        dep = plan["preprocessors"][spec.name]
+        if dep not in bound_pre:
+            if spec.family == "image-classifier":
+                pre = resolve_image_preprocessing(spec)
+                bound_pre[dep] = ImagePreprocessor.options(
+                    name=dep, ray_actor_options={"num_cpus": config.image_preprocessors.num_cpus}
+                ).bind(pre.model_dump(mode="json"), config.image_preprocessors.max_image_pixels)
+            else:
+                bound_pre[dep] = Tokenizer.options(
+                    name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}
+                ).bind(spec.tokenizer_source.model_dump(mode="json"), dep)
+        preprocessors[spec.name] = bound_pre[dep]
+    return Ingress.options(
+        name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": config.ingress.num_cpus}
+    ).bind(config.model_dump(mode="json"), models, preprocessors)
+
+
+__all__ = ["build_app", "parse_config", "plan_graph", "ConfigError"]

@@ -1,0 +1,181 @@
+"""BERT-style text encoders: sentence embeddings and (with a head) text classification.
+
+Pooling follows what the checkpoint declares: sentence-transformers'
+``1_Pooling/config.json`` (cls, mean, max or mean-sqrt-len) when present, mean pooling
+otherwise; vectors are L2-normalised when ``modules.json`` lists a ``Normalize`` module.
+The longest input is the spec's ``max_input_tokens``, else ``sentence_bert_config.json``'s
+``max_seq_length``, else the config's ``max_position_embeddings``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+
+from maas.config import RandomSource
+from maas.errors import InvalidRequest, WeightsError
+from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
+from maas.models.hf import collate_right, load_hf_model
+from maas.weights import hf_location
+
+logger = logging.getLogger("maas.models.text_encoder")
+
+POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len")
+
+
+def read_pooling(model_dir: str | None) -> tuple[str, bool, int | None]:
+    """Pooling mode, normalise flag and max_seq_length declared by a sentence-transformers dir.
+
+    Returns:
+        ``(mode, normalize, max_seq_length)``; ``("mean", False, None)`` when nothing is declared.
+    """
+    mode, norm, max_len = "mean", False, None
+    if not model_dir or not Path(model_dir).is_dir():
+        return mode, norm, max_len
+    root = Path(model_dir)
+    modules = root / "modules.json"
+    if modules.exists():
+        mods = json.loads(modules.read_text())
+        norm = any(m.get("type", "").endswith("Normalize") for m in mods)
+        for m in mods:
+            if m.get("type", "").endswith("Pooling"):
+                cfg_path = root / m.get("path", "") / "config.json"
+                if cfg_path.exists():
+                    cfg = json.loads(cfg_path.read_text())
+                    for name in POOLING_MODES:
+                        key = "pooling_mode_cls_token" if name == "cls" else f"pooling_mode_{name}_tokens"
+                        if cfg.get(key):
+                            mode = name
+                            break
+    sbert = root / "sentence_bert_config.json"
+    if sbert.exists():
+        max_len = json.loads(sbert.read_text()).get("max_seq_length")
+    return mode, norm, max_len
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states into one vector per text.
+
+    Args:
+        hidden: ``float`` (N, L, D) last hidden states.
+        mask: ``int64`` (N, L) attention mask.
+        mode: one of ``cls``, ``mean``, ``max``, ``mean_sqrt_len`` (sentence-transformers' modes).
+
+    Returns:
+        ``float`` (N, D).
+    """
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    summed = (hidden * m).sum(dim=1)
+    counts = m.sum(dim=1).clamp(min=1e-9)
+    return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
+
+
+class TextEncoderRunner(ModelRunner):
+    """Lifecycle of a BERT-style encoder.
+
+    Per-request params: ``task`` (``embeddings`` or ``text-classification``), ``top_k`` for
+    classification (read in :meth:`postprocess`).
+    """
+
+    def load(self) -> None:
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        spec = self.spec
+        self.classifies = "text-classification" in spec.tasks
+        cls = AutoModelForSequenceClassification if self.classifies else AutoModel
+        self.model = load_hf_model(spec, cls).eval().to(self.device)
+        cfg = self.model.config
+        if self.classifies:
+            archs = getattr(cfg, "architectures", None) or []
+            if not isinstance(spec.weights, RandomSource) and not any("SequenceClassification" in a for a in archs):
+                raise WeightsError(
+                    f"model {spec.name!r} lists text-classification but its checkpoint has no sequence-classification "
+                    f"head (architectures={archs}); remove the task or use a fine-tuned checkpoint"
+                )
+            self.labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
+            self.multi_label = getattr(cfg, "problem_type", None) == "multi_label_classification"
+        model_dir = None if isinstance(spec.weights, RandomSource) else hf_location(spec.weights, spec.name)
+        self.pooling, self.normalize, sbert_max = read_pooling(model_dir)
+        positions = getattr(cfg, "max_position_embeddings", None) or 512
+        self.max_input_tokens = spec.max_input_tokens or min(sbert_max or positions, positions)
+        self.dimensions = int(cfg.hidden_size)
+        self.loaded = True
+
+    def validate(self, request: ModelRequest) -> None:
+        task = request.params.get("task", "embeddings")
+        if task == "text-classification":
+            top_k = request.params.get("top_k", 1)
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.labels):
+                raise InvalidRequest(
+                    f"top_k must be an integer from 1 to {len(self.labels)} (the model's label count), got {top_k!r}",
+                    param="top_k",
+                )
+
+    def preprocess(self, requests: list[ModelRequest]) -> dict[str, torch.Tensor]:
+        """Collate requests into ``input_ids``/``attention_mask`` int64 (N_total, L_max) on device."""
+        ids, mask = collate_right([r.inputs for r in requests])
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Returns ``embeddings`` float32 (N, D) and, for classifiers, ``logits`` (N, num_labels)."""
+        if self.classifies:
+            out = self.model(**batch, output_hidden_states=True)
+            hidden, logits = out.hidden_states[-1], out.logits
+        else:
+            hidden, logits = self.model(**batch).last_hidden_state, None
+        emb = pool(hidden, batch["attention_mask"], self.pooling).float()
+        if self.normalize:
+            emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
+        return {"embeddings": emb, "logits": logits}
+
+    def postprocess(self, outputs: dict, requests: list[ModelRequest]) -> list[dict]:
+        """Per request: ``{"embeddings": float32 ndarray (n, D), "num_tokens": [...]}`` or
+        ``{"results": [{"top_k": [{"index", "label", "score"}]}], "num_tokens": [...]}``."""
+        emb = outputs["embeddings"].cpu().numpy().astype(np.float32, copy=False)
+        logits = outputs["logits"]
+        results, start = [], 0
+        for r in requests:
+            n = len(r.inputs)
+            used = r.inputs.lengths
+            if r.params.get("task", "embeddings") == "text-classification":
+                part = logits[start : start + n].float().cpu()
+                probs = torch.sigmoid(part) if self.multi_label else torch.softmax(part, dim=-1)
+                scores, idx = probs.topk(r.params.get("top_k", 1), dim=-1)
+                items = [
+                    {"top_k": [{"index": int(i), "label": self.labels[int(i)], "score": float(s)}
+                               for s, i in zip(scores[row], idx[row])]}
+                    for row in range(n)
+                ]
+                results.append({"results": items, "num_tokens": used})
+            else:
+                results.append({"embeddings": emb[start : start + n], "num_tokens": used})
+            start += n
+        return results
+
+    def info(self) -> dict:
+        out = {
+            "device": str(self.device),
+            "max_input_tokens": self.max_input_tokens,
+            "dimensions": self.dimensions,
+            "pooling": self.pooling,
+            "normalized": self.normalize,
+        }
+        if self.classifies:
+            out["labels"] = self.labels
+        return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class TextEncoder(ModelDeployment):
+    """Serve deployment of one BERT-style encoder (see :class:`TextEncoderRunner`)."""
+
+    runner_cls = TextEncoderRunner

@@ -1,0 +1,84 @@
+"""maas-serve's own routes: text2text, text classification, image classification."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from maas.errors import InvalidRequest
+from maas.protocol import CompletionUsage, StrictRequest, Usage
+
+
+class Text2TextRequest(StrictRequest):
+    """``POST /v1/text2text``: translation, summarisation … with an encoder–decoder model."""
+
+    model: str
+    input: str | list[str]
+    max_tokens: int = Field(default=64, ge=1, le=4096, description="New tokens per output at most.")
+
+    def to_params(self) -> dict:
+        return {"max_tokens": self.max_tokens, "temperature": 0.0}
+
+
+class Text2TextItem(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+class Text2TextResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Text2TextItem]
+    usage: CompletionUsage
+    demo_weights: bool = False
+
+
+class TextClassificationRequest(StrictRequest):
+    """``POST /v1/classifications/text``."""
+
+    model: str
+    input: str | list[str]
+    top_k: int = Field(default=1, ge=1, description="Labels per text, best first.")
+
+
+class ImageClassificationRequest(StrictRequest):
+    """``POST /v1/classifications/image`` as JSON (multipart uploads are also accepted)."""
+
+    model: str
+    images: list[str] = Field(description="Base64-encoded image files (JPEG, PNG, WebP, BMP, TIFF, GIF).")
+    top_k: int = Field(default=5, ge=1)
+
+    def decoded(self) -> list[bytes]:
+        """Raw bytes of each image. Raises InvalidRequest naming the bad index."""
+        out = []
+        for i, s in enumerate(self.images):
+            if s.startswith("data:") and "," in s:
+                s = s.split(",", 1)[1]
+            try:
+                out.append(base64.b64decode(s, validate=True))
+            except (binascii.Error, ValueError):
+                raise InvalidRequest(f"images[{i}] is not valid base64", param=f"images[{i}]") from None
+        return out
+
+
+class ClassLabel(BaseModel):
+    index: int = Field(description="Class index in the model's output.")
+    label: str
+    score: float = Field(description="Softmax probability (sigmoid for multi-label models).")
+
+
+class Classification(BaseModel):
+    index: int = Field(description="Position of the input in the request.")
+    top_k: list[ClassLabel]
+
+
+class ClassificationResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Classification]
+    usage: Usage | None = None
+    demo_weights: bool = False
