@@ -316,7 +316,7 @@ class Ingress:
         return ClassificationResponse(
             model=model, demo_weights=route.spec.is_demo,
             data=[Classification(index=i, top_k=r["top_k"]) for i, r in enumerate(out["results"])],
-        ).model_dump()
+        ).model_dump(exclude_none=True)
 
     # ------------------------------------------------------------------ HTTP routes
 

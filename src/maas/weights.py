@@ -62,8 +62,9 @@ def hf_location(src: HuggingFaceSource | PackageSource, model_name: str) -> str:
 
 def hf_load_error(model_name: str, where: str, exc: Exception) -> WeightsError:
     """Turn a ``from_pretrained`` failure into a message that says how to fix it."""
+    detail = " ".join(str(exc).split())[:400]
     return WeightsError(
-        f"model {model_name!r}: could not load {where!r} ({type(exc).__name__}: {exc}). "
+        f"model {model_name!r}: could not load {where!r} ({type(exc).__name__}: {detail}). "
         "Without network a hub id must already be in the Hugging Face cache; otherwise point the "
         "model's weights at a local directory: weights: {source: huggingface, id: /path/to/model}"
     )

@@ -1,0 +1,150 @@
+"""Shared fixtures: sample inputs, and one Ray cluster + one deployed app per test session.
+
+The cluster is started once with ``ray start --head`` (token authentication on, with a
+token file made for the session), the app once with ``serve run`` on a copy of
+``serve_configs/local.yaml`` whose HTTP port is a free one. Integration tests talk to it
+through handles from this process (a driver attached to the cluster); e2e tests over HTTP
+and from separate processes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
+            last_exc = exc
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not reached within {timeout_s} s (last error: {last_exc!r})")
+
+
+def encode(array, fmt: str, **save_kwargs) -> bytes:
+    from PIL import Image
+
+    img = array if hasattr(array, "save") else Image.fromarray(array)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def chelsea_jpeg() -> bytes:
+    from skimage import data
+
+    return encode(data.chelsea(), "JPEG", quality=95)
+
+
+@pytest.fixture(scope="session")
+def coffee_png() -> bytes:
+    from skimage import data
+
+    return encode(data.coffee(), "PNG")
+
+
+@pytest.fixture(scope="session")
+def local_args() -> dict:
+    """The ``args`` of serve_configs/local.yaml."""
+    return yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the session, headed by this test process.
+
+    Token authentication is on, with a token file made for the session; subprocesses get
+    the same environment. Yields ``{"address", "env", "http_port"}``. Shutting down stops
+    only this cluster.
+    """
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    extra = dict(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    os.environ.update(extra)
+    # Logical CPUs above the 2 real cores: the local graph's fractional requests plus the
+    # test apps must fit at once; torch threads still follow each replica's own num_cpus.
+    ray.init(num_cpus=6, num_gpus=0, namespace="serve", include_dashboard=True, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    try:
+        yield {"address": address, "env": dict(os.environ), "http_port": free_port()}
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_cluster, tmp_path_factory):
+    """``serve run`` of serve_configs/local.yaml (HTTP port changed) as a subprocess.
+
+    Yields ``{"url", "address", "env", "log", "ready_s"}`` once ``/readyz`` says ready.
+    """
+    import requests
+
+    cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
+    cfg["http_options"]["port"] = ray_cluster["http_port"]
+    path = tmp_path_factory.mktemp("cfg") / "local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = path.with_suffix(".log")
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", "--address", ray_cluster["address"], str(path)],
+        env=ray_cluster["env"], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{ray_cluster['http_port']}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        r = requests.get(f"{url}/readyz", timeout=10)
+        return r.status_code == 200 and r.json()["ready"]
+
+    try:
+        wait_for(ready, timeout_s=300, what="serve run readiness", interval_s=1.0)
+        yield {"url": url, "address": ray_cluster["address"], "env": ray_cluster["env"], "log": log,
+               "ready_s": time.monotonic() - started}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
