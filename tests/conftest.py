@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,20 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Ray reads its auth mode when it is imported, so the session's cluster settings go into the
+# environment here, before any test module imports ray (through maas). Token authentication
+# stays on, with a token file made for this session.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="maas-tests-"))
+(_SESSION_DIR / "auth_token").write_text(secrets.token_hex(32))
+os.environ.update(
+    RAY_AUTH_MODE="token",
+    RAY_AUTH_TOKEN_PATH=str(_SESSION_DIR / "auth_token"),
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    RAY_USAGE_STATS_ENABLED="0",
+)
 LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
 BIN = Path(sys.executable).parent
 
@@ -79,30 +94,18 @@ def local_args() -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """One local Ray cluster for the session, headed by this test process.
 
-    Token authentication is on, with a token file made for the session; subprocesses get
-    the same environment. Yields ``{"address", "env", "http_port"}``. Shutting down stops
+    Token authentication is on (see the environment set at the top of this file);
+    subprocesses get the same environment. Yields ``{"address", "env", "http_port"}``. Shutting down stops
     only this cluster.
     """
     import ray
 
-    tmp = tmp_path_factory.mktemp("ray")
-    token = tmp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    extra = dict(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    os.environ.update(extra)
     # Logical CPUs above the 2 real cores: the local graph's fractional requests plus the
     # test apps must fit at once; torch threads still follow each replica's own num_cpus.
-    ray.init(num_cpus=6, num_gpus=0, namespace="serve", include_dashboard=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, num_gpus=0, namespace="serve", include_dashboard=True, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     try:
         yield {"address": address, "env": dict(os.environ), "http_port": free_port()}

@@ -77,6 +77,12 @@ class TaskNotSupported(MaasError):
         super().__init__(message, param=param, code=code)
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """The body is in a content type the route does not accept (HTTP 415)."""
+
+    status_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
 class PayloadTooLarge(MaasError):
     """The request carries more data than the configured limits allow (HTTP 413)."""
 

@@ -36,6 +36,7 @@ from maas.errors import (
     ModelNotReady,
     PayloadTooLarge,
     TaskNotSupported,
+    UnsupportedMediaType,
     error_body,
     unwrap,
 )
@@ -107,7 +108,8 @@ def _first_validation_error(errors: list[dict]) -> InvalidRequest:
     if not errors:
         return InvalidRequest("invalid request")
     e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    # Drop the 'body' prefix and the union-member tags pydantic adds ('str', 'list[str]').
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None
     msg = e.get("msg", "invalid value")
     if e.get("type") == "extra_forbidden":
@@ -115,6 +117,10 @@ def _first_validation_error(errors: list[dict]) -> InvalidRequest:
     elif e.get("type") == "json_invalid":
         return InvalidRequest("request body is not valid JSON", param=None, code="invalid_json")
     return InvalidRequest(f"{param or 'body'}: {msg}", param=param)
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in part)
 
 
 def _parse(schema: type[BaseModel], request: Any) -> Any:
@@ -406,8 +412,3 @@ class Ingress:
             f"content type {ctype!r} is not accepted; send multipart/form-data with 'file' fields or JSON with base64 'images'"
         )
 
-
-class UnsupportedMediaType(InvalidRequest):
-    """The body is neither multipart/form-data nor JSON (HTTP 415)."""
-
-    status_code = 415

@@ -1,0 +1,140 @@
+"""``serve run serve_configs/local.yaml`` as a subprocess, talked to over real HTTP and from a
+separate Ray job."""
+
+import base64
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import requests
+
+from tests.unit.test_models import CAT_CLASSES
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def url(served_app):
+    print(f"\nserve run became ready in {served_app['ready_s']:.1f} s")
+    return served_app["url"]
+
+
+def post(url, path, **kw):
+    return requests.post(f"{url}{path}", timeout=120, **kw)
+
+
+def same_top_k(a: list[dict], b: list[dict]) -> bool:
+    """Same classes in the same order, scores equal up to float32 batch-composition noise."""
+    return [c["index"] for c in a] == [c["index"] for c in b] and all(
+        abs(x["score"] - y["score"]) < 1e-5 for x, y in zip(a, b)
+    )
+
+
+def test_health_and_readiness(url):
+    assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    body = requests.get(f"{url}/readyz", timeout=30).json()
+    assert body["ready"] is True and set(body["models"]) >= {"minilm", "efficientnet-lite0"}
+
+
+def test_models_list_labels_demo_weights(url):
+    data = {m["id"]: m for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
+    assert set(data) == {"minilm", "efficientnet-lite0", "resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo"}
+    assert data["minilm"]["demo_weights"] is False and data["minilm"]["weights"].startswith("package:")
+    for demo in ("resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo"):
+        assert data[demo]["demo_weights"] is True and data[demo]["weights"].startswith("random")
+    assert all(m["ready"] and m["object"] == "model" for m in data.values())
+
+
+def test_classify_photos_multipart_and_json(url, chelsea_jpeg, coffee_png):
+    r = post(url, "/v1/classifications/image", data={"model": "efficientnet-lite0", "top_k": "3"},
+             files=[("file", ("chelsea.jpg", chelsea_jpeg, "image/jpeg")),
+                    ("file", ("coffee.png", coffee_png, "image/png"))])
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == [0, 1]
+    assert CAT_CLASSES & {c["index"] for c in data[0]["top_k"]}
+    assert data[1]["top_k"][0]["label"] in ("espresso", "cup")
+    r2 = post(url, "/v1/classifications/image",
+              json={"model": "efficientnet-lite0", "top_k": 3, "images": [base64.b64encode(coffee_png).decode()]})
+    assert r2.status_code == 200
+    assert same_top_k(r2.json()["data"][0]["top_k"], data[1]["top_k"])
+
+
+def test_embeddings_rank_paraphrase_and_base64_matches_float(url):
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."]
+    r = post(url, "/v1/embeddings", json={"model": "minilm", "input": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    e = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    assert e.shape == (3, 384) and body["usage"]["prompt_tokens"] > 0
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.3
+    b = post(url, "/v1/embeddings", json={"model": "minilm", "input": texts, "encoding_format": "base64"}).json()
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b["data"]])
+    assert np.array_equal(decoded, e)
+
+
+def test_completion_and_text2text_shapes(url):
+    r = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello there", "max_tokens": 5,
+                                           "temperature": 0})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion" and body["demo_weights"] is True
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    r = post(url, "/v1/text2text", json={"model": "t5-tiny-demo", "input": "translate: hello", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["data"][0]["index"] == 0
+
+
+@pytest.mark.parametrize("path,kwargs,status,param", [
+    ("/v1/embeddings", {"json": {"model": "nope", "input": "x"}}, 404, "model"),
+    ("/v1/embeddings", {"json": {"model": "resnet50", "input": "x"}}, 400, "model"),
+    ("/v1/embeddings", {"json": {"model": "minilm", "input": "x", "bogus": 1}}, 400, "bogus"),
+    ("/v1/embeddings", {"json": {"model": "minilm", "input": ""}}, 400, "input"),
+    ("/v1/embeddings", {"json": {"model": "minilm", "input": 5}}, 400, "input"),
+    ("/v1/embeddings", {"json": {"model": "minilm", "input": "x", "dimensions": 8}}, 400, "dimensions"),
+    ("/v1/embeddings", {"data": "{not json", "headers": {"content-type": "application/json"}}, 400, None),
+    ("/v1/embeddings", {"json": {"model": "minilm", "input": ["x"] * 257}}, 413, "input"),
+    ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi", "temperature": -1}}, 400, "temperature"),
+    ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi " * 600}}, 400, "prompt"),
+    ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi", "max_tokens": 0}}, 400, "max_tokens"),
+    ("/v1/classifications/image", {"data": "x", "headers": {"content-type": "text/plain"}}, 415, None),
+    ("/v1/classifications/image", {"json": {"model": "vgg16", "images": ["%%%"]}}, 400, "images[0]"),
+    ("/v1/classifications/image", {"data": {"model": "vgg16"}, "files": [("other", ("a.txt", b"x"))]}, 400, "file"),
+    ("/v1/classifications/image", {"files": [("file", ("a.jpg", b"hello", "image/jpeg"))],
+                                   "data": {"model": "vgg16"}}, 400, "images[0]"),
+])
+def test_errors_have_one_shape(url, path, kwargs, status, param):
+    r = post(url, path, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_separate_ray_job_gets_same_answer_as_http(served_app, url, chelsea_jpeg, tmp_path):
+    image = tmp_path / "chelsea.jpg"
+    image.write_bytes(chelsea_jpeg)
+    script = textwrap.dedent(f"""
+        import json, ray
+        from ray import serve
+        ray.init(address={served_app['address']!r}, namespace="serve", log_to_driver=False)
+        h = serve.get_app_handle("maas")
+        img = open({str(image)!r}, "rb").read()
+        out = {{
+            "image": h.classify_images.remote("efficientnet-lite0", [img], top_k=5).result(),
+            "embed": h.embed.remote({{"model": "minilm", "input": ["hello world"]}}).result(),
+        }}
+        print("RESULT " + json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=served_app["env"], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    job = json.loads(line[len("RESULT "):])
+    http_image = post(url, "/v1/classifications/image", data={"model": "efficientnet-lite0", "top_k": "5"},
+                      files=[("file", ("c.jpg", chelsea_jpeg, "image/jpeg"))]).json()
+    http_embed = post(url, "/v1/embeddings", json={"model": "minilm", "input": ["hello world"]}).json()
+    assert same_top_k(job["image"]["data"][0]["top_k"], http_image["data"][0]["top_k"])
+    assert np.allclose(job["embed"]["data"][0]["embedding"], http_embed["data"][0]["embedding"], atol=1e-6)

