@@ -112,3 +112,22 @@ def test_bad_bytes_and_bombs():
     big = encode(Image.new("L", (3000, 3000)), "PNG")
     with pytest.raises(PayloadTooLarge, match="3000x3000 = 9000000 pixels"):
         decode_image(big, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_efficientnet_parity_with_timm_transform(case, local_args):
+    """EfficientNet-Lite0's configured preprocessing == timm's eval transform with the same
+    resize/crop/interpolation (timm computes resize as crop / crop_pct)."""
+    from PIL import ImageOps
+    from timm.data import create_transform
+
+    from maas.config import ModelSpec
+
+    spec = ModelSpec.model_validate(next(m for m in local_args["models"] if m["name"] == "efficientnet-lite0"))
+    pre = spec.preprocessing
+    raw = _cases()[case]
+    ours = normalize(preprocess_images([raw], pre, max_pixels=10**8).pixels, pre.mean, pre.std)
+    ref_tf = create_transform(input_size=pre.crop_px, crop_pct=pre.crop_px / pre.resize_px,
+                              interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    ref = ref_tf(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))).convert("RGB")).unsqueeze(0)
+    assert (ours - ref).abs().max().item() < 1e-5

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,47 @@ def test_sampling_params_validation_and_stop():
         SamplingParams.from_params({"max_tokens": 0})
     assert apply_stop("hello world. more", ("world", ".")) == ("hello ", True)
     assert apply_stop("abc", ("x",)) == ("abc", False)
+
+
+def test_torchvision_weights_enum_loads_from_hub_cache(tmp_path, monkeypatch, chelsea_jpeg):
+    """A weights-enum spec reads the torch hub cache file (here placed by the test) safely."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    torch.manual_seed(5)
+    ref = torchvision.models.resnet18().eval()
+    cache = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+    cache.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), cache)
+    spec = ModelSpec(name="r18", family="image-classifier", tasks=["image-classification"], library="torchvision",
+                     architecture="resnet18", weights={"source": "torchvision", "weights": "IMAGENET1K_V1"})
+    runner = ImageClassifierRunner(spec)
+    runner.load()
+    assert runner.labels == weights.meta["categories"]
+    pixels = preprocess_images([chelsea_jpeg], runner.pre, max_pixels=10**8)
+    with torch.inference_mode():
+        assert torch.allclose(runner.forward(runner.preprocess([ModelRequest(pixels)])),
+                              ref(runner.preprocess([ModelRequest(pixels)])), atol=1e-5)
+
+
+def test_timm_state_dict_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    path = tmp_path / "r18.safetensors"
+    save_file(ref.state_dict(), str(path))
+    spec = ModelSpec(name="tiny", family="image-classifier", tasks=["image-classification"], library="timm",
+                     architecture="resnet18", weights={"source": "timm", "path": str(path)},
+                     labels=["a", "b", "c", "d"])
+    runner = ImageClassifierRunner(spec)
+    runner.load()
+    assert runner.info()["num_classes"] == 4
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    from maas.preprocess.image import ImageBatch
+
+    with torch.inference_mode():
+        batch = runner.preprocess([ModelRequest(ImageBatch(x))])
+        assert torch.allclose(runner.forward(batch), ref(batch), atol=1e-5)
