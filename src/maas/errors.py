@@ -97,6 +97,13 @@ class ModelNotReady(MaasError):
     error_type = "service_unavailable"
 
 
+class ServiceOverloaded(MaasError):
+    """Queues are full; the client should retry after ``Retry-After`` seconds (HTTP 503)."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    error_type = "service_unavailable"
+
+
 class WeightsError(MaasError):
     """Weights could not be found or loaded safely. Raised at replica start-up.
 

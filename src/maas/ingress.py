@@ -16,14 +16,17 @@ raise :class:`~maas.errors.MaasError` subclasses, which a caller can catch by ty
 
 
 import asyncio
+import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -35,6 +38,7 @@ from maas.errors import (
     ModelNotFound,
     ModelNotReady,
     PayloadTooLarge,
+    ServiceOverloaded,
     TaskNotSupported,
     UnsupportedMediaType,
     error_body,
@@ -50,7 +54,15 @@ from maas.protocol.maas import (
     Text2TextResponse,
     TextClassificationRequest,
 )
+from maas.protocol import v2
 from maas.protocol.openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -78,29 +90,44 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+#: Seconds a client should wait before retrying a 503 (sent as ``Retry-After``).
+RETRY_AFTER_S = 1
+
+
+def error_response(request: Request, exc: MaasError) -> JSONResponse:
+    """The one place an error becomes a response.
+
+    OpenAI shape everywhere except under ``/v2``, where the Open Inference Protocol's
+    ``{"error": "message"}`` is used. 5xx bodies hide internals (logged with the request id);
+    429/503 carry ``Retry-After`` so clients' built-in retries back off.
+    """
+    status = int(exc.status_code)
+    message = exc.message
+    if status >= 500:
+        logger.error("request %s failed: %s", request.headers.get("x-request-id", "-"), exc.message)
+        if not isinstance(exc, (ModelNotReady, ServiceOverloaded)):
+            message = "the service could not answer this request; retry later"
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    if request.url.path.startswith("/v2"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    body = error_body(message, exc.error_type, exc.param if status < 500 else None, exc.code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 @app.exception_handler(MaasError)
 async def _maas_error(request: Request, exc: MaasError) -> JSONResponse:
-    if exc.status_code >= 500:
-        logger.error("request %s failed: %s", request.headers.get("x-request-id", "-"), exc.message)
-        return JSONResponse(
-            error_body("the service could not answer this request; retry later", exc.error_type, None, exc.code),
-            status_code=exc.status_code,
-        )
-    return JSONResponse(exc.to_body(), status_code=exc.status_code)
+    return error_response(request, exc)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    err = _first_validation_error(exc.errors())
-    return JSONResponse(err.to_body(), status_code=err.status_code)
+    return error_response(request, _first_validation_error(exc.errors()))
 
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("request %s failed with an internal error", request.headers.get("x-request-id", "-"))
-    return JSONResponse(
-        error_body("internal error; the request id is in the x-request-id header", "internal_error"), status_code=500
-    )
+    return error_response(request, MaasError("internal error"))
 
 
 def _first_validation_error(errors: list[dict]) -> InvalidRequest:
@@ -131,6 +158,53 @@ def _parse(schema: type[BaseModel], request: Any) -> Any:
         return schema.model_validate(request)
     except ValidationError as exc:
         raise _first_validation_error(exc.errors(include_url=False)) from None
+
+
+def _usage(out: dict) -> CompletionUsage:
+    prompt = sum(out["prompt_tokens"])
+    completion = sum(c["completion_tokens"] for c in out["choices"])
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _usage_counts(done: dict) -> CompletionUsage:
+    p, c = done["prompt_tokens"], done["completion_tokens"]
+    return CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+async def _sse(first: dict | None, rest: AsyncIterator[dict], request_id: str) -> AsyncIterator[bytes]:
+    """Server-sent events: ``data: {json}`` + blank line per chunk, then ``data: [DONE]``.
+    An error after the stream started is sent as one ``data: {"error": ...}`` event."""
+    try:
+        if first is not None:
+            yield f"data: {json.dumps(first)}\n\n".encode()
+        async for chunk in rest:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+    except MaasError as exc:
+        logger.error("stream %s failed: %s", request_id, exc.message)
+        body = error_body(exc.message if exc.status_code < 500 else "generation failed", exc.error_type)
+        yield f"data: {json.dumps(body)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+async def _stream_response(chunks: AsyncIterator[dict], request_id: str) -> StreamingResponse:
+    """Pull the first chunk before answering, so request errors still get their 4xx status."""
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return StreamingResponse(_sse(first, chunks, request_id), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _top_k_tensors(rows: list[list[dict]]) -> list:
+    """Top-k results → ``labels`` BYTES, ``scores`` FP32, ``indices`` INT64, each [N, k]."""
+    k = len(rows[0]) if rows else 0
+    labels = [c["label"] for r in rows for c in r]
+    return [
+        v2.bytes_tensor("labels", labels, (len(rows), k)),
+        v2.Tensor("scores", "FP32", np.asarray([[c["score"] for c in r] for r in rows], dtype=np.float32)),
+        v2.Tensor("indices", "INT64", np.asarray([[c["index"] for c in r] for r in rows], dtype=np.int64)),
+    ]
 
 
 @dataclass
@@ -179,11 +253,20 @@ class Ingress:
         except asyncio.TimeoutError:
             raise ModelNotReady(f"model {name!r} did not answer within {self.config.ingress.model_call_timeout_s} s") from None
         except Exception as exc:  # noqa: BLE001 - sorted by type just below
-            cause = unwrap(exc)
-            if isinstance(cause, MaasError):
-                raise cause from None
-            logger.error("model %s call failed: %s", name, type(cause).__name__)
-            raise ModelNotReady(f"model {name!r} failed to answer") from None
+            raise self._domain_error(exc, name) from None
+
+    @staticmethod
+    def _domain_error(exc: BaseException, name: str) -> MaasError:
+        """Map an exception from a model call to the domain error to raise."""
+        from ray.serve.exceptions import BackPressureError
+
+        cause = unwrap(exc)
+        if isinstance(cause, MaasError):
+            return cause
+        if isinstance(cause, BackPressureError):
+            return ServiceOverloaded(f"model {name!r} is at capacity; retry after {RETRY_AFTER_S} s")
+        logger.error("model %s call failed: %s", name, type(cause).__name__)
+        return ModelNotReady(f"model {name!r} failed to answer")
 
     async def _model_info(self, route: _Route) -> dict:
         name = route.spec.name
@@ -225,12 +308,20 @@ class Ingress:
         ready = await asyncio.gather(*(self._ready(n) for n in names))
         return {"ready": all(ready), "models": dict(zip(names, ready))}
 
+    def _log_hints(self, req) -> None:
+        hints = req.ignored_hints()
+        if hints:
+            logger.info("ignoring optional OpenAI hint fields %s", hints)
+
     async def embed(self, request: dict | EmbeddingRequest) -> dict:
-        """OpenAI embeddings. Inputs longer than the model's limit are truncated to it."""
+        """OpenAI embeddings (texts or token arrays). Inputs longer than the model's limit are
+        truncated to it."""
         req = _parse(EmbeddingRequest, request)
         route = self._route(req.model, "embeddings")
+        self._log_hints(req)
         texts = req.texts()
-        self._check_items(len(texts), "input")
+        count = len(texts) if texts is not None else len(req.token_arrays())
+        self._check_items(count, "input")
         info = await self._model_info(route)
         if req.dimensions is not None and req.dimensions != info["dimensions"]:
             raise InvalidRequest(
@@ -238,31 +329,102 @@ class Ingress:
                 f"them; omit dimensions or set it to {info['dimensions']}",
                 param="dimensions",
             )
-        tokens = route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
+        if texts is None:
+            tokens = route.pre.from_ids.remote(req.token_arrays(), max_length=info["max_input_tokens"])
+        else:
+            tokens = route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
         out = await self._await(route.model.remote(tokens, {"task": "embeddings"}), req.model)
         return EmbeddingResponse.build(
             req.model, out["embeddings"], out["num_tokens"], req.encoding_format, route.spec.is_demo
         ).model_dump()
 
+    def _prompt_tokens(self, route: _Route, req: CompletionRequest | ChatCompletionRequest):
+        if isinstance(req, ChatCompletionRequest):
+            return route.pre.chat.remote(req.plain_messages())
+        prompts = req.prompts()
+        self._check_items(len(prompts) * req.n, "prompt")
+        return route.pre.remote(prompts, max_length=None, truncate=False, add_special_tokens=False)
+
     async def complete(self, request: dict | CompletionRequest) -> dict:
-        """OpenAI completions (non-streaming). Over-long prompts are rejected, not truncated."""
+        """OpenAI completions, non-streaming (for streaming use :meth:`stream_complete`).
+        Over-long prompts are rejected, not truncated."""
         req = _parse(CompletionRequest, request)
         route = self._route(req.model, "completion")
-        prompts = req.prompts()
-        self._check_items(len(prompts), "prompt")
-        tokens = route.pre.remote(prompts, max_length=None, truncate=False, add_special_tokens=False)
-        out = await self._await(route.model.remote(tokens, req.to_params()), req.model)
+        self._log_hints(req)
+        out = await self._await(route.model.remote(self._prompt_tokens(route, req), req.to_params()), req.model)
         choices = [
             CompletionChoice(text=c["text"], index=i, finish_reason=c["finish_reason"])
             for i, c in enumerate(out["choices"])
         ]
-        prompt_tokens = sum(out["prompt_tokens"])
-        completion_tokens = sum(c["completion_tokens"] for c in out["choices"])
         return CompletionResponse(
-            model=req.model, choices=choices, demo_weights=route.spec.is_demo,
-            usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens),
+            model=req.model, choices=choices, demo_weights=route.spec.is_demo, usage=_usage(out),
         ).model_dump()
+
+    async def chat(self, request: dict | ChatCompletionRequest) -> dict:
+        """OpenAI chat completions, non-streaming (for streaming use :meth:`stream_chat`)."""
+        req = _parse(ChatCompletionRequest, request)
+        route = self._route(req.model, "chat")
+        self._log_hints(req)
+        out = await self._await(route.model.remote(self._prompt_tokens(route, req), req.to_params()), req.model)
+        choices = [
+            ChatChoice(index=i, message=ChatMessageOut(content=c["text"]), finish_reason=c["finish_reason"])
+            for i, c in enumerate(out["choices"])
+        ]
+        return ChatCompletionResponse(
+            model=req.model, choices=choices, usage=_usage(out), demo_weights=route.spec.is_demo
+        ).model_dump()
+
+    async def _events(self, req, task: str) -> AsyncIterator[dict]:
+        """Stream the generator's events for ``req``; domain errors raised by type."""
+        route = self._route(req.model, task)
+        self._log_hints(req)
+        gen = route.model.options(stream=True).stream.remote(self._prompt_tokens(route, req), req.to_params())
+        try:
+            async for event in gen:
+                yield event
+        except Exception as exc:  # noqa: BLE001 - mapped to the domain error
+            raise self._domain_error(exc, req.model) from None
+        finally:
+            gen.cancel()  # stops generation on the replica when the caller went away
+
+    async def stream_complete(self, request: dict | CompletionRequest) -> AsyncIterator[dict]:
+        """Streaming completions: yields ``text_completion`` chunk dicts (OpenAI stream shape),
+        a last usage chunk when ``stream_options.include_usage``. Handle callers use
+        ``handle.options(stream=True).stream_complete.remote(request)``."""
+        req = _parse(CompletionRequest, request)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        async for event in self._events(req, "completion"):
+            if event.get("done"):
+                if req.include_usage:
+                    yield CompletionResponse(id=cid, created=created, model=req.model, choices=[],
+                                             usage=_usage_counts(event)).model_dump(exclude={"demo_weights"})
+                return
+            choices = [CompletionChoice(text=c["text"], index=c["index"], finish_reason=c["finish_reason"])
+                       for c in event["choices"]]
+            yield CompletionResponse(id=cid, created=created, model=req.model, choices=choices).model_dump(
+                exclude={"usage", "demo_weights"})
+
+    async def stream_chat(self, request: dict | ChatCompletionRequest) -> AsyncIterator[dict]:
+        """Streaming chat: yields ``chat.completion.chunk`` dicts; the first chunk of each choice
+        carries ``delta.role``, the last its ``finish_reason``."""
+        req = _parse(ChatCompletionRequest, request)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        started: set[int] = set()
+        async for event in self._events(req, "chat"):
+            if event.get("done"):
+                if req.include_usage:
+                    yield ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
+                                              usage=_usage_counts(event)).model_dump()
+                return
+            choices = []
+            for c in event["choices"]:
+                delta = ChatDelta(content=c["text"] if c["text"] or c["index"] not in started else None)
+                if c["index"] not in started:
+                    delta.role = "assistant"
+                    started.add(c["index"])
+                choices.append(ChatChunkChoice(index=c["index"], delta=delta, finish_reason=c["finish_reason"]))
+            yield ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices).model_dump(
+                exclude={"usage"})
 
     async def text2text(self, request: dict | Text2TextRequest) -> dict:
         """Encoder–decoder generation; inputs are truncated to the encoder's limit."""
@@ -278,12 +440,7 @@ class Ingress:
         data = [
             Text2TextItem(index=i, text=c["text"], finish_reason=c["finish_reason"]) for i, c in enumerate(out["choices"])
         ]
-        pt = sum(out["prompt_tokens"])
-        ct = sum(c["completion_tokens"] for c in out["choices"])
-        return Text2TextResponse(
-            model=req.model, data=data, demo_weights=route.spec.is_demo,
-            usage=CompletionUsage(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct),
-        ).model_dump()
+        return Text2TextResponse(model=req.model, data=data, demo_weights=route.spec.is_demo, usage=_usage(out)).model_dump()
 
     async def classify_text(self, request: dict | TextClassificationRequest) -> dict:
         """Text classification with a sequence-classification head; inputs truncated to the limit."""
@@ -310,14 +467,20 @@ class Ingress:
         route = self._route(model, "image-classification")
         if not isinstance(images, (list, tuple)) or not all(isinstance(b, (bytes, bytearray)) for b in images):
             raise InvalidRequest("images must be a list of encoded image files as bytes", param="images")
+        return await self._classify_images(route, [bytes(b) for b in images], top_k)
+
+    async def _classify_images(self, route: _Route, images: list, top_k: int) -> dict:
+        """Encoded files (bytes) or decoded uint8 (H, W, 3) arrays → classification body."""
+        model = route.spec.name
         if not images:
             raise InvalidRequest("no images in the request; send at least one", param="images")
         self._check_items(len(images), "images")
         limit = self.config.ingress.max_image_bytes
         for i, b in enumerate(images):
-            if len(b) > limit:
-                raise PayloadTooLarge(f"images[{i}] is {len(b)} bytes; the limit is {limit} bytes", param=f"images[{i}]")
-        pixels = route.pre.remote([bytes(b) for b in images])
+            if len(b) > limit if isinstance(b, bytes) else b.nbytes > 4 * limit:
+                size = len(b) if isinstance(b, bytes) else b.nbytes
+                raise PayloadTooLarge(f"images[{i}] is {size} bytes; the limit is {limit} bytes", param=f"images[{i}]")
+        pixels = route.pre.remote(list(images))
         out = await self._await(route.model.remote(pixels, {"top_k": top_k}), model)
         return ClassificationResponse(
             model=model, demo_weights=route.spec.is_demo,
@@ -345,9 +508,27 @@ class Ingress:
     async def http_embeddings(self, body: EmbeddingRequest) -> dict:
         return await self.embed(body)
 
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERROR_RESPONSES[404]}, tags=["openai"])
+    async def http_model(self, model: str) -> dict:
+        if model not in self.routes:
+            self._route(model, "")
+        listing = await self.list_models()
+        return next(m for m in listing["data"] if m["id"] == model)
+
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES, tags=["openai"])
-    async def http_completions(self, body: CompletionRequest) -> dict:
+    async def http_completions(self, body: CompletionRequest, request: Request):
+        """Completions; ``stream: true`` answers with server-sent events."""
+        if body.stream:
+            return await _stream_response(self.stream_complete(body), request.headers.get("x-request-id", "-"))
         return await self.complete(body)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
+              tags=["openai"])
+    async def http_chat(self, body: ChatCompletionRequest, request: Request):
+        """Chat completions; ``stream: true`` answers with server-sent events."""
+        if body.stream:
+            return await _stream_response(self.stream_chat(body), request.headers.get("x-request-id", "-"))
+        return await self.chat(body)
 
     @app.post("/v1/text2text", response_model=Text2TextResponse, responses=ERROR_RESPONSES, tags=["maas"])
     async def http_text2text(self, body: Text2TextRequest) -> dict:
@@ -412,3 +593,102 @@ class Ingress:
             f"content type {ctype!r} is not accepted; send multipart/form-data with 'file' fields or JSON with base64 'images'"
         )
 
+    # ------------------------------------------------------------------ Open Inference Protocol v2
+
+    @app.get("/v2", tags=["v2"])
+    async def v2_server_metadata(self) -> dict:
+        from maas import __version__
+
+        return {"name": "maas-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", tags=["v2"])
+    async def v2_live(self) -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"])
+    async def v2_ready(self) -> JSONResponse:
+        ready = (await self.readiness())["ready"]
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    def _v2_route(self, name: str, version: str | None) -> _Route:
+        route = self.routes.get(name)
+        if route is None:
+            raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the served models")
+        if version not in (None, "1"):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; the only version is '1'")
+        return route
+
+    @app.get("/v2/models/{name}", tags=["v2"])
+    @app.get("/v2/models/{name}/versions/{version}", tags=["v2"])
+    async def v2_model_metadata(self, name: str, version: str | None = None) -> dict:
+        route = self._v2_route(name, version)
+        info = await self._model_info(route)
+        return v2.metadata(name, route.spec.family, list(route.spec.tasks), info)
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
+    async def v2_model_ready(self, name: str, version: str | None = None) -> JSONResponse:
+        self._v2_route(name, version)
+        ready = await self._ready(name)
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    @app.post("/v2/models/{name}/infer", tags=["v2"])
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
+    async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        """Inference with JSON or binary tensors (see :mod:`maas.protocol.v2`)."""
+        route = self._v2_route(name, version)
+        header_length = request.headers.get("inference-header-content-length")
+        try:
+            hl = int(header_length) if header_length is not None else None
+        except ValueError:
+            raise InvalidRequest("Inference-Header-Content-Length must be an integer") from None
+        req = v2.parse_request(await request.body(), hl)
+        outputs = await self._v2_run(route, req)
+        wanted = [o.name for o in req.outputs or []]
+        known = {t.name for t in outputs}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise InvalidRequest(f"model {name!r} has no output {unknown[0]!r}; it has {sorted(known)}")
+        if wanted:
+            outputs = [t for t in outputs if t.name in wanted]
+        body, headers = v2.encode_response(name, req, outputs)
+        return Response(content=body, headers=headers)
+
+    async def _v2_run(self, route: _Route, req: "v2.InferenceRequest") -> list:
+        spec, params = route.spec, req.parameters
+        if len(req.inputs) != 1:
+            raise InvalidRequest(f"model {spec.name!r} takes one input tensor, got {sorted(req.inputs)}")
+        tensor = next(iter(req.inputs.values()))
+        if spec.family == "image-classifier":
+            if tensor.datatype == "BYTES":
+                images: list = list(tensor.array.reshape(-1))
+            elif tensor.datatype == "UINT8" and tensor.array.ndim == 4 and tensor.array.shape[-1] == 3:
+                images = list(tensor.array)
+            else:
+                raise InvalidRequest(f"input {tensor.name!r} must be BYTES [N] (encoded images) or UINT8 [N, H, W, 3], "
+                                     f"got {tensor.datatype} {list(tensor.array.shape)}", param=tensor.name)
+            out = await self._classify_images(route, images, params.get("top_k", 5))
+            return _top_k_tensors([d["top_k"] for d in out["data"]])
+        if tensor.datatype != "BYTES":
+            raise InvalidRequest(f"input {tensor.name!r} must be BYTES text, got {tensor.datatype}", param=tensor.name)
+        try:
+            texts = [b.decode("utf-8") for b in tensor.array.reshape(-1)]
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"input {tensor.name!r} is not valid UTF-8 text", param=tensor.name) from None
+        gen = {k: params[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in params}
+        if spec.family == "text-encoder":
+            wanted = {o.name for o in req.outputs or []}
+            if "embeddings" not in spec.tasks or wanted & {"labels", "scores", "indices"}:
+                body: dict = {"model": spec.name, "input": texts}
+                if "top_k" in params:
+                    body["top_k"] = params["top_k"]
+                out = await self.classify_text(body)
+                return _top_k_tensors([d["top_k"] for d in out["data"]])
+            out = await self.embed({"model": spec.name, "input": texts})
+            vectors = np.asarray([d["embedding"] for d in out["data"]], dtype=np.float32)
+            return [v2.Tensor("embeddings", "FP32", vectors)]
+        if spec.family == "text-generator":
+            out = await self.complete({"model": spec.name, "prompt": texts, **gen})
+            return [v2.bytes_tensor("text_output", [c["text"] for c in out["choices"]])]
+        out = await self.text2text({"model": spec.name, "input": texts, **gen})
+        return [v2.bytes_tensor("text_output", [d["text"] for d in out["data"]])]

@@ -1,19 +1,28 @@
-"""GPT-style generators (``AutoModelForCausalLM``): completion.
+"""GPT-style generators (``AutoModelForCausalLM``): completion and chat, batched or streamed.
 
-Per-request params (validated before batching, see :class:`SamplingParams`): ``max_tokens``,
-``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop``. Requests in one
-``@serve.batch`` batch that share the same sampling settings are generated together
-(left-padded); different settings run one group after another.
+Per-request params (validated before batching, see :class:`SamplingParams`): ``max_tokens``
+(None = up to the context window), ``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop``,
+``n``. Requests in one ``@serve.batch`` batch that share the same sampling settings are
+generated together (left-padded); different settings run one group after another.
 
-Stop strings are applied to the decoded text after generation (the text is cut before
-the first stop string and ``finish_reason`` is ``stop``); tokens generated past a stop
-string are computed and discarded.
+Streaming (:meth:`TextGenerator.stream`) runs one request's ``generate`` in a worker thread
+with a streamer; it is not batched with other requests. Text deltas are coalesced: each
+yielded event carries everything produced since the previous one. When the caller goes away
+the stream's ``finally`` sets a cancel flag that a stopping criterion checks at every step,
+so generation stops on the replica.
+
+Stop strings end the text before their first occurrence (``finish_reason`` ``stop``). In
+batched mode they are applied after generation; when streaming, text that could be the start
+of a stop string is held back until it is decided, and generation stops once every row is done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 import torch
 from ray import serve
@@ -26,6 +35,11 @@ from maas.preprocess.text import load_tokenizer
 logger = logging.getLogger("maas.models.text_generator")
 
 DEFAULT_MAX_TOKENS = 16
+MAX_N = 8
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -33,33 +47,39 @@ class SamplingParams:
     """Decoding settings of one request.
 
     Attributes:
-        max_tokens: New tokens to generate at most (≥ 1).
+        max_tokens: New tokens per choice at most (≥ 1); None = up to the context window.
         temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
         top_p: Nucleus sampling mass, in (0, 1].
         seed: Seeds torch's RNG for this request's group, making sampling repeatable.
         stop: Strings that end the text (cut before the first occurrence), at most 4.
+        n: Choices per prompt, 1..8.
     """
 
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    n: int = 1
 
     @classmethod
     def from_params(cls, params: dict) -> "SamplingParams":
         """Validate raw params. Raises InvalidRequest naming the field."""
         max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
             raise InvalidRequest(f"max_tokens must be an integer ≥ 1, got {max_tokens!r}", param="max_tokens")
         temperature = params.get("temperature", 1.0)
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        if temperature is None:
+            temperature = 1.0
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
             raise InvalidRequest(f"temperature must be between 0 and 2, got {temperature!r}", param="temperature")
         top_p = params.get("top_p", 1.0)
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        if top_p is None:
+            top_p = 1.0
+        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
         seed = params.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        if seed is not None and not _is_int(seed):
             raise InvalidRequest(f"seed must be an integer, got {seed!r}", param="seed")
         stop = params.get("stop") or ()
         if isinstance(stop, str):
@@ -67,7 +87,10 @@ class SamplingParams:
         stop = tuple(stop)
         if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise InvalidRequest("stop must be a non-empty string or a list of at most 4 of them", param="stop")
-        return cls(max_tokens, float(temperature), float(top_p), seed, stop)
+        n = params.get("n", 1)
+        if not _is_int(n) or not 1 <= n <= MAX_N:
+            raise InvalidRequest(f"n must be an integer from 1 to {MAX_N}, got {n!r}", param="n")
+        return cls(max_tokens, float(temperature), float(top_p), seed, stop, n)
 
 
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -76,8 +99,77 @@ def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class _StreamState:
+    """Per-row incremental detokenisation for streaming.
+
+    ``text`` is always ``decode(tokens)`` cut at a stop string, so the concatenated deltas of a
+    finished row equal the non-streamed text. Until a row finishes, its last word and any tail
+    that could begin a stop string are held back.
+    """
+
+    def __init__(self, tokenizer, eos: set[int], stop: tuple[str, ...], rows: int):
+        self.tokenizer, self.eos, self.stop = tokenizer, eos, stop
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.emitted = [0] * rows
+        self.finish: list[str | None] = [None] * rows
+        self.eos_seen = [0] * rows
+        self.reported = [False] * rows
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, step: list[int]) -> None:
+        for row, tok in enumerate(step):
+            if self.finish[row] is not None:
+                continue
+            if tok in self.eos:
+                self.finish[row], self.eos_seen[row] = "stop", 1
+                continue
+            self.tokens[row].append(tok)
+            if self.stop:
+                _, stopped = apply_stop(self._text(row), self.stop)
+                if stopped:
+                    self.finish[row] = "stop"
+
+    def _text(self, row: int) -> str:
+        return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+
+    def deltas(self, final: bool) -> list[dict]:
+        """Text produced since the last call, per row that has something to say.
+
+        A row's last event carries its ``finish_reason``; ``final`` marks unfinished rows as
+        ``length`` (generation ended at ``max_tokens`` or the context window).
+        """
+        events = []
+        for row in range(len(self.tokens)):
+            if self.reported[row]:
+                continue
+            if final and self.finish[row] is None:
+                self.finish[row] = "length"
+            text, _ = apply_stop(self._text(row), self.stop)
+            done = self.finish[row] is not None
+            end = len(text)
+            if not done:
+                cut = max(text.rfind(" "), text.rfind("\n"))
+                end = min(end - self.hold, cut + 1 if cut >= 0 else 0)
+            delta = text[self.emitted[row] : end] if end > self.emitted[row] else ""
+            self.emitted[row] = max(self.emitted[row], end)
+            if delta or done:
+                events.append({"index": row, "text": delta, "finish_reason": self.finish[row] if done else None})
+                self.reported[row] = done
+        return events
+
+    def completion_tokens(self) -> int:
+        return sum(len(t) + e for t, e in zip(self.tokens, self.eos_seen))
+
+    @property
+    def all_done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+
 class GenerationMixin:
     """Grouped ``generate`` + decoding, shared by decoder-only and encoder–decoder runners."""
+
+    decoder_only: bool
+    context_tokens: int | None = None
 
     def _setup_generation(self) -> None:
         tok = self.tokenizer
@@ -86,7 +178,15 @@ class GenerationMixin:
         if eos is None:
             eos = tok.sep_token_id
         self.eos_token_id = eos
+        self.eos_set = {eos} if isinstance(eos, int) else set(eos or ())
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
+
+    def max_new_tokens(self, requests: list[ModelRequest], sp: SamplingParams) -> int:
+        """``max_tokens``, or for None the room left in the context by the longest prompt."""
+        if sp.max_tokens is not None:
+            return sp.max_tokens
+        longest = max(max(r.inputs.lengths) for r in requests)
+        return max(1, (self.context_tokens or 512) - (longest if self.decoder_only else 0))
 
     def run(self, requests: list[ModelRequest]) -> list[dict]:
         """Group requests by sampling settings, generate each group, return per-request choices."""
@@ -97,56 +197,113 @@ class GenerationMixin:
             results: list[dict | None] = [None] * len(requests)
             for sp, idxs in groups.items():
                 group = [requests[i] for i in idxs]
-                batch = self.preprocess(group)
-                new_tokens = self.forward_sampling(batch, sp)
+                batch = self.expand(self.preprocess(group), sp.n)
+                new_tokens = self.forward_sampling(batch, sp, self.max_new_tokens(group, sp))
                 for i, res in zip(idxs, self.decode(new_tokens, group, sp)):
                     results[i] = res
             return results  # type: ignore[return-value]
 
+    @staticmethod
+    def expand(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """Repeat each row ``n`` times (prompt-major), for ``n`` choices per prompt."""
+        return batch if n == 1 else {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
+
     def forward(self, batch):  # pragma: no cover - generation goes through forward_sampling
-        return self.forward_sampling(batch, SamplingParams())
+        return self.forward_sampling(batch, SamplingParams(), DEFAULT_MAX_TOKENS)
 
     def postprocess(self, outputs, requests):  # pragma: no cover
         return self.decode(outputs, requests, SamplingParams())
 
-    def forward_sampling(self, batch: dict[str, torch.Tensor], sp: SamplingParams) -> torch.Tensor:
-        """``model.generate`` for one group.
-
-        Returns:
-            New token ids, int64 (N, ≤ max_tokens), padded with ``pad_token_id`` after EOS.
-        """
-        if sp.seed is not None:
-            torch.manual_seed(sp.seed)
-        kwargs = dict(
-            max_new_tokens=sp.max_tokens,
-            do_sample=sp.temperature > 0,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
+    def _generate_kwargs(self, sp: SamplingParams, max_new: int) -> dict:
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new, do_sample=sp.temperature > 0,
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
         )
         if sp.temperature > 0:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(**batch, **kwargs)
+        return kwargs
+
+    def forward_sampling(self, batch: dict[str, torch.Tensor], sp: SamplingParams, max_new: int) -> torch.Tensor:
+        """``model.generate`` for one group.
+
+        Returns:
+            New token ids, int64 (N, ≤ max_new), padded with ``pad_token_id`` after EOS.
+        """
+        if sp.seed is not None:
+            torch.manual_seed(sp.seed)
+        out = self.model.generate(**batch, **self._generate_kwargs(sp, max_new))
         return out[:, batch["input_ids"].shape[1] :] if self.decoder_only else out[:, 1:]
 
     def decode(self, new_tokens: torch.Tensor, requests: list[ModelRequest], sp: SamplingParams) -> list[dict]:
-        """Per request: ``{"choices": [{"text", "finish_reason", "completion_tokens"}], "prompt_tokens": [...]}``."""
-        eos = {self.eos_token_id} if isinstance(self.eos_token_id, int) else set(self.eos_token_id)
+        """Per request: ``{"choices": [{"text", "finish_reason", "completion_tokens"}], "prompt_tokens": [...]}``.
+
+        Choices are prompt-major: prompt ``i``'s ``j``-th sample is choice ``i * n + j``.
+        """
         rows = new_tokens.cpu().tolist()
         out, start = [], 0
         for r in requests:
+            count = len(r.inputs) * sp.n
             choices = []
-            for row in rows[start : start + len(r.inputs)]:
-                end = next((j for j, t in enumerate(row) if t in eos), None)
+            for row in rows[start : start + count]:
+                end = next((j for j, t in enumerate(row) if t in self.eos_set), None)
                 tokens = row if end is None else row[:end]
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 text, stopped = apply_stop(text, sp.stop)
                 reason = "stop" if (end is not None or stopped) else "length"
                 choices.append({"text": text, "finish_reason": reason, "completion_tokens": len(tokens) + (end is not None)})
             out.append({"choices": choices, "prompt_tokens": r.inputs.lengths})
-            start += len(r.inputs)
+            start += count
         return out
+
+    def stream(self, request: ModelRequest, emit: Callable[[dict], None], cancel: threading.Event) -> None:
+        """Generate one request with a streamer; call ``emit`` with events until done.
+
+        Events: ``{"choices": [{"index", "text", "finish_reason"}]}`` deltas, then a last
+        ``{"done": True, "prompt_tokens", "completion_tokens", "cancelled"}``.
+        Runs in a worker thread; stops early when ``cancel`` is set.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        sp = SamplingParams.from_params(request.params)
+        runner = self
+
+        with torch.inference_mode():
+            batch = self.expand(self.preprocess([request]), sp.n)
+            state = _StreamState(self.tokenizer, self.eos_set, sp.stop, batch["input_ids"].shape[0])
+
+            class Streamer(BaseStreamer):
+                first = True
+
+                def put(self, value):
+                    if self.first:  # the prompt (decoder-only) or decoder start token
+                        self.first = False
+                        return
+                    state.add(value.reshape(-1).tolist())
+                    events = state.deltas(final=False)
+                    if events:
+                        emit({"choices": events})
+
+                def end(self):
+                    pass
+
+            class Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    done = cancel.is_set() or state.all_done
+                    return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+            if sp.seed is not None:
+                torch.manual_seed(sp.seed)
+            kwargs = runner._generate_kwargs(sp, runner.max_new_tokens([request], sp))
+            runner.model.generate(**batch, **kwargs, streamer=Streamer(),
+                                  stopping_criteria=StoppingCriteriaList([Stop()]))
+            final = state.deltas(final=True)
+            if final:
+                emit({"choices": final})
+            emit({"done": True, "prompt_tokens": sum(request.inputs.lengths),
+                  "completion_tokens": state.completion_tokens(), "cancelled": cancel.is_set()})
 
 
 class TextGeneratorRunner(GenerationMixin, ModelRunner):
@@ -171,9 +328,10 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
         for i, n in enumerate(request.inputs.num_tokens):
             if n == 0:
                 raise InvalidRequest(f"prompt[{i}] is empty; send at least one token of text", param="prompt")
-            if n + sp.max_tokens > self.context_tokens:
+            wanted = sp.max_tokens or 1
+            if n + wanted > self.context_tokens:
                 raise InvalidRequest(
-                    f"prompt[{i}] has {n} tokens and max_tokens asks for {sp.max_tokens} more, but model "
+                    f"prompt[{i}] has {n} tokens and max_tokens asks for {wanted} more, but model "
                     f"{self.spec.name!r} has a context of {self.context_tokens} tokens; shorten the prompt "
                     f"or lower max_tokens to at most {max(self.context_tokens - n, 0)}",
                     param="max_tokens" if n < self.context_tokens else "prompt",
@@ -190,8 +348,82 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
         return {"device": str(self.device), "context_tokens": self.context_tokens}
 
 
+class StreamingMixin:
+    """Adds ``stream()`` to a generator deployment (see the module docstring)."""
+
+    async def stream(self, inputs: Any, params: dict | None = None) -> AsyncIterator[dict]:
+        """Stream one request's events (see :meth:`GenerationMixin.stream`). Call with
+        ``handle.options(stream=True).stream.remote(...)``.
+
+        Raises:
+            MaasError: 4xx for a bad request, before the first event.
+        """
+        request = ModelRequest(inputs=inputs, params=params or {})
+        self.runner.validate(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        sentinel = object()
+
+        def emit(event: dict) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def work() -> None:
+            try:
+                self.runner.stream(request, emit, cancel)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, sentinel)
+
+        loop.run_in_executor(None, work)
+        self.active_streams += 1
+        finished = None
+        try:
+            while True:
+                item = await queue.get()
+                items = [item]
+                while not queue.empty():  # coalesce what arrived while the consumer was busy
+                    items.append(queue.get_nowait())
+                merged: dict[int, dict] = {}  # one entry per choice index, texts concatenated
+                for it in items:
+                    if it is sentinel:
+                        break
+                    if isinstance(it, BaseException):
+                        raise it
+                    if it.get("done"):
+                        finished = it
+                        continue
+                    for c in it["choices"]:
+                        m = merged.setdefault(c["index"], {"index": c["index"], "text": "", "finish_reason": None})
+                        m["text"] += c["text"]
+                        m["finish_reason"] = c["finish_reason"] or m["finish_reason"]
+                if merged:
+                    yield {"choices": [merged[i] for i in sorted(merged)]}
+                if finished is not None or any(it is sentinel for it in items):
+                    if finished is not None:
+                        yield finished
+                    break
+        finally:
+            cancel.set()
+            self.active_streams -= 1
+            self.stream_log.append({"cancelled": finished is None, "completion_tokens":
+                                    finished["completion_tokens"] if finished else None})
+            del self.stream_log[:-100]
+
+    def stats(self) -> dict:
+        out = ModelDeployment.stats(self)
+        out.update(active_streams=self.active_streams, streams=list(self.stream_log))
+        return out
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1})
-class TextGenerator(ModelDeployment):
+class TextGenerator(StreamingMixin, ModelDeployment):
     """Serve deployment of one GPT-style generator (see :class:`TextGeneratorRunner`)."""
 
     runner_cls = TextGeneratorRunner
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        self.active_streams = 0
+        self.stream_log: list[dict] = []

@@ -122,8 +122,30 @@ def transform(img: Image.Image, spec: ImagePreprocessingSpec) -> torch.Tensor:
     return F.pil_to_tensor(img)
 
 
-def preprocess_images(images: list[bytes], spec: ImagePreprocessingSpec, *, max_pixels: int) -> ImageBatch:
+def image_from_array(array: np.ndarray, *, max_pixels: int, index: int = 0) -> Image.Image:
+    """An RGB Pillow image from decoded pixels, ``uint8`` of shape ``(H, W, 3)``.
+
+    Raises:
+        InvalidRequest: wrong dtype or shape. PayloadTooLarge: above ``max_pixels``.
+    """
+    param = f"images[{index}]"
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+        raise InvalidRequest(f"{param} must be uint8 pixels of shape (H, W, 3), got {array.dtype} {array.shape}",
+                             param=param)
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise PayloadTooLarge(f"{param} has {array.shape[0] * array.shape[1]} pixels, above the limit of {max_pixels}",
+                              param=param)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def preprocess_images(
+    images: list[bytes | np.ndarray], spec: ImagePreprocessingSpec, *, max_pixels: int
+) -> ImageBatch:
     """Decode and transform every image of one request.
+
+    Args:
+        images: Encoded files, or decoded ``uint8`` (H, W, 3) RGB arrays (Open Inference
+            Protocol ``UINT8`` tensors), in request order.
 
     Returns:
         :class:`ImageBatch` with ``pixels`` of shape ``(len(images), 3, crop_px, crop_px)``.
@@ -133,7 +155,14 @@ def preprocess_images(images: list[bytes], spec: ImagePreprocessingSpec, *, max_
     """
     if not images:
         raise InvalidRequest("no images in the request; send at least one", param="images")
-    tensors = [transform(decode_image(b, max_pixels=max_pixels, index=i), spec) for i, b in enumerate(images)]
+    tensors = [
+        transform(
+            image_from_array(b, max_pixels=max_pixels, index=i) if isinstance(b, np.ndarray)
+            else decode_image(b, max_pixels=max_pixels, index=i),
+            spec,
+        )
+        for i, b in enumerate(images)
+    ]
     return ImageBatch(pixels=torch.stack(tensors))
 
 
@@ -172,6 +201,6 @@ class ImagePreprocessor:
         self.spec = ImagePreprocessingSpec.model_validate(spec)
         self.max_image_pixels = max_image_pixels
 
-    def __call__(self, images: list[bytes]) -> ImageBatch:
+    def __call__(self, images: list[bytes | np.ndarray]) -> ImageBatch:
         """Decode and transform one request's images into ``uint8`` (N, 3, crop, crop)."""
         return preprocess_images(images, self.spec, max_pixels=self.max_image_pixels)

@@ -112,6 +112,47 @@ def tokenize(
     return TokenizedBatch(input_ids=ids, attention_mask=mask, num_tokens=num_tokens, pad_token_id=pad_id)
 
 
+#: Chat prompt for tokenizers without a chat template: one line per message, then the
+#: assistant's cue. Roles are capitalised (``System:``, ``User:``, ``Assistant:``).
+PLAIN_CHAT_TEMPLATE = "{role}: {content}\n"
+PLAIN_CHAT_CUE = "Assistant:"
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The prompt text for chat ``messages`` (``[{"role", "content"}]``, content a string).
+
+    Uses the tokenizer's own chat template when it has one
+    (``apply_chat_template(..., add_generation_prompt=True)``); otherwise
+    :data:`PLAIN_CHAT_TEMPLATE` per message followed by :data:`PLAIN_CHAT_CUE`.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [PLAIN_CHAT_TEMPLATE.format(role=m["role"].capitalize(), content=m["content"]) for m in messages]
+    return "".join(lines) + PLAIN_CHAT_CUE
+
+
+def from_token_ids(rows: list[list[int]], *, vocab_size: int, pad_token_id: int, max_length: int | None) -> TokenizedBatch:
+    """Wrap caller-supplied token ids (OpenAI's token-array input) as a batch, truncating each
+    row to ``max_length``.
+
+    Raises:
+        InvalidRequest: an empty row or an id outside ``[0, vocab_size)``.
+    """
+    if not rows:
+        raise InvalidRequest("input is an empty list; send at least one token array", param="input")
+    for i, r in enumerate(rows):
+        if not r:
+            raise InvalidRequest(f"input[{i}] is an empty token array", param="input")
+        bad = next((t for t in r if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"input[{i}] holds token id {bad!r}, outside this model's vocabulary "
+                                 f"[0, {vocab_size})", param="input")
+    num_tokens = [len(r) for r in rows]
+    kept = [r[:max_length] if max_length else r for r in rows]
+    ids, mask = pad_right(kept, pad_token_id)
+    return TokenizedBatch(input_ids=ids, attention_mask=mask, num_tokens=num_tokens, pad_token_id=pad_token_id)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class Tokenizer:
     """Shared tokenizer deployment (CPU only). One per distinct tokenizer source.
@@ -137,6 +178,18 @@ class Tokenizer:
         return tokenize(
             self.tokenizer, texts, max_length=max_length, truncate=truncate, add_special_tokens=add_special_tokens
         )
+
+    def chat(self, messages: list[dict], max_length: int | None = None) -> TokenizedBatch:
+        """Render chat messages with the tokenizer's template (see :func:`render_chat`) and
+        tokenise the prompt without adding special tokens (the template has them). Not truncated."""
+        prompt = render_chat(self.tokenizer, messages)
+        return tokenize(self.tokenizer, [prompt], max_length=None, truncate=False, add_special_tokens=False)
+
+    def from_ids(self, rows: list[list[int]], max_length: int | None = None) -> TokenizedBatch:
+        """Token-array input, validated against the vocabulary (see :func:`from_token_ids`)."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        return from_token_ids(rows, vocab_size=len(tok), pad_token_id=pad, max_length=max_length)
 
     def info(self) -> dict:
         tok = self.tokenizer
