@@ -303,9 +303,22 @@ class IngressSpec(_Strict):
     """Ingress deployment settings and request limits."""
 
     num_cpus: float = Field(default=0.1, gt=0)
-    max_items_per_request: int = Field(default=256, ge=1, description="Texts or images in one request, at most.")
+    max_items_per_request: int = Field(default=256, ge=1, description="Texts to embed/classify in one request, at most.")
+    max_images_per_request: int = Field(default=32, ge=1, description="Images in one request, at most.")
+    max_prompts_per_request: int = Field(
+        default=16, ge=1, description="Prompts × n (completions) or inputs (text2text) in one request, at most."
+    )
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="One encoded image, bytes, at most.")
     model_call_timeout_s: float = Field(default=60.0, gt=0, description="Wait for a model's answer, seconds.")
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1,
+        description="Request body size limit, bytes; larger bodies get 413 before they are read in full.",
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="File with one API key per line ('#' comments). Keys here and in the MAAS_API_KEYS "
+        "environment variable (comma-separated) are accepted; with none, the service is open.",
+    )
 
 
 class AppConfig(_Strict):

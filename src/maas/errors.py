@@ -67,6 +67,20 @@ class ModelNotFound(MaasError):
         super().__init__(message, param=param, code=code)
 
 
+class NotFoundRoute(MaasError):
+    """No such route (HTTP 404)."""
+
+    status_code = HTTPStatus.NOT_FOUND
+    error_type = "invalid_request_error"
+
+
+class MethodNotAllowed(MaasError):
+    """The route exists but not for this HTTP method (HTTP 405)."""
+
+    status_code = HTTPStatus.METHOD_NOT_ALLOWED
+    error_type = "invalid_request_error"
+
+
 class TaskNotSupported(MaasError):
     """The model exists but does not offer the asked task (HTTP 400)."""
 

@@ -27,6 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -35,7 +36,9 @@ from maas.config import AppConfig, ModelSpec
 from maas.errors import (
     InvalidRequest,
     MaasError,
+    MethodNotAllowed,
     ModelNotFound,
+    NotFoundRoute,
     ModelNotReady,
     PayloadTooLarge,
     ServiceOverloaded,
@@ -55,6 +58,7 @@ from maas.protocol.maas import (
     TextClassificationRequest,
 )
 from maas.protocol import v2
+from maas.security import Guard
 from maas.protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -72,7 +76,7 @@ from maas.protocol.openai import (
     ModelList,
 )
 
-logger = logging.getLogger("maas.ingress")
+logger = logging.getLogger("ray.serve.maas.ingress")
 
 app = FastAPI(
     title="maas-serve",
@@ -89,6 +93,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "Model not ready.", **_ERROR_SCHEMA},
 }
 
+
+app.add_middleware(Guard)
 
 #: Seconds a client should wait before retrying a 503 (sent as ``Retry-After``).
 RETRY_AFTER_S = 1
@@ -122,6 +128,24 @@ async def _maas_error(request: Request, exc: MaasError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(request, _first_validation_error(exc.errors()))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Framework errors (unknown route, wrong method, unparsable body or form) in our shape."""
+    cause = exc.__cause__
+    if isinstance(cause, MaasError):  # e.g. the body limit tripped while the body was parsed
+        return error_response(request, cause)
+    detail = str(exc.detail)
+    if exc.status_code == 404:
+        err: MaasError = NotFoundRoute(f"no route {request.method} {request.url.path}; see /docs")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    elif "Too many files" in detail or "Too many fields" in detail:
+        err = PayloadTooLarge(f"{detail.rstrip('.')}; split the request")
+    else:
+        err = InvalidRequest(f"{detail.rstrip('.')}; check the body against the route's schema in /docs")
+    return error_response(request, err)
 
 
 @app.exception_handler(Exception)
@@ -233,6 +257,15 @@ class Ingress:
         }
         self._info: dict[str, dict] = {}
         self.created = int(time.time())
+        # Imported here, not at module level: Serve ships this class by value, and the middleware
+        # reads the replica's own module object.
+        from maas import security
+
+        security.SETTINGS.api_keys = security.load_api_keys(self.config.ingress.api_keys_file)
+        security.SETTINGS.max_body_bytes = self.config.ingress.max_body_bytes
+        keys = len(security.SETTINGS.api_keys)
+        logger.info("API keys %s; body limit %d bytes", f"required ({keys} configured)" if keys else "not configured",
+                    self.config.ingress.max_body_bytes)
 
     # ------------------------------------------------------------------ helpers
 
@@ -265,8 +298,12 @@ class Ingress:
             return cause
         if isinstance(cause, BackPressureError):
             return ServiceOverloaded(f"model {name!r} is at capacity; retry after {RETRY_AFTER_S} s")
-        logger.error("model %s call failed: %s", name, type(cause).__name__)
-        return ModelNotReady(f"model {name!r} failed to answer")
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        if isinstance(cause, (ActorDiedError, ActorUnavailableError)):
+            return ModelNotReady(f"model {name!r} lost its replica; retry")
+        logger.error("model %s call failed with %s", name, type(cause).__name__)
+        return MaasError(f"model {name!r} failed")  # 500: a bug, logged; the body hides the detail
 
     async def _model_info(self, route: _Route) -> dict:
         name = route.spec.name
@@ -274,10 +311,10 @@ class Ingress:
             self._info[name] = await self._await(route.model.info.remote(), name)
         return self._info[name]
 
-    def _check_items(self, n: int, param: str) -> None:
-        limit = self.config.ingress.max_items_per_request
+    def _check_items(self, n: int, param: str, limit: int | None = None, what: str = "items") -> None:
+        limit = limit or self.config.ingress.max_items_per_request
         if n > limit:
-            raise PayloadTooLarge(f"{param} has {n} items; at most {limit} per request, split it", param=param)
+            raise PayloadTooLarge(f"{param} has {n} {what}; at most {limit} per request, split it", param=param)
 
     # ------------------------------------------------------------------ handle methods (one set of operations)
 
@@ -339,10 +376,14 @@ class Ingress:
         ).model_dump()
 
     def _prompt_tokens(self, route: _Route, req: CompletionRequest | ChatCompletionRequest):
+        limit = self.config.ingress.max_prompts_per_request
         if isinstance(req, ChatCompletionRequest):
+            self._check_items(req.n, "n", limit)
             return route.pre.chat.remote(req.plain_messages())
         prompts = req.prompts()
-        self._check_items(len(prompts) * req.n, "prompt")
+        self._check_items(len(prompts) * req.n, "prompt", limit, "prompts × n")
+        if req.prompt_is_tokens:
+            return route.pre.from_ids.remote(prompts, max_length=None)
         return route.pre.remote(prompts, max_length=None, truncate=False, add_special_tokens=False)
 
     async def complete(self, request: dict | CompletionRequest) -> dict:
@@ -433,7 +474,9 @@ class Ingress:
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if not texts:
             raise InvalidRequest("input is an empty list; send at least one text", param="input")
-        self._check_items(len(texts), "input")
+        if any(not t.strip() for t in texts):
+            raise InvalidRequest("input holds an empty text; send text to transform", param="input")
+        self._check_items(len(texts), "input", self.config.ingress.max_prompts_per_request)
         info = await self._model_info(route)
         tokens = route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
         out = await self._await(route.model.remote(tokens, req.to_params()), req.model)
@@ -474,7 +517,7 @@ class Ingress:
         model = route.spec.name
         if not images:
             raise InvalidRequest("no images in the request; send at least one", param="images")
-        self._check_items(len(images), "images")
+        self._check_items(len(images), "images", self.config.ingress.max_images_per_request)
         limit = self.config.ingress.max_image_bytes
         for i, b in enumerate(images):
             if len(b) > limit if isinstance(b, bytes) else b.nbytes > 4 * limit:
@@ -569,7 +612,7 @@ class Ingress:
         ``{"model", "images": [base64], "top_k"}``."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=self.config.ingress.max_items_per_request + 1)
+            form = await request.form(max_files=self.config.ingress.max_images_per_request + 1)
             files = [f for key in ("file", "files") for f in form.getlist(key) if hasattr(f, "read")]
             if not files:
                 raise InvalidRequest("multipart request has no file; attach images as 'file' fields", param="file")

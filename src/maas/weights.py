@@ -19,7 +19,7 @@ import torch
 from maas.config import HuggingFaceSource, PackageSource, TimmSource, TorchvisionSource
 from maas.errors import WeightsError
 
-logger = logging.getLogger("maas.weights")
+logger = logging.getLogger("ray.serve.maas.weights")
 
 
 def package_path(src: PackageSource, model_name: str) -> Path:

@@ -138,3 +138,71 @@ def test_separate_ray_job_gets_same_answer_as_http(served_app, url, chelsea_jpeg
     http_embed = post(url, "/v1/embeddings", json={"model": "minilm", "input": ["hello world"]}).json()
     assert same_top_k(job["image"]["data"][0]["top_k"], http_image["data"][0]["top_k"])
     assert np.allclose(job["embed"]["data"][0]["embedding"], http_embed["data"][0]["embedding"], atol=1e-6)
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A real 1×1 PNG whose IHDR is rewritten to declare width × height: a decompression bomb."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from tests.conftest import encode
+
+    png = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature + length + type
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+@pytest.mark.parametrize("path,kwargs,status", [
+    ("/v1/embeddings", {"data": '{"model": "minilm", "input": "\\ud800"}',
+                        "headers": {"content-type": "application/json"}}, 400),
+    ("/v1/embeddings", {"data": b'{"model": "minilm", "input": "\xff\xfe"}',
+                        "headers": {"content-type": "application/json"}}, 400),
+    ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi", "seed": 10**30}}, 400),
+    ("/v1/embeddings", {"data": "input=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415),
+    ("/v1/completions", {"data": "hi", "headers": {"content-type": "text/plain"}}, 415),
+    ("/v1/classifications/image", {"data": {"model": "efficientnet-lite0"},
+                                   "files": [("file", ("bomb.png", _png_header_claiming(100_000, 100_000)))]}, 413),
+    ("/v1/classifications/image", {"data": {"model": "efficientnet-lite0"},
+                                   "files": [("file", ("x.png", b"x"))] * 40}, 413),
+    ("/v1/text2text", {"json": {"model": "t5-tiny-demo", "input": ""}}, 400),
+    ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": ["a"] * 9, "n": 2}}, 413),
+])
+def test_hostile_inputs_get_clear_4xx(url, path, kwargs, status):
+    r = post(url, path, **kwargs)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_framework_errors_use_our_shape(url):
+    r = requests.get(f"{url}/v1/embeddings", timeout=10)
+    assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
+    r = requests.get(f"{url}/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+
+
+def test_tiny_temperature_is_greedy_and_stop_counts_tokens(url):
+    greedy = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello", "max_tokens": 5,
+                                                "temperature": 0}).json()
+    tiny = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello", "max_tokens": 5,
+                                              "temperature": 1e-45})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    first_char = greedy["choices"][0]["text"][:1]
+    stopped = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello", "max_tokens": 5,
+                                                 "temperature": 0, "stop": first_char}).json()
+    assert stopped["choices"][0] == {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+    assert stopped["usage"]["completion_tokens"] == 1
+
+
+def test_seeded_sampling_repeats_under_concurrency(served_app):
+    from ray import serve
+
+    app = serve.get_app_handle("maas")
+    body = {"model": "gpt2-tiny-demo", "prompt": "Once", "max_tokens": 8, "temperature": 1.0, "seed": 42}
+    alone = app.complete.remote(body).result()["choices"][0]["text"]
+    noise = [app.complete.remote({**body, "seed": None, "prompt": "x"}) for _ in range(4)]
+    many = [app.complete.remote(body) for _ in range(6)]
+    assert all(r.result()["choices"][0]["text"] == alone for r in many)
+    assert all(r.result()["choices"] for r in noise)

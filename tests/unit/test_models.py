@@ -206,8 +206,12 @@ def test_greedy_completion_equals_model_generate(gpt, local_args):
 
 
 def test_context_limit_rejects_with_counts(gpt):
+    batch = tokenize(gpt.tokenizer, ["word " * 500], max_length=None, truncate=False, add_special_tokens=False)
+    with pytest.raises(InvalidRequest, match=r"has 500 tokens and max_tokens asks for 16 more.*context of 512 "
+                                             r"tokens; shorten the prompt or lower max_tokens to at most 12"):
+        gpt.validate(ModelRequest(batch, {}))
     batch = tokenize(gpt.tokenizer, ["word " * 600], max_length=None, truncate=False, add_special_tokens=False)
-    with pytest.raises(InvalidRequest, match=r"has 600 tokens and max_tokens asks for 16 more.*context of 512"):
+    with pytest.raises(InvalidRequest, match=r"has 600 tokens, which fills .* context of 512"):
         gpt.validate(ModelRequest(batch, {}))
 
 

@@ -31,7 +31,7 @@ from ray import serve
 from maas.config import BatchingSpec, ModelSpec
 from maas.errors import InvalidRequest, MaasError
 
-logger = logging.getLogger("maas.models")
+logger = logging.getLogger("ray.serve.maas.models")
 
 
 # ---------------------------------------------------------------------------- replica runtime

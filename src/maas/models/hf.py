@@ -9,7 +9,7 @@ import torch
 from maas.config import HuggingFaceSource, ModelSpec, RandomSource
 from maas.weights import hf_load_error, hf_location
 
-logger = logging.getLogger("maas.models.hf")
+logger = logging.getLogger("ray.serve.maas.models.hf")
 
 
 def load_hf_model(spec: ModelSpec, auto_cls) -> torch.nn.Module:

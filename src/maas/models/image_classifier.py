@@ -27,7 +27,7 @@ from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
 from maas.preprocess.image import normalize
 from maas.weights import apply_state_dict, file_source_path, load_state_dict
 
-logger = logging.getLogger("maas.models.image")
+logger = logging.getLogger("ray.serve.maas.models.image")
 
 DEFAULT_TOP_K = 5
 

@@ -23,7 +23,7 @@ from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
 from maas.models.hf import collate_right, load_hf_model
 from maas.weights import hf_location
 
-logger = logging.getLogger("maas.models.text_encoder")
+logger = logging.getLogger("ray.serve.maas.models.text_encoder")
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len")
 

@@ -19,6 +19,7 @@ of a stop string is held back until it is decided, and generation stops once eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -32,10 +33,14 @@ from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
 from maas.models.hf import collate_left, load_hf_model
 from maas.preprocess.text import load_tokenizer
 
-logger = logging.getLogger("maas.models.text_generator")
+logger = logging.getLogger("ray.serve.maas.models.text_generator")
 
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 8
+#: Temperatures below this are treated as 0 (greedy): dividing logits by a near-zero
+#: temperature overflows to inf/NaN. vLLM uses the same kind of threshold.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 
 def _is_int(v: Any) -> bool:
@@ -78,9 +83,12 @@ class SamplingParams:
             top_p = 1.0
         if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
+        if temperature < GREEDY_BELOW_TEMPERATURE:
+            temperature = 0.0
         seed = params.get("seed")
-        if seed is not None and not _is_int(seed):
-            raise InvalidRequest(f"seed must be an integer, got {seed!r}", param="seed")
+        if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+            raise InvalidRequest(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}",
+                                 param="seed")
         stop = params.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
@@ -123,7 +131,7 @@ class _StreamState:
             if tok in self.eos:
                 self.finish[row], self.eos_seen[row] = "stop", 1
                 continue
-            self.tokens[row].append(tok)
+            self.tokens[row].append(tok)  # the token completing a stop string counts, as in decode()
             if self.stop:
                 _, stopped = apply_stop(self._text(row), self.stop)
                 if stopped:
@@ -180,6 +188,12 @@ class GenerationMixin:
         self.eos_token_id = eos
         self.eos_set = {eos} if isinstance(eos, int) else set(eos or ())
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
+        # Sampling draws from torch's global RNG; one sampling generation at a time keeps a
+        # seeded request repeatable while batches and streams run in other threads.
+        self.rng_lock = threading.Lock()
+
+    def _sampling_guard(self, sp: SamplingParams):
+        return self.rng_lock if sp.temperature > 0 else contextlib.nullcontext()
 
     def max_new_tokens(self, requests: list[ModelRequest], sp: SamplingParams) -> int:
         """``max_tokens``, or for None the room left in the context by the longest prompt."""
@@ -191,11 +205,15 @@ class GenerationMixin:
     def run(self, requests: list[ModelRequest]) -> list[dict]:
         """Group requests by sampling settings, generate each group, return per-request choices."""
         with torch.inference_mode():
-            groups: dict[SamplingParams, list[int]] = {}
+            # Requests with equal settings share a generate call; a seeded sampling request runs
+            # alone, so its draws don't depend on what else was in the batch.
+            groups: dict[tuple, list[int]] = {}
             for i, r in enumerate(requests):
-                groups.setdefault(SamplingParams.from_params(r.params), []).append(i)
+                sp = SamplingParams.from_params(r.params)
+                alone = i if (sp.seed is not None and sp.temperature > 0) else None
+                groups.setdefault((sp, alone), []).append(i)
             results: list[dict | None] = [None] * len(requests)
-            for sp, idxs in groups.items():
+            for (sp, _), idxs in groups.items():
                 group = [requests[i] for i in idxs]
                 batch = self.expand(self.preprocess(group), sp.n)
                 new_tokens = self.forward_sampling(batch, sp, self.max_new_tokens(group, sp))
@@ -223,6 +241,8 @@ class GenerationMixin:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if sp.stop:  # rows end as soon as their text holds a stop string
+            kwargs.update(stop_strings=list(sp.stop), tokenizer=self.tokenizer)
         return kwargs
 
     def forward_sampling(self, batch: dict[str, torch.Tensor], sp: SamplingParams, max_new: int) -> torch.Tensor:
@@ -231,9 +251,10 @@ class GenerationMixin:
         Returns:
             New token ids, int64 (N, ≤ max_new), padded with ``pad_token_id`` after EOS.
         """
-        if sp.seed is not None:
-            torch.manual_seed(sp.seed)
-        out = self.model.generate(**batch, **self._generate_kwargs(sp, max_new))
+        with self._sampling_guard(sp):
+            if sp.seed is not None:
+                torch.manual_seed(sp.seed)
+            out = self.model.generate(**batch, **self._generate_kwargs(sp, max_new))
         return out[:, batch["input_ids"].shape[1] :] if self.decoder_only else out[:, 1:]
 
     def decode(self, new_tokens: torch.Tensor, requests: list[ModelRequest], sp: SamplingParams) -> list[dict]:
@@ -251,11 +272,21 @@ class GenerationMixin:
                 tokens = row if end is None else row[:end]
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 text, stopped = apply_stop(text, sp.stop)
+                used = len(tokens) + (end is not None)
+                if stopped:
+                    used = self._tokens_until_stop(tokens, sp.stop)
                 reason = "stop" if (end is not None or stopped) else "length"
-                choices.append({"text": text, "finish_reason": reason, "completion_tokens": len(tokens) + (end is not None)})
+                choices.append({"text": text, "finish_reason": reason, "completion_tokens": used})
             out.append({"choices": choices, "prompt_tokens": r.inputs.lengths})
             start += count
         return out
+
+    def _tokens_until_stop(self, tokens: list[int], stop: tuple[str, ...]) -> int:
+        """Tokens generated up to and including the one that completed a stop string."""
+        for k in range(1, len(tokens) + 1):
+            if apply_stop(self.tokenizer.decode(tokens[:k], skip_special_tokens=True), stop)[1]:
+                return k
+        return len(tokens)
 
     def stream(self, request: ModelRequest, emit: Callable[[dict], None], cancel: threading.Event) -> None:
         """Generate one request with a streamer; call ``emit`` with events until done.
@@ -294,11 +325,14 @@ class GenerationMixin:
                     done = cancel.is_set() or state.all_done
                     return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
-            if sp.seed is not None:
-                torch.manual_seed(sp.seed)
             kwargs = runner._generate_kwargs(sp, runner.max_new_tokens([request], sp))
-            runner.model.generate(**batch, **kwargs, streamer=Streamer(),
-                                  stopping_criteria=StoppingCriteriaList([Stop()]))
+            kwargs.pop("stop_strings", None)  # the stream state applies stop strings itself
+            kwargs.pop("tokenizer", None)
+            with runner._sampling_guard(sp):
+                if sp.seed is not None:
+                    torch.manual_seed(sp.seed)
+                runner.model.generate(**batch, **kwargs, streamer=Streamer(),
+                                      stopping_criteria=StoppingCriteriaList([Stop()]))
             final = state.deltas(final=True)
             if final:
                 emit({"choices": final})
@@ -329,13 +363,18 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
             if n == 0:
                 raise InvalidRequest(f"prompt[{i}] is empty; send at least one token of text", param="prompt")
             wanted = sp.max_tokens or 1
+            if n >= self.context_tokens:
+                raise InvalidRequest(
+                    f"prompt[{i}] has {n} tokens, which fills model {self.spec.name!r}'s context of "
+                    f"{self.context_tokens} tokens and leaves no room to generate; shorten the prompt",
+                    param="prompt", code="context_length_exceeded",
+                )
             if n + wanted > self.context_tokens:
                 raise InvalidRequest(
                     f"prompt[{i}] has {n} tokens and max_tokens asks for {wanted} more, but model "
                     f"{self.spec.name!r} has a context of {self.context_tokens} tokens; shorten the prompt "
                     f"or lower max_tokens to at most {max(self.context_tokens - n, 0)}",
-                    param="max_tokens" if n < self.context_tokens else "prompt",
-                    code="context_length_exceeded",
+                    param="max_tokens", code="context_length_exceeded",
                 )
 
     def preprocess(self, requests: list[ModelRequest]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as F
 from maas.config import ImagePreprocessingSpec
 from maas.errors import InvalidRequest, PayloadTooLarge
 
-logger = logging.getLogger("maas.preprocess.image")
+logger = logging.getLogger("ray.serve.maas.preprocess.image")
 
 SUPPORTED_FORMATS = "JPEG, PNG, WebP, BMP, TIFF, GIF"
 _INTERPOLATION = {
@@ -69,6 +69,12 @@ def decode_image(data: bytes, *, max_pixels: int, index: int = 0) -> Image.Image
         raise InvalidRequest(f"{param} is empty; send the bytes of a {SUPPORTED_FORMATS} file", param=param)
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(
+            f"{param} declares more pixels than Pillow's own safety limit allows (and above this service's limit "
+            f"of {max_pixels}); downscale it before sending",
+            param=param,
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidRequest(
             f"{param} is not a decodable image ({type(exc).__name__}); supported formats: {SUPPORTED_FORMATS}",

@@ -25,7 +25,7 @@ from maas.errors import InvalidRequest
 from maas.models.base import replica_num_cpus, set_torch_threads
 from maas.weights import hf_load_error, hf_location
 
-logger = logging.getLogger("maas.preprocess.text")
+logger = logging.getLogger("ray.serve.maas.preprocess.text")
 
 
 @dataclass
@@ -95,6 +95,11 @@ def tokenize(
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InvalidRequest(f"input[{i}] must be a string, got {type(t).__name__}", param="input")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"input[{i}] is not valid Unicode (it holds a lone surrogate); send UTF-8 text",
+                                 param="input") from None
     enc = tokenizer(texts, add_special_tokens=add_special_tokens, truncation=False, padding=False, verbose=False)
     rows: list[list[int]] = list(enc["input_ids"])
     num_tokens = [len(r) for r in rows]
@@ -182,6 +187,12 @@ class Tokenizer:
     def chat(self, messages: list[dict], max_length: int | None = None) -> TokenizedBatch:
         """Render chat messages with the tokenizer's template (see :func:`render_chat`) and
         tokenise the prompt without adding special tokens (the template has them). Not truncated."""
+        for i, m in enumerate(messages):
+            try:
+                m["content"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"messages[{i}].content is not valid Unicode (lone surrogate)",
+                                     param="messages") from None
         prompt = render_chat(self.tokenizer, messages)
         return tokenize(self.tokenizer, [prompt], max_length=None, truncate=False, add_special_tokens=False)
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 class StrictRequest(BaseModel):
     """Base of every request schema: unknown fields are 400 errors that name the field."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class Usage(BaseModel):

@@ -61,7 +61,10 @@ class ImageClassificationRequest(StrictRequest):
             try:
                 out.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
-                raise InvalidRequest(f"images[{i}] is not valid base64", param=f"images[{i}]") from None
+                try:  # the URL-safe alphabet (RFC 4648 §5) is accepted too
+                    out.append(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
+                except (binascii.Error, ValueError):
+                    raise InvalidRequest(f"images[{i}] is not valid base64", param=f"images[{i}]") from None
         return out
 
 

@@ -81,6 +81,13 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def _homogeneous_list(v, field: str):
+    """A list input must be all strings, all token ids, or all token arrays."""
+    if isinstance(v, list) and v and len({type(x) for x in v}) > 1:
+        raise ValueError(f"{field} must be all strings, all token ids, or all token arrays, not a mix")
+    return v
+
+
 def _texts(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
@@ -97,14 +104,7 @@ class EmbeddingRequest(_OpenAIRequest):
     )
     dimensions: int | None = Field(default=None, ge=1, description="Must equal the model's size if given.")
 
-    @field_validator("input", mode="before")
-    @classmethod
-    def _homogeneous(cls, v):
-        if isinstance(v, list) and v:
-            kinds = {type(x) for x in v}
-            if len(kinds) > 1:
-                raise ValueError("input must be all strings, all token ids, or all token arrays, not a mix")
-        return v
+    _homogeneous = field_validator("input", mode="before")(lambda v: _homogeneous_list(v, "input"))
 
     def texts(self) -> list[str] | None:
         """The texts, or None when the input is token arrays. Raises InvalidRequest for empties."""
@@ -190,10 +190,13 @@ _ZERO = lambda v: v in (None, 0, 0.0)  # noqa: E731
 _EMPTY = lambda v: not v  # noqa: E731
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(_SamplingRequest):  # noqa: D101
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] = Field(description="One prompt or a list; n choices per prompt, prompt-major.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A prompt, a list of prompts, a token array or a list of token arrays; n choices per prompt, "
+        "prompt-major."
+    )
     max_tokens: int | None = Field(default=16, ge=1, description="New tokens per choice at most (OpenAI default 16).")
     echo: bool | None = False
     logprobs: int | None = None
@@ -203,17 +206,27 @@ class CompletionRequest(_SamplingRequest):
     NOOP_DEFAULTS = {"echo": _EMPTY, "logprobs": _ZERO, "suffix": _EMPTY, "presence_penalty": _ZERO,
              "frequency_penalty": _ZERO, "logit_bias": _EMPTY}
 
+    _homogeneous = field_validator("prompt", mode="before")(lambda v: _homogeneous_list(v, "prompt"))
+
     @model_validator(mode="after")
     def _best_of(self):
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequest("best_of different from n is not supported; omit best_of", param="best_of")
         return self
 
-    def prompts(self) -> list[str]:
-        prompts = _texts(self.prompt)
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as texts, or as token-id rows when the prompt was given as tokens."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        prompts = _texts(p)  # type: ignore[arg-type]
         if not prompts:
             raise InvalidRequest("prompt is an empty list; send at least one prompt", param="prompt")
         return prompts
+
+    @property
+    def prompt_is_tokens(self) -> bool:
+        return isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], str)
 
     def to_params(self) -> dict:
         """Internal sampling params for the generator (see ``SamplingParams``)."""
