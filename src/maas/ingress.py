@@ -467,18 +467,26 @@ class Ingress:
             yield ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices).model_dump(
                 exclude={"usage"})
 
+    async def _truncated_tokens(self, route: _Route, value: str | list[str], limit: int | None = None):
+        """Validate texts and start their tokenisation, truncated to the model's limit.
+
+        Returns:
+            The tokenizer's ``DeploymentResponse`` (passed on to the model unresolved).
+        """
+        texts = [value] if isinstance(value, str) else list(value)
+        if not texts:
+            raise InvalidRequest("input is an empty list; send at least one text", param="input")
+        if any(not t.strip() for t in texts):
+            raise InvalidRequest("input holds an empty text; send non-blank text", param="input")
+        self._check_items(len(texts), "input", limit)
+        info = await self._model_info(route)
+        return route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
+
     async def text2text(self, request: dict | Text2TextRequest) -> dict:
         """Encoder–decoder generation; inputs are truncated to the encoder's limit."""
         req = _parse(Text2TextRequest, request)
         route = self._route(req.model, "text2text")
-        texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not texts:
-            raise InvalidRequest("input is an empty list; send at least one text", param="input")
-        if any(not t.strip() for t in texts):
-            raise InvalidRequest("input holds an empty text; send text to transform", param="input")
-        self._check_items(len(texts), "input", self.config.ingress.max_prompts_per_request)
-        info = await self._model_info(route)
-        tokens = route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
+        tokens = await self._truncated_tokens(route, req.input, self.config.ingress.max_prompts_per_request)
         out = await self._await(route.model.remote(tokens, req.to_params()), req.model)
         data = [
             Text2TextItem(index=i, text=c["text"], finish_reason=c["finish_reason"]) for i, c in enumerate(out["choices"])
@@ -489,12 +497,7 @@ class Ingress:
         """Text classification with a sequence-classification head; inputs truncated to the limit."""
         req = _parse(TextClassificationRequest, request)
         route = self._route(req.model, "text-classification")
-        texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not texts:
-            raise InvalidRequest("input is an empty list; send at least one text", param="input")
-        self._check_items(len(texts), "input")
-        info = await self._model_info(route)
-        tokens = route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
+        tokens = await self._truncated_tokens(route, req.input)
         out = await self._await(
             route.model.remote(tokens, {"task": "text-classification", "top_k": req.top_k}), req.model
         )
