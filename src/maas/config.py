@@ -168,6 +168,21 @@ class BatchingSpec(_Strict):
     )
 
 
+class HealthSpec(_Strict):
+    """How ``check_health`` decides a replica is stuck (Serve then replaces it).
+
+    Serve calls ``check_health`` every ``health_check_period_s`` (10 s by default) and gives it
+    ``health_check_timeout_s`` (30 s by default), so ``probe_timeout_s`` stays below that.
+    """
+
+    stall_timeout_s: float = Field(
+        default=120.0, gt=0, description="A batch running longer than this marks the replica unhealthy, seconds."
+    )
+    probe_timeout_s: float = Field(
+        default=20.0, gt=0, le=300, description="An idle replica's probe forward must finish within this, seconds."
+    )
+
+
 class ResourcesSpec(_Strict):
     """Default ``ray_actor_options`` of the model's deployment (overridable in serve config)."""
 
@@ -216,6 +231,7 @@ class ModelSpec(_Strict):
     max_ongoing_requests: int | None = Field(
         default=None, ge=1, description="Default: 2 × max_batch_size, so batches can fill."
     )
+    health: "HealthSpec" = Field(default_factory=lambda: HealthSpec())
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":

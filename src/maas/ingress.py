@@ -322,15 +322,37 @@ class Ingress:
         """All served models with family, tasks, weights source and readiness (``/v1/models`` body)."""
         names = list(self.routes)
         ready = await asyncio.gather(*(self._ready(n) for n in names))
+        reasons = await self._not_ready_reasons([n for n, r in zip(names, ready) if not r])
         cards = [
             ModelCard(
                 id=n, created=self.created, family=self.routes[n].spec.family, tasks=list(self.routes[n].spec.tasks),
                 weights=self.routes[n].spec.weights_label(), demo_weights=self.routes[n].spec.is_demo,
-                ready=r, deployment=self.routes[n].spec.deployment_name,
+                ready=r, deployment=self.routes[n].spec.deployment_name, status_message=reasons.get(n),
             )
             for n, r in zip(names, ready)
         ]
-        return ModelList(data=cards).model_dump()
+        return ModelList(data=cards).model_dump(exclude_none=True)
+
+    async def _not_ready_reasons(self, names: list[str]) -> dict[str, str]:
+        """For models that don't answer: the last line of Serve's deployment status message
+        (e.g. the WeightsError naming the model and the path)."""
+        if not names:
+            return {}
+
+        def fetch() -> dict[str, str]:
+            app_name = serve.get_replica_context().app_name
+            deployments = serve.status().applications[app_name].deployments
+            out = {}
+            for n in names:
+                dep = deployments.get(self.routes[n].spec.deployment_name)
+                lines = [ln.strip() for ln in (dep.message if dep else "").splitlines() if ln.strip()]
+                out[n] = (lines[-1] if lines else f"deployment status {dep.status if dep else 'unknown'}")[:500]
+            return out
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fetch), timeout=5.0)
+        except Exception:  # noqa: BLE001 - the reason is a courtesy; readiness stands without it
+            return {}
 
     async def _ready(self, name: str) -> bool:
         try:
@@ -340,10 +362,15 @@ class Ingress:
             return False
 
     async def readiness(self) -> dict:
-        """``{"ready": bool, "models": {name: bool}}``: every model answers its info call."""
+        """``{"ready": bool, "models": {name: bool}, "reasons"?: {name: message}}``: ready when every
+        model answers its info call."""
         names = list(self.routes)
         ready = await asyncio.gather(*(self._ready(n) for n in names))
-        return {"ready": all(ready), "models": dict(zip(names, ready))}
+        body: dict = {"ready": all(ready), "models": dict(zip(names, ready))}
+        reasons = await self._not_ready_reasons([n for n, r in zip(names, ready) if not r])
+        if reasons:
+            body["reasons"] = reasons
+        return body
 
     def _log_hints(self, req) -> None:
         hints = req.ignored_hints()

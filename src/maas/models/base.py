@@ -154,6 +154,10 @@ class ModelRunner(ABC):
         """Static facts for ``/v1/models`` and the ingress (limits, device, labels)."""
         return {"device": str(self.device)}
 
+    @abstractmethod
+    def probe(self) -> ModelRequest:
+        """A one-item request that exercises the forward pass (used by health checks)."""
+
 
 def split_sizes(requests: list[ModelRequest]) -> list[int]:
     """Number of items each request contributes to the batch."""
@@ -183,6 +187,7 @@ class ModelDeployment:
         self.runner = self.runner_cls(self.spec, self.device)
         self.runner.load()
         self.load_s = time.monotonic() - started
+        self._batch_started: float | None = None
         self.batch_requests: Counter[int] = Counter()
         self.batch_items: Counter[int] = Counter()
         self._metrics = _ModelMetrics(self.spec.name)
@@ -199,10 +204,28 @@ class ModelDeployment:
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.batching = batching
 
-    def check_health(self) -> None:
-        """Serve health check: the runner must hold loaded weights."""
+    async def check_health(self) -> None:
+        """Serve health check that probes the model, not only the process.
+
+        Unhealthy (raises) when: no weights are loaded; a batch has been running longer than
+        ``health.stall_timeout_s``; or, when idle, a one-item probe forward
+        (:meth:`ModelRunner.probe`) does not finish within ``health.probe_timeout_s``.
+        Serve then replaces the replica.
+        """
         if not self.runner.loaded:
             raise RuntimeError(f"model {self.spec.name} has no loaded weights")
+        health = self.spec.health
+        started = self._batch_started
+        if started is not None:
+            running = time.monotonic() - started
+            if running > health.stall_timeout_s:
+                raise RuntimeError(f"model {self.spec.name}: a batch has been running for {running:.0f} s")
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.runner.run, [self.runner.probe()]),
+                                   timeout=health.probe_timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"model {self.spec.name}: probe forward took over {health.probe_timeout_s} s") from None
 
     async def __call__(self, inputs: Any, params: dict | None = None) -> Any:
         """Run one request; returns its result (family-specific JSON-ready dict).
@@ -221,7 +244,11 @@ class ModelDeployment:
         self.batch_items[sum(sizes)] += 1
         self._metrics.batch(len(requests), sum(sizes))
         started = time.perf_counter()
-        results = await asyncio.to_thread(self.runner.run, requests)
+        self._batch_started = time.monotonic()
+        try:
+            results = await asyncio.to_thread(self.runner.run, requests)
+        finally:
+            self._batch_started = None
         self._metrics.forward_ms(1000 * (time.perf_counter() - started))
         return results
 

@@ -79,3 +79,11 @@ def collate_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torc
             ids[i, width - len(r) :] = r
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def probe_tokens(pad_token_id: int = 0):
+    """A two-token ``TokenizedBatch`` (ids 1, 2) for health-check probes."""
+    from maas.preprocess.text import TokenizedBatch
+
+    return TokenizedBatch(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones((1, 2), dtype=torch.int64),
+                          num_tokens=[2], pad_token_id=pad_token_id)

@@ -214,6 +214,12 @@ class ImageClassifierRunner(ModelRunner):
             start += n
         return out
 
+    def probe(self) -> ModelRequest:
+        from maas.preprocess.image import ImageBatch
+
+        return ModelRequest(ImageBatch(torch.zeros((1, 3, self.pre.crop_px, self.pre.crop_px), dtype=torch.uint8)),
+                            {"top_k": 1})
+
     def info(self) -> dict:
         return {
             "device": str(self.device),

@@ -12,7 +12,7 @@ import torch
 from ray import serve
 
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
-from maas.models.hf import collate_right, load_hf_model
+from maas.models.hf import collate_right, load_hf_model, probe_tokens
 from maas.models.text_generator import GenerationMixin, SamplingParams
 from maas.preprocess.text import load_tokenizer
 
@@ -40,6 +40,9 @@ class Seq2SeqRunner(GenerationMixin, ModelRunner):
         """Right-padded encoder ``input_ids``/``attention_mask`` int64 (N_total, L_max) on device."""
         ids, mask = collate_right([r.inputs for r in requests])
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def probe(self) -> ModelRequest:
+        return ModelRequest(probe_tokens(self.pad_token_id), {"max_tokens": 1, "temperature": 0})
 
     def info(self) -> dict:
         return {"device": str(self.device), "max_input_tokens": self.max_input_tokens}

@@ -20,7 +20,7 @@ from ray import serve
 from maas.config import RandomSource
 from maas.errors import InvalidRequest, WeightsError
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
-from maas.models.hf import collate_right, load_hf_model
+from maas.models.hf import collate_right, load_hf_model, probe_tokens
 from maas.weights import hf_location
 
 logger = logging.getLogger("ray.serve.maas.models.text_encoder")
@@ -160,6 +160,9 @@ class TextEncoderRunner(ModelRunner):
                 results.append({"embeddings": emb[start : start + n], "num_tokens": used})
             start += n
         return results
+
+    def probe(self) -> ModelRequest:
+        return ModelRequest(probe_tokens(), {"task": "embeddings"})
 
     def info(self) -> dict:
         out = {

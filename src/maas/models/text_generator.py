@@ -30,7 +30,7 @@ from ray import serve
 
 from maas.errors import InvalidRequest
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
-from maas.models.hf import collate_left, load_hf_model
+from maas.models.hf import collate_left, load_hf_model, probe_tokens
 from maas.preprocess.text import load_tokenizer
 
 logger = logging.getLogger("ray.serve.maas.models.text_generator")
@@ -382,6 +382,9 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
         rows = [b.input_ids[i, :n] for b in (r.inputs for r in requests) for i, n in enumerate(b.lengths)]
         ids, mask = collate_left(rows, self.pad_token_id)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def probe(self) -> ModelRequest:
+        return ModelRequest(probe_tokens(self.pad_token_id), {"max_tokens": 1, "temperature": 0})
 
     def info(self) -> dict:
         return {"device": str(self.device), "context_tokens": self.context_tokens}

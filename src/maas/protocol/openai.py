@@ -74,6 +74,7 @@ class ModelCard(BaseModel):
     demo_weights: bool
     ready: bool
     deployment: str
+    status_message: str | None = Field(default=None, description="Why a model is not ready (from Serve).")
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,48 @@
+"""check_health probes the model: a stalled forward marks the replica unhealthy (no Ray needed:
+the deployment class is driven directly)."""
+
+import asyncio
+import threading
+
+import pytest
+
+from maas.models.image_classifier import ImageClassifier
+
+
+@pytest.fixture(scope="module")
+def replica(local_args):
+    spec = dict(next(m for m in local_args["models"] if m["name"] == "efficientnet-lite0"))
+    spec["health"] = {"stall_timeout_s": 0.5, "probe_timeout_s": 1.0}
+    return ImageClassifier.func_or_class(spec)
+
+
+def test_idle_replica_passes_its_probe(replica):
+    asyncio.run(replica.check_health())
+
+
+def test_stalled_probe_fails_health(replica, monkeypatch):
+    release = threading.Event()
+    real_run = replica.runner.run
+
+    def stalled(requests):
+        release.wait(timeout=30)
+        return real_run(requests)
+
+    monkeypatch.setattr(replica.runner, "run", stalled)
+    # Unstall shortly after the probe's deadline, so asyncio.run's executor shutdown can finish.
+    timer = threading.Timer(1.5, release.set)
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError, match="probe forward took over 1.0 s"):
+            asyncio.run(replica.check_health())
+    finally:
+        release.set()
+        timer.cancel()
+
+
+def test_long_running_batch_fails_health(replica, monkeypatch):
+    import time
+
+    monkeypatch.setattr(replica, "_batch_started", time.monotonic() - 5)
+    with pytest.raises(RuntimeError, match="a batch has been running for 5 s"):
+        asyncio.run(replica.check_health())
