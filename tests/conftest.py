@@ -107,6 +107,7 @@ def ray_cluster():
     # test apps must fit at once; torch threads still follow each replica's own num_cpus.
     ray.init(address="local", num_cpus=6, num_gpus=0, namespace="serve", include_dashboard=True, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address  # state API and subprocesses find this cluster, not another
     try:
         yield {"address": address, "env": dict(os.environ), "http_port": free_port()}
     finally:

@@ -111,6 +111,13 @@ class ModelNotReady(MaasError):
     error_type = "service_unavailable"
 
 
+class ModelTimeout(MaasError):
+    """The model did not answer within the ingress's ``model_call_timeout_s`` (HTTP 504)."""
+
+    status_code = HTTPStatus.GATEWAY_TIMEOUT
+    error_type = "timeout"
+
+
 class ServiceOverloaded(MaasError):
     """Queues are full; the client should retry after ``Retry-After`` seconds (HTTP 503)."""
 

@@ -111,9 +111,9 @@ def error_response(request: Request, exc: MaasError) -> JSONResponse:
     message = exc.message
     if status >= 500:
         logger.error("request %s failed: %s", request.headers.get("x-request-id", "-"), exc.message)
-        if not isinstance(exc, (ModelNotReady, ServiceOverloaded)):
+        if not isinstance(exc, (ModelNotReady, ModelTimeout, ServiceOverloaded)):
             message = "the service could not answer this request; retry later"
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503, 504) else None
     if request.url.path.startswith("/v2"):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     body = error_body(message, exc.error_type, exc.param if status < 500 else None, exc.code)
@@ -283,8 +283,11 @@ class Ingress:
         """Await a model call; re-raise domain errors by type, time out with 503."""
         try:
             return await asyncio.wait_for(response, timeout=self.config.ingress.model_call_timeout_s)
-        except asyncio.TimeoutError:
-            raise ModelNotReady(f"model {name!r} did not answer within {self.config.ingress.model_call_timeout_s} s") from None
+        except asyncio.TimeoutError:  # wait_for cancelled the call, and Serve cancels it on the replica
+            raise ModelTimeout(
+                f"model {name!r} did not answer within {self.config.ingress.model_call_timeout_s} s; "
+                "retry later or send less work per request"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - sorted by type just below
             raise self._domain_error(exc, name) from None
 
