@@ -22,6 +22,7 @@ serve: install
 	$(VENV)/bin/serve run $(CONFIG)
 
 test: install
+	$(VENV)/bin/ruff check --select F,E9 src tests   # undefined names and syntax errors fail fast
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install

@@ -29,7 +29,6 @@ import torch
 from ray import serve
 
 from maas.config import BatchingSpec, ModelSpec
-from maas.errors import InvalidRequest, MaasError
 
 logger = logging.getLogger("ray.serve.maas.models")
 
