@@ -281,14 +281,19 @@ class Ingress:
         return route
 
     async def _await(self, response, name: str):
-        """Await a model call; re-raise domain errors by type, time out with 503."""
+        """Await a model call; re-raise domain errors by type; past ``model_call_timeout_s``
+        cancel it on the replica and raise :class:`ModelTimeout` (504)."""
         try:
             return await asyncio.wait_for(response, timeout=self.config.ingress.model_call_timeout_s)
-        except asyncio.TimeoutError:  # wait_for cancelled the call, and Serve cancels it on the replica
+        except asyncio.TimeoutError:
+            response.cancel()  # Serve raises CancelledError in the replica's call
             raise ModelTimeout(
                 f"model {name!r} did not answer within {self.config.ingress.model_call_timeout_s} s; "
                 "retry later or send less work per request"
             ) from None
+        except asyncio.CancelledError:  # our caller left (disconnect, Serve's request_timeout_s)
+            response.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001 - sorted by type just below
             raise self._domain_error(exc, name) from None
 

@@ -100,10 +100,13 @@ class ModelRequest:
             ``ImageBatch`` holding the request's own items).
         params: Per-request options (``top_k``, sampling settings); each stage reads only
             what it needs.
+        cancelled: Set when the caller went away (timeout, disconnect) while the request
+            waited or ran; generation stops once every request of its batch is cancelled.
     """
 
     inputs: Any
     params: dict = field(default_factory=dict)
+    cancelled: bool = False
 
 
 class ModelRunner(ABC):
@@ -234,7 +237,11 @@ class ModelDeployment:
         """
         request = ModelRequest(inputs=inputs, params=params or {})
         self.runner.validate(request)
-        return await self._run_batch(request)
+        try:
+            return await self._run_batch(request)
+        except asyncio.CancelledError:  # Serve cancels the call when the caller gives up
+            request.cancelled = True
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run_batch(self, requests: list[ModelRequest]) -> list[Any]:

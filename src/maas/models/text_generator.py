@@ -191,6 +191,7 @@ class GenerationMixin:
         # Sampling draws from torch's global RNG; one sampling generation at a time keeps a
         # seeded request repeatable while batches and streams run in other threads.
         self.rng_lock = threading.Lock()
+        self.cancelled_generations = 0  # batches stopped early because every caller left
 
     def _sampling_guard(self, sp: SamplingParams):
         return self.rng_lock if sp.temperature > 0 else contextlib.nullcontext()
@@ -216,7 +217,7 @@ class GenerationMixin:
             for (sp, _), idxs in groups.items():
                 group = [requests[i] for i in idxs]
                 batch = self.expand(self.preprocess(group), sp.n)
-                new_tokens = self.forward_sampling(batch, sp, self.max_new_tokens(group, sp))
+                new_tokens = self.forward_sampling(batch, sp, self.max_new_tokens(group, sp), group)
                 for i, res in zip(idxs, self.decode(new_tokens, group, sp)):
                     results[i] = res
             return results  # type: ignore[return-value]
@@ -245,16 +246,30 @@ class GenerationMixin:
             kwargs.update(stop_strings=list(sp.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def forward_sampling(self, batch: dict[str, torch.Tensor], sp: SamplingParams, max_new: int) -> torch.Tensor:
-        """``model.generate`` for one group.
+    def forward_sampling(
+        self, batch: dict[str, torch.Tensor], sp: SamplingParams, max_new: int, requests: list[ModelRequest] = ()
+    ) -> torch.Tensor:
+        """``model.generate`` for one group; stops early once every request in it is cancelled.
 
         Returns:
             New token ids, int64 (N, ≤ max_new), padded with ``pad_token_id`` after EOS.
         """
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        runner = self
+
+        class AllCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = bool(requests) and all(r.cancelled for r in requests)
+                if done:
+                    runner.cancelled_generations += 1
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
         with self._sampling_guard(sp):
             if sp.seed is not None:
                 torch.manual_seed(sp.seed)
-            out = self.model.generate(**batch, **self._generate_kwargs(sp, max_new))
+            out = self.model.generate(**batch, **self._generate_kwargs(sp, max_new),
+                                      stopping_criteria=StoppingCriteriaList([AllCancelled()]))
         return out[:, batch["input_ids"].shape[1] :] if self.decoder_only else out[:, 1:]
 
     def decode(self, new_tokens: torch.Tensor, requests: list[ModelRequest], sp: SamplingParams) -> list[dict]:
@@ -455,7 +470,8 @@ class StreamingMixin:
 
     def stats(self) -> dict:
         out = ModelDeployment.stats(self)
-        out.update(active_streams=self.active_streams, streams=list(self.stream_log))
+        out.update(active_streams=self.active_streams, streams=list(self.stream_log),
+                   cancelled_generations=self.runner.cancelled_generations)
         return out
 
 
