@@ -8,7 +8,8 @@ over them. Each model deployment gets:
 
 * ``ray_actor_options`` from the spec's ``resources`` (``num_cpus``, ``num_gpus``),
 * ``user_config`` = the spec's ``batching`` (``max_batch_size``, ``batch_wait_timeout_s``),
-* ``max_ongoing_requests`` = the spec's value or 2 × ``max_batch_size`` (so batches fill).
+* ``max_ongoing_requests`` = the spec's value or 2 × ``max_batch_size`` (so batches fill),
+* ``max_queued_requests`` = the spec's value or 8 × ``max_ongoing_requests``.
 
 All of these are Ray's own deployment options, so a serve config ``deployments:`` entry
 with the deployment's name overrides them (and adds ``num_replicas`` or
@@ -44,6 +45,13 @@ FAMILY_DEPLOYMENTS = {
     "seq2seq": Seq2SeqGenerator,
     "image-classifier": ImageClassifier,
 }
+
+
+#: Queue bounds (Serve's ``max_ongoing_requests`` / ``max_queued_requests``). Every queue is bounded;
+#: past a bound Serve rejects at once (HTTP 503 from the proxy, ``BackPressureError`` on handles,
+#: which the ingress answers with 503 + Retry-After). All are overridable per deployment.
+PREPROCESSOR_QUEUES = {"max_ongoing_requests": 32, "max_queued_requests": 512}
+INGRESS_QUEUES = {"max_ongoing_requests": 256, "max_queued_requests": 1024}
 
 
 class ConfigError(ValueError):
@@ -96,6 +104,7 @@ def _model_deployment(spec: ModelSpec):
         name=spec.deployment_name,
         ray_actor_options={"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus},
         max_ongoing_requests=spec.resolved_max_ongoing_requests,
+        max_queued_requests=spec.resolved_max_queued_requests,
         user_config=spec.batching.model_dump(),
     ).bind(spec.model_dump(mode="json"))
 
@@ -118,15 +127,16 @@ def build_app(args: dict[str, Any]) -> Application:
             if spec.family == "image-classifier":
                 pre = resolve_image_preprocessing(spec)
                 bound_pre[dep] = ImagePreprocessor.options(
-                    name=dep, ray_actor_options={"num_cpus": config.image_preprocessors.num_cpus}
+                    name=dep, ray_actor_options={"num_cpus": config.image_preprocessors.num_cpus},
+                    **PREPROCESSOR_QUEUES,
                 ).bind(pre.model_dump(mode="json"), config.image_preprocessors.max_image_pixels)
             else:
                 bound_pre[dep] = Tokenizer.options(
-                    name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}
+                    name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}, **PREPROCESSOR_QUEUES,
                 ).bind(spec.tokenizer_source.model_dump(mode="json"), dep)
         preprocessors[spec.name] = bound_pre[dep]
     return Ingress.options(
-        name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": config.ingress.num_cpus}
+        name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": config.ingress.num_cpus}, **INGRESS_QUEUES,
     ).bind(config.model_dump(mode="json"), models, preprocessors)
 
 

@@ -231,6 +231,19 @@ class ModelSpec(_Strict):
     max_ongoing_requests: int | None = Field(
         default=None, ge=1, description="Default: 2 × max_batch_size, so batches can fill."
     )
+    max_queued_requests: int | None = Field(
+        default=None, ge=1,
+        description="Requests waiting for this model at most (callers beyond get 503 + Retry-After); "
+        "default 8 × max_ongoing_requests.",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="Weights/compute precision on CUDA; on CPU always float32 (logged)."
+    )
+    estimated_params: int | None = Field(
+        default=None, ge=1,
+        description="Parameter count for `python -m maas plan` when the checkpoint's config is not "
+        "available locally (a hub id not in the cache).",
+    )
     health: "HealthSpec" = Field(default_factory=lambda: HealthSpec())
 
     @model_validator(mode="after")
@@ -285,6 +298,10 @@ class ModelSpec(_Strict):
     @property
     def resolved_max_ongoing_requests(self) -> int:
         return self.max_ongoing_requests or 2 * self.batching.max_batch_size
+
+    @property
+    def resolved_max_queued_requests(self) -> int:
+        return self.max_queued_requests or 8 * self.resolved_max_ongoing_requests
 
     def weights_label(self) -> str:
         """Human-readable weights source for ``/v1/models``."""

@@ -16,6 +16,7 @@ raise :class:`~maas.errors.MaasError` subclasses, which a caller can catch by ty
 
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from maas import metrics
 from maas.config import AppConfig, ModelSpec
 from maas.errors import (
     InvalidRequest,
@@ -232,6 +234,27 @@ def _top_k_tensors(rows: list[list[dict]]) -> list:
     ]
 
 
+def _counted(operation: str):
+    """Count each call of a handle method in ``maas_requests`` by model and HTTP status."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def counted(self, request, *args, **kwargs):
+            model = request if isinstance(request, str) else (
+                request.get("model") if isinstance(request, dict) else getattr(request, "model", None))
+            try:
+                out = await fn(self, request, *args, **kwargs)
+            except MaasError as exc:
+                metrics.request(str(model), operation, int(exc.status_code))
+                raise
+            except Exception:
+                metrics.request(str(model), operation, 500)
+                raise
+            metrics.request(str(model), operation, 200)
+            return out
+        return counted
+    return wrap
+
+
 @dataclass
 class _Route:
     spec: ModelSpec
@@ -386,6 +409,7 @@ class Ingress:
         if hints:
             logger.info("ignoring optional OpenAI hint fields %s", hints)
 
+    @_counted("embeddings")
     async def embed(self, request: dict | EmbeddingRequest) -> dict:
         """OpenAI embeddings (texts or token arrays). Inputs longer than the model's limit are
         truncated to it."""
@@ -403,9 +427,9 @@ class Ingress:
                 param="dimensions",
             )
         if texts is None:
-            tokens = route.pre.from_ids.remote(req.token_arrays(), max_length=info["max_input_tokens"])
+            tokens = route.pre.from_ids.remote(req.token_arrays(), max_length=info["max_input_tokens"], model=req.model)
         else:
-            tokens = route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
+            tokens = route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True, model=req.model)
         out = await self._await(route.model.remote(tokens, {"task": "embeddings"}), req.model)
         return EmbeddingResponse.build(
             req.model, out["embeddings"], out["num_tokens"], req.encoding_format, route.spec.is_demo
@@ -415,13 +439,14 @@ class Ingress:
         limit = self.config.ingress.max_prompts_per_request
         if isinstance(req, ChatCompletionRequest):
             self._check_items(req.n, "n", limit)
-            return route.pre.chat.remote(req.plain_messages())
+            return route.pre.chat.remote(req.plain_messages(), model=req.model)
         prompts = req.prompts()
         self._check_items(len(prompts) * req.n, "prompt", limit, "prompts × n")
         if req.prompt_is_tokens:
-            return route.pre.from_ids.remote(prompts, max_length=None)
-        return route.pre.remote(prompts, max_length=None, truncate=False, add_special_tokens=False)
+            return route.pre.from_ids.remote(prompts, max_length=None, model=req.model)
+        return route.pre.remote(prompts, max_length=None, truncate=False, add_special_tokens=False, model=req.model)
 
+    @_counted("completion")
     async def complete(self, request: dict | CompletionRequest) -> dict:
         """OpenAI completions, non-streaming (for streaming use :meth:`stream_complete`).
         Over-long prompts are rejected, not truncated."""
@@ -437,6 +462,7 @@ class Ingress:
             model=req.model, choices=choices, demo_weights=route.spec.is_demo, usage=_usage(out),
         ).model_dump()
 
+    @_counted("chat")
     async def chat(self, request: dict | ChatCompletionRequest) -> dict:
         """OpenAI chat completions, non-streaming (for streaming use :meth:`stream_chat`)."""
         req = _parse(ChatCompletionRequest, request)
@@ -516,8 +542,9 @@ class Ingress:
             raise InvalidRequest("input holds an empty text; send non-blank text", param="input")
         self._check_items(len(texts), "input", limit)
         info = await self._model_info(route)
-        return route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True)
+        return route.pre.remote(texts, max_length=info["max_input_tokens"], truncate=True, model=route.spec.name)
 
+    @_counted("text2text")
     async def text2text(self, request: dict | Text2TextRequest) -> dict:
         """Encoder–decoder generation; inputs are truncated to the encoder's limit."""
         req = _parse(Text2TextRequest, request)
@@ -529,6 +556,7 @@ class Ingress:
         ]
         return Text2TextResponse(model=req.model, data=data, demo_weights=route.spec.is_demo, usage=_usage(out)).model_dump()
 
+    @_counted("text-classification")
     async def classify_text(self, request: dict | TextClassificationRequest) -> dict:
         """Text classification with a sequence-classification head; inputs truncated to the limit."""
         req = _parse(TextClassificationRequest, request)
@@ -544,6 +572,7 @@ class Ingress:
             usage=Usage(prompt_tokens=n, total_tokens=n),
         ).model_dump()
 
+    @_counted("image-classification")
     async def classify_images(self, model: str, images: list[bytes], top_k: int = 5) -> dict:
         """Classify encoded images (JPEG, PNG, WebP, BMP, TIFF, GIF); one result per image, in order."""
         route = self._route(model, "image-classification")
@@ -562,7 +591,7 @@ class Ingress:
             if len(b) > limit if isinstance(b, bytes) else b.nbytes > 4 * limit:
                 size = len(b) if isinstance(b, bytes) else b.nbytes
                 raise PayloadTooLarge(f"images[{i}] is {size} bytes; the limit is {limit} bytes", param=f"images[{i}]")
-        pixels = route.pre.remote(list(images))
+        pixels = route.pre.remote(list(images), model=model)
         out = await self._await(route.model.remote(pixels, {"top_k": top_k}), model)
         return ClassificationResponse(
             model=model, demo_weights=route.spec.is_demo,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from maas import metrics
 from maas.config import BatchingSpec, ModelSpec
 
 logger = logging.getLogger("ray.serve.maas.models")
@@ -107,6 +108,7 @@ class ModelRequest:
     inputs: Any
     params: dict = field(default_factory=dict)
     cancelled: bool = False
+    enqueued_at: float = 0.0
 
 
 class ModelRunner(ABC):
@@ -121,6 +123,20 @@ class ModelRunner(ABC):
         self.spec = spec
         self.device = torch.device(device)
         self.loaded = False
+        self.last_timings_ms: dict[str, float] = {}
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The spec's ``dtype`` on CUDA; float32 on CPU (half precision there is slow or unsupported)."""
+        if self.device.type != "cuda":
+            return torch.float32
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.spec.dtype]
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``eval()``, move to the device and cast to :attr:`compute_dtype` (logged when ignored)."""
+        if self.spec.dtype != "float32" and self.device.type != "cuda":
+            logger.info("model %s: dtype %s ignored on %s; using float32", self.spec.name, self.spec.dtype, self.device)
+        return model.eval().to(self.device, dtype=self.compute_dtype)
 
     @abstractmethod
     def load(self) -> None:
@@ -146,11 +162,19 @@ class ModelRunner(ABC):
         """Split outputs back into one JSON-ready result per request, applying per-request options."""
 
     def run(self, requests: list[ModelRequest]) -> list[Any]:
-        """preprocess → forward → postprocess under ``torch.inference_mode()``."""
+        """preprocess → forward → postprocess under ``torch.inference_mode()``.
+
+        Stage times of the last run are left in ``last_timings_ms`` (``forward`` includes
+        collating and moving inputs to the device).
+        """
         with torch.inference_mode():
+            t0 = time.perf_counter()
             batch = self.preprocess(requests)
             outputs = self.forward(batch)
-            return self.postprocess(outputs, requests)
+            t1 = time.perf_counter()
+            results = self.postprocess(outputs, requests)
+            self.last_timings_ms = {"forward": 1000 * (t1 - t0), "postprocess": 1000 * (time.perf_counter() - t1)}
+            return results
 
     def info(self) -> dict:
         """Static facts for ``/v1/models`` and the ingress (limits, device, labels)."""
@@ -192,7 +216,6 @@ class ModelDeployment:
         self._batch_started: float | None = None
         self.batch_requests: Counter[int] = Counter()
         self.batch_items: Counter[int] = Counter()
-        self._metrics = _ModelMetrics(self.spec.name)
         logger.info(
             "model %s loaded on %s with %d torch threads in %.1f s%s",
             self.spec.name, self.device, self.threads, self.load_s,
@@ -237,6 +260,7 @@ class ModelDeployment:
         """
         request = ModelRequest(inputs=inputs, params=params or {})
         self.runner.validate(request)
+        request.enqueued_at = time.perf_counter()
         try:
             return await self._run_batch(request)
         except asyncio.CancelledError:  # Serve cancels the call when the caller gives up
@@ -245,17 +269,21 @@ class ModelDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run_batch(self, requests: list[ModelRequest]) -> list[Any]:
+        name = self.spec.name
         sizes = split_sizes(requests)
         self.batch_requests[len(requests)] += 1
         self.batch_items[sum(sizes)] += 1
-        self._metrics.batch(len(requests), sum(sizes))
-        started = time.perf_counter()
+        metrics.batch(name, len(requests))
+        now = time.perf_counter()
+        for r in requests:
+            metrics.stage(name, "queue", 1000 * (now - r.enqueued_at))
         self._batch_started = time.monotonic()
         try:
             results = await asyncio.to_thread(self.runner.run, requests)
         finally:
             self._batch_started = None
-        self._metrics.forward_ms(1000 * (time.perf_counter() - started))
+        for stage_name, ms in self.runner.last_timings_ms.items():
+            metrics.stage(name, stage_name, ms)
         return results
 
     def info(self) -> dict:
@@ -276,34 +304,3 @@ class ModelDeployment:
             "requests_per_batch": dict(self.batch_requests),
             "items_per_batch": dict(self.batch_items),
         }
-
-
-class _ModelMetrics:
-    """Prometheus metrics through ``ray.serve.metrics`` (no-ops outside a replica)."""
-
-    def __init__(self, model: str):
-        self._ok = False
-        try:
-            from ray.serve import metrics
-
-            self._batch = metrics.Histogram(
-                "maas_batch_size", description="Requests per model batch.",
-                boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("model",),
-            )
-            self._forward = metrics.Histogram(
-                "maas_forward_ms", description="Model batch time (preprocess+forward+postprocess), ms.",
-                boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("model",),
-            )
-            self._batch.set_default_tags({"model": model})
-            self._forward.set_default_tags({"model": model})
-            self._ok = True
-        except Exception:  # noqa: BLE001 - metrics must never stop a model from serving
-            logger.debug("serve metrics unavailable", exc_info=True)
-
-    def batch(self, requests: int, items: int) -> None:
-        if self._ok:
-            self._batch.observe(requests)
-
-    def forward_ms(self, ms: float) -> None:
-        if self._ok:
-            self._forward.observe(ms)

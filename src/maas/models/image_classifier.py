@@ -108,7 +108,7 @@ class ImageClassifierRunner(ModelRunner):
         self.pre = resolve_image_preprocessing(spec)
         self.labels = self._labels()
         self.model = self._build(num_classes=len(self.labels))
-        self.model.eval().to(self.device)
+        self.model = self.place(self.model)
         self.loaded = True
 
     def _labels(self) -> list[str]:
@@ -184,7 +184,7 @@ class ImageClassifierRunner(ModelRunner):
             ``float32`` tensor (N_total, 3, H, W).
         """
         pixels = torch.cat([r.inputs.pixels for r in requests]) if len(requests) > 1 else requests[0].inputs.pixels
-        return normalize(pixels.to(self.device, non_blocking=True), self.pre.mean, self.pre.std)
+        return normalize(pixels.to(self.device, non_blocking=True), self.pre.mean, self.pre.std, self.compute_dtype)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Returns logits, ``float32`` (N_total, num_classes)."""

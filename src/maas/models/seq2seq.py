@@ -25,7 +25,7 @@ class Seq2SeqRunner(GenerationMixin, ModelRunner):
     def load(self) -> None:
         from transformers import AutoModelForSeq2SeqLM
 
-        self.model = load_hf_model(self.spec, AutoModelForSeq2SeqLM).eval().to(self.device)
+        self.model = self.place(load_hf_model(self.spec, AutoModelForSeq2SeqLM))
         self.tokenizer = load_tokenizer(self.spec.tokenizer_source, self.spec.name)
         cfg = self.model.config
         positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 512

@@ -92,7 +92,7 @@ class TextEncoderRunner(ModelRunner):
         spec = self.spec
         self.classifies = "text-classification" in spec.tasks
         cls = AutoModelForSequenceClassification if self.classifies else AutoModel
-        self.model = load_hf_model(spec, cls).eval().to(self.device)
+        self.model = self.place(load_hf_model(spec, cls))
         cfg = self.model.config
         if self.classifies:
             archs = getattr(cfg, "architectures", None) or []

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -214,12 +215,18 @@ class GenerationMixin:
                 alone = i if (sp.seed is not None and sp.temperature > 0) else None
                 groups.setdefault((sp, alone), []).append(i)
             results: list[dict | None] = [None] * len(requests)
+            timings = {"forward": 0.0, "postprocess": 0.0}
             for (sp, _), idxs in groups.items():
                 group = [requests[i] for i in idxs]
+                t0 = time.perf_counter()
                 batch = self.expand(self.preprocess(group), sp.n)
                 new_tokens = self.forward_sampling(batch, sp, self.max_new_tokens(group, sp), group)
+                t1 = time.perf_counter()
                 for i, res in zip(idxs, self.decode(new_tokens, group, sp)):
                     results[i] = res
+                timings["forward"] += 1000 * (t1 - t0)
+                timings["postprocess"] += 1000 * (time.perf_counter() - t1)
+            self.last_timings_ms = timings
             return results  # type: ignore[return-value]
 
     @staticmethod
@@ -363,7 +370,7 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = load_hf_model(self.spec, AutoModelForCausalLM).eval().to(self.device)
+        self.model = self.place(load_hf_model(self.spec, AutoModelForCausalLM))
         self.tokenizer = load_tokenizer(self.spec.tokenizer_source, self.spec.name)
         cfg = self.model.config
         positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024

@@ -207,6 +207,14 @@ class ImagePreprocessor:
         self.spec = ImagePreprocessingSpec.model_validate(spec)
         self.max_image_pixels = max_image_pixels
 
-    def __call__(self, images: list[bytes | np.ndarray]) -> ImageBatch:
-        """Decode and transform one request's images into ``uint8`` (N, 3, crop, crop)."""
-        return preprocess_images(images, self.spec, max_pixels=self.max_image_pixels)
+    def __call__(self, images: list[bytes | np.ndarray], model: str = "-") -> ImageBatch:
+        """Decode and transform one request's images for ``model`` (a metrics tag) into
+        ``uint8`` (N, 3, crop, crop)."""
+        import time
+
+        from maas import metrics
+
+        started = time.perf_counter()
+        out = preprocess_images(images, self.spec, max_pixels=self.max_image_pixels)
+        metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
+        return out

@@ -15,11 +15,13 @@ Truncation policy (per route, decided by the ingress and documented in the READM
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 from ray import serve
 
+from maas import metrics
 from maas.config import HuggingFaceSource, PackageSource
 from maas.errors import InvalidRequest
 from maas.models.base import replica_num_cpus, set_torch_threads
@@ -177,14 +179,18 @@ class Tokenizer:
         self.tokenizer = load_tokenizer(self.source, name)
 
     def __call__(
-        self, texts: list[str], max_length: int | None = None, truncate: bool = True, add_special_tokens: bool = True
+        self, texts: list[str], max_length: int | None = None, truncate: bool = True, add_special_tokens: bool = True,
+        model: str = "-",
     ) -> TokenizedBatch:
-        """Tokenise one request's texts. See :func:`tokenize`."""
-        return tokenize(
+        """Tokenise one request's texts for ``model`` (a metrics tag). See :func:`tokenize`."""
+        started = time.perf_counter()
+        out = tokenize(
             self.tokenizer, texts, max_length=max_length, truncate=truncate, add_special_tokens=add_special_tokens
         )
+        metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
+        return out
 
-    def chat(self, messages: list[dict], max_length: int | None = None) -> TokenizedBatch:
+    def chat(self, messages: list[dict], max_length: int | None = None, model: str = "-") -> TokenizedBatch:
         """Render chat messages with the tokenizer's template (see :func:`render_chat`) and
         tokenise the prompt without adding special tokens (the template has them). Not truncated."""
         for i, m in enumerate(messages):
@@ -193,10 +199,13 @@ class Tokenizer:
             except UnicodeEncodeError:
                 raise InvalidRequest(f"messages[{i}].content is not valid Unicode (lone surrogate)",
                                      param="messages") from None
+        started = time.perf_counter()
         prompt = render_chat(self.tokenizer, messages)
-        return tokenize(self.tokenizer, [prompt], max_length=None, truncate=False, add_special_tokens=False)
+        out = tokenize(self.tokenizer, [prompt], max_length=None, truncate=False, add_special_tokens=False)
+        metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
+        return out
 
-    def from_ids(self, rows: list[list[int]], max_length: int | None = None) -> TokenizedBatch:
+    def from_ids(self, rows: list[list[int]], max_length: int | None = None, model: str = "-") -> TokenizedBatch:
         """Token-array input, validated against the vocabulary (see :func:`from_token_ids`)."""
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
