@@ -115,7 +115,7 @@ TokenizerSource = Annotated[Union[HuggingFaceSource, PackageSource], Field(discr
 
 
 def _slug(text: str, limit: int = 40) -> str:
-    s = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.-")
     if len(s) > limit:
         s = s[: limit - 9] + "_" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return s or "default"
