@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from maas.config import (
     INGRESS_DEPLOYMENT,
@@ -51,7 +52,9 @@ FAMILY_DEPLOYMENTS = {
 #: past a bound Serve rejects at once (HTTP 503 from the proxy, ``BackPressureError`` on handles,
 #: which the ingress answers with 503 + Retry-After). All are overridable per deployment.
 PREPROCESSOR_QUEUES = {"max_ongoing_requests": 32, "max_queued_requests": 512}
-INGRESS_QUEUES = {"max_ongoing_requests": 256, "max_queued_requests": 1024}
+#: The proxy rejects past the ingress's queue with 503 and ``Retry-After: 1`` (Serve's own response).
+INGRESS_QUEUES = {"max_ongoing_requests": 256, "max_queued_requests": 1024,
+                  "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1)}
 
 
 class ConfigError(ValueError):

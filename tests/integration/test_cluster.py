@@ -1,0 +1,58 @@
+"""The graph on a local two-node cluster (one node with a logical GPU), as a GPU cluster would
+run it: placement, answers, a submitted Ray job, autoscaling, backpressure and metrics. The
+scenario runs in its own process with its own cluster (see cluster_scenario.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_models import CAT_CLASSES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("scenario") / "result.json"
+    script = Path(__file__).with_name("cluster_scenario.py")
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=900)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    print("\nscenario:", json.dumps(result, indent=1)[:4000])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return result
+
+
+def test_gpu_replicas_on_the_gpu_node(scenario):
+    placement = scenario["placement"]
+    assert scenario["nodes"] == 2
+    for model in ("minilm", "efficientnet-lite0", "gpt2-tiny-demo"):
+        assert placement[model] == "gpu-node"
+    assert scenario["model_device"] == "cpu"  # logical GPU, no CUDA: clean CPU fallback
+
+
+def test_answers_over_http_and_from_a_job(scenario):
+    assert CAT_CLASSES & {c["index"] for c in scenario["http_image"]}
+    assert "SUCCEEDED" in scenario["job_status"]
+    assert scenario["job_equals_http"] is True
+
+
+def test_autoscaling_up_and_back(scenario):
+    counts = [n for _, n in scenario["autoscale_timeline"]]
+    assert max(counts) >= 2 and counts[-1] == 1
+
+
+def test_flood_is_rejected_fast(scenario):
+    flood = scenario["flood"]
+    assert flood["ok"] >= 3 and flood["rejected"] >= 1 and flood["other"] == []
+    assert flood["max_reject_s"] < 1.0 and flood["retry_after"] == ["1"]
+    handles = scenario["handle_flood"]
+    assert handles["ok"] >= 1 and handles["backpressure"] >= 1 and handles["first_reject_s"] < 1.0
+
+
+def test_metrics_scraped_with_labels(scenario):
+    assert {"queue", "forward", "postprocess", "preprocess"} <= set(scenario["metric_stages"])
+    assert {"minilm", "gpt2-tiny-demo"} <= set(scenario["metric_models"])
+    assert any('status="200"' in ln for ln in scenario["metrics"]["ray_maas_requests"])
