@@ -622,7 +622,7 @@ class Ingress:
     @app.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERROR_RESPONSES[404]}, tags=["openai"])
     async def http_model(self, model: str) -> dict:
         if model not in self.routes:
-            self._route(model, "")
+            raise ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists the served models")
         listing = await self.list_models()
         return next(m for m in listing["data"] if m["id"] == model)
 

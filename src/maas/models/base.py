@@ -223,8 +223,10 @@ class ModelDeployment:
         )
 
     def reconfigure(self, user_config: dict) -> None:
-        """Apply batching settings from ``user_config`` (validated; bad keys raise)."""
-        batching = BatchingSpec.model_validate(user_config or {})
+        """Apply batching settings from ``user_config`` (validated; unknown keys raise, so Serve
+        reports the bad config instead of silently ignoring it)."""
+        # Fields the user_config leaves out keep the spec's values.
+        batching = BatchingSpec.model_validate({**self.spec.batching.model_dump(), **(user_config or {})})
         self._run_batch.set_max_batch_size(batching.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.batching = batching
