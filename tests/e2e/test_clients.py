@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import wait_for
 from tests.e2e.test_http import same_top_k
 from tests.unit.test_models import CAT_CLASSES
 
@@ -137,12 +138,11 @@ def test_client_disconnect_stops_generation(url, served_app):
                        json={"model": "gpt2-tiny-demo", "prompt": "x", "max_tokens": 500, "temperature": 0,
                              "stream": True}) as r:
         next(r.iter_lines())  # one event, then hang up
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def finished():
         stats = handle.stats.remote().result()
-        if len(stats["streams"]) > before and stats["active_streams"] == 0:
-            break
-        time.sleep(0.2)
+        return stats if len(stats["streams"]) > before and stats["active_streams"] == 0 else None
+
+    stats = wait_for(finished, 30, "stream ended on the replica", 0.2)
     last = stats["streams"][-1]
     assert last["cancelled"] is True, stats
 

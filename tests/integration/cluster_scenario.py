@@ -111,7 +111,9 @@ def main(out_path: str) -> None:
             "via_actor = ray.get(A.remote(h).go.remote())\n"
             "print('JOBRESULT ' + json.dumps([direct['data'][0]['embedding'], via_actor['data'][0]['embedding']]))\n")
         client = JobSubmissionClient(f"http://{ctx.dashboard_url}")
-        job_id = client.submit_job(entrypoint=f"{sys.executable} {job_script}")
+        # The job agent may still be starting on a fresh cluster ("No available agent"): retry.
+        job_id = wait_for(lambda: client.submit_job(entrypoint=f"{sys.executable} {job_script}"), 120,
+                          "job submitted", 2)
         wait_for(lambda: client.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED), 180, "job", 1)
         logs = client.get_job_logs(job_id)
         line = next((ln for ln in logs.splitlines() if ln.startswith("JOBRESULT ")), None)

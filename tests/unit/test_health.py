@@ -46,3 +46,13 @@ def test_long_running_batch_fails_health(replica, monkeypatch):
     monkeypatch.setattr(replica, "_batch_started", time.monotonic() - 5)
     with pytest.raises(RuntimeError, match="a batch has been running for 5 s"):
         asyncio.run(replica.check_health())
+
+
+def test_user_config_overrides_only_the_fields_it_names(replica):
+    replica.reconfigure({"max_batch_size": 16})
+    assert replica.batching.max_batch_size == 16
+    assert replica.batching.batch_wait_timeout_s == replica.spec.batching.batch_wait_timeout_s
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        replica.reconfigure({"max_batch_sise": 4})
