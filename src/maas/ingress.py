@@ -28,10 +28,10 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maas import metrics
 from maas.config import AppConfig, ModelSpec
@@ -50,7 +50,7 @@ from maas.errors import (
     error_body,
     unwrap,
 )
-from maas.protocol import CompletionUsage, Usage
+from maas.protocol import CompletionUsage, Usage, v2
 from maas.protocol.maas import (
     Classification,
     ClassificationResponse,
@@ -60,8 +60,6 @@ from maas.protocol.maas import (
     Text2TextResponse,
     TextClassificationRequest,
 )
-from maas.protocol import v2
-from maas.security import Guard
 from maas.protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -78,6 +76,7 @@ from maas.protocol.openai import (
     ModelCard,
     ModelList,
 )
+from maas.security import Guard
 
 logger = logging.getLogger("ray.serve.maas.ingress")
 

@@ -56,6 +56,7 @@ def replicas_running(deployment: str) -> int:
 
 
 def main(out_path: str) -> None:
+    os.environ.pop("RAY_ADDRESS", None)  # this scenario starts its own cluster
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -174,10 +175,10 @@ def main(out_path: str) -> None:
 
         # Backpressure over handles: minilm takes 1 ongoing + 2 queued per caller; the excess gets
         # BackPressureError at once.
+        import torch
         from ray.serve.exceptions import BackPressureError
 
         from maas.preprocess.text import TokenizedBatch
-        import torch
 
         batch = TokenizedBatch(torch.ones((16, 256), dtype=torch.int64), torch.ones((16, 256), dtype=torch.int64),
                                [256] * 16, 0)

@@ -3,6 +3,7 @@ run it: placement, answers, a submitted Ray job, autoscaling, backpressure and m
 scenario runs in its own process with its own cluster (see cluster_scenario.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.integration
 def scenario(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("scenario") / "result.json"
     script = Path(__file__).with_name("cluster_scenario.py")
-    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=900)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's cluster
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=900,
+                          env=env)
     result = json.loads(out.read_text()) if out.exists() else {}
     print("\nscenario:", json.dumps(result, indent=1)[:4000])
     assert proc.returncode == 0, proc.stderr[-3000:]
