@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A Ray cluster of its own (address "local"), unless RAY_ADDRESS names one to deploy onto.
 serve: install
-	$(VENV)/bin/serve run $(CONFIG)
+	$(VENV)/bin/serve run --address "$${RAY_ADDRESS:-local}" $(CONFIG)
 
 test: install
 	$(VENV)/bin/ruff check --select F,E9 src tests   # undefined names and syntax errors fail fast

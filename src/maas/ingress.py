@@ -525,8 +525,11 @@ class Ingress:
                     delta.role = "assistant"
                     started.add(c["index"])
                 choices.append(ChatChunkChoice(index=c["index"], delta=delta, finish_reason=c["finish_reason"]))
-            yield ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices).model_dump(
+            chunk = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices).model_dump(
                 exclude={"usage"})
+            for c in chunk["choices"]:  # OpenAI leaves unset delta fields out rather than sending null
+                c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            yield chunk
 
     async def _truncated_tokens(self, route: _Route, value: str | list[str], limit: int | None = None):
         """Validate texts and start their tokenisation, truncated to the model's limit.
@@ -766,9 +769,14 @@ class Ingress:
 
     async def _v2_run(self, route: _Route, req: "v2.InferenceRequest") -> list:
         spec, params = route.spec, req.parameters
-        if len(req.inputs) != 1:
-            raise InvalidRequest(f"model {spec.name!r} takes one input tensor, got {sorted(req.inputs)}")
-        tensor = next(iter(req.inputs.values()))
+        expected = "image" if spec.family == "image-classifier" else "text"
+        if list(req.inputs) != [expected]:
+            raise InvalidRequest(f"model {spec.name!r} takes one input named {expected!r} "
+                                 f"(see GET /v2/models/{spec.name}), got {sorted(req.inputs)}")
+        tensor = req.inputs[expected]
+        if tensor.datatype == "BYTES" and tensor.array.ndim != 1:
+            raise InvalidRequest(f"input {expected!r} must have shape [N] for BYTES, got {list(tensor.array.shape)}",
+                                 param=expected)
         if spec.family == "image-classifier":
             if tensor.datatype == "BYTES":
                 images: list = list(tensor.array.reshape(-1))

@@ -29,8 +29,10 @@ logger = logging.getLogger("ray.serve.maas.security")
 JSON_ROUTES = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/text2text",
                          "/v1/classifications/text"})
 
-#: Paths reachable without a key: liveness and readiness probes (Kubernetes, load balancers).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+#: Paths reachable without a key: liveness and readiness probes (Kubernetes, load balancers) and the
+#: API's own description (the schema is not a secret; Swagger UI fetches it without headers).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
+                        "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def load_api_keys(keys_file: str | None, env: dict | None = None) -> tuple[bytes, ...]:

@@ -237,6 +237,10 @@ def test_v2_errors(url):
     r = requests.post(f"{url}/v2/models/minilm/infer", timeout=30,
                       json={"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["x"]}]})
     assert r.status_code == 400 and "needs 2 elements" in r.json()["error"]
+    for inputs in ([{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]}],
+                   [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": [["x", "y"]]}]):
+        r = requests.post(f"{url}/v2/models/minilm/infer", json={"inputs": inputs}, timeout=30)
+        assert r.status_code == 400 and "error" in r.json(), r.text
     r = requests.get(f"{url}/v2/models/minilm/versions/7", timeout=30)
     assert r.status_code == 404
     assert requests.get(f"{url}/v2/health/live", timeout=30).json() == {"live": True}

@@ -194,6 +194,9 @@ def test_tiny_temperature_is_greedy_and_stop_counts_tokens(url):
                                                  "temperature": 0, "stop": first_char}).json()
     assert stopped["choices"][0] == {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
     assert stopped["usage"]["completion_tokens"] == 1
+    newline = post(url, "/v1/chat/completions", json={"model": "gpt2-tiny-demo", "max_tokens": 8, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "Hi"}], "stop": ["\n"]})
+    assert newline.status_code == 200, newline.text
 
 
 def test_seeded_sampling_repeats_under_concurrency(served_app):

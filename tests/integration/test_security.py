@@ -45,6 +45,7 @@ def test_keys_from_env_and_file(tmp_path):
 def test_probes_are_open_everything_else_needs_a_key(secured, chelsea_jpeg):
     assert requests.get(f"{secured}/healthz", timeout=10).status_code == 200
     assert requests.get(f"{secured}/v2/health/live", timeout=10).status_code == 200
+    assert requests.get(f"{secured}/openapi.json", timeout=10).status_code == 200  # the schema is not secret
     r = requests.get(f"{secured}/v1/models", timeout=10)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert r.json()["error"]["type"] == "authentication_error" and "missing API key" in r.json()["error"]["message"]

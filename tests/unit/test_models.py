@@ -274,3 +274,28 @@ def test_timm_state_dict_file(tmp_path):
     with torch.inference_mode():
         batch = runner.preprocess([ModelRequest(ImageBatch(x))])
         assert torch.allclose(runner.forward(batch), ref(batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("stop", ["\n", " ", "hello hello", "lo hel", "kissed"])
+def test_stop_strings_batched_equal_streamed(gpt, stop):
+    """Any stop string (even one no token matches, like a newline) ends the text at its first
+    occurrence, with the same text, finish reason and token count batched and streamed."""
+    import threading
+
+    batch = tokenize(gpt.tokenizer, ["Hello", "Hi"], max_length=None, truncate=False, add_special_tokens=False)
+    params = {"max_tokens": 12, "temperature": 0, "stop": stop}
+    full = gpt.run([ModelRequest(batch, params)])[0]["choices"]
+    events = []
+    gpt.stream(ModelRequest(batch, params), events.append, threading.Event())
+    texts, reasons = {}, {}
+    for e in events:
+        for c in e.get("choices", []):
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+            reasons[c["index"]] = c["finish_reason"] or reasons.get(c["index"])
+    assert [texts[i] for i in range(2)] == [c["text"] for c in full]
+    assert [reasons[i] for i in range(2)] == [c["finish_reason"] for c in full]
+    assert events[-1]["completion_tokens"] == sum(c["completion_tokens"] for c in full)
+    for c in full:
+        assert stop not in c["text"]
+        if c["finish_reason"] == "stop":
+            assert c["completion_tokens"] < 12

@@ -13,9 +13,9 @@ from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, Embed
 
 
 def test_openai_hints_are_ignored_and_behaviour_fields_rejected():
-    req = CompletionRequest(model="m", prompt="x", user="u", store=True, echo=False, logprobs=0)
+    req = CompletionRequest(model="m", prompt="x", user="u", store=True, echo=False, logprobs=None)
     assert sorted(req.ignored_hints()) == ["store", "user"]
-    for field, value in [("logprobs", 2), ("echo", True), ("presence_penalty", 0.5), ("suffix", "!")]:
+    for field, value in [("logprobs", 2), ("logprobs", 0), ("echo", True), ("presence_penalty", 0.5), ("suffix", "!")]:
         with pytest.raises(InvalidRequest) as info:
             CompletionRequest(model="m", prompt="x", **{field: value})
         assert info.value.param == field
@@ -79,6 +79,8 @@ def test_v2_json_and_errors():
         ({"inputs": [{"name": "t", "shape": [1], "datatype": "INT32", "data": ["a"]}]}, "not INT32"),
         ({"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES"}]}, "neither data nor"),
         ({"inputs": []}, "inputs"),
+        ({"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]},
+                     {"name": "t", "shape": [1], "datatype": "BYTES", "data": ["b"]}]}, "must be unique"),
     ]
     for body, msg in bad:
         with pytest.raises(InvalidRequest, match=msg):

@@ -220,9 +220,9 @@ class GenerationMixin:
                 group = [requests[i] for i in idxs]
                 t0 = time.perf_counter()
                 batch = self.expand(self.preprocess(group), sp.n)
-                new_tokens = self.forward_sampling(batch, sp, self.max_new_tokens(group, sp), group)
+                new_tokens, stopped_at = self.forward_sampling(batch, sp, self.max_new_tokens(group, sp), group)
                 t1 = time.perf_counter()
-                for i, res in zip(idxs, self.decode(new_tokens, group, sp)):
+                for i, res in zip(idxs, self.decode(new_tokens, group, sp, stopped_at)):
                     results[i] = res
                 timings["forward"] += 1000 * (t1 - t0)
                 timings["postprocess"] += 1000 * (time.perf_counter() - t1)
@@ -235,7 +235,7 @@ class GenerationMixin:
         return batch if n == 1 else {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
 
     def forward(self, batch):  # pragma: no cover - generation goes through forward_sampling
-        return self.forward_sampling(batch, SamplingParams(), DEFAULT_MAX_TOKENS)
+        return self.forward_sampling(batch, SamplingParams(), DEFAULT_MAX_TOKENS)[0]
 
     def postprocess(self, outputs, requests):  # pragma: no cover
         return self.decode(outputs, requests, SamplingParams())
@@ -249,55 +249,77 @@ class GenerationMixin:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if sp.stop:  # rows end as soon as their text holds a stop string
-            kwargs.update(stop_strings=list(sp.stop), tokenizer=self.tokenizer)
         return kwargs
 
     def forward_sampling(
         self, batch: dict[str, torch.Tensor], sp: SamplingParams, max_new: int, requests: list[ModelRequest] = ()
-    ) -> torch.Tensor:
-        """``model.generate`` for one group; stops early once every request in it is cancelled.
+    ) -> tuple[torch.Tensor, dict[int, int]]:
+        """``model.generate`` for one group.
+
+        Rows end at EOS, or as soon as their decoded text holds a stop string (checked on the
+        text, so any stop string works, whatever the tokenisation); generation ends early once
+        every request of the group is cancelled.
 
         Returns:
-            New token ids, int64 (N, ≤ max_new), padded with ``pad_token_id`` after EOS.
+            ``(new_tokens, stopped_at)``: new token ids, int64 (N, ≤ max_new), padded with
+            ``pad_token_id`` after a row ends; and, for rows ended by a stop string, the number of
+            new tokens up to and including the one that completed it.
         """
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         runner = self
+        prompt_width = batch["input_ids"].shape[1] if self.decoder_only else 1
+        stopped_at: dict[int, int] = {}
 
-        class AllCancelled(StoppingCriteria):
+        class StopCriteria(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                done = bool(requests) and all(r.cancelled for r in requests)
-                if done:
+                done = [False] * input_ids.shape[0]
+                if sp.stop:
+                    new = input_ids[:, prompt_width:].tolist()
+                    for row, tokens in enumerate(new):
+                        if row in stopped_at:
+                            done[row] = True
+                        elif not any(t in runner.eos_set for t in tokens):
+                            text = runner.tokenizer.decode(tokens, skip_special_tokens=True)
+                            if apply_stop(text, sp.stop)[1]:
+                                stopped_at[row] = len(tokens)
+                                done[row] = True
+                if requests and all(r.cancelled for r in requests):
                     runner.cancelled_generations += 1
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+                    done = [True] * len(done)
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
         with self._sampling_guard(sp):
             if sp.seed is not None:
                 torch.manual_seed(sp.seed)
             out = self.model.generate(**batch, **self._generate_kwargs(sp, max_new),
-                                      stopping_criteria=StoppingCriteriaList([AllCancelled()]))
-        return out[:, batch["input_ids"].shape[1] :] if self.decoder_only else out[:, 1:]
+                                      stopping_criteria=StoppingCriteriaList([StopCriteria()]))
+        return out[:, prompt_width:], stopped_at
 
-    def decode(self, new_tokens: torch.Tensor, requests: list[ModelRequest], sp: SamplingParams) -> list[dict]:
+    def decode(self, new_tokens: torch.Tensor, requests: list[ModelRequest], sp: SamplingParams,
+               stopped_at: dict[int, int] | None = None) -> list[dict]:
         """Per request: ``{"choices": [{"text", "finish_reason", "completion_tokens"}], "prompt_tokens": [...]}``.
 
         Choices are prompt-major: prompt ``i``'s ``j``-th sample is choice ``i * n + j``.
+        ``completion_tokens`` counts tokens up to and including EOS or the token that completed a
+        stop string (as the streamed path does).
         """
+        stopped_at = stopped_at or {}
         rows = new_tokens.cpu().tolist()
         out, start = [], 0
         for r in requests:
             count = len(r.inputs) * sp.n
             choices = []
-            for row in rows[start : start + count]:
-                end = next((j for j, t in enumerate(row) if t in self.eos_set), None)
-                tokens = row if end is None else row[:end]
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                text, stopped = apply_stop(text, sp.stop)
-                used = len(tokens) + (end is not None)
-                if stopped:
-                    used = self._tokens_until_stop(tokens, sp.stop)
-                reason = "stop" if (end is not None or stopped) else "length"
+            for i, row in enumerate(rows[start : start + count], start=start):
+                if i in stopped_at:
+                    tokens, used, reason = row[: stopped_at[i]], stopped_at[i], "stop"
+                    text, _ = apply_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), sp.stop)
+                else:
+                    end = next((j for j, t in enumerate(row) if t in self.eos_set), None)
+                    tokens = row if end is None else row[:end]
+                    text, stopped = apply_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), sp.stop)
+                    used = self._tokens_until_stop(tokens, sp.stop) if stopped else len(tokens) + (end is not None)
+                    reason = "stop" if (end is not None or stopped) else "length"
                 choices.append({"text": text, "finish_reason": reason, "completion_tokens": used})
             out.append({"choices": choices, "prompt_tokens": r.inputs.lengths})
             start += count
@@ -348,8 +370,6 @@ class GenerationMixin:
                     return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
             kwargs = runner._generate_kwargs(sp, runner.max_new_tokens([request], sp))
-            kwargs.pop("stop_strings", None)  # the stream state applies stop strings itself
-            kwargs.pop("tokenizer", None)
             with runner._sampling_guard(sp):
                 if sp.seed is not None:
                     torch.manual_seed(sp.seed)

@@ -204,7 +204,7 @@ class CompletionRequest(_SamplingRequest):  # noqa: D101
     best_of: int | None = None
     suffix: str | None = None
 
-    NOOP_DEFAULTS = {"echo": _EMPTY, "logprobs": _ZERO, "suffix": _EMPTY, "presence_penalty": _ZERO,
+    NOOP_DEFAULTS = {"echo": _EMPTY, "logprobs": lambda v: v is None, "suffix": _EMPTY, "presence_penalty": _ZERO,
              "frequency_penalty": _ZERO, "logit_bias": _EMPTY}
 
     _homogeneous = field_validator("prompt", mode="before")(lambda v: _homogeneous_list(v, "prompt"))

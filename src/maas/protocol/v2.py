@@ -143,6 +143,9 @@ def parse_request(body: bytes, header_length: int | None) -> InferenceRequest:
         raise InvalidRequest(f"invalid inference request: {loc or 'body'}: {e['msg']}") from None
     tensors: dict[str, Tensor] = {}
     pos = 0
+    names = [inp.name for inp in header.inputs]
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"input names must be unique, got {names}")
     for inp in header.inputs:
         dtype = DTYPES.get(inp.datatype)
         if dtype is None:
