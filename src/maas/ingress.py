@@ -656,6 +656,7 @@ class Ingress:
     @app.post(
         "/v1/classifications/image",
         response_model=ClassificationResponse,
+        response_model_exclude_none=True,  # images have no token usage
         responses={**ERROR_RESPONSES, 415: {"description": "Neither multipart/form-data nor JSON."}},
         tags=["maas"],
         openapi_extra={

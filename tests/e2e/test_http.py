@@ -53,6 +53,7 @@ def test_classify_photos_multipart_and_json(url, chelsea_jpeg, coffee_png):
              files=[("file", ("chelsea.jpg", chelsea_jpeg, "image/jpeg")),
                     ("file", ("coffee.png", coffee_png, "image/png"))])
     assert r.status_code == 200, r.text
+    assert "usage" not in r.json()  # as the README shows: images have no token usage
     data = r.json()["data"]
     assert [d["index"] for d in data] == [0, 1]
     assert CAT_CLASSES & {c["index"] for c in data[0]["top_k"]}
