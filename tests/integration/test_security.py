@@ -3,12 +3,9 @@ the session's app, with its keys in a keys file."""
 
 import pytest
 import requests
-import yaml
-from ray import serve
 
-from maas.app import build_app
 from maas.security import key_ok, load_api_keys
-from tests.conftest import LOCAL_CONFIG, wait_for
+from tests.conftest import one_model_args, side_app
 
 pytestmark = pytest.mark.integration
 
@@ -20,15 +17,10 @@ LIMIT = 300_000
 def secured(served_app, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# maas keys\n{KEY}\nsecond-key\n")
-    args = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]
-    args["models"] = [m for m in args["models"] if m["name"] == "efficientnet-lite0"]
-    args["models"][0]["name"] = "effnet-secured"
+    args = one_model_args("efficientnet-lite0", "effnet-secured")
     args["ingress"].update(api_keys_file=str(keys), max_body_bytes=LIMIT)
-    serve.run(build_app(args), name="secured", route_prefix="/secured", blocking=False)
-    url = f"{served_app['url']}/secured"
-    wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).status_code == 200, 180, "secured app ready")
-    yield url
-    serve.delete("secured")
+    with side_app(served_app, args, "secured") as url:
+        yield url
 
 
 def test_keys_from_env_and_file(tmp_path):

@@ -5,26 +5,19 @@ import time
 
 import pytest
 import requests
-import yaml
 from ray import serve
 
-from maas.app import build_app
-from tests.conftest import LOCAL_CONFIG, wait_for
+from tests.conftest import one_model_args, side_app, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def slow_app(served_app):
-    args = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]
-    args["models"] = [m for m in args["models"] if m["name"] == "gpt2-tiny-demo"]
-    args["models"][0]["name"] = "gpt-timeout"
+    args = one_model_args("gpt2-tiny-demo", "gpt-timeout")
     args["ingress"]["model_call_timeout_s"] = 0.3
-    serve.run(build_app(args), name="timeouts", route_prefix="/timeouts", blocking=False)
-    url = f"{served_app['url']}/timeouts"
-    wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).status_code == 200, 180, "timeouts app ready")
-    yield url
-    serve.delete("timeouts")
+    with side_app(served_app, args, "timeouts") as url:
+        yield url
 
 
 def test_timeout_is_504_and_generation_stops(slow_app):
