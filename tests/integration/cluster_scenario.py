@@ -63,10 +63,13 @@ def main(out_path: str) -> None:
     from ray.util.state import list_actors, list_nodes
 
     metrics_ports = [free_port(), free_port()]
+    # Own ports for every agent: another Ray cluster on this machine (the test session's) holds
+    # the defaults, and a job agent that cannot bind leaves "No available agent to submit job".
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "num_gpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
-        "metrics_export_port": metrics_ports[0]})
-    gpu_node = cluster.add_node(num_cpus=3, num_gpus=1, metrics_export_port=metrics_ports[1])
+        "metrics_export_port": metrics_ports[0], "dashboard_agent_listen_port": free_port()})
+    gpu_node = cluster.add_node(num_cpus=3, num_gpus=1, metrics_export_port=metrics_ports[1],
+                                dashboard_agent_listen_port=free_port())
     ctx = ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
     os.environ["RAY_ADDRESS"] = cluster.address
     port = free_port()
