@@ -481,11 +481,15 @@ class Ingress:
         route = self._route(req.model, task)
         self._log_hints(req)
         gen = route.model.options(stream=True).stream.remote(self._prompt_tokens(route, req), req.to_params())
+        operation = f"{task}-stream"
         try:
             async for event in gen:
                 yield event
+            metrics.request(req.model, operation, 200)
         except Exception as exc:  # noqa: BLE001 - mapped to the domain error
-            raise self._domain_error(exc, req.model) from None
+            err = self._domain_error(exc, req.model)
+            metrics.request(req.model, operation, int(err.status_code))
+            raise err from None
         finally:
             gen.cancel()  # stops generation on the replica when the caller went away
 

@@ -5,6 +5,7 @@ Ray's ``ray_`` prefix, e.g. ``ray_maas_stage_latency_ms_bucket``).
 metric                          type       tags                        meaning
 ==============================  =========  ==========================  =========================================
 ``maas_requests``               counter    model, operation, status    requests answered by the ingress, by HTTP status
+                                                                       (streams as ``completion-stream`` / ``chat-stream``)
 ``maas_stage_latency_ms``       histogram  model, stage                ``preprocess`` (tokenizer / image preprocessor),
                                                                        ``queue`` (waiting for a batch), ``forward``,
                                                                        ``postprocess`` (on the model replica), ms

@@ -56,3 +56,17 @@ def test_user_config_overrides_only_the_fields_it_names(replica):
 
     with pytest.raises(ValidationError, match="max_batch_sise"):
         replica.reconfigure({"max_batch_sise": 4})
+
+
+def test_busy_replica_is_not_probed(replica, monkeypatch):
+    """A batch that just succeeded proves the forward pass; no probe takes compute from traffic."""
+    import time
+
+    calls = []
+    monkeypatch.setattr(replica.runner, "run", lambda requests: calls.append(requests))
+    monkeypatch.setattr(replica, "_last_batch_done", time.monotonic())
+    asyncio.run(replica.check_health())
+    assert calls == []
+    monkeypatch.setattr(replica, "_last_batch_done", time.monotonic() - 60)
+    asyncio.run(replica.check_health())
+    assert len(calls) == 1

@@ -33,6 +33,9 @@ from maas.config import BatchingSpec, ModelSpec
 
 logger = logging.getLogger("ray.serve.maas.models")
 
+#: check_health probes the model only after this long without a successful batch, seconds.
+PROBE_AFTER_IDLE_S = 30.0
+
 
 # ---------------------------------------------------------------------------- replica runtime
 
@@ -214,6 +217,7 @@ class ModelDeployment:
         self.runner.load()
         self.load_s = time.monotonic() - started
         self._batch_started: float | None = None
+        self._last_batch_done: float | None = None  # monotonic time the last batch succeeded
         self.batch_requests: Counter[int] = Counter()
         self.batch_items: Counter[int] = Counter()
         logger.info(
@@ -235,8 +239,10 @@ class ModelDeployment:
         """Serve health check that probes the model, not only the process.
 
         Unhealthy (raises) when: no weights are loaded; a batch has been running longer than
-        ``health.stall_timeout_s``; or, when idle, a one-item probe forward
-        (:meth:`ModelRunner.probe`) does not finish within ``health.probe_timeout_s``.
+        ``health.stall_timeout_s``; or, when no batch has succeeded for ``PROBE_AFTER_IDLE_S``,
+        a one-item probe forward (:meth:`ModelRunner.probe`) does not finish within
+        ``health.probe_timeout_s``. A replica serving traffic is not probed: its own batches
+        prove the forward pass works, and a probe would take compute from them.
         Serve then replaces the replica.
         """
         if not self.runner.loaded:
@@ -247,6 +253,8 @@ class ModelDeployment:
             running = time.monotonic() - started
             if running > health.stall_timeout_s:
                 raise RuntimeError(f"model {self.spec.name}: a batch has been running for {running:.0f} s")
+            return
+        if self._last_batch_done is not None and time.monotonic() - self._last_batch_done < PROBE_AFTER_IDLE_S:
             return
         try:
             await asyncio.wait_for(asyncio.to_thread(self.runner.run, [self.runner.probe()]),
@@ -282,6 +290,7 @@ class ModelDeployment:
         self._batch_started = time.monotonic()
         try:
             results = await asyncio.to_thread(self.runner.run, requests)
+            self._last_batch_done = time.monotonic()
         finally:
             self._batch_started = None
         for stage_name, ms in self.runner.last_timings_ms.items():
