@@ -1,0 +1,64 @@
+"""Plain FastAPI + uvicorn + torch: one process, the model in a global, sync endpoints.
+
+This is what a user writes without a serving framework: FastAPI runs ``def`` endpoints in
+its thread pool, so concurrent requests run decode and forward in parallel threads (torch
+releases the GIL), with no batching. Torch threads per forward = ``--threads``.
+
+Usage: ``python -m bench.peers.fastapi_server --model efficientnet-lite0 --port 8101 --threads 1``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from pydantic import BaseModel
+
+from bench import workloads
+
+
+class EmbeddingBody(BaseModel):
+    model: str
+    input: str | list[str]
+
+
+def make_app(model: str, threads: int) -> FastAPI:
+    """The FastAPI app serving ``model`` (an image classifier or the sentence encoder)."""
+    work = workloads.load(model, threads)
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    if isinstance(work, workloads.ImageWork):
+        @app.post("/v1/classifications/image")
+        def classify(file: UploadFile = File(...), model: str = Form(...)) -> dict:
+            if model != work.name:
+                raise HTTPException(404, f"model {model!r} not served")
+            [top] = work.run([file.file.read()])
+            return {"model": work.name, "data": [{"index": 0, "top_k": [{"index": i, "score": s} for i, s in top]}]}
+    else:
+        @app.post("/v1/embeddings")
+        def embed(body: EmbeddingBody) -> dict:
+            if body.model != work.name:
+                raise HTTPException(404, f"model {body.model!r} not served")
+            texts = [body.input] if isinstance(body.input, str) else body.input
+            vectors = work.run(texts)
+            return {"object": "list", "model": work.name,
+                    "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, choices=sorted(workloads.KINDS))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    uvicorn.run(make_app(args.model, args.threads), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

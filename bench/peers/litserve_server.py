@@ -1,0 +1,95 @@
+"""LitServe serving the same model with its dynamic batching on.
+
+LitServe runs ``decode_request`` → ``batch`` → ``predict`` → ``unbatch`` →
+``encode_response`` in its inference worker process(es); its HTTP server runs in separate
+API-server process(es). Batching: ``max_batch_size`` requests or ``batch_timeout`` seconds,
+whichever comes first (LitServe's own parameters, set to the values maas-serve's config
+gives the model). Torch threads per worker = ``--threads``.
+
+Usage: ``python -m bench.peers.litserve_server --model minilm --port 8102 --max-batch-size 32
+--batch-timeout-s 0.005``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import litserve as ls
+import torch
+
+from bench import workloads
+
+
+class ImageAPI(ls.LitAPI):
+    """Image classification: multipart ``file`` → top-5."""
+
+    def __init__(self, model: str, threads: int, **kwargs):
+        super().__init__(api_path="/v1/classifications/image", **kwargs)
+        self.model_name, self.threads = model, threads
+
+    def setup(self, device):
+        self.work = workloads.load(self.model_name, self.threads)
+
+    def decode_request(self, request):
+        return self.work.decode(request["file"].file.read())
+
+    def batch(self, inputs):
+        return torch.stack(inputs)
+
+    def predict(self, x):
+        return self.work.classify(x)
+
+    def unbatch(self, output):
+        return list(output)
+
+    def encode_response(self, top):
+        return {"model": self.model_name, "data": [{"index": 0, "top_k": [{"index": i, "score": s} for i, s in top]}]}
+
+
+class EmbeddingAPI(ls.LitAPI):
+    """Embeddings: JSON ``{"model", "input": str}`` → one unit vector."""
+
+    def __init__(self, model: str, threads: int, **kwargs):
+        super().__init__(api_path="/v1/embeddings", **kwargs)
+        self.model_name, self.threads = model, threads
+
+    def setup(self, device):
+        self.work = workloads.load(self.model_name, self.threads)
+
+    def decode_request(self, request):
+        text = request["input"]
+        return text if isinstance(text, str) else text[0]
+
+    def batch(self, inputs):
+        return list(inputs)
+
+    def predict(self, texts):
+        return self.work.run(texts if isinstance(texts, list) else [texts])
+
+    def unbatch(self, output):
+        return list(output)
+
+    def encode_response(self, vector):
+        if vector.dim() == 2:  # unbatched mode: a (1, D) result
+            vector = vector[0]
+        return {"object": "list", "model": self.model_name,
+                "data": [{"object": "embedding", "index": 0, "embedding": vector.tolist()}]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, choices=sorted(workloads.KINDS))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=1)
+    parser.add_argument("--batch-timeout-s", type=float, default=0.0)
+    parser.add_argument("--workers", type=int, default=1, help="LitServe workers_per_device")
+    args = parser.parse_args()
+    cls = ImageAPI if workloads.KINDS[args.model] == "image" else EmbeddingAPI
+    api = cls(args.model, args.threads, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_s)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=120)
+    server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
+
+
+if __name__ == "__main__":
+    main()

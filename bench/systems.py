@@ -1,0 +1,186 @@
+"""Starting and stopping the benchmarked servers, each as a subprocess tree.
+
+* maas-serve: ``serve run --address local <config>`` on a config derived from
+  ``serve_configs/local.yaml`` (:func:`maas_config`), so the model entries — batch sizes and
+  waits included — are the shipped ones. Ready when ``GET /readyz`` is 200.
+* LitServe and FastAPI: :mod:`bench.peers`, ready when ``GET /health`` is 200.
+
+Every server is stopped (SIGINT, then SIGKILL of its process group after a grace period)
+before the next one starts, so systems never share the cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from bench import memory, workloads
+
+ROOT = workloads.ROOT
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def maas_config(models: list[str], *, batching: bool, port: int, source: Path = workloads.LOCAL_CONFIG) -> dict:
+    """The serve config for a maas-serve run: ``source`` with only ``models`` kept.
+
+    With ``batching=False`` every kept model gets ``max_batch_size: 1`` (no wait) and a queue
+    as deep as the batching run's (``max_queued_requests`` 1024), so the highest concurrency
+    waits in the queue instead of being rejected — the only difference is batching.
+    """
+    raw = yaml.safe_load(Path(source).read_text())
+    raw = copy.deepcopy(raw)
+    raw["http_options"]["port"] = port
+    app = raw["applications"][0]
+    kept = [m for m in app["args"]["models"] if m["name"] in models]
+    missing = set(models) - {m["name"] for m in kept}
+    if missing:
+        raise KeyError(f"{source} has no model(s) {sorted(missing)}")
+    for m in kept:
+        if not batching:
+            m["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+            m["max_queued_requests"] = 1024
+    app["args"]["models"] = kept
+    app["deployments"] = [d for d in app.get("deployments") or [] if d["name"] in set(models) | {"Ingress"}]
+    return raw
+
+
+def maas_replicas(model: str, config: dict) -> int:
+    """``num_replicas`` of ``model`` in a serve config's ``deployments:`` (1 when unset)."""
+    for d in config["applications"][0].get("deployments") or []:
+        if d["name"] == model and isinstance(d.get("num_replicas"), int):
+            return d["num_replicas"]
+    return 1
+
+
+class Server:
+    """A server subprocess (and its whole process tree) with a readiness URL.
+
+    Args:
+        name: For logs and results.
+        cmd: argv.
+        ready_url: GET returns 200 once the server can take the benchmark's requests.
+        log_path: stdout + stderr go here.
+    """
+
+    def __init__(self, name: str, cmd: list[str], ready_url: str, log_path: Path, env: dict | None = None):
+        self.name, self.cmd, self.ready_url, self.log_path = name, cmd, ready_url, log_path
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.ready_s: float | None = None
+
+    def start(self, timeout_s: float = 300.0) -> "Server":
+        """Start and wait until ready. Raises RuntimeError (with the log's tail) otherwise."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
+                                     start_new_session=True)
+        deadline = started + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if http_ok(self.ready_url):
+                self.ready_s = round(time.monotonic() - started, 1)
+                return self
+            time.sleep(0.5)  # poll interval of the readiness deadline loop
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        self.stop()
+        raise RuntimeError(f"{self.name} did not become ready at {self.ready_url} within {timeout_s} s:\n{tail}")
+
+    def memory(self) -> dict:
+        return memory.usage(self.proc.pid) if self.proc else {}
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGINT the process group, wait up to ``grace_s`` for the tree to exit, then SIGKILL it."""
+        if self.proc is None:
+            return
+        pids = [p.pid for p in memory.tree(self.proc.pid)]
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            try:
+                self.proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.proc.poll() is not None and not any(_alive(p) for p in pids):
+                break
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self.proc = None
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def maas(models: list[str], *, batching: bool, workdir: Path) -> tuple[Server, dict]:
+    """A ``serve run`` server for ``models`` (not started) and the config it runs."""
+    port = free_port()
+    config = maas_config(models, batching=batching, port=port)
+    path = workdir / f"maas-{'batch' if batching else 'nobatch'}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    server = Server(f"maas-serve ({'batching on' if batching else 'batching off'})",
+                    [str(BIN / "serve"), "run", "--address", "local", str(path)],
+                    f"http://127.0.0.1:{port}/readyz", workdir / f"{path.stem}.log", env)
+    server.base_url = f"http://127.0.0.1:{port}"
+    return server, config
+
+
+def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: int = 1,
+         batch_wait_timeout_s: float = 0.0, workers: int = 1) -> Server:
+    """A peer server (``kind`` ``litserve`` or ``fastapi``) for one model (not started)."""
+    port = free_port()
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if kind == "litserve":
+        cmd = [sys.executable, "-m", "bench.peers.litserve_server", "--model", model, "--port", str(port),
+               "--threads", str(threads), "--max-batch-size", str(max_batch_size),
+               "--batch-timeout-s", str(batch_wait_timeout_s), "--workers", str(workers)]
+        name = "LitServe"
+    else:
+        cmd = [sys.executable, "-m", "bench.peers.fastapi_server", "--model", model, "--port", str(port),
+               "--threads", str(threads)]
+        name = "FastAPI"
+    server = Server(name, cmd, f"http://127.0.0.1:{port}/health", workdir / f"{kind}-{model}.log", env)
+    server.base_url = f"http://127.0.0.1:{port}"
+    return server

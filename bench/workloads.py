@@ -1,0 +1,145 @@
+"""The model work every system does, written as plain torch code (what a user writes).
+
+The limit (:mod:`bench.limit`) and both peers (:mod:`bench.peers`) call these functions, so
+they run the same model with the same weights and the same preprocessing as maas-serve:
+
+* images: Pillow decode → RGB → resize (shorter side) → centre crop → float tensor →
+  normalise → batched forward → softmax top-5. Same resize/crop/interpolation/mean/std as
+  the model's entry in ``serve_configs/local.yaml``.
+* sentences: tokenise (padding to the longest, truncation at the model's limit) →
+  batched forward → mean pooling → L2 normalise (all-MiniLM-L6-v2's sentence-transformers
+  recipe).
+
+Weights come from maas's own loaders (the package weights the serve config names), so every
+system computes the same numbers; only the hot path is written here.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
+
+#: The benchmarked models: name in the serve config → kind of work.
+KINDS = {"efficientnet-lite0": "image", "resnet50": "image", "minilm": "text"}
+
+
+def model_spec(name: str, config_path: Path = LOCAL_CONFIG):
+    """The :class:`~maas.config.ModelSpec` of ``name`` in a serve config.
+
+    Raises:
+        KeyError: the config has no such model.
+    """
+    from maas.app import parse_config
+
+    raw = yaml.safe_load(config_path.read_text())
+    config = parse_config(raw["applications"][0]["args"])
+    for spec in config.models:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"{config_path} has no model named {name!r}")
+
+
+def replica_threads(name: str, config_path: Path = LOCAL_CONFIG) -> int:
+    """Torch threads the served replica of ``name`` gets: ``max(1, floor(num_cpus))``, the
+    rule of :func:`maas.models.base.set_torch_threads` (a ``deployments:`` override of
+    ``ray_actor_options.num_cpus`` in the config wins over the model's ``resources``)."""
+    raw = yaml.safe_load(config_path.read_text())
+    app = raw["applications"][0]
+    num_cpus = model_spec(name, config_path).resources.num_cpus
+    for dep in app.get("deployments") or []:
+        if dep.get("name") == name and "num_cpus" in (dep.get("ray_actor_options") or {}):
+            num_cpus = dep["ray_actor_options"]["num_cpus"]
+    return max(1, int(num_cpus))
+
+
+@dataclass
+class ImageWork:
+    """An image classifier and its eval transform.
+
+    Attributes:
+        model: ``torch.nn.Module`` in eval mode, float32, CPU.
+        transform: Pillow image → ``float32`` (3, crop, crop), normalised.
+    """
+
+    name: str
+    model: torch.nn.Module
+    transform: object
+
+    def decode(self, jpeg: bytes) -> torch.Tensor:
+        """Encoded image → normalised ``float32`` tensor (3, crop, crop)."""
+        from PIL import Image
+
+        return self.transform(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+    @torch.inference_mode()
+    def classify(self, pixels: torch.Tensor, top_k: int = 5) -> list[list[tuple[int, float]]]:
+        """Batched forward. ``pixels``: ``float32`` (N, 3, H, W) → per image ``[(class, prob)]``."""
+        probs = torch.softmax(self.model(pixels), dim=-1)
+        values, indices = probs.topk(top_k, dim=-1)
+        return [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+
+    def run(self, jpegs: list[bytes]) -> list[list[tuple[int, float]]]:
+        """Decode + transform + one batched forward for all of ``jpegs``."""
+        return self.classify(torch.stack([self.decode(j) for j in jpegs]))
+
+
+@dataclass
+class TextWork:
+    """A sentence encoder with its tokenizer and pooling."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    max_length: int
+
+    @torch.inference_mode()
+    def run(self, texts: list[str]) -> torch.Tensor:
+        """Tokenise + one batched forward + mean pooling + L2 normalise.
+
+        Returns:
+            ``float32`` (len(texts), hidden) unit vectors.
+        """
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def load(name: str, threads: int, config_path: Path = LOCAL_CONFIG) -> ImageWork | TextWork:
+    """Load ``name`` from the serve config for in-process use with ``threads`` torch threads.
+
+    Raises:
+        KeyError: ``name`` is not a benchmarked model.
+    """
+    torch.set_num_threads(threads)
+    spec = model_spec(name, config_path)
+    kind = KINDS[name]
+    if kind == "image":
+        from torchvision import transforms as T
+
+        from maas.models.image_classifier import ImageClassifierRunner
+
+        runner = ImageClassifierRunner(spec, "cpu")
+        runner.load()
+        pre = runner.pre
+        transform = T.Compose([
+            T.Resize(pre.resize_px, interpolation=T.InterpolationMode(pre.interpolation), antialias=True),
+            T.CenterCrop(pre.crop_px),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ])
+        return ImageWork(name, runner.model, transform)
+    from maas.models.text_encoder import TextEncoderRunner
+    from maas.preprocess.text import load_tokenizer
+
+    runner = TextEncoderRunner(spec, "cpu")
+    runner.load()
+    return TextWork(name, runner.model, load_tokenizer(spec.tokenizer_source, name), runner.max_input_tokens)
