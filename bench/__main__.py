@@ -1,8 +1,9 @@
 """``python -m bench`` (``make bench``): the limit, maas-serve and its peers in one run.
 
 Order: the limit of each model (in a subprocess each), then each server in turn — maas-serve
-with batching on, maas-serve with batching off, LitServe, plain FastAPI — with nothing else
-running. Per server and model: one checked request (the answer must be right), a short
+as shipped (batching on, Ray Serve's high-throughput mode as ``make serve`` starts it), the same
+with Serve's default proxy and threading, maas-serve with batching off, LitServe, plain
+FastAPI — with nothing else running. Per server and model: one checked request (the answer must be right), a short
 warm-up, then one closed-loop ``wrk`` run per concurrency level. maas-serve with batching on
 also gets a graph-overhead run (concurrency 1, the smallest input only). Memory of each
 server's process tree is read after start-up, sampled during the load (peak) and read after it.
@@ -26,7 +27,13 @@ from pathlib import Path
 
 from bench import inputs, load, memory, report, systems, workloads
 
-SYSTEMS = ("limit", "maas", "maas-nobatch", "litserve", "fastapi")
+SYSTEMS = ("limit", "maas", "maas-serve-defaults", "maas-nobatch", "litserve", "fastapi")
+#: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
+MAAS_RUNS = {
+    "maas": ("batching on", True, True),
+    "maas-serve-defaults": ("batching on, Serve defaults", True, False),
+    "maas-nobatch": ("batching off", False, True),
+}
 PEER_MODELS = ("efficientnet-lite0", "minilm")
 DEFAULT_MODELS = ("efficientnet-lite0", "resnet50", "minilm")
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -161,19 +168,18 @@ def main(argv: list[str] | None = None) -> Path:
         for model in models:  # single-item latency on the smallest input, for the graph overhead
             result["limit"][model]["smallest"] = _limit_smallest(model)
 
-    for system in ("maas", "maas-nobatch"):
+    for system, (mode, batching, throughput_mode) in MAAS_RUNS.items():
         if system not in chosen:
             continue
-        batching = system == "maas"
-        mode = "batching on" if batching else "batching off"
-        if args.maas_url and batching:
+        if args.maas_url and system == "maas":
             server = systems.Server("maas-serve (running)", [], args.maas_url + "/readyz", workdir / "unused.log")
             server.base_url = args.maas_url.rstrip("/")
             config = None
         elif args.maas_url:
             continue
         else:
-            server, config = systems.maas(models, batching=batching, workdir=workdir)
+            server, config = systems.maas(models, batching=batching, workdir=workdir, mode=mode,
+                                          throughput_mode=throughput_mode)
             print(f"bench: starting maas-serve ({mode})", flush=True)
             server.start()
             result["servers"][f"maas-serve ({mode})"] = {"ready_s": server.ready_s, "log": str(server.log_path)}
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> Path:
             with memory.PeakSampler(server.proc.pid) if server.proc else _Nothing() as sampler:
                 for model in models:
                     sweep(server, "maas-serve", mode, model, args, result["runs"])
-                    if batching:
+                    if system == "maas":
                         r = load.run(server.base_url, bodies_for(model, smallest_only=True), concurrency=1,
                                      duration_s=args.duration_s)
                         result["overhead"][model] = {"maas_p50_ms": r["p50_ms"], "maas_p99_ms": r["p99_ms"],
@@ -201,7 +207,9 @@ def main(argv: list[str] | None = None) -> Path:
             if model not in PEER_MODELS:
                 continue
             spec = workloads.model_spec(model)
-            replicas = 1
+            # LitServe gets as many model workers as maas-serve has replicas of the model;
+            # FastAPI's thread pool already runs requests on every core.
+            replicas = systems.maas_replicas(model, systems.maas_config([model], batching=True, port=0))
             server = systems.peer(
                 system, model, threads=workloads.replica_threads(model), workdir=workdir,
                 max_batch_size=spec.batching.max_batch_size, batch_wait_timeout_s=spec.batching.batch_wait_timeout_s,

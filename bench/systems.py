@@ -1,8 +1,10 @@
 """Starting and stopping the benchmarked servers, each as a subprocess tree.
 
 * maas-serve: ``serve run --address local <config>`` on a config derived from
-  ``serve_configs/local.yaml`` (:func:`maas_config`), so the model entries — batch sizes and
-  waits included — are the shipped ones. Ready when ``GET /readyz`` is 200.
+  ``serve_configs/local.yaml`` (:func:`maas_config`), so the model entries — batch sizes,
+  waits and replica counts included — are the shipped ones. Ready when ``GET /readyz`` is 200.
+  By default in Ray Serve's high-throughput mode (:data:`THROUGHPUT_ENV`, what ``make serve``
+  sets), or with Serve's defaults.
 * LitServe and FastAPI: :mod:`bench.peers`, ready when ``GET /health`` is 200.
 
 Every server is stopped (SIGINT, then SIGKILL of its process group after a grace period)
@@ -27,6 +29,12 @@ from bench import memory, workloads
 
 ROOT = workloads.ROOT
 BIN = Path(sys.executable).parent
+
+#: Ray Serve's high-throughput mode (Ray ≥ 2.55): HAProxy (C) takes the HTTP port and forwards
+#: to the ingress replica's own HTTP server, replacing the Python proxy hop; user code runs on
+#: the replica's event loop; replicas talk gRPC directly; access logs are buffered. Same
+#: variables as ``make serve`` sets.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def free_port() -> int:
@@ -114,10 +122,12 @@ class Server:
         return memory.usage(self.proc.pid) if self.proc else {}
 
     def stop(self, grace_s: float = 60.0) -> None:
-        """SIGINT the process group, wait up to ``grace_s`` for the tree to exit, then SIGKILL it."""
+        """SIGINT the process group, wait up to ``grace_s`` for the tree to exit, then SIGKILL
+        what is left of it — including processes of its session that were re-parented (Serve's
+        HAProxy outlives a killed cluster otherwise and keeps the port)."""
         if self.proc is None:
             return
-        pids = [p.pid for p in memory.tree(self.proc.pid)]
+        pids = sorted({p.pid for p in memory.tree(self.proc.pid)} | set(_session(self.proc.pid)))
         try:
             os.killpg(self.proc.pid, signal.SIGINT)
         except ProcessLookupError:
@@ -144,6 +154,20 @@ class Server:
         self.proc = None
 
 
+def _session(sid: int) -> list[int]:
+    """Pids of the processes whose session id is ``sid`` (the server was started as a session leader)."""
+    import psutil
+
+    out = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid:
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
 def _alive(pid: int) -> bool:
     import psutil
 
@@ -153,15 +177,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def maas(models: list[str], *, batching: bool, workdir: Path) -> tuple[Server, dict]:
-    """A ``serve run`` server for ``models`` (not started) and the config it runs."""
+def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, throughput_mode: bool = True
+         ) -> tuple[Server, dict]:
+    """A ``serve run`` server for ``models`` (not started) and the config it runs.
+
+    Args:
+        mode: Label for results and file names (``batching on``, ...).
+        throughput_mode: Start the cluster with :data:`THROUGHPUT_ENV`.
+    """
     port = free_port()
     config = maas_config(models, batching=batching, port=port)
-    path = workdir / f"maas-{'batch' if batching else 'nobatch'}.yaml"
+    slug = mode.replace(" ", "-").replace(",", "")
+    path = workdir / f"maas-{slug}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    server = Server(f"maas-serve ({'batching on' if batching else 'batching off'})",
-                    [str(BIN / "serve"), "run", "--address", "local", str(path)],
+    for key in THROUGHPUT_ENV:  # the caller's environment must not decide the mode
+        env[key] = THROUGHPUT_ENV[key] if throughput_mode else "0"
+    server = Server(f"maas-serve ({mode})", [str(BIN / "serve"), "run", "--address", "local", str(path)],
                     f"http://127.0.0.1:{port}/readyz", workdir / f"{path.stem}.log", env)
     server.base_url = f"http://127.0.0.1:{port}"
     return server, config

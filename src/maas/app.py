@@ -8,7 +8,8 @@ over them. Each model deployment gets:
 
 * ``ray_actor_options`` from the spec's ``resources`` (``num_cpus``, ``num_gpus``),
 * ``user_config`` = the spec's ``batching`` (``max_batch_size``, ``batch_wait_timeout_s``),
-* ``max_ongoing_requests`` = the spec's value or 2 × ``max_batch_size`` (so batches fill),
+* ``max_ongoing_requests`` = the spec's value or max(32, 2 × ``max_batch_size``) (batches fill;
+  requests wait in the replica's batch queue, not in the router's backoff),
 * ``max_queued_requests`` = the spec's value or 8 × ``max_ongoing_requests``.
 
 All of these are Ray's own deployment options, so a serve config ``deployments:`` entry
@@ -51,7 +52,9 @@ FAMILY_DEPLOYMENTS = {
 #: Queue bounds (Serve's ``max_ongoing_requests`` / ``max_queued_requests``). Every queue is bounded;
 #: past a bound Serve rejects at once (HTTP 503 from the proxy, ``BackPressureError`` on handles,
 #: which the ingress answers with 503 + Retry-After). All are overridable per deployment.
-PREPROCESSOR_QUEUES = {"max_ongoing_requests": 32, "max_queued_requests": 512}
+#: Preprocessors take up to 128 at once for the same reason as models (ModelSpec.resolved_max_ongoing_requests):
+#: a full replica makes callers' routers back off and poll, which left the CPU idle under load.
+PREPROCESSOR_QUEUES = {"max_ongoing_requests": 128, "max_queued_requests": 1024}
 #: The proxy rejects past the ingress's queue with 503 and ``Retry-After: 1`` (Serve's own response).
 INGRESS_QUEUES = {"max_ongoing_requests": 256, "max_queued_requests": 1024,
                   "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1)}

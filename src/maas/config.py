@@ -229,7 +229,9 @@ class ModelSpec(_Strict):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_ongoing_requests: int | None = Field(
-        default=None, ge=1, description="Default: 2 × max_batch_size, so batches can fill."
+        default=None, ge=1,
+        description="Default: max(32, 2 × max_batch_size): batches can fill, and requests wait in the replica's "
+        "batch queue rather than in the caller's router (see resolved_max_ongoing_requests).",
     )
     max_queued_requests: int | None = Field(
         default=None, ge=1,
@@ -297,7 +299,15 @@ class ModelSpec(_Strict):
 
     @property
     def resolved_max_ongoing_requests(self) -> int:
-        return self.max_ongoing_requests or 2 * self.batching.max_batch_size
+        """``max_ongoing_requests``, else ``max(32, 2 × max_batch_size)``.
+
+        At least 2 × the batch size so a batch can fill while the previous one computes. At
+        least 32 because when every replica is at its limit, Serve's router holds further
+        requests and polls the replicas with backoff, leaving the CPU idle: measured with
+        ``make bench`` (2 EfficientNet-Lite0 replicas, 64 concurrent clients, 2 cores), 8 gave
+        27.6 images/s and 32 gave 49.4 images/s; the replica's own batch queue has no such wait.
+        """
+        return self.max_ongoing_requests or max(32, 2 * self.batching.max_batch_size)
 
     @property
     def resolved_max_queued_requests(self) -> int:

@@ -62,8 +62,7 @@ def test_killed_replica_is_replaced_under_load(served_app, chelsea_jpeg):
     failed = [(s, d) for _, s, d in results if s != 200]
     print(f"\nreplica kill: {len(results)} requests, {len(failed)} failed {sorted({s for s, _ in failed})}, "
           f"recovered (new replica serving) in {recovery_s:.1f} s")
-    max_in_flight = 8  # max_ongoing_requests of the deployment (2 × max_batch_size 4)
-    assert len(failed) <= max_in_flight
+    assert len(failed) <= 3  # at most the requests in flight on the killed replica (3 load threads)
     assert all(s == 503 for s, _ in failed)  # "retry": 503 with Retry-After; no timeouts (-1), no 500s
     assert max(d for _, _, d in results) < 90
     assert requests.get(f"{url}/readyz", timeout=30).json()["ready"] is True
