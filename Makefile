@@ -1,5 +1,6 @@
-# maas-serve: make serve · make test
-# Both bootstrap .venv (Python 3.11) and install the project with its test extras.
+# maas-serve: make serve · make test · make bench
+# All bootstrap .venv (Python 3.11), install the project with its test and bench extras, and
+# the load generator wrk (Debian package; the benchmark and its smoke test drive HTTP with it).
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -7,27 +8,44 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maas-installed
 CONFIG ?= serve_configs/local.yaml
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+# Ray Serve's high-throughput mode (HAProxy in front of the ingress replica instead of the Python
+# proxy, user code on the replica's event loop, gRPC between replicas). `make serve SERVE_ENV=`
+# runs with Serve's defaults instead. README "Benchmarks" has the measured difference.
+SERVE_ENV ?= RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test test-unit clean
+.PHONY: install bench-deps serve test test-unit bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) bench-deps
+
+# wrk (C, event-driven) is the load generator of `make bench` and of its smoke test.
+bench-deps:
+	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk >/dev/null \
+		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null)
+	@command -v wrk >/dev/null || { echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }
 
 # A Ray cluster of its own (address "local"), unless RAY_ADDRESS names one to deploy onto.
 serve: install
-	$(VENV)/bin/serve run --address "$${RAY_ADDRESS:-local}" $(CONFIG)
+	env $(SERVE_ENV) $(VENV)/bin/serve run --address "$${RAY_ADDRESS:-local}" $(CONFIG)
 
 test: install
-	$(VENV)/bin/ruff check --select F,E9 src tests   # undefined names and syntax errors fail fast
+	$(VENV)/bin/ruff check --select F,E9 src tests bench   # undefined names and syntax errors fail fast
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The limit, maas-serve and its peers (LitServe, FastAPI) in one run, ~15 min on 2 cores:
+# bench/results/<date>.{json,md,png}. Not part of `make test` (its smoke test is).
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

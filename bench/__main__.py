@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
     if "limit" in chosen:
         result["limit"] = run_limit(models, min(args.duration_s, 5.0))
         for model in models:  # single-item latency on the smallest input, for the graph overhead
-            result["limit"][model]["smallest"] = _limit_smallest(model)
+            result["limit"][model]["smallest"] = _limit_smallest(model, min(args.duration_s, 3.0))
 
     for system, (mode, batching, throughput_mode) in MAAS_RUNS.items():
         if system not in chosen:
@@ -174,11 +174,10 @@ def main(argv: list[str] | None = None) -> Path:
         if args.maas_url and system == "maas":
             server = systems.Server("maas-serve (running)", [], args.maas_url + "/readyz", workdir / "unused.log")
             server.base_url = args.maas_url.rstrip("/")
-            config = None
         elif args.maas_url:
             continue
         else:
-            server, config = systems.maas(models, batching=batching, workdir=workdir, mode=mode,
+            server, _ = systems.maas(models, batching=batching, workdir=workdir, mode=mode,
                                           throughput_mode=throughput_mode)
             print(f"bench: starting maas-serve ({mode})", flush=True)
             server.start()
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> Path:
     return json_path
 
 
-def _limit_smallest(model: str) -> dict:
+def _limit_smallest(model: str, duration_s: float) -> dict:
     """The limit's batch-1 latency on the smallest input alone (same input as the overhead run)."""
     code = (
         "import json, sys\n"
@@ -255,7 +254,7 @@ def _limit_smallest(model: str) -> dict:
         "    photos = inputs.photo_jpegs(); items = [min(photos.values(), key=len)]\n"
         "else:\n"
         "    items = [min(inputs.SENTENCES, key=len)]\n"
-        "print(json.dumps(limit.measure(work, items, 1, 3.0, warmup=5)))\n"
+        f"print(json.dumps(limit.measure(work, items, 1, {duration_s!r}, warmup=5)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workloads.ROOT,
                           env={**os.environ, **ENV})

@@ -26,15 +26,15 @@ from pathlib import Path
 import yaml
 
 from bench import memory, workloads
+# Ray Serve's high-throughput mode: HAProxy (C) takes the HTTP port and forwards to the ingress
+# replica's own HTTP server, replacing the Python proxy hop; user code runs on the replica's
+# event loop; replicas talk gRPC directly. The same variables as `make serve` and the
+# RayService manifest set.
+from maas.manifest import THROUGHPUT_ENV
 
 ROOT = workloads.ROOT
 BIN = Path(sys.executable).parent
 
-#: Ray Serve's high-throughput mode (Ray ≥ 2.55): HAProxy (C) takes the HTTP port and forwards
-#: to the ingress replica's own HTTP server, replacing the Python proxy hop; user code runs on
-#: the replica's event loop; replicas talk gRPC directly; access logs are buffered. Same
-#: variables as ``make serve`` sets.
-THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def free_port() -> int:

@@ -39,6 +39,12 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     RAY_USAGE_STATS_ENABLED="0",
 )
+# The session cluster runs Serve the way `make serve` does (Ray Serve's high-throughput mode:
+# HAProxy in front of the ingress replica), so the tests cover what users run. HAProxy's stats
+# and metrics ports are free ones, not its fixed defaults, so a second cluster can run beside.
+from maas.manifest import THROUGHPUT_ENV  # noqa: E402 - after the environment above
+
+os.environ.update(THROUGHPUT_ENV)
 LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
 BIN = Path(sys.executable).parent
 
@@ -47,6 +53,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def haproxy_ports_env() -> dict:
+    """Free ports for Serve's HAProxy stats and metrics listeners (defaults 8404 and 9101)."""
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+os.environ.update(haproxy_ports_env())
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import haproxy_ports_env
 from tests.unit.test_models import CAT_CLASSES
 
 pytestmark = pytest.mark.integration
@@ -20,6 +21,7 @@ def scenario(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("scenario") / "result.json"
     script = Path(__file__).with_name("cluster_scenario.py")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's cluster
+    env.update(haproxy_ports_env())  # its own HAProxy listeners beside the session cluster's
     proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=900,
                           env=env)
     result = json.loads(out.read_text()) if out.exists() else {}
