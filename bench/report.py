@@ -179,3 +179,69 @@ def plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def summary_table(result: dict) -> str:
+    """A compact markdown table for the README: per model and system/mode, the best items/s
+    (and its concurrency), latency at concurrency 1 and at the best point, and the ratios."""
+    rows = ["| model | system | best items/s (c) | × limit | × best peer | p50 / p99 ms at c=1 | p50 / p99 ms at best |",
+            "|---|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in result["runs"]):
+        lim = result["limit"].get(model, {}).get("best")
+        if lim:
+            rows.append(f"| {model} | limit, 1 thread (batch {lim['batch']}) | {lim['items_per_s']:.1f} | 1.00 | - | "
+                        f"{result['limit'][model]['points'][0]['p50_ms']:.1f} / "
+                        f"{result['limit'][model]['points'][0]['p99_ms']:.1f} (batch 1) | - |")
+        peer = _best_peer(result["runs"], model)
+        for label in dict.fromkeys(f"{r['system']} ({r['mode']})" for r in result["runs"] if r["model"] == model):
+            rs = [r for r in result["runs"] if r["model"] == model and f"{r['system']} ({r['mode']})" == label]
+            best = max(rs, key=lambda r: r["items_per_s"])
+            one = next((r for r in rs if r["concurrency"] == 1), None)
+            x_lim = f"{best['items_per_s'] / lim['items_per_s']:.2f}" if lim else "-"
+            x_peer = f"{best['items_per_s'] / peer['items_per_s']:.2f}" if peer else "-"
+            at1 = f"{one['p50_ms']:.1f} / {one['p99_ms']:.1f}" if one else "-"
+            rows.append(f"| {model} | {label} | {best['items_per_s']:.1f} ({best['concurrency']}) | {x_lim} | {x_peer} | "
+                        f"{at1} | {best['p50_ms']:.0f} / {best['p99_ms']:.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+README_START = "<!-- bench:start (python -m bench.report RESULT.json --readme README.md) -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_block(result: dict, result_path: str) -> str:
+    """The README's benchmark block: machine, command, plot, summary table, goals."""
+    mach, v = result["machine"], result["machine"]["versions"]
+    stem = Path(result_path).with_suffix("")
+    goals_rows = ["| goal | measured | met |", "|---|---|---|"] + [
+        f"| {g['goal']} | {g['measured']} | {dict([(True, 'yes'), (False, '**no**'), (None, '-')])[g['met']]} |"
+        for g in result.get("goals", [])]
+    return "\n".join([
+        README_START,
+        f"Latest run: {result['date']}, `make bench` ({result['elapsed_s'] / 60:.0f} min), on {mach['cpu']} × "
+        f"{mach['cores']} cores, {mach['memory_gib']} GiB, no GPU; Python {v.get('python')}, torch {v.get('torch')}, "
+        f"Ray {v.get('ray')}, LitServe {v.get('litserve')}; {result['settings']['duration_s']:.0f} s per point, "
+        "one item per request, closed-loop load from wrk. Full table: "
+        f"[`{stem}.md`]({stem}.md); raw numbers: [`{stem}.json`]({stem}.json).",
+        "",
+        f"![throughput and p99 latency against concurrency]({stem}.png)",
+        "",
+        summary_table(result),
+        "\n".join(goals_rows),
+        README_END,
+    ])
+
+
+if __name__ == "__main__":  # python -m bench.report RESULT.json [--readme README.md]
+    import json
+    import sys
+
+    result_path = sys.argv[1]
+    result = json.loads(Path(result_path).read_text())
+    if "--readme" in sys.argv:
+        readme = Path(sys.argv[sys.argv.index("--readme") + 1])
+        text = readme.read_text()
+        start, end = text.index(README_START), text.index(README_END) + len(README_END)
+        readme.write_text(text[:start] + readme_block(result, result_path) + text[end:])
+    else:
+        print(summary_table(result))
