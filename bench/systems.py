@@ -32,6 +32,10 @@ from bench import memory, workloads
 # RayService manifest set.
 from maas.manifest import THROUGHPUT_ENV
 
+#: The same variables at Ray Serve 2.60's own defaults (ray/serve/_private/constants.py).
+SERVE_DEFAULT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0",
+                     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+
 ROOT = workloads.ROOT
 BIN = Path(sys.executable).parent
 
@@ -191,8 +195,8 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
     path = workdir / f"maas-{slug}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    for key in THROUGHPUT_ENV:  # the caller's environment must not decide the mode
-        env[key] = THROUGHPUT_ENV[key] if throughput_mode else "0"
+    # Set every variable either way, so the caller's environment does not decide the mode.
+    env.update(THROUGHPUT_ENV if throughput_mode else SERVE_DEFAULT_ENV)
     server = Server(f"maas-serve ({mode})", [str(BIN / "serve"), "run", "--address", "local", str(path)],
                     f"http://127.0.0.1:{port}/readyz", workdir / f"{path.stem}.log", env)
     server.base_url = f"http://127.0.0.1:{port}"

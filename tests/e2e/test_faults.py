@@ -14,11 +14,10 @@ pytestmark = pytest.mark.e2e
 MODEL = "efficientnet-lite0"
 
 
-def _replica(model: str):
+def _replicas(model: str) -> list:
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("class_name", "=", f"ServeReplica:maas:{model}"), ("state", "=", "ALIVE")])
-    return alive[0] if alive else None
+    return list_actors(filters=[("class_name", "=", f"ServeReplica:maas:{model}"), ("state", "=", "ALIVE")])
 
 
 def test_killed_replica_is_replaced_under_load(served_app, chelsea_jpeg):
@@ -44,16 +43,17 @@ def test_killed_replica_is_replaced_under_load(served_app, chelsea_jpeg):
     for t in threads:
         t.start()
     wait_for(lambda: sum(1 for _, s, _ in results if s == 200) >= 5, 60, "steady load")
-    victim = _replica(MODEL)
+    replicas_before = _replicas(MODEL)
+    victim = replicas_before[0]
     killed_at = time.monotonic()
     ray.kill(ray.get_actor(victim.name, namespace=victim.ray_namespace), no_restart=True)
 
     def recovered():
-        new = _replica(MODEL)
-        return new is not None and new.actor_id != victim.actor_id and any(
+        alive = _replicas(MODEL)  # as many replicas as before, the victim replaced
+        return len(alive) == len(replicas_before) and victim.actor_id not in {a.actor_id for a in alive} and any(
             s == 200 and sent > killed_at for sent, s, _ in results)
 
-    wait_for(recovered, 180, "replacement replica serving")
+    wait_for(recovered, 180, "replacement replica running")
     recovery_s = time.monotonic() - killed_at
     stop.set()
     for t in threads:

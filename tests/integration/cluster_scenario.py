@@ -83,11 +83,17 @@ def main(out_path: str) -> None:
 
         # Placement: GPU-requesting model replicas on the GPU node.
         nodes = {n.node_id: n for n in list_nodes()}
-        placement = {}
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-            if a.class_name.startswith("ServeReplica:maas:"):
-                placement[a.class_name.split(":", 2)[2]] = "gpu-node" if a.node_id == gpu_node.node_id else "head"
-        RESULT["placement"] = placement
+        def read_placement() -> dict:
+            # The state API may answer with a partial list when a node is slow to reply (busy
+            # 2-core machine, two clusters), so poll until every deployment of the graph is seen.
+            placement = {}
+            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000, timeout=30,
+                                 raise_on_missing_output=False):
+                if a.class_name.startswith("ServeReplica:maas:"):
+                    placement[a.class_name.split(":", 2)[2]] = "gpu-node" if a.node_id == gpu_node.node_id else "head"
+            return placement if {"Ingress", "minilm", "efficientnet-lite0", "gpt2-tiny-demo"} <= set(placement) else None
+
+        RESULT["placement"] = wait_for(read_placement, 120, "every replica listed by the state API", 2)
         RESULT["nodes"] = len(nodes)
 
         # Answers over HTTP (torch falls back to CPU on the logical GPU).
