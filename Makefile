@@ -45,7 +45,7 @@ test: install
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-# The limit, maas-serve and its peers (LitServe, FastAPI) in one run, ~15 min on 2 cores:
+# The limit, maas-serve and its peers (LitServe, FastAPI) in one run, ~19 min on 2 cores:
 # bench/results/<date>.{json,md,png}. Not part of `make test` (its smoke test is).
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)

@@ -6,7 +6,10 @@ Ratios:
 * ``× limit`` = the row's items/s ÷ the limit's best items/s for that model (its best batch
   size, same torch threads as one served replica).
 * ``× best peer`` = the row's items/s ÷ the higher of LitServe's and FastAPI's items/s for the
-  same model at the same concurrency.
+  same model: at the same concurrency in the full table (:func:`markdown`), at the peers' best
+  concurrency in the README summary (:func:`summary_table`) and the goals.
+* Latency percentiles are wrk's, over every answered request (errors included; the full table
+  has an errors column, and items/s counts only 2xx/3xx answers).
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
         lines.append("")
     if result.get("memory"):
         lines += ["## Memory (whole process tree, GiB)", "",
-                  "| server | processes | PSS after start | PSS peak under load | PSS after load | RSS peak |",
+                  "| server | processes | PSS after start | PSS peak under load | PSS after load | RSS at PSS peak |",
                   "|---|---|---|---|---|---|"]
         for name, mem in result["memory"].items():
             a, p, z = mem["after_start"], mem["peak_during_load"], mem["after_load"]
@@ -184,7 +187,8 @@ def plot(result: dict, path: Path) -> Path:
 def summary_table(result: dict) -> str:
     """A compact markdown table for the README: per model and system/mode, the best items/s
     (and its concurrency), latency at concurrency 1 and at the best point, and the ratios."""
-    rows = ["| model | system | best items/s (c) | × limit | × best peer | p50 / p99 ms at c=1 | p50 / p99 ms at best |",
+    rows = ["| model | system | best items/s (c) | × limit | × best peer (its best c) | p50 / p99 ms at c=1 | "
+            "p50 / p99 ms at best |",
             "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in result["runs"]):
         lim = result["limit"].get(model, {}).get("best")

@@ -28,8 +28,8 @@ import yaml
 from bench import memory, workloads
 # Ray Serve's high-throughput mode: HAProxy (C) takes the HTTP port and forwards to the ingress
 # replica's own HTTP server, replacing the Python proxy hop; user code runs on the replica's
-# event loop; replicas talk gRPC directly. The same variables as `make serve` and the
-# RayService manifest set.
+# event loop (two of the mode's settings turned back: see maas.manifest.THROUGHPUT_ENV). The
+# same variables as `make serve` and the RayService manifest set.
 from maas.manifest import THROUGHPUT_ENV
 
 #: The same variables at Ray Serve 2.60's own defaults (ray/serve/_private/constants.py).
@@ -58,9 +58,9 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
 def maas_config(models: list[str], *, batching: bool, port: int, source: Path = workloads.LOCAL_CONFIG) -> dict:
     """The serve config for a maas-serve run: ``source`` with only ``models`` kept.
 
-    With ``batching=False`` every kept model gets ``max_batch_size: 1`` (no wait) and a queue
-    as deep as the batching run's (``max_queued_requests`` 1024), so the highest concurrency
-    waits in the queue instead of being rejected — the only difference is batching.
+    With ``batching=False`` every kept model gets ``max_batch_size: 1`` (no wait) and
+    ``max_queued_requests: 1024``, so the highest concurrency (64) waits in a queue instead of
+    being rejected, as it does with batching on (default queue 8 × max_ongoing ≥ 256).
     """
     raw = yaml.safe_load(Path(source).read_text())
     raw = copy.deepcopy(raw)
@@ -111,13 +111,19 @@ class Server:
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
                                      start_new_session=True)
         deadline = started + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if http_ok(self.ready_url):
-                self.ready_s = round(time.monotonic() - started, 1)
-                return self
-            time.sleep(0.5)  # poll interval of the readiness deadline loop
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if http_ok(self.ready_url):
+                    self.ready_s = round(time.monotonic() - started, 1)
+                    return self
+                time.sleep(0.5)  # poll interval of the readiness deadline loop
+        except BaseException:  # Ctrl-C while starting: leave no cluster behind
+            self.stop()
+            raise
+        finally:
+            log.close()  # the child keeps its own descriptor
         tail = self.log_path.read_text(errors="replace")[-3000:]
         self.stop()
         raise RuntimeError(f"{self.name} did not become ready at {self.ready_url} within {timeout_s} s:\n{tail}")
