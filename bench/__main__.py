@@ -83,10 +83,12 @@ def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     versions = {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
     for pkg in ("litserve", "fastapi", "uvicorn"):
         try:
-            versions[pkg] = __import__("importlib.metadata").metadata.version(pkg)
-        except Exception:  # noqa: BLE001
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
             pass
     wrk = subprocess.run([load.WRK, "--version"], capture_output=True, text=True)
     versions["wrk"] = (wrk.stdout or wrk.stderr).split("[")[0].strip()
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
         elif args.maas_url:
             continue
         else:
-            server, _ = systems.maas(models, batching=batching, workdir=workdir, mode=mode,
+            server = systems.maas(models, batching=batching, workdir=workdir, mode=mode,
                                           throughput_mode=throughput_mode)
             print(f"bench: starting maas-serve ({mode})", flush=True)
             server.start()

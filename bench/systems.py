@@ -188,8 +188,8 @@ def _alive(pid: int) -> bool:
 
 
 def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, throughput_mode: bool = True
-         ) -> tuple[Server, dict]:
-    """A ``serve run`` server for ``models`` (not started) and the config it runs.
+         ) -> Server:
+    """A ``serve run`` server for ``models`` (not started), on :func:`maas_config`.
 
     Args:
         mode: Label for results and file names (``batching on``, ...).
@@ -206,7 +206,7 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
     server = Server(f"maas-serve ({mode})", [str(BIN / "serve"), "run", "--address", "local", str(path)],
                     f"http://127.0.0.1:{port}/readyz", workdir / f"{path.stem}.log", env)
     server.base_url = f"http://127.0.0.1:{port}"
-    return server, config
+    return server
 
 
 def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: int = 1,

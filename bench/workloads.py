@@ -47,16 +47,17 @@ def model_spec(name: str, config_path: Path = LOCAL_CONFIG):
 
 
 def replica_threads(name: str, config_path: Path = LOCAL_CONFIG) -> int:
-    """Torch threads the served replica of ``name`` gets: ``max(1, floor(num_cpus))``, the
-    rule of :func:`maas.models.base.set_torch_threads` (a ``deployments:`` override of
-    ``ray_actor_options.num_cpus`` in the config wins over the model's ``resources``)."""
+    """Torch threads the served replica of ``name`` gets (:func:`maas.models.base.torch_threads_for`;
+    a ``deployments:`` override of ``ray_actor_options.num_cpus`` wins over the model's ``resources``)."""
+    from maas.models.base import torch_threads_for
+
     raw = yaml.safe_load(config_path.read_text())
     app = raw["applications"][0]
     num_cpus = model_spec(name, config_path).resources.num_cpus
     for dep in app.get("deployments") or []:
         if dep.get("name") == name and "num_cpus" in (dep.get("ray_actor_options") or {}):
             num_cpus = dep["ray_actor_options"]["num_cpus"]
-    return max(1, int(num_cpus))
+    return torch_threads_for(num_cpus)
 
 
 @dataclass

@@ -54,15 +54,19 @@ def replica_num_cpus(default: float = 1.0) -> float:
     return default
 
 
-def set_torch_threads(num_cpus: float) -> int:
-    """Match torch's intra-op threads to the replica's CPUs: ``max(1, floor(num_cpus))``.
+def torch_threads_for(num_cpus: float) -> int:
+    """Torch intra-op threads for a replica with ``num_cpus``: ``max(1, floor(num_cpus))``, so
+    fractional replicas on a small machine don't oversubscribe cores."""
+    return max(1, int(num_cpus))
 
-    Fractional replicas on a small machine then don't oversubscribe cores.
+
+def set_torch_threads(num_cpus: float) -> int:
+    """Set torch's intra-op threads to :func:`torch_threads_for` ``(num_cpus)`` (inter-op: 1).
 
     Returns:
         The thread count set.
     """
-    threads = max(1, int(num_cpus))
+    threads = torch_threads_for(num_cpus)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -216,7 +220,7 @@ class ModelDeployment:
         # 2-core machine, MiniLM batch 1: 10.6 ms per forward on one dedicated thread against
         # 16.1 ms through asyncio.to_thread's shared default executor. It also keeps batches of
         # one replica from computing at the same time and fighting over its torch threads.
-        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maas-forward-{spec['name']}")
+        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maas-forward-{self.spec.name}")
         self.device = select_device()
         started = time.monotonic()
         self.runner = self.runner_cls(self.spec, self.device)
