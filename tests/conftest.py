@@ -1,7 +1,7 @@
 """Shared fixtures: sample inputs, and one Ray cluster + one deployed app per test session.
 
-The cluster is started once with ``ray start --head`` (token authentication on, with a
-token file made for the session), the app once with ``serve run`` on a copy of
+The cluster is started once (a head node with token authentication on, with a token file
+made for the session; this process then connects as a driver), the app once with ``serve run`` on a copy of
 ``serve_configs/local.yaml`` whose HTTP port is a free one. Integration tests talk to it
 through handles from this process (a driver attached to the cluster); e2e tests over HTTP
 and from separate processes.
@@ -109,23 +109,60 @@ def local_args() -> dict:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the session, headed by this test process.
+    """One local Ray cluster for the session; this test process attaches to it as a driver.
 
     Token authentication is on (see the environment set at the top of this file);
-    subprocesses get the same environment. Yields ``{"address", "env", "http_port"}``. Shutting down stops
-    only this cluster.
+    subprocesses get the same environment. Yields ``{"address", "env", "http_port"}``. Shutting
+    down stops only this cluster.
+
+    The head node is started first and ``RAY_ADDRESS`` written before this process connects:
+    once a driver is connected, its metrics exporter thread reads the environment (glibc
+    ``getenv``) while any ``os.environ`` write here (``setenv``) may move it — a known Ray race
+    that ended a CI run with SIGSEGV in ``opentelemetry::...::MetricReader::Collect`` three
+    seconds after connecting (ray-project/ray#61281, #62028). ``forbid_environment_writes``
+    enforces that no test writes it afterwards.
     """
     import ray
+    from ray.cluster_utils import Cluster
 
     # Logical CPUs above the 2 real cores: the local graph's fractional requests plus the
     # test apps must fit at once; torch threads still follow each replica's own num_cpus.
-    ray.init(address="local", num_cpus=6, num_gpus=0, namespace="serve", include_dashboard=True, log_to_driver=False)
-    address = ray.get_runtime_context().gcs_address
-    os.environ["RAY_ADDRESS"] = address  # state API and subprocesses find this cluster, not another
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
+        "num_cpus": 6, "num_gpus": 0, "include_dashboard": True,
+        "object_store_memory": 512 * 2**20})  # Cluster's own default is 150 MiB
+    os.environ["RAY_ADDRESS"] = cluster.address  # state API and subprocesses find this cluster, not another
+    env = dict(os.environ)
+    ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
     try:
-        yield {"address": address, "env": dict(os.environ), "http_port": free_port()}
+        with forbid_environment_writes():
+            yield {"address": cluster.address, "env": env, "http_port": free_port()}
     finally:
         ray.shutdown()
+        cluster.shutdown()
+
+
+@contextlib.contextmanager
+def forbid_environment_writes():
+    """Keep this process's C environment unchanged while the Ray driver is connected.
+
+    ``os.environ`` writes raise ``RuntimeError`` naming the variable (pass ``env=`` to a
+    subprocess instead), except pytest's own ``PYTEST_CURRENT_TEST``, written at every test
+    phase: it still updates ``os.environ`` (pytest reads it back) but no longer reaches the C
+    environment that Ray's threads read (see ``ray_cluster``).
+    """
+    real_putenv, real_unsetenv = os.putenv, os.unsetenv
+
+    def refuse(key, *_):
+        if key in (b"PYTEST_CURRENT_TEST", "PYTEST_CURRENT_TEST"):
+            return
+        raise RuntimeError(f"os.environ[{key!r}] written while this test process is a Ray driver: "
+                           "setenv races Ray's metrics thread (SIGSEGV); pass env= to a subprocess instead")
+
+    os.putenv, os.unsetenv = refuse, refuse  # os.environ.__setitem__/__delitem__ call these
+    try:
+        yield
+    finally:
+        os.putenv, os.unsetenv = real_putenv, real_unsetenv
 
 
 @pytest.fixture(scope="session")

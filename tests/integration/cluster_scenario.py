@@ -70,8 +70,9 @@ def main(out_path: str) -> None:
         "metrics_export_port": metrics_ports[0], "dashboard_agent_listen_port": free_port()})
     gpu_node = cluster.add_node(num_cpus=3, num_gpus=1, metrics_export_port=metrics_ports[1],
                                 dashboard_agent_listen_port=free_port())
-    ctx = ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
+    # The environment is written before connecting, never after (tests/conftest.py ray_cluster).
     os.environ["RAY_ADDRESS"] = cluster.address
+    ctx = ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
     port = free_port()
     cfg_path = Path(tempfile.mkdtemp()) / "scenario.yaml"
     cfg_path.write_text(yaml.safe_dump(config(port)))
