@@ -1,10 +1,10 @@
 """Shared fixtures: sample inputs, and one Ray cluster + one deployed app per test session.
 
 The cluster is started once (a head node with token authentication on, with a token file
-made for the session; this process then connects as a driver), the app once with ``serve run`` on a copy of
-``serve_configs/local.yaml`` whose HTTP port is a free one. Integration tests talk to it
-through handles from this process (a driver attached to the cluster); e2e tests over HTTP
-and from separate processes.
+made for the session; this process then connects as a driver), the app once with ``serve run``
+on a copy of ``serve_configs/local.yaml`` whose HTTP port is a free one. Integration tests talk
+to it through handles from this process (a driver attached to the cluster); e2e tests over
+HTTP and from separate processes.
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def ray_cluster():
     The head node is started first and ``RAY_ADDRESS`` written before this process connects:
     once a driver is connected, its metrics exporter thread reads the environment (glibc
     ``getenv``) while any ``os.environ`` write here (``setenv``) may move it — a known Ray race
-    that ended a CI run with SIGSEGV in ``opentelemetry::...::MetricReader::Collect`` three
-    seconds after connecting (ray-project/ray#61281, #62028). ``forbid_environment_writes``
-    enforces that no test writes it afterwards.
+    that ended a CI run with SIGSEGV in ``opentelemetry::...::MetricReader::Collect`` 22 ms
+    after the driver started, as this fixture wrote ``RAY_ADDRESS`` (ray-project/ray#61281,
+    #62028). ``forbid_environment_writes`` enforces that no test writes it afterwards.
     """
     import ray
     from ray.cluster_utils import Cluster
