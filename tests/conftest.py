@@ -38,6 +38,10 @@ os.environ.update(
     TRANSFORMERS_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
     RAY_USAGE_STATS_ENABLED="0",
+    # torch sets this at import (torch._inductor cache_dir) even in replicas, whose Ray threads
+    # already run; present from the start, that write replaces a value instead of growing the
+    # environment, which is the unsafe part of the setenv race described in ray_cluster below.
+    TORCHINDUCTOR_CACHE_DIR=str(_SESSION_DIR / "torchinductor"),
 )
 # The session cluster runs Serve the way `make serve` does (Ray Serve's high-throughput mode:
 # HAProxy in front of the ingress replica), so the tests cover what users run. HAProxy's stats
