@@ -12,10 +12,10 @@ BENCH_ARGS ?=
 # Ray Serve's high-throughput mode (HAProxy in front of the ingress replica instead of the Python
 # proxy, user code on the replica's event loop, gRPC between replicas). `make serve SERVE_ENV=`
 # runs with Serve's defaults instead. README "Benchmarks" has the measured difference.
-# Two of its settings are turned back (src/maas/manifest.py THROUGHPUT_ENV says why): the router
-# keeps its own loop (synchronous handle calls from jobs), Ray's transport stays (cancellation).
+# One of its settings is turned back (src/maas/manifest.py THROUGHPUT_ENV says why): the router
+# keeps its own loop (synchronous handle calls from jobs).
 SERVE_ENV ?= RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
-	RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=0
+	RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install bench-deps serve test test-unit bench clean

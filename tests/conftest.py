@@ -48,6 +48,11 @@ os.environ.update(
 # and metrics ports are free ones, not its fixed defaults, so a second cluster can run beside.
 from maas.manifest import THROUGHPUT_ENV  # noqa: E402 - after the environment above
 
+# torchvision's import reaches torch._dynamo, which writes TORCHINDUCTOR_CACHE_DIR into the
+# environment; the product's ingress and preprocessors no longer import torch, so nothing else
+# imports it before the tests' Ray driver connects. Import it here, while writes are still safe.
+import torchvision  # noqa: E402,F401
+
 os.environ.update(THROUGHPUT_ENV)
 LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
 BIN = Path(sys.executable).parent

@@ -20,17 +20,17 @@ import yaml
 #: KubeRay" guide), set on every Ray container as ``make serve`` sets it locally: HAProxy in front
 #: of the ingress replicas instead of the Python proxy actor, user code on the replica's event
 #: loop, gRPC between replicas, buffered access logs. README "Benchmarks" has the measured effect.
-#: Two of the mode's settings are turned back, each for a behaviour the tests assert:
 #:
-#: * ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1``: the mode runs a handle's router on the caller's
-#:   event loop, which makes synchronous ``handle.method.remote(...).result()`` from a driver or a
-#:   Ray job fail ("No event loop running").
-#: * ``RAY_SERVE_USE_GRPC_BY_DEFAULT=0``: over the mode's gRPC transport, cancelling a call (the
-#:   ingress does on ``model_call_timeout_s``) does not reach the model replica, so a timed-out
-#:   generation ran on to ``max_tokens``. Measured cost of keeping Ray's transport: ~20% of
-#:   throughput (MiniLM 111 -> 90 sentences/s at 16 clients, EfficientNet-Lite0 44 -> 38 images/s).
+#: * gRPC between replicas (the mode's default) is kept: every request carries its deadline to the
+#:   replica (``maas.batch``), which drops a job still queued past it and stops generation at it,
+#:   so timeouts hold whatever the transport does with cancellation. Measured against Ray's
+#:   transport in one session (2 cores): MiniLM 236 -> 267 sentences/s at 64 clients, c=1 p50
+#:   25.6 -> 21.6 ms; EfficientNet-Lite0 c=1 p50 43.6 -> 35.0 ms.
+#: * ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1`` is turned back: the mode runs a handle's router on
+#:   the caller's event loop, which makes synchronous ``handle.method.remote(...).result()`` from a
+#:   driver or a Ray job fail ("No event loop running").
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                  "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+                  "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
 
 DEFAULTS = {"name": "maas", "image": "maas-serve:0.1.0", "ray_version": "2.60.0", "head_cpus": 8,
             "head_memory": "32Gi", "workers": 1, "gpus_per_worker": 2, "worker_cpus": 24, "worker_memory": "160Gi"}

@@ -13,11 +13,13 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from maas.config import HuggingFaceSource, PackageSource, TimmSource, TorchvisionSource
 from maas.errors import WeightsError
+
+if TYPE_CHECKING:  # torch is imported where weights load (model replicas), not by the ingress
+    import torch
 
 logger = logging.getLogger("ray.serve.maas.weights")
 
@@ -84,6 +86,8 @@ def load_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
     Raises:
         WeightsError: missing file, unsafe pickle or unreadable file.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"model {model_name!r}: weights file {str(path)!r} does not exist")

@@ -185,12 +185,12 @@ def main(out_path: str) -> None:
 
         # Backpressure over handles: minilm takes 1 ongoing + 2 queued per caller; the excess gets
         # BackPressureError at once.
-        import torch
+        import numpy as np
         from ray.serve.exceptions import BackPressureError
 
         from maas.preprocess.text import TokenizedBatch
 
-        batch = TokenizedBatch(torch.ones((16, 256), dtype=torch.int64), torch.ones((16, 256), dtype=torch.int64),
+        batch = TokenizedBatch(np.ones((16, 256), dtype=np.int64), np.ones((16, 256), dtype=np.int64),
                                [256] * 16, 0)
         model = serve.get_deployment_handle("minilm", app_name="maas")
         t0 = time.monotonic()

@@ -11,7 +11,8 @@ from ray import serve
 
 from maas.errors import InvalidRequest, ModelNotFound, TaskNotSupported
 from maas.models.image_classifier import resolve_image_preprocessing
-from maas.preprocess.image import normalize, preprocess_images
+from maas.models.image_classifier import nchw, normalize
+from maas.preprocess.image import preprocess_images
 from tests.conftest import wait_for
 from tests.unit.test_models import CAT_CLASSES, spec_of
 
@@ -81,11 +82,11 @@ def test_served_logits_equal_direct_forward(name, local_args, chelsea_jpeg, coff
     pre = resolve_image_preprocessing(spec)
     batch = preprocess_images([chelsea_jpeg, coffee_png], pre, max_pixels=10**8)
     handle = serve.get_deployment_handle(name, app_name="maas")
-    served = handle.remote(batch, {"top_k": 5, "return_logits": True}).result()["results"]
+    served = handle.remote(batch, {"top_k": 5, "return_logits": True}).result()[0]["results"]
     torch.manual_seed(spec.weights.seed)
     ref = torchvision.models.get_model(spec.architecture, weights=None, num_classes=1000).eval()
     with torch.inference_mode():
-        direct = ref(normalize(batch.pixels, pre.mean, pre.std))
+        direct = ref(normalize(nchw(batch.pixels), pre.mean, pre.std))
     for row, item in enumerate(served):
         assert torch.allclose(torch.tensor(item["logits"]), direct[row], rtol=1e-4, atol=1e-4)
         assert [c["index"] for c in item["top_k"]] == direct[row].topk(5).indices.tolist()

@@ -4,13 +4,13 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 
 from maas.config import ImagePreprocessingSpec
 from maas.errors import InvalidRequest, PayloadTooLarge
-from maas.preprocess.image import decode_image, normalize, preprocess_images
+from maas.models.image_classifier import nchw, normalize
+from maas.preprocess.image import decode_image, preprocess_images
 from tests.conftest import encode
 
 V1 = ImagePreprocessingSpec(resize_px=256, crop_px=224, interpolation="bilinear")
@@ -58,7 +58,7 @@ def test_parity_with_torchvision_preset(case, arch, member):
     spec = resolve_image_preprocessing(ModelSpec(
         name="m", family="image-classifier", tasks=["image-classification"], library="torchvision",
         architecture=arch, weights={"source": "torchvision", "weights": member}))
-    ours = normalize(preprocess_images([raw], spec, max_pixels=10**8).pixels, spec.mean, spec.std)
+    ours = normalize(nchw(preprocess_images([raw], spec, max_pixels=10**8).pixels), spec.mean, spec.std)
     preset = torchvision.models.get_model_weights(arch)[member].transforms()
     ref = preset(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))).convert("RGB")).unsqueeze(0)
     assert ours.shape == ref.shape == (1, 3, 224, 224)
@@ -77,7 +77,7 @@ def test_exif_orientation_applied():
 def test_formats_decode_to_rgb(fmt):
     raw = encode(data.chelsea(), fmt)
     batch = preprocess_images([raw], V1, max_pixels=10**8)
-    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (1, 3, 224, 224)
+    assert batch.pixels.dtype == np.uint8 and batch.pixels.shape == (1, 224, 224, 3)
 
 
 def test_modes_convert_to_rgb():
@@ -127,7 +127,7 @@ def test_efficientnet_parity_with_timm_transform(case, local_args):
     spec = ModelSpec.model_validate(next(m for m in local_args["models"] if m["name"] == "efficientnet-lite0"))
     pre = spec.preprocessing
     raw = _cases()[case]
-    ours = normalize(preprocess_images([raw], pre, max_pixels=10**8).pixels, pre.mean, pre.std)
+    ours = normalize(nchw(preprocess_images([raw], pre, max_pixels=10**8).pixels), pre.mean, pre.std)
     ref_tf = create_transform(input_size=pre.crop_px, crop_pct=pre.crop_px / pre.resize_px,
                               interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
     ref = ref_tf(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))).convert("RGB")).unsqueeze(0)

@@ -268,7 +268,7 @@ def test_timm_state_dict_file(tmp_path):
     runner = ImageClassifierRunner(spec)
     runner.load()
     assert runner.info()["num_classes"] == 4
-    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8).numpy()  # NHWC, as the preprocessor sends
     from maas.preprocess.image import ImageBatch
 
     with torch.inference_mode():

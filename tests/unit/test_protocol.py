@@ -94,7 +94,7 @@ def test_v2_json_and_errors():
 def test_error_response_shapes_and_retry_after():
     from starlette.requests import Request
 
-    from maas.ingress import error_response
+    from maas.protocol.http import error_response
 
     def req(path):
         return Request({"type": "http", "path": path, "headers": [], "method": "GET", "query_string": b""})

@@ -7,12 +7,15 @@ Two layers:
   runners directly.
 * :class:`ModelDeployment` is the Ray Serve replica around a runner. It picks the device
   from what Ray assigned, matches torch threads to the replica's ``num_cpus``, loads the
-  weights in ``__init__``, batches calls with ``@serve.batch`` (settings come in through
-  ``user_config`` so serve config overrides reach them), records batch sizes, and runs the
-  forward pass in a worker thread so that new requests keep queueing while a batch computes.
+  weights in ``__init__``, and batches with :class:`PullBatcher`: the forward thread takes
+  everything queued (up to ``max_batch_size`` items) as soon as it is free, and waits for more
+  only when idle (settings come in through ``user_config``, so serve config overrides reach
+  them).
 
-Each family module defines ``<Family>Runner`` and a ``@serve.deployment`` class that
-subclasses :class:`ModelDeployment` with ``runner_cls`` set.
+A call carries a front batch of jobs (:class:`~maas.batch.Preprocessed` + per-job params and
+deadlines) and answers one result or one :class:`~maas.errors.MaasError` per job, so one bad
+request never fails its neighbours. Each family module defines ``<Family>Runner`` and a
+``@serve.deployment`` class that subclasses :class:`ModelDeployment` with ``runner_cls`` set.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ray import serve
 
 from maas import metrics
 from maas.config import BatchingSpec, ModelSpec
@@ -75,6 +77,16 @@ def set_torch_threads(num_cpus: float) -> int:
     return threads
 
 
+def as_tensor(array) -> torch.Tensor:
+    """``torch.from_numpy`` without its warning for read-only arrays (numpy arrays come out of
+    Ray's object store read-only and zero-copy; the runners never write into them)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def select_device() -> torch.device:
     """CUDA when Ray assigned this replica a GPU and CUDA is usable, else CPU.
 
@@ -102,21 +114,29 @@ def select_device() -> torch.device:
 
 @dataclass
 class ModelRequest:
-    """One caller's request as it enters the batch queue.
+    """One job (one caller's request) as the runner sees it.
 
     Attributes:
-        inputs: The preprocessed input of this request (a ``TokenizedBatch`` or an
-            ``ImageBatch`` holding the request's own items).
+        inputs: The job's preprocessed items (a ``TokenizedBatch`` or an ``ImageBatch``
+            holding the request's own items, numpy).
         params: Per-request options (``top_k``, sampling settings); each stage reads only
             what it needs.
+        deadline_s: Wall-clock time (``time.time()``) after which the answer is no longer
+            wanted, or None. Generation stops at it.
         cancelled: Set when the caller went away (timeout, disconnect) while the request
-            waited or ran; generation stops once every request of its batch is cancelled.
+            waited or ran; generation stops at the next step once a row's caller left.
     """
 
     inputs: Any
     params: dict = field(default_factory=dict)
+    deadline_s: float | None = None
     cancelled: bool = False
     enqueued_at: float = 0.0
+
+    @property
+    def abandoned(self) -> bool:
+        """Cancelled, or past its deadline."""
+        return self.cancelled or (self.deadline_s is not None and time.time() >= self.deadline_s)
 
 
 class ModelRunner(ABC):
@@ -193,9 +213,160 @@ class ModelRunner(ABC):
         """A one-item request that exercises the forward pass (used by health checks)."""
 
 
-def split_sizes(requests: list[ModelRequest]) -> list[int]:
-    """Number of items each request contributes to the batch."""
-    return [len(r.inputs) for r in requests]
+# ---------------------------------------------------------------------------- pull batching
+
+
+@dataclass
+class _Call:
+    """One handle call waiting in a replica's queue: its jobs' requests and where answers go."""
+
+    requests: list[ModelRequest]
+    results: list[Any]
+    pending: list[int]  # positions in ``results`` still to be answered
+    future: asyncio.Future
+    items: int
+    cancelled: bool = False
+
+
+class PullBatcher:
+    """Batches form where work is pulled: the forward thread takes what is queued.
+
+    Calls queue here (each holds one or more jobs, each job one or more items). A worker task
+    takes *everything* queued, up to ``max_batch_size`` items (never splitting a call; a call
+    larger than that runs alone), as soon as the previous batch is done, so a busy replica runs
+    big batches and keeps its forward busy. Only when the replica is idle (nothing ran since
+    the queue last emptied) does the worker wait up to ``batch_wait_timeout_s`` for the batch
+    to fill, and only if that is above 0.
+
+    Why not ``@serve.batch``: it forms a batch on its timer and only then waits for the forward
+    to be free, so under load it queues many small batches (issue 10 measured mean batch 4.8 at
+    64 concurrent MiniLM requests in a simulation of its loop, against 30.8 for a batcher that
+    collects when the worker frees, +30 % items/s). This class is that second loop.
+
+    Jobs whose caller left (cancelled call) or whose deadline passed are dropped before their
+    batch runs and answered :class:`~maas.errors.ModelTimeout` (a deadline) or not at all (a
+    cancelled caller is gone).
+
+    Args:
+        run: ``run(requests) -> results`` (one per request), awaited; it runs the forward.
+        name: Model name for metrics.
+    """
+
+    def __init__(self, run, name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0):
+        self.run, self.name = run, name
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self._queue: list[_Call] = []
+        self.queued_items = 0
+        self.running_items = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._idle = True
+        self.batch_requests: Counter[int] = Counter()
+        self.batch_items: Counter[int] = Counter()
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+
+    async def submit(self, requests: list[ModelRequest], results: list[Any], pending: list[int]) -> list[Any]:
+        """Queue ``requests`` (answers go to ``results[pending[i]]``); returns ``results``.
+
+        Raises:
+            asyncio.CancelledError: the caller cancelled; its jobs are dropped if not started,
+                and running generation stops at its next step.
+        """
+        loop = asyncio.get_running_loop()
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work(), name=f"maas-batcher-{self.name}")
+        now = time.perf_counter()
+        for r in requests:
+            r.enqueued_at = now
+        call = _Call(requests, results, pending, loop.create_future(), sum(len(r.inputs) for r in requests))
+        self._queue.append(call)
+        self.queued_items += call.items
+        self._wakeup.set()
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            call.cancelled = True
+            for r in requests:
+                r.cancelled = True
+            raise
+
+    def _take(self) -> list[_Call]:
+        taken, items = [], 0
+        while self._queue:
+            call = self._queue[0]
+            if call.cancelled or call.future.done():
+                self._queue.pop(0)
+                self.queued_items -= call.items
+                continue
+            if taken and items + call.items > self.max_batch_size:
+                break
+            taken.append(self._queue.pop(0))
+            self.queued_items -= call.items
+            items += call.items
+        return taken
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._idle = True
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._idle and self.batch_wait_timeout_s > 0 and self.queued_items < self.max_batch_size:
+                deadline = time.monotonic() + self.batch_wait_timeout_s
+                while self.queued_items < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+                    except asyncio.TimeoutError:
+                        break
+            self._idle = False
+            calls = self._take()
+            if calls:
+                await self._run(calls)
+
+    async def _run(self, calls: list[_Call]) -> None:
+        from maas.errors import MaasError, ModelTimeout
+
+        live: list[tuple[_Call, int, ModelRequest]] = []
+        for call in calls:
+            for pos, r in zip(call.pending, call.requests):
+                if r.cancelled:
+                    continue
+                if r.abandoned:
+                    call.results[pos] = ModelTimeout(
+                        f"model {self.name!r} did not start this request before its deadline; retry later "
+                        "or send less work per request")
+                    continue
+                live.append((call, pos, r))
+        requests = [r for _, _, r in live]
+        if requests:
+            now = time.perf_counter()
+            items = sum(len(r.inputs) for r in requests)
+            self.batch_requests[len(requests)] += 1
+            self.batch_items[items] += 1
+            metrics.batch(self.name, items)
+            for r in requests:
+                metrics.stage(self.name, "queue", 1000 * (now - r.enqueued_at))
+            self.running_items = items
+            try:
+                outputs = await self.run(requests)
+            except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the replica lives on
+                if not isinstance(exc, MaasError):
+                    logger.exception("model %s: a batch of %d requests failed", self.name, len(requests))
+                    exc = MaasError(f"model {self.name!r} failed")
+                outputs = [exc] * len(requests)
+            finally:
+                self.running_items = 0
+            for (call, pos, _), out in zip(live, outputs):
+                call.results[pos] = out
+        for call in calls:
+            if not call.future.done():
+                call.future.set_result(call.results)
 
 
 # ---------------------------------------------------------------------------- Ray replica
@@ -206,9 +377,10 @@ class ModelDeployment:
 
     Constructor args (from ``bind``): the model spec as a dict. Weights load here, on the
     replica. ``user_config`` (the spec's ``batching``, overridable per deployment in the
-    serve config) sets ``max_batch_size`` and ``batch_wait_timeout_s``.
+    serve config) sets ``max_batch_size`` (items) and ``batch_wait_timeout_s``.
 
-    Handle methods: ``__call__(inputs, params)`` (one request), ``info()``, ``stats()``.
+    Handle methods: ``__call__(pre, params, deadlines_s)`` (a front batch of jobs),
+    ``info()``, ``stats()``, ``record_autoscaling_stats()`` (Serve's custom autoscaling metrics).
     """
 
     runner_cls: type[ModelRunner]
@@ -228,8 +400,10 @@ class ModelDeployment:
         self.load_s = time.monotonic() - started
         self._batch_started: float | None = None
         self._last_batch_done: float | None = None  # monotonic time the last batch succeeded
-        self.batch_requests: Counter[int] = Counter()
-        self.batch_items: Counter[int] = Counter()
+        self.batching = self.spec.batching
+        self._backlog = (0.0, 0.0)
+        self.batcher = PullBatcher(self._run_batch, self.spec.name, self.batching.max_batch_size,
+                                   self.batching.batch_wait_timeout_s)
         logger.info(
             "model %s loaded on %s with %d torch threads in %.1f s%s",
             self.spec.name, self.device, self.threads, self.load_s,
@@ -241,8 +415,7 @@ class ModelDeployment:
         reports the bad config instead of silently ignoring it)."""
         # Fields the user_config leaves out keep the spec's values.
         batching = BatchingSpec.model_validate({**self.spec.batching.model_dump(), **(user_config or {})})
-        self._run_batch.set_max_batch_size(batching.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
         self.batching = batching
 
     async def check_health(self) -> None:
@@ -276,31 +449,64 @@ class ModelDeployment:
         """``fn(*args)`` on the replica's forward thread, as an awaitable."""
         return asyncio.get_running_loop().run_in_executor(self._forward_thread, fn, *args)
 
-    async def __call__(self, inputs: Any, params: dict | None = None) -> Any:
-        """Run one request; returns its result (family-specific JSON-ready dict).
+    def jobs(self, pre: Any, params: list[dict] | dict | None, deadlines_s: list[float | None] | None
+             ) -> tuple[list[Any], list[ModelRequest], list[int]]:
+        """Split a call into per-job :class:`ModelRequest` s, validating each.
 
-        Raises:
-            MaasError: 4xx for a bad request (checked before batching).
+        Returns:
+            ``(results, requests, pending)``: ``results`` holds each failed job's error (its
+            preprocessing error or its validation error) and None elsewhere; ``requests[i]``
+            answers ``results[pending[i]]``.
         """
-        request = ModelRequest(inputs=inputs, params=params or {})
-        self.runner.validate(request)
-        request.enqueued_at = time.perf_counter()
-        try:
-            return await self._run_batch(request)
-        except asyncio.CancelledError:  # Serve cancels the call when the caller gives up
-            request.cancelled = True
-            raise
+        from maas.batch import Preprocessed
+        from maas.errors import MaasError
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+        if not isinstance(pre, Preprocessed):
+            pre = Preprocessed.single(pre)
+        n = len(pre)
+        params_list = [params or {}] * n if not isinstance(params, list) else params
+        deadlines = deadlines_s if deadlines_s is not None else [None] * n
+        if len(params_list) != n or len(deadlines) != n:
+            raise ValueError(f"{n} jobs but {len(params_list)} params and {len(deadlines)} deadlines")
+        results: list[Any] = [None] * n
+        requests, pending = [], []
+        for i, (inputs, err) in enumerate(pre.jobs()):
+            if err is not None:
+                results[i] = err
+                continue
+            request = ModelRequest(inputs=inputs, params=params_list[i], deadline_s=deadlines[i])
+            try:
+                self.runner.validate(request)
+            except MaasError as exc:
+                results[i] = exc
+                continue
+            requests.append(request)
+            pending.append(i)
+        return results, requests, pending
+
+    async def __call__(self, pre: Any, params: list[dict] | dict | None = None,
+                       deadlines_s: list[float | None] | None = None, backlog_items: float | None = None
+                       ) -> list[Any]:
+        """Run a front batch of jobs; one result (family-specific JSON-ready dict) or one
+        :class:`~maas.errors.MaasError` per job, in order.
+
+        Args:
+            pre: :class:`~maas.batch.Preprocessed` from the shared preprocessor (or one job's
+                ``TokenizedBatch`` / ``ImageBatch``).
+            params: Per-job options (one dict per job; one dict applies to every job).
+            deadlines_s: Per-job wall-clock deadlines (``time.time()``), or None.
+            backlog_items: The ingress's queue for this model behind this batch, per replica
+                (an autoscaling signal, see :mod:`maas.autoscaling`).
+        """
+        if backlog_items is not None:
+            self._backlog = (float(backlog_items), time.monotonic())
+        results, requests, pending = self.jobs(pre, params, deadlines_s)
+        if not requests:
+            return results
+        return await self.batcher.submit(requests, results, pending)
+
     async def _run_batch(self, requests: list[ModelRequest]) -> list[Any]:
-        name = self.spec.name
-        sizes = split_sizes(requests)
-        self.batch_requests[len(requests)] += 1
-        self.batch_items[sum(sizes)] += 1
-        metrics.batch(name, len(requests))
-        now = time.perf_counter()
-        for r in requests:
-            metrics.stage(name, "queue", 1000 * (now - r.enqueued_at))
+        """The batch's preprocess → forward → postprocess on the forward thread."""
         self._batch_started = time.monotonic()
         try:
             results = await self._in_forward_thread(self.runner.run, requests)
@@ -308,7 +514,7 @@ class ModelDeployment:
         finally:
             self._batch_started = None
         for stage_name, ms in self.runner.last_timings_ms.items():
-            metrics.stage(name, stage_name, ms)
+            metrics.stage(self.spec.name, stage_name, ms)
         return results
 
     def info(self) -> dict:
@@ -324,8 +530,25 @@ class ModelDeployment:
         }
 
     def stats(self) -> dict:
-        """Batch-size records of this replica: ``{"requests_per_batch": {size: count}, "items_per_batch": ...}``."""
+        """Batch records of this replica: ``{"requests_per_batch": {jobs: count}, "items_per_batch": {items: count},
+        "queued_items", "running_items"}``."""
         return {
-            "requests_per_batch": dict(self.batch_requests),
-            "items_per_batch": dict(self.batch_items),
+            "requests_per_batch": dict(self.batcher.batch_requests),
+            "items_per_batch": dict(self.batcher.batch_items),
+            "queued_items": self.batcher.queued_items,
+            "running_items": self.batcher.running_items,
+            "last_timings_ms": dict(self.runner.last_timings_ms),
         }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: items running and waiting for this model.
+
+        With front batching a replica holds few calls but many items, so Serve's default
+        (ongoing requests) undercounts load; :class:`maas.autoscaling.QueuedItemsPolicy`
+        scales on these instead.
+        """
+        from maas.autoscaling import BACKLOG_TTL_S
+
+        backlog, at = self._backlog
+        return {"running_items": float(self.batcher.running_items), "queued_items": float(self.batcher.queued_items),
+                "backlog_items": backlog if time.monotonic() - at < BACKLOG_TTL_S else 0.0}

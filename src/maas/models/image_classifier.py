@@ -1,7 +1,7 @@
 """CNN image classifiers (ResNet, VGG, EfficientNet, …) from torchvision or timm.
 
-Input: :class:`~maas.preprocess.image.ImageBatch` (``uint8`` (N, 3, H, W)) from the shared
-image preprocessor. Normalisation with the model's mean/std happens here, on the model's
+Input: :class:`~maas.preprocess.image.ImageBatch` (numpy ``uint8`` (N, H, W, 3)) from the
+shared image preprocessor. Normalisation with the model's mean/std happens here, on the model's
 device. Output per request: for each image, the top-k classes with softmax scores.
 """
 
@@ -23,13 +23,34 @@ from maas.config import (
     TorchvisionSource,
 )
 from maas.errors import InvalidRequest, WeightsError
-from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
-from maas.preprocess.image import normalize
+from maas.models.base import ModelDeployment, ModelRequest, ModelRunner, as_tensor
 from maas.weights import apply_state_dict, file_source_path, load_state_dict
 
 logger = logging.getLogger("ray.serve.maas.models.image")
 
 DEFAULT_TOP_K = 5
+
+
+def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype=torch.float32) -> torch.Tensor:
+    """Model-side normalisation: ``(pixels / 255 - mean) / std``.
+
+    Args:
+        pixels: ``torch.uint8`` of shape ``(N, 3, H, W)`` (any memory format) on the model's device.
+
+    Returns:
+        ``dtype`` tensor of shape ``(N, 3, H, W)`` in the input's memory format, equal to
+        torchvision's ``convert_image_dtype`` + ``Normalize``.
+    """
+    x = pixels.to(dtype).div_(255.0)
+    m = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def nchw(pixels) -> torch.Tensor:
+    """NHWC ``uint8`` pixels (numpy (N, H, W, 3), as the preprocessor sends them) as a
+    ``(N, 3, H, W)`` tensor in ``channels_last`` memory format: a view, no copy."""
+    return as_tensor(pixels).permute(0, 3, 1, 2)
 
 
 def imagenet_categories() -> list[str]:
@@ -181,13 +202,17 @@ class ImageClassifierRunner(ModelRunner):
             )
 
     def preprocess(self, requests: list[ModelRequest]) -> torch.Tensor:
-        """Concatenate the requests' ``uint8`` pixels and normalise on the device.
+        """Concatenate the requests' ``uint8`` NHWC pixels and normalise on the device.
 
         Returns:
             ``float32`` tensor (N_total, 3, H, W) in ``torch.channels_last`` memory format.
         """
-        pixels = torch.cat([r.inputs.pixels for r in requests]) if len(requests) > 1 else requests[0].inputs.pixels
-        # Reorder the uint8 pixels (a quarter of the float bytes); normalize keeps the layout.
+        import numpy as np
+
+        arrays = [r.inputs.pixels for r in requests]
+        pixels = nchw(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+        # NHWC is channels_last already; moving the uint8 pixels (a quarter of the float bytes)
+        # keeps the layout, and normalize keeps it too.
         pixels = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         return normalize(pixels, self.pre.mean, self.pre.std, self.compute_dtype)
 
@@ -220,9 +245,11 @@ class ImageClassifierRunner(ModelRunner):
         return out
 
     def probe(self) -> ModelRequest:
+        import numpy as np
+
         from maas.preprocess.image import ImageBatch
 
-        return ModelRequest(ImageBatch(torch.zeros((1, 3, self.pre.crop_px, self.pre.crop_px), dtype=torch.uint8)),
+        return ModelRequest(ImageBatch(np.zeros((1, self.pre.crop_px, self.pre.crop_px, 3), dtype=np.uint8)),
                             {"top_k": 1})
 
     def info(self) -> dict:

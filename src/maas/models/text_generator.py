@@ -284,7 +284,7 @@ class GenerationMixin:
                             if apply_stop(text, sp.stop)[1]:
                                 stopped_at[row] = len(tokens)
                                 done[row] = True
-                if requests and all(r.cancelled for r in requests):
+                if requests and all(r.abandoned for r in requests):
                     runner.cancelled_generations += 1
                     done = [True] * len(done)
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
@@ -366,7 +366,7 @@ class GenerationMixin:
 
             class Stop(StoppingCriteria):
                 def __call__(self, input_ids, scores, **kwargs):
-                    done = cancel.is_set() or state.all_done
+                    done = cancel.is_set() or state.all_done or request.abandoned
                     return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
             kwargs = runner._generate_kwargs(sp, runner.max_new_tokens([request], sp))
@@ -435,15 +435,20 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
 class StreamingMixin:
     """Adds ``stream()`` to a generator deployment (see the module docstring)."""
 
-    async def stream(self, inputs: Any, params: dict | None = None) -> AsyncIterator[dict]:
+    async def stream(self, pre: Any, params: dict | None = None, deadline_s: float | None = None
+                     ) -> AsyncIterator[dict]:
         """Stream one request's events (see :meth:`GenerationMixin.stream`). Call with
-        ``handle.options(stream=True).stream.remote(...)``.
+        ``handle.options(stream=True).stream.remote(pre, params, deadline_s)``; ``pre`` is the
+        tokenizer's :class:`~maas.batch.Preprocessed` for one job (or its ``TokenizedBatch``).
+        Generation stops at ``deadline_s`` (wall clock) or when the caller leaves.
 
         Raises:
             MaasError: 4xx for a bad request, before the first event.
         """
-        request = ModelRequest(inputs=inputs, params=params or {})
-        self.runner.validate(request)
+        results, requests, _ = self.jobs(pre, [params or {}], [deadline_s])
+        if not requests:
+            raise results[0]
+        request = requests[0]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()

@@ -1,9 +1,16 @@
-"""Image preprocessing: decode, orient, convert to RGB, resize, centre-crop, to ``uint8``.
+"""Image preprocessing: decode, orient, convert to RGB, resize, centre-crop, to ``uint8`` NHWC.
 
 The pure functions here are what the :class:`ImagePreprocessor` deployment runs; they need
-no Ray and are unit-tested against torchvision's presets. One deployment serves every image
+no Ray and no torch (Pillow + numpy only, so a preprocessor replica stays small), and they are
+unit-tested against torchvision's presets, bit for bit. One deployment serves every image
 model whose :class:`~maas.config.ImagePreprocessingSpec` has the same key (resize, crop,
 interpolation); mean/std normalisation runs on the model replica, on its device.
+
+Pixels leave as ``uint8`` of shape ``(N, H, W, 3)`` (NHWC): that is the layout decoders
+produce, four times fewer bytes than float32, and on the model replica
+``torch.from_numpy(x).permute(0, 3, 1, 2)`` is already the ``channels_last`` tensor the CNNs
+run fastest on, with no copy. (DESIGN.md says (N, 3, H, W); NHWC saves a transpose here and
+a reorder on the model.)
 
 Colour policy: alpha is dropped (``Image.convert("RGB")``), as torchvision's ``ImageFolder``
 loader does, so results equal what a torchvision user gets; 16-bit and 32-bit integer
@@ -14,24 +21,24 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
+from maas.batch import Preprocessed, run_jobs
 from maas.config import ImagePreprocessingSpec
 from maas.errors import InvalidRequest, PayloadTooLarge
 
 logger = logging.getLogger("ray.serve.maas.preprocess.image")
 
 SUPPORTED_FORMATS = "JPEG, PNG, WebP, BMP, TIFF, GIF"
-_INTERPOLATION = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
+#: Pillow resampling filters, as torchvision maps its InterpolationMode names (pil_modes_mapping).
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
 }
 
 
@@ -40,13 +47,17 @@ class ImageBatch:
     """A batch of preprocessed images, handed from preprocessor to model replica.
 
     Attributes:
-        pixels: ``torch.uint8`` of shape ``(N, 3, crop_px, crop_px)``, RGB, not normalised.
+        pixels: ``numpy.uint8`` of shape ``(N, crop_px, crop_px, 3)``, RGB, not normalised.
     """
 
-    pixels: torch.Tensor
+    pixels: np.ndarray
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
+
+    def rows(self, start: int, stop: int) -> "ImageBatch":
+        """Images ``start:stop`` (a view)."""
+        return ImageBatch(self.pixels[start:stop])
 
 
 def decode_image(data: bytes, *, max_pixels: int, index: int = 0) -> Image.Image:
@@ -116,16 +127,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def transform(img: Image.Image, spec: ImagePreprocessingSpec) -> torch.Tensor:
-    """Resize the shorter side to ``resize_px`` and centre-crop ``crop_px``, as torchvision's
-    ``ImageClassification`` preset does on a PIL image (Pillow resampling, antialiased).
+def resized_size(width: int, height: int, shorter_px: int) -> tuple[int, int]:
+    """``(new_width, new_height)`` with the shorter side at ``shorter_px``: torchvision's
+    ``_compute_resized_output_size`` (the longer side is ``int(shorter_px * long / short)``)."""
+    if width <= height:
+        return shorter_px, int(shorter_px * height / width)
+    return int(shorter_px * width / height), shorter_px
+
+
+def transform(img: Image.Image, spec: ImagePreprocessingSpec) -> np.ndarray:
+    """Resize the shorter side to ``resize_px`` and centre-crop ``crop_px``, exactly as
+    torchvision's ``ImageClassification`` preset does on a PIL image (Pillow resampling,
+    antialiased; the crop offset rounds half to even like torchvision's ``round``).
 
     Returns:
-        ``torch.uint8`` of shape ``(3, crop_px, crop_px)``.
+        ``numpy.uint8`` of shape ``(crop_px, crop_px, 3)``.
     """
-    img = F.resize(img, [spec.resize_px], interpolation=_INTERPOLATION[spec.interpolation], antialias=True)
-    img = F.center_crop(img, [spec.crop_px])
-    return F.pil_to_tensor(img)
+    size = resized_size(img.width, img.height, spec.resize_px)
+    if size != img.size:
+        img = img.resize(size, resample=_RESAMPLE[spec.interpolation])
+    crop = spec.crop_px
+    top = int(round((img.height - crop) / 2.0))
+    left = int(round((img.width - crop) / 2.0))
+    # Pillow fills any part of the box outside the image with zeros, as torchvision's padding does
+    # (unreachable here: the config keeps crop_px <= resize_px).
+    return np.asarray(img.crop((left, top, left + crop, top + crop)))
 
 
 def image_from_array(array: np.ndarray, *, max_pixels: int, index: int = 0) -> Image.Image:
@@ -154,38 +180,34 @@ def preprocess_images(
             Protocol ``UINT8`` tensors), in request order.
 
     Returns:
-        :class:`ImageBatch` with ``pixels`` of shape ``(len(images), 3, crop_px, crop_px)``.
+        :class:`ImageBatch` with ``pixels`` of shape ``(len(images), crop_px, crop_px, 3)``.
 
     Raises:
         InvalidRequest / PayloadTooLarge: from :func:`decode_image`, naming the image index.
     """
     if not images:
         raise InvalidRequest("no images in the request; send at least one", param="images")
-    tensors = [
-        transform(
-            image_from_array(b, max_pixels=max_pixels, index=i) if isinstance(b, np.ndarray)
-            else decode_image(b, max_pixels=max_pixels, index=i),
-            spec,
-        )
-        for i, b in enumerate(images)
-    ]
-    return ImageBatch(pixels=torch.stack(tensors))
+    out = np.empty((len(images), spec.crop_px, spec.crop_px, 3), dtype=np.uint8)
+    for i, b in enumerate(images):
+        img = (image_from_array(b, max_pixels=max_pixels, index=i) if isinstance(b, np.ndarray)
+               else decode_image(b, max_pixels=max_pixels, index=i))
+        out[i] = transform(img, spec)
+    return ImageBatch(out)
 
 
-def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype=torch.float32) -> torch.Tensor:
-    """Model-side normalisation: ``(pixels / 255 - mean) / std``.
-
-    Args:
-        pixels: ``torch.uint8`` of shape ``(N, 3, H, W)`` on the model's device.
+def preprocess_jobs(jobs: list[list[bytes | np.ndarray]], spec: ImagePreprocessingSpec, *,
+                    max_pixels: int) -> Preprocessed[ImageBatch]:
+    """:func:`preprocess_images` for each job of a front batch; a job whose image fails keeps
+    its error (naming the image's index in that job) and the others go on.
 
     Returns:
-        ``dtype`` tensor of shape ``(N, 3, H, W)``, equal to torchvision's
-        ``convert_image_dtype`` + ``Normalize``.
+        :class:`~maas.batch.Preprocessed` whose ``inputs`` hold the good jobs' images,
+        ``uint8`` (N_ok, crop_px, crop_px, 3).
     """
-    x = pixels.to(dtype).div_(255.0)
-    m = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(m).div_(s)
+    outputs, errors = run_jobs(jobs, lambda images, _: preprocess_images(images, spec, max_pixels=max_pixels))
+    good = [o.pixels for o in outputs if o is not None]
+    inputs = ImageBatch(good[0] if len(good) == 1 else np.concatenate(good)) if good else None
+    return Preprocessed(inputs=inputs, rows=[len(o) if o is not None else 0 for o in outputs], errors=errors)
 
 
 from ray import serve  # noqa: E402 - the deployment below is the only Ray-dependent part
@@ -193,7 +215,7 @@ from ray import serve  # noqa: E402 - the deployment below is the only Ray-depen
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.2})
 class ImagePreprocessor:
-    """Shared image preprocessing deployment (CPU only), one per preprocessing key.
+    """Shared image preprocessing deployment (CPU only, no torch), one per preprocessing key.
 
     Args:
         spec: :class:`~maas.config.ImagePreprocessingSpec` as a dict.
@@ -201,20 +223,18 @@ class ImagePreprocessor:
     """
 
     def __init__(self, spec: dict, max_image_pixels: int):
-        from maas.models.base import replica_num_cpus, set_torch_threads
-
-        set_torch_threads(replica_num_cpus())
         self.spec = ImagePreprocessingSpec.model_validate(spec)
         self.max_image_pixels = max_image_pixels
 
-    def __call__(self, images: list[bytes | np.ndarray], model: str = "-") -> ImageBatch:
-        """Decode and transform one request's images for ``model`` (a metrics tag) into
-        ``uint8`` (N, 3, crop, crop)."""
-        import time
+    async def __call__(self, jobs: list[list[bytes | np.ndarray]], model: str = "-") -> Preprocessed[ImageBatch]:
+        """Decode and transform a front batch of jobs (each a request's images) for ``model``
+        (a metrics tag). See :func:`preprocess_jobs`.
 
+        ``async`` although the work is synchronous: Serve runs a plain ``def`` method in a
+        thread pool, a hand-off per call; the replica has nothing else to do meanwhile."""
         from maas import metrics
 
         started = time.perf_counter()
-        out = preprocess_images(images, self.spec, max_pixels=self.max_image_pixels)
+        out = preprocess_jobs(jobs, self.spec, max_pixels=self.max_image_pixels)
         metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
         return out

@@ -4,27 +4,40 @@ One :class:`Tokenizer` deployment serves every model whose tokenizer source is t
 (the preprocessing key is the source's identity), e.g. MiniLM and the demo GPT-2/T5 models
 in ``serve_configs/local.yaml`` all use MiniLM's WordPiece tokenizer.
 
-Truncation policy (per route, decided by the ingress and documented in the README):
+The deployment runs Hugging Face's ``tokenizers`` library on the checkpoint's
+``tokenizer.json`` (:class:`TextTokenizer`), not ``transformers.AutoTokenizer``: importing
+transformers imports torch (measured: 0.75 GiB RSS for a replica that only splits text), and
+``tokenizers`` is the engine AutoTokenizer's fast tokenizers run anyway, so the ids are the
+same. A checkpoint without ``tokenizer.json`` (a slow-only tokenizer) falls back to
+AutoTokenizer. Model replicas, which hold torch already, decode with AutoTokenizer
+(:func:`load_tokenizer`).
+
+Truncation policy (per route, decided by the dataplane and documented in the README):
 
 * embeddings, text classification, text2text: inputs longer than the model's limit are
-  truncated to it (the sentence-transformers behaviour); ``usage`` counts the tokens used.
-* completion: never truncated here; the generator rejects a prompt whose tokens plus
+  truncated to it (the sentence-transformers behaviour), keeping the closing special token
+  (``[SEP]``, ``</s>``); ``usage`` counts the tokens used. Token-array inputs are truncated
+  the same way: a row that ends in the tokenizer's closing token keeps it.
+* completion and chat: never truncated here; the generator rejects a prompt whose tokens plus
   ``max_tokens`` exceed its context, naming both counts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
-import torch
+import numpy as np
 from ray import serve
 
 from maas import metrics
+from maas.batch import Preprocessed, run_jobs
 from maas.config import HuggingFaceSource, PackageSource
 from maas.errors import InvalidRequest
-from maas.models.base import replica_num_cpus, set_torch_threads
 from maas.weights import hf_load_error, hf_location
 
 logger = logging.getLogger("ray.serve.maas.preprocess.text")
@@ -32,17 +45,17 @@ logger = logging.getLogger("ray.serve.maas.preprocess.text")
 
 @dataclass
 class TokenizedBatch:
-    """Token ids of one request's texts, right-padded.
+    """Token ids of a batch of texts, right-padded.
 
     Attributes:
-        input_ids: ``torch.int64`` of shape ``(N, L)``, padded with ``pad_token_id``.
-        attention_mask: ``torch.int64`` of shape ``(N, L)``; 1 for real tokens, 0 for padding.
+        input_ids: ``numpy.int64`` of shape ``(N, L)``, padded with ``pad_token_id``.
+        attention_mask: ``numpy.int64`` of shape ``(N, L)``; 1 for real tokens, 0 for padding.
         num_tokens: Per text, its token count before any truncation (special tokens included).
         pad_token_id: The id used for padding.
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
     num_tokens: list[int]
     pad_token_id: int
 
@@ -52,11 +65,183 @@ class TokenizedBatch:
     @property
     def lengths(self) -> list[int]:
         """Tokens kept per text (after truncation)."""
-        return [int(x) for x in self.attention_mask.sum(dim=1)]
+        return [int(x) for x in self.attention_mask.sum(axis=1)]
+
+    def rows(self, start: int, stop: int) -> "TokenizedBatch":
+        """Texts ``start:stop`` (views; padding may be wider than their longest row)."""
+        return TokenizedBatch(self.input_ids[start:stop], self.attention_mask[start:stop],
+                              self.num_tokens[start:stop], self.pad_token_id)
+
+    def token_rows(self) -> list[np.ndarray]:
+        """Each text's kept ids, ``int64`` (length,), without padding."""
+        return [self.input_ids[i, :n] for i, n in enumerate(self.lengths)]
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad id lists into ``(input_ids, attention_mask)``, both ``int64`` (N, max_len)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max(initial=0))
+    mask = np.arange(width) < lengths[:, None]
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))
+    return ids, mask.astype(np.int64)
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class TextTokenizer:
+    """Tokenisation without torch: Hugging Face ``tokenizers`` on ``tokenizer.json``.
+
+    Args:
+        directory: A Hugging Face tokenizer directory holding ``tokenizer.json`` (and usually
+            ``tokenizer_config.json`` with the special tokens, ``model_max_length`` and the
+            chat template).
+
+    Raises:
+        FileNotFoundError: no ``tokenizer.json`` in ``directory``.
+    """
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        root = Path(directory)
+        self.tok = RustTokenizer.from_file(str(root / "tokenizer.json"))
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        cfg_path = root / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        template = root / "chat_template.jinja"
+        self.chat_template: str | None = template.read_text() if template.exists() else cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take "default"
+            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            self.chat_template = named.get("default")
+        self.special_tokens = {k: _token_text(cfg.get(k)) for k in
+                               ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                                "mask_token")}
+        pad = self.special_tokens.get("pad_token")
+        self.pad_token_id = self.tok.token_to_id(pad) if pad else None
+        self.model_max_length = int(min(cfg.get("model_max_length") or 10**9, 10**9))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.num_special = self.tok.num_special_tokens_to_add(False)
+        # The token the post-processor closes a text with ([SEP], </s>), kept when truncating.
+        probe = self.tok.encode("a", add_special_tokens=True).ids
+        bare = self.tok.encode("a", add_special_tokens=False).ids
+        self.closing_id = probe[-1] if len(probe) > len(bare) and probe[-len(bare):] != bare else None
+
+    def encode(self, texts: list[str], *, max_length: int | None, truncate: bool,
+               add_special_tokens: bool = True) -> tuple[list[list[int]], list[int]]:
+        """Token ids of ``texts`` and each text's count before truncation.
+
+        Truncation happens on the text's own tokens before the special tokens are added (as
+        ``transformers`` does), so a truncated text still ends with its closing token.
+
+        Returns:
+            ``(rows, num_tokens)``.
+        """
+        bare = self.tok.encode_batch(texts, add_special_tokens=False)
+        rows: list[list[int]] = []
+        counts: list[int] = []
+        special = self.num_special if add_special_tokens else 0
+        for enc in bare:
+            counts.append(len(enc.ids) + special)
+            if truncate and max_length is not None and len(enc.ids) + special > max_length:
+                enc.truncate(max(max_length - special, 0))
+            if add_special_tokens:
+                enc = self.tok.post_process(enc, add_special_tokens=True)
+            rows.append(enc.ids)
+        return rows, counts
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt for chat ``messages`` with the tokenizer's own chat template (Jinja, in a
+        sandbox, with the globals transformers' ``apply_chat_template`` provides), or the plain
+        template of :func:`render_chat` when there is none."""
+        if not self.chat_template:
+            return render_chat(None, messages)
+        return _render_template(self.chat_template, messages, self.special_tokens)
+
+
+class _HFTextTokenizer(TextTokenizer):
+    """:class:`TextTokenizer`'s interface over ``transformers.AutoTokenizer`` (imports torch), for
+    checkpoints without ``tokenizer.json``."""
+
+    def __init__(self, hf_tokenizer):  # noqa: D107 - see the class
+        self.hf = hf_tokenizer
+        self.chat_template = getattr(hf_tokenizer, "chat_template", None)
+        self.special_tokens = {}
+        self.pad_token_id = hf_tokenizer.pad_token_id
+        self.model_max_length = int(min(hf_tokenizer.model_max_length, 10**9))
+        self.vocab_size = len(hf_tokenizer)
+        self.num_special = hf_tokenizer.num_special_tokens_to_add(pair=False)
+        ids = hf_tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.closing_id = ids[-1] if self.num_special and ids[-1] in hf_tokenizer.all_special_ids else None
+
+    def encode(self, texts, *, max_length, truncate, add_special_tokens=True):
+        tok = self.hf
+        rows = [list(r) for r in tok(texts, add_special_tokens=add_special_tokens, truncation=False)["input_ids"]]
+        counts = [len(r) for r in rows]
+        if truncate and max_length is not None:
+            long = [i for i, n in enumerate(counts) if n > max_length]
+            if long:
+                cut = tok([texts[i] for i in long], add_special_tokens=add_special_tokens, truncation=True,
+                          max_length=max_length)["input_ids"]
+                for j, i in enumerate(long):
+                    rows[i] = list(cut[j])
+        return rows, counts
+
+    def render_chat(self, messages):
+        return render_chat(self.hf, messages)
+
+
+def _render_template(template: str, messages: list[dict], special_tokens: dict) -> str:
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise InvalidRequest(f"the model's chat template refused the messages: {message}", param="messages")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    tokens = {k: v for k, v in special_tokens.items() if v is not None}
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **tokens)
+
+
+def _tokenizer_dir(source: HuggingFaceSource | PackageSource, owner: str) -> str:
+    """A local directory with the tokenizer files (a hub id resolves through the local cache)."""
+    where = hf_location(source, owner)
+    if Path(where).is_dir():
+        return where
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(where, revision=getattr(source, "revision", None),
+                             allow_patterns=["*.json", "*.jinja", "*.txt", "*.model"])
+
+
+def load_text_tokenizer(source: HuggingFaceSource | PackageSource, owner: str) -> TextTokenizer:
+    """A :class:`TextTokenizer` for the source (``tokenizer.json`` when present, else AutoTokenizer).
+
+    Raises:
+        WeightsError: naming ``owner`` (the model or deployment) and the location.
+    """
+    try:
+        where = _tokenizer_dir(source, owner)
+        if (Path(where) / "tokenizer.json").exists():
+            return TextTokenizer(where)
+    except Exception as exc:  # noqa: BLE001 - any hub/file failure is a load error
+        raise hf_load_error(owner, hf_location(source, owner), exc) from None
+    return _HFTextTokenizer(load_tokenizer(source, owner))
 
 
 def load_tokenizer(source: HuggingFaceSource | PackageSource, owner: str):
-    """``AutoTokenizer.from_pretrained`` on the source's directory or hub id.
+    """``transformers.AutoTokenizer.from_pretrained`` on the source (model replicas: decoding).
 
     Raises:
         WeightsError: naming ``owner`` (the model or deployment) and the location.
@@ -71,52 +256,37 @@ def load_tokenizer(source: HuggingFaceSource | PackageSource, owner: str):
         raise hf_load_error(owner, where, exc) from None
 
 
-def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into ``(input_ids, attention_mask)``, both int64 ``(N, max_len)``."""
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        mask[i, : len(r)] = 1
-    return ids, mask
+def _check_texts(texts: list, param: str = "input") -> None:
+    if not texts:
+        raise InvalidRequest(f"{param} is empty; send at least one text", param=param)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidRequest(f"{param}[{i}] must be a string, got {type(t).__name__}", param=param)
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{param}[{i}] is not valid Unicode (it holds a lone surrogate); send UTF-8 text",
+                                 param=param) from None
 
 
-def tokenize(
-    tokenizer, texts: list[str], *, max_length: int | None, truncate: bool, add_special_tokens: bool = True
-) -> TokenizedBatch:
+def tokenize(tokenizer, texts: list[str], *, max_length: int | None, truncate: bool,
+             add_special_tokens: bool = True) -> TokenizedBatch:
     """Tokenise ``texts``; truncate each to ``max_length`` tokens when ``truncate``.
 
-    Truncation goes through the tokenizer (so a closing ``[SEP]``/``</s>`` is kept).
+    Args:
+        tokenizer: A :class:`TextTokenizer`, or a transformers tokenizer (wrapped).
 
     Raises:
         InvalidRequest: ``texts`` is empty or holds a non-string.
     """
-    if not texts:
-        raise InvalidRequest("input is empty; send at least one text", param="input")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidRequest(f"input[{i}] must be a string, got {type(t).__name__}", param="input")
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest(f"input[{i}] is not valid Unicode (it holds a lone surrogate); send UTF-8 text",
-                                 param="input") from None
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, truncation=False, padding=False, verbose=False)
-    rows: list[list[int]] = list(enc["input_ids"])
-    num_tokens = [len(r) for r in rows]
-    if truncate and max_length is not None:
-        long = [i for i, n in enumerate(num_tokens) if n > max_length]
-        if long:
-            cut = tokenizer(
-                [texts[i] for i in long], add_special_tokens=add_special_tokens, truncation=True,
-                max_length=max_length, padding=False,
-            )
-            for j, i in enumerate(long):
-                rows[i] = list(cut["input_ids"][j])
+    if not isinstance(tokenizer, TextTokenizer):
+        tokenizer = _HFTextTokenizer(tokenizer)
+    _check_texts(texts)
+    rows, counts = tokenizer.encode(texts, max_length=max_length, truncate=truncate,
+                                    add_special_tokens=add_special_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = pad_right(rows, pad_id)
-    return TokenizedBatch(input_ids=ids, attention_mask=mask, num_tokens=num_tokens, pad_token_id=pad_id)
+    return TokenizedBatch(input_ids=ids, attention_mask=mask, num_tokens=counts, pad_token_id=pad_id)
 
 
 #: Chat prompt for tokenizers without a chat template: one line per message, then the
@@ -128,19 +298,30 @@ PLAIN_CHAT_CUE = "Assistant:"
 def render_chat(tokenizer, messages: list[dict]) -> str:
     """The prompt text for chat ``messages`` (``[{"role", "content"}]``, content a string).
 
-    Uses the tokenizer's own chat template when it has one
+    Uses a transformers tokenizer's own chat template when it has one
     (``apply_chat_template(..., add_generation_prompt=True)``); otherwise
     :data:`PLAIN_CHAT_TEMPLATE` per message followed by :data:`PLAIN_CHAT_CUE`.
     """
-    if getattr(tokenizer, "chat_template", None):
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     lines = [PLAIN_CHAT_TEMPLATE.format(role=m["role"].capitalize(), content=m["content"]) for m in messages]
     return "".join(lines) + PLAIN_CHAT_CUE
 
 
-def from_token_ids(rows: list[list[int]], *, vocab_size: int, pad_token_id: int, max_length: int | None) -> TokenizedBatch:
+def truncate_ids(row: list[int], max_length: int | None, closing_id: int | None) -> list[int]:
+    """Truncate a caller's token array to ``max_length``, keeping a closing special token
+    (``[SEP]``) last when the row ended with one, as text truncation does."""
+    if max_length is None or len(row) <= max_length:
+        return row
+    if closing_id is not None and row[-1] == closing_id and max_length > 1:
+        return row[: max_length - 1] + [closing_id]
+    return row[:max_length]
+
+
+def from_token_ids(rows: list[list[int]], *, vocab_size: int, pad_token_id: int, max_length: int | None,
+                   closing_id: int | None = None) -> TokenizedBatch:
     """Wrap caller-supplied token ids (OpenAI's token-array input) as a batch, truncating each
-    row to ``max_length``.
+    row to ``max_length`` (see :func:`truncate_ids`).
 
     Raises:
         InvalidRequest: an empty row or an id outside ``[0, vocab_size)``.
@@ -150,19 +331,72 @@ def from_token_ids(rows: list[list[int]], *, vocab_size: int, pad_token_id: int,
     for i, r in enumerate(rows):
         if not r:
             raise InvalidRequest(f"input[{i}] is an empty token array", param="input")
-        bad = next((t for t in r if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+        bad = next((t for t in r if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"input[{i}] holds token id {bad!r}, outside this model's vocabulary "
                                  f"[0, {vocab_size})", param="input")
     num_tokens = [len(r) for r in rows]
-    kept = [r[:max_length] if max_length else r for r in rows]
-    ids, mask = pad_right(kept, pad_token_id)
+    ids, mask = pad_right([truncate_ids(list(r), max_length, closing_id) for r in rows], pad_token_id)
     return TokenizedBatch(input_ids=ids, attention_mask=mask, num_tokens=num_tokens, pad_token_id=pad_token_id)
+
+
+@dataclass
+class TextJob:
+    """One request's text input to the tokenizer deployment.
+
+    Attributes:
+        kind: ``texts`` (strings), ``ids`` (caller's token arrays) or ``chat`` (messages rendered
+            with the chat template, then tokenised without adding special tokens).
+        values: The texts, the token rows, or the ``[{"role", "content"}]`` messages.
+        max_length: Longest row in tokens after truncation (None: no limit).
+        truncate: Truncate texts to ``max_length`` (else they pass whole).
+        add_special_tokens: Add the tokenizer's special tokens to texts.
+    """
+
+    kind: Literal["texts", "ids", "chat"]
+    values: list
+    max_length: int | None = None
+    truncate: bool = True
+    add_special_tokens: bool = True
+
+
+def tokenize_job(tokenizer: TextTokenizer, job: TextJob) -> TokenizedBatch:
+    """Tokenise one :class:`TextJob`. Raises InvalidRequest naming the bad input."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if job.kind == "ids":
+        return from_token_ids(job.values, vocab_size=tokenizer.vocab_size, pad_token_id=pad,
+                              max_length=job.max_length, closing_id=tokenizer.closing_id)
+    if job.kind == "chat":
+        for i, m in enumerate(job.values):
+            try:
+                m["content"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"messages[{i}].content is not valid Unicode (lone surrogate)",
+                                     param="messages") from None
+        prompt = tokenizer.render_chat(job.values)
+        return tokenize(tokenizer, [prompt], max_length=None, truncate=False, add_special_tokens=False)
+    return tokenize(tokenizer, job.values, max_length=job.max_length, truncate=job.truncate,
+                    add_special_tokens=job.add_special_tokens)
+
+
+def tokenize_jobs(tokenizer: TextTokenizer, jobs: list[TextJob]) -> Preprocessed[TokenizedBatch]:
+    """Tokenise a front batch of jobs into one :class:`TokenizedBatch` (rows of every good job,
+    padded to the longest); a job with bad input keeps its error and the others go on."""
+    outputs, errors = run_jobs(jobs, lambda job, _: tokenize_job(tokenizer, job))
+    good = [o for o in outputs if o is not None]
+    inputs = None
+    if len(good) == 1:
+        inputs = good[0]
+    elif good:
+        rows = [r for o in good for r in o.token_rows()]
+        ids, mask = pad_right(rows, good[0].pad_token_id)
+        inputs = TokenizedBatch(ids, mask, [n for o in good for n in o.num_tokens], good[0].pad_token_id)
+    return Preprocessed(inputs=inputs, rows=[len(o) if o is not None else 0 for o in outputs], errors=errors)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class Tokenizer:
-    """Shared tokenizer deployment (CPU only). One per distinct tokenizer source.
+    """Shared tokenizer deployment (CPU only, no torch). One per distinct tokenizer source.
 
     Args:
         source: Tokenizer source as a dict (``{"source": "package", "package": ...}``).
@@ -174,47 +408,20 @@ class Tokenizer:
 
         from maas.config import TokenizerSource
 
-        set_torch_threads(replica_num_cpus())
         self.source = TypeAdapter(TokenizerSource).validate_python(source)
-        self.tokenizer = load_tokenizer(self.source, name)
+        self.tokenizer = load_text_tokenizer(self.source, name)
 
-    def __call__(
-        self, texts: list[str], max_length: int | None = None, truncate: bool = True, add_special_tokens: bool = True,
-        model: str = "-",
-    ) -> TokenizedBatch:
-        """Tokenise one request's texts for ``model`` (a metrics tag). See :func:`tokenize`."""
+    async def __call__(self, jobs: list[TextJob], model: str = "-") -> Preprocessed[TokenizedBatch]:
+        """Tokenise a front batch of jobs for ``model`` (a metrics tag). See :func:`tokenize_jobs`.
+
+        ``async`` although the work is synchronous (well under a millisecond per batch): Serve
+        runs a plain ``def`` method in a thread pool, a hand-off per call."""
         started = time.perf_counter()
-        out = tokenize(
-            self.tokenizer, texts, max_length=max_length, truncate=truncate, add_special_tokens=add_special_tokens
-        )
+        out = tokenize_jobs(self.tokenizer, jobs)
         metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
         return out
-
-    def chat(self, messages: list[dict], max_length: int | None = None, model: str = "-") -> TokenizedBatch:
-        """Render chat messages with the tokenizer's template (see :func:`render_chat`) and
-        tokenise the prompt without adding special tokens (the template has them). Not truncated."""
-        for i, m in enumerate(messages):
-            try:
-                m["content"].encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest(f"messages[{i}].content is not valid Unicode (lone surrogate)",
-                                     param="messages") from None
-        started = time.perf_counter()
-        prompt = render_chat(self.tokenizer, messages)
-        out = tokenize(self.tokenizer, [prompt], max_length=None, truncate=False, add_special_tokens=False)
-        metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
-        return out
-
-    def from_ids(self, rows: list[list[int]], max_length: int | None = None, model: str = "-") -> TokenizedBatch:
-        """Token-array input, validated against the vocabulary (see :func:`from_token_ids`)."""
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return from_token_ids(rows, vocab_size=len(tok), pad_token_id=pad, max_length=max_length)
 
     def info(self) -> dict:
         tok = self.tokenizer
-        return {
-            "model_max_length": int(min(tok.model_max_length, 10**9)),
-            "vocab_size": len(tok),
-            "pad_token_id": tok.pad_token_id,
-        }
+        return {"model_max_length": tok.model_max_length, "vocab_size": tok.vocab_size,
+                "pad_token_id": tok.pad_token_id}

@@ -201,8 +201,12 @@ def parse_request(body: bytes, header_length: int | None) -> InferenceRequest:
     )
 
 
-def encode_response(model: str, request: InferenceRequest, outputs: list[Tensor]) -> tuple[bytes, dict[str, str]]:
-    """The response body and extra headers (``Inference-Header-Content-Length`` when binary)."""
+def encode_response(model: str, request: InferenceRequest, outputs: list[Tensor], parameters: dict | None = None
+                    ) -> tuple[bytes, dict[str, str]]:
+    """The response body and extra headers (``Inference-Header-Content-Length`` when binary).
+
+    ``parameters`` become the response's ``parameters`` object (e.g. ``{"demo_weights": true}``).
+    """
     entries, blobs = [], []
     for t in outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.array.shape)}
@@ -219,6 +223,8 @@ def encode_response(model: str, request: InferenceRequest, outputs: list[Tensor]
     head: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
     if request.id is not None:
         head["id"] = request.id
+    if parameters:
+        head["parameters"] = parameters
     head_bytes = json.dumps(head).encode()
     if not blobs:
         return head_bytes, {"content-type": "application/json"}

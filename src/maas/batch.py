@@ -1,0 +1,77 @@
+"""What crosses deployments: a front batch of jobs, as numpy, with per-job errors.
+
+The ingress's front batcher (:mod:`maas.dataplane.batcher`) turns concurrent requests for one
+model into one preprocessor call and one model call. Each request is a *job*; a job holds one
+or more *items* (texts, images). The preprocessor answers with a :class:`Preprocessed`: the
+items of every job that preprocessed cleanly, concatenated along axis 0, plus the job
+boundaries and each failed job's error. The model deployment receives that object (chained,
+``model.remote(pre.remote(...), params, deadlines)``) and answers one result or one error per
+job, in order.
+
+Everything here is plain Python + numpy (no torch): the ingress and the preprocessors never
+import torch, and numpy arrays cross Ray's object store without a copy on read (pickle
+protocol 5 out-of-band buffers), where torch tensors go through ``torch.save``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, Iterator, TypeVar
+
+from maas.errors import MaasError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Preprocessed(Generic[T]):
+    """One preprocessor call's answer for a batch of jobs.
+
+    Attributes:
+        inputs: The items of every job without an error, concatenated along axis 0 (a
+            :class:`~maas.preprocess.text.TokenizedBatch` or :class:`~maas.preprocess.image.ImageBatch`),
+            or None when every job failed.
+        rows: Items each job contributes to ``inputs``, in job order (0 for a failed job).
+        errors: Per job, the 4xx error that preprocessing raised for it, or None.
+    """
+
+    inputs: T | None
+    rows: list[int]
+    errors: list[MaasError | None]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def jobs(self) -> Iterator[tuple[Any, MaasError | None]]:
+        """Per job: ``(its rows of inputs as a view, None)`` or ``(None, error)``."""
+        start = 0
+        for n, err in zip(self.rows, self.errors):
+            if err is not None:
+                yield None, err
+                continue
+            yield self.inputs.rows(start, start + n), None  # type: ignore[union-attr]
+            start += n
+
+    @classmethod
+    def single(cls, inputs: T) -> "Preprocessed[T]":
+        """One job holding all of ``inputs`` (tests and direct deployment calls)."""
+        return cls(inputs=inputs, rows=[len(inputs)], errors=[None])  # type: ignore[arg-type]
+
+
+def run_jobs(jobs: list[Any], one: Any) -> tuple[list[Any], list[MaasError | None]]:
+    """Apply ``one(job, index)`` to each job, keeping a job's :class:`MaasError` as its result
+    instead of failing the batch (one bad request never fails its neighbours).
+
+    Returns:
+        ``(outputs, errors)``: per job, its output (None when it failed) and its error (or None).
+    """
+    outputs: list[Any] = []
+    errors: list[MaasError | None] = []
+    for i, job in enumerate(jobs):
+        try:
+            outputs.append(one(job, i))
+            errors.append(None)
+        except MaasError as exc:
+            outputs.append(None)
+            errors.append(exc)
+    return outputs, errors

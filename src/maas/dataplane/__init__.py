@@ -1,0 +1,491 @@
+"""The dataplane: every operation of the service, behind every protocol and handle.
+
+Protocol modules (:mod:`maas.protocol.openai`, :mod:`maas.protocol.v2`, :mod:`maas.protocol.maas`)
+parse and translate; handle methods of the ingress validate a dict; both then call one
+:class:`Dataplane` operation, so HTTP and handles can never disagree. The dataplane resolves
+the model name to a route (model handle + its shared preprocessor handle), checks the
+request against the ingress limits, and sends the work:
+
+* one-forward operations (embeddings, text and image classification) go through a
+  :class:`~maas.dataplane.batcher.FrontBatcher` per (model, operation): concurrent requests
+  become one preprocessor call chained into one model call;
+* generation (completion, chat, text2text, streamed or not) goes one call per request: each
+  stream needs its own call, a hop costs well under 1 % of a generation, and the generator
+  replica batches what reaches it.
+
+Operations return the response body as a dict of JSON types, except that embedding vectors
+stay ``numpy.float32`` rows (the HTTP layer encodes them directly; handle methods turn them
+into lists). Errors are :class:`~maas.errors.MaasError` subclasses, raised by type.
+
+The dataplane holds no tensor code and imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import numpy as np
+from ray.serve.handle import DeploymentHandle
+
+from maas import metrics
+from maas.config import AppConfig, ModelSpec
+from maas.dataplane.batcher import RETRY_AFTER_S, FrontBatcher
+from maas.dataplane.watch import DeploymentWatch
+from maas.errors import (
+    InvalidRequest,
+    MaasError,
+    ModelNotFound,
+    ModelNotReady,
+    ModelTimeout,
+    PayloadTooLarge,
+    ServiceOverloaded,
+    TaskNotSupported,
+    unwrap,
+)
+from maas.preprocess.text import TextJob
+
+logger = logging.getLogger("ray.serve.maas.dataplane")
+
+_current: "Dataplane | None" = None
+
+
+def set_current(dataplane: "Dataplane | None") -> None:
+    """Make ``dataplane`` the one this process's routes use (the ingress replica sets it)."""
+    global _current
+    _current = dataplane
+
+
+def current() -> "Dataplane":
+    """This process's dataplane.
+
+    Raises:
+        ModelNotReady: none is set yet (the ingress is still starting).
+    """
+    if _current is None:
+        raise ModelNotReady("the ingress is still starting; retry")
+    return _current
+
+
+def counted(operation: str):
+    """Count each call of an operation in ``maas_requests`` by model and HTTP status."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def run(self, req, *args, **kwargs):
+            model = req if isinstance(req, str) else getattr(req, "model", None)
+            try:
+                out = await fn(self, req, *args, **kwargs)
+            except MaasError as exc:
+                metrics.request(str(model), operation, int(exc.status_code))
+                raise
+            except asyncio.CancelledError:
+                metrics.request(str(model), operation, 499)  # the caller left (nginx's code for it)
+                raise
+            except Exception:
+                metrics.request(str(model), operation, 500)
+                raise
+            metrics.request(str(model), operation, 200)
+            return out
+        return run
+    return wrap
+
+
+def log_hints(req) -> None:
+    """One log line naming the optional OpenAI hint fields a request set (never their values)."""
+    hints = req.ignored_hints() if hasattr(req, "ignored_hints") else None
+    if hints:
+        logger.info("ignoring optional OpenAI hint fields %s", hints)
+
+
+@dataclass
+class Route:
+    """Where a model's requests go: its spec, its deployment handle, its shared preprocessor."""
+
+    spec: ModelSpec
+    model: DeploymentHandle
+    pre: DeploymentHandle
+
+
+def usage(prompt: int, completion: int | None = None) -> dict:
+    """OpenAI ``usage``: ``prompt_tokens``, ``total_tokens`` (and ``completion_tokens``)."""
+    if completion is None:
+        return {"prompt_tokens": prompt, "total_tokens": prompt}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def generation_usage(out: dict) -> dict:
+    return usage(sum(out["prompt_tokens"]), sum(c["completion_tokens"] for c in out["choices"]))
+
+
+class Dataplane:
+    """The service's operations over the model graph (see the module docstring).
+
+    Args:
+        config: The validated app config.
+        models: Model name → model deployment handle.
+        preprocessors: Model name → its (shared) preprocessor deployment handle.
+        watch: Replica counts and deployment status (default: polled from Serve).
+    """
+
+    def __init__(self, config: AppConfig, models: dict[str, DeploymentHandle],
+                 preprocessors: dict[str, DeploymentHandle], watch: DeploymentWatch | None = None):
+        self.config = config
+        self.limits = config.ingress
+        self.routes = {s.name: Route(s, models[s.name], preprocessors[s.name]) for s in config.models}
+        self.watch = watch or DeploymentWatch([s.deployment_name for s in config.models],
+                                              handles={s.deployment_name: models[s.name] for s in config.models})
+        self._info: dict[str, dict] = {}
+        self._batchers: dict[tuple[str, str], FrontBatcher] = {}
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, name: str, task: str) -> Route:
+        """The route of model ``name`` for ``task``.
+
+        Raises:
+            ModelNotFound: no such model. TaskNotSupported: the model does not offer ``task``.
+        """
+        route = self.routes.get(name)
+        if route is None:
+            raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the served models")
+        if task not in route.spec.tasks:
+            raise TaskNotSupported(
+                f"model {name!r} ({route.spec.family}) does not offer {task}; it offers {list(route.spec.tasks)}"
+            )
+        return route
+
+    def domain_error(self, exc: BaseException, name: str) -> MaasError:
+        """Map an exception from a model or preprocessor call to the domain error to raise."""
+        from ray.serve.exceptions import BackPressureError
+
+        cause = unwrap(exc)
+        if isinstance(cause, MaasError):
+            return cause
+        if isinstance(cause, BackPressureError):
+            return ServiceOverloaded(f"model {name!r} is at capacity; retry after {RETRY_AFTER_S} s")
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        if isinstance(cause, (ActorDiedError, ActorUnavailableError)):
+            return ModelNotReady(f"model {name!r} lost its replica; retry")
+        if isinstance(cause, asyncio.CancelledError):
+            return ModelNotReady(f"the call to model {name!r} was cancelled; retry")
+        logger.error("model %s call failed with %s", name, type(cause).__name__)
+        return MaasError(f"model {name!r} failed")  # 500: a bug, logged; the body hides the detail
+
+    def timeout_error(self, name: str) -> ModelTimeout:
+        return ModelTimeout(f"model {name!r} did not answer within {self.limits.model_call_timeout_s} s; "
+                            "retry later or send less work per request")
+
+    async def call(self, response, name: str):
+        """Await a model call; map errors by type; past ``model_call_timeout_s`` cancel it on the
+        replica and raise :class:`ModelTimeout` (504)."""
+        try:
+            return await asyncio.wait_for(response, timeout=self.limits.model_call_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise self.timeout_error(name) from None
+        except asyncio.CancelledError:  # our caller left (disconnect, Serve's request_timeout_s)
+            response.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted by type in domain_error
+            raise self.domain_error(exc, name) from None
+
+    def deadline_s(self) -> float:
+        """The wall-clock deadline of a request starting now (``model_call_timeout_s`` ahead)."""
+        return time.time() + self.limits.model_call_timeout_s
+
+    async def info(self, route: Route) -> dict:
+        """The model's static facts (limits, labels), asked once per model and kept."""
+        name = route.spec.name
+        if name not in self._info:
+            self._info[name] = await self.call(route.model.info.remote(), name)
+        return self._info[name]
+
+    def check_items(self, n: int, param: str, limit: int | None = None, what: str = "items") -> None:
+        limit = limit or self.limits.max_items_per_request
+        if n > limit:
+            raise PayloadTooLarge(f"{param} has {n} {what}; at most {limit} per request, split it", param=param)
+
+    # ------------------------------------------------------------------ front batching
+
+    def batcher(self, route: Route, operation: str) -> FrontBatcher:
+        key = (route.spec.name, operation)
+        b = self._batchers.get(key)
+        if b is None:
+            spec = route.spec
+            name = spec.name
+
+            def dispatch(jobs):
+                pre = route.pre.remote([j.payload for j in jobs], model=name)
+                backlog = b.queued_items / max(1, self.watch.running(spec.deployment_name))
+                return route.model.remote(pre, [j.params for j in jobs], [j.deadline_s for j in jobs],
+                                          backlog_items=backlog)
+
+            b = FrontBatcher(
+                name, dispatch, lambda exc: self.domain_error(exc, name),
+                max_batch_items=spec.batching.max_batch_size,
+                max_queued_items=spec.resolved_max_queued_items,
+                max_inflight=lambda: spec.resolved_pipeline_depth * max(1, self.watch.running(spec.deployment_name)),
+            )
+            self._batchers[key] = b
+        return b
+
+    async def batched(self, route: Route, operation: str, payload: Any, params: dict, items: int) -> Any:
+        """One request through the model's front batcher; its own answer, or its error raised.
+
+        Raises:
+            ModelTimeout: no answer within ``model_call_timeout_s`` (the job is withdrawn).
+        """
+        b = self.batcher(route, operation)
+        try:
+            return await asyncio.wait_for(b.submit(payload, params, items, self.deadline_s()),
+                                          timeout=self.limits.model_call_timeout_s)
+        except asyncio.TimeoutError:
+            raise self.timeout_error(route.spec.name) from None
+
+    # ------------------------------------------------------------------ models and readiness
+
+    async def model_ready(self, name: str) -> bool:
+        """Loaded once (its info answered) and a replica running now."""
+        route = self.routes[name]
+        dep = route.spec.deployment_name
+        if self.watch.known_for(dep) and not self.watch.running(dep):
+            return False
+        try:
+            await asyncio.wait_for(self.info(route), timeout=5.0)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return False
+
+    async def list_models(self) -> dict:
+        """All served models with family, tasks, weights source and readiness (``/v1/models`` body)."""
+        names = list(self.routes)
+        ready = await asyncio.gather(*(self.model_ready(n) for n in names))
+        if not all(ready):
+            await self.watch.refresh()
+        cards = []
+        for n, r in zip(names, ready):
+            spec = self.routes[n].spec
+            card = {"id": n, "object": "model", "created": self.created, "owned_by": "maas", "family": spec.family,
+                    "tasks": list(spec.tasks), "weights": spec.weights_label(), "demo_weights": spec.is_demo,
+                    "ready": r, "deployment": spec.deployment_name}
+            if not r:
+                card["status_message"] = self.watch.reason(spec.deployment_name)
+            cards.append(card)
+        return {"object": "list", "data": cards}
+
+    async def readiness(self) -> dict:
+        """``{"ready": bool, "models": {name: bool}, "reasons"?: {name: message}}``."""
+        names = list(self.routes)
+        ready = await asyncio.gather(*(self.model_ready(n) for n in names))
+        if not all(ready):
+            await self.watch.refresh()
+        body: dict = {"ready": all(ready), "models": dict(zip(names, ready))}
+        reasons = {n: self.watch.reason(self.routes[n].spec.deployment_name) for n, r in zip(names, ready) if not r}
+        if reasons:
+            body["reasons"] = reasons
+        return body
+
+    # ------------------------------------------------------------------ one-forward operations (front batched)
+
+    @counted("embeddings")
+    async def embed(self, req) -> dict:
+        """OpenAI embeddings (texts or token arrays); inputs over the model's limit are truncated.
+
+        Args:
+            req: :class:`~maas.protocol.openai.EmbeddingRequest`.
+
+        Returns:
+            The embeddings body; each ``embedding`` a ``float32`` (D,) array, or base64 text.
+        """
+        route = self.route(req.model, "embeddings")
+        log_hints(req)
+        texts = req.texts()
+        rows = texts if texts is not None else req.token_arrays()
+        self.check_items(len(rows), "input")
+        info = await self.info(route)
+        if req.dimensions is not None and req.dimensions != info["dimensions"]:
+            raise InvalidRequest(
+                f"model {req.model!r} returns {info['dimensions']}-dimensional embeddings and cannot shorten "
+                f"them; omit dimensions or set it to {info['dimensions']}",
+                param="dimensions",
+            )
+        job = TextJob("texts" if texts is not None else "ids", rows, max_length=info["max_input_tokens"])
+        out = await self.batched(route, "embeddings", job, {"task": "embeddings"}, len(rows))
+        vectors = np.asarray(out["embeddings"], dtype="<f4")
+        as_b64 = req.encoding_format == "base64"
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.tobytes()).decode() if as_b64 else v}
+                for i, v in enumerate(vectors)]
+        n = int(sum(out["num_tokens"]))
+        return {"object": "list", "data": data, "model": req.model, "usage": usage(n),
+                "demo_weights": route.spec.is_demo}
+
+    @counted("text-classification")
+    async def classify_text(self, req) -> dict:
+        """Text classification with a sequence-classification head; inputs truncated to the limit."""
+        route = self.route(req.model, "text-classification")
+        texts = self._texts(req.input)
+        info = await self.info(route)
+        job = TextJob("texts", texts, max_length=info["max_input_tokens"])
+        out = await self.batched(route, "text-classification", job,
+                                 {"task": "text-classification", "top_k": req.top_k}, len(texts))
+        n = int(sum(out["num_tokens"]))
+        return {"object": "list", "model": req.model, "demo_weights": route.spec.is_demo,
+                "data": [{"index": i, "top_k": r["top_k"]} for i, r in enumerate(out["results"])],
+                "usage": usage(n)}
+
+    @counted("image-classification")
+    async def classify_images(self, model: str, images: list, top_k: int = 5) -> dict:
+        """Encoded files (bytes) or decoded ``uint8`` (H, W, 3) arrays → classification body."""
+        route = self.route(model, "image-classification")
+        if not images:
+            raise InvalidRequest("no images in the request; send at least one", param="images")
+        self.check_items(len(images), "images", self.limits.max_images_per_request)
+        limit = self.limits.max_image_bytes
+        for i, b in enumerate(images):
+            size = len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes
+            if size > (limit if isinstance(b, (bytes, bytearray)) else 4 * limit):
+                raise PayloadTooLarge(f"images[{i}] is {size} bytes; the limit is {limit} bytes", param=f"images[{i}]")
+        out = await self.batched(route, "image-classification", list(images), {"top_k": top_k}, len(images))
+        return {"object": "list", "model": model, "demo_weights": route.spec.is_demo,
+                "data": [{"index": i, "top_k": r["top_k"]} for i, r in enumerate(out["results"])]}
+
+    def _texts(self, value: str | list[str], limit: int | None = None) -> list[str]:
+        texts = [value] if isinstance(value, str) else list(value)
+        if not texts:
+            raise InvalidRequest("input is an empty list; send at least one text", param="input")
+        if any(not t.strip() for t in texts):
+            raise InvalidRequest("input holds an empty text; send non-blank text", param="input")
+        self.check_items(len(texts), "input", limit)
+        return texts
+
+    # ------------------------------------------------------------------ generation (one call per request)
+
+    def _prompt_job(self, req) -> TextJob:
+        """The tokenizer job of a completion or chat request (never truncated)."""
+        limit = self.limits.max_prompts_per_request
+        if hasattr(req, "messages"):
+            self.check_items(req.n, "n", limit)
+            return TextJob("chat", req.plain_messages())
+        prompts = req.prompts()
+        self.check_items(len(prompts) * req.n, "prompt", limit, "prompts × n")
+        if req.prompt_is_tokens:
+            return TextJob("ids", prompts, max_length=None)
+        return TextJob("texts", prompts, max_length=None, truncate=False, add_special_tokens=False)
+
+    async def generate(self, route: Route, job: TextJob, params: dict) -> dict:
+        """One generation request: tokenizer call chained into one generator call."""
+        name = route.spec.name
+        pre = route.pre.remote([job], model=name)
+        out = (await self.call(route.model.remote(pre, [params], [self.deadline_s()]), name))[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    @counted("completion")
+    async def complete(self, req) -> dict:
+        """OpenAI completions, not streamed. Over-long prompts are rejected, not truncated."""
+        route = self.route(req.model, "completion")
+        log_hints(req)
+        out = await self.generate(route, self._prompt_job(req), req.to_params())
+        choices = [{"text": c["text"], "index": i, "logprobs": None, "finish_reason": c["finish_reason"]}
+                   for i, c in enumerate(out["choices"])]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": generation_usage(out),
+                "demo_weights": route.spec.is_demo}
+
+    @counted("chat")
+    async def chat(self, req) -> dict:
+        """OpenAI chat completions, not streamed."""
+        route = self.route(req.model, "chat")
+        log_hints(req)
+        out = await self.generate(route, self._prompt_job(req), req.to_params())
+        choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
+                    "finish_reason": c["finish_reason"]} for i, c in enumerate(out["choices"])]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": generation_usage(out),
+                "demo_weights": route.spec.is_demo}
+
+    @counted("text2text")
+    async def text2text(self, req) -> dict:
+        """Encoder–decoder generation; inputs are truncated to the encoder's limit."""
+        route = self.route(req.model, "text2text")
+        texts = self._texts(req.input, self.limits.max_prompts_per_request)
+        info = await self.info(route)
+        out = await self.generate(route, TextJob("texts", texts, max_length=info["max_input_tokens"]),
+                                  req.to_params())
+        data = [{"index": i, "text": c["text"], "finish_reason": c["finish_reason"]}
+                for i, c in enumerate(out["choices"])]
+        return {"object": "list", "model": req.model, "data": data, "usage": generation_usage(out),
+                "demo_weights": route.spec.is_demo}
+
+    async def events(self, req, task: str) -> AsyncIterator[dict]:
+        """The generator's stream events for ``req`` (see ``StreamingMixin.stream``); domain errors
+        raised by type. The call is cancelled on the replica when the caller stops reading."""
+        route = self.route(req.model, task)
+        log_hints(req)
+        name = route.spec.name
+        pre = route.pre.remote([self._prompt_job(req)], model=name)
+        gen = route.model.options(stream=True).stream.remote(pre, req.to_params(), self.deadline_s())
+        operation = f"{task}-stream"
+        try:
+            async for event in gen:
+                yield event
+            metrics.request(name, operation, 200)
+        except Exception as exc:  # noqa: BLE001 - mapped to the domain error
+            err = self.domain_error(exc, name)
+            metrics.request(name, operation, int(err.status_code))
+            raise err from None
+        finally:
+            gen.cancel()  # stops generation on the replica when the caller went away
+
+    async def stream_complete(self, req) -> AsyncIterator[dict]:
+        """Streaming completions: ``text_completion`` chunk dicts (OpenAI stream shape), then a
+        usage chunk when ``stream_options.include_usage``."""
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        demo = self.route(req.model, "completion").spec.is_demo
+        async for event in self.events(req, "completion"):
+            if event.get("done"):
+                if req.include_usage:
+                    yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                           "choices": [], "usage": usage(event["prompt_tokens"], event["completion_tokens"]),
+                           "demo_weights": demo}
+                return
+            choices = [{"text": c["text"], "index": c["index"], "logprobs": None, "finish_reason": c["finish_reason"]}
+                       for c in event["choices"]]
+            yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                   "choices": choices, "demo_weights": demo}
+
+    async def stream_chat(self, req) -> AsyncIterator[dict]:
+        """Streaming chat: ``chat.completion.chunk`` dicts; the first chunk of each choice carries
+        ``delta.role``, the last its ``finish_reason``; unset delta fields are left out."""
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        demo = self.route(req.model, "chat").spec.is_demo
+        started: set[int] = set()
+        async for event in self.events(req, "chat"):
+            if event.get("done"):
+                if req.include_usage:
+                    yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                           "choices": [], "usage": usage(event["prompt_tokens"], event["completion_tokens"]),
+                           "demo_weights": demo}
+                return
+            choices = []
+            for c in event["choices"]:
+                delta: dict = {}
+                if c["index"] not in started:
+                    delta["role"] = "assistant"
+                    started.add(c["index"])
+                if c["text"] or "role" in delta:
+                    delta["content"] = c["text"]
+                choices.append({"index": c["index"], "delta": delta, "logprobs": None,
+                                "finish_reason": c["finish_reason"]})
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                   "choices": choices, "demo_weights": demo}

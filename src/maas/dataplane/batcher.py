@@ -1,0 +1,189 @@
+"""Front batching in the ingress: concurrent requests for one model become one call.
+
+A :class:`FrontBatcher` per (model, operation) queues *jobs* (one per request; a job holds one
+or more items) and sends them to the graph as one preprocessor call chained into one model
+call (``model.remote(pre.remote(jobs), params, deadlines)``), so a Ray hop is paid per batch,
+not per request.
+
+Batches form where work is pulled, as on the replica (:class:`maas.models.base.PullBatcher`):
+at most ``max_inflight()`` batches are out at once (the model's ``pipeline_depth`` per
+running replica: 1 on CPU, 2 on GPU so one batch collates while one computes). While they
+are out, requests queue here; when one comes back, everything queued (up to
+``max_batch_items`` items, whole jobs only) leaves as the next batch. An idle model gets a
+lone request at once: there is no timer.
+
+Each job keeps its own answer, error, deadline and cancellation inside the batch:
+
+* the model answers one result or one :class:`~maas.errors.MaasError` per job;
+* the deadline travels with the job (wall-clock ``time.time()``), so the replica drops a job
+  still queued past it and generation stops at it, whatever the transport does with
+  cancellation;
+* a caller who leaves (disconnect, timeout) takes its job out of the queue; a batch already
+  sent is cancelled on the replica once every caller in it has left.
+
+Every queue is bounded: past ``max_queued_items`` items waiting, a new request gets
+:class:`~maas.errors.ServiceOverloaded` (503 + Retry-After) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from maas import metrics
+from maas.errors import MaasError, ServiceOverloaded
+
+logger = logging.getLogger("ray.serve.maas.dataplane")
+
+#: Seconds a client should wait before retrying a 503 (sent as ``Retry-After``).
+RETRY_AFTER_S = 1
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside a front batch.
+
+    Attributes:
+        payload: What the preprocessor receives for this request (a ``TextJob``, or a list of
+            encoded images / pixel arrays).
+        params: Per-request options for the model (``top_k``, ``task``).
+        items: Texts or images in the request (counted against batch and queue bounds).
+        deadline_s: Wall-clock time after which the answer is no longer wanted, or None.
+    """
+
+    payload: Any
+    params: dict
+    items: int
+    deadline_s: float | None
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    batch: "_Batch | None" = None
+
+
+@dataclass(eq=False)
+class _Batch:
+    jobs: list[Job]
+    response: Any = None  # the model call (a DeploymentResponse), once sent
+
+    def maybe_cancel(self) -> None:
+        """Cancel the model call when every job in it was abandoned."""
+        if self.response is not None and all(j.cancelled for j in self.jobs):
+            self.response.cancel()
+
+
+class FrontBatcher:
+    """Queue of jobs for one (model, operation) in the ingress; see the module docstring.
+
+    Args:
+        name: Model name (errors, metrics).
+        dispatch: ``dispatch(jobs) -> response``: starts the batch's calls and returns an
+            awaitable with ``cancel()`` (Serve's ``DeploymentResponse``) whose result is one
+            answer (or MaasError) per job. Exceptions it raises are mapped by ``map_error``.
+        map_error: Turns a failed call's exception into the MaasError each job then gets.
+        max_batch_items: Items per batch at most (a job larger than this goes alone).
+        max_queued_items: Items waiting at most; beyond, 503 at once.
+        max_inflight: Batches out at once at most (called at each decision, so it follows
+            the model's running replica count).
+    """
+
+    def __init__(self, name: str, dispatch: Callable[[list[Job]], Any], map_error: Callable[[BaseException], MaasError],
+                 *, max_batch_items: int, max_queued_items: int, max_inflight: Callable[[], int]):
+        self.name = name
+        self.dispatch, self.map_error = dispatch, map_error
+        self.max_batch_items, self.max_queued_items, self.max_inflight = max_batch_items, max_queued_items, max_inflight
+        self._queue: deque[Job] = deque()
+        self.queued_items = 0
+        self.inflight = 0
+        self.batches_sent = 0
+
+    async def submit(self, payload: Any, params: dict, items: int, deadline_s: float | None) -> Any:
+        """Queue one request and wait for its answer.
+
+        Raises:
+            ServiceOverloaded: the queue holds ``max_queued_items`` already.
+            MaasError: the job's own error from the preprocessor or the model.
+            asyncio.CancelledError: the caller left; the job is withdrawn.
+        """
+        if self.queued_items and self.queued_items + items > self.max_queued_items:
+            raise ServiceOverloaded(f"model {self.name!r} is at capacity ({self.queued_items} items queued); "
+                                    f"retry after {RETRY_AFTER_S} s")
+        job = Job(payload, params, items, deadline_s, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self.queued_items += items
+        self._pump()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True
+            if job.batch is None:  # still queued: withdraw it
+                try:
+                    self._queue.remove(job)
+                    self.queued_items -= job.items
+                except ValueError:
+                    pass
+            else:
+                job.batch.maybe_cancel()
+            raise
+
+    def _take(self) -> list[Job]:
+        jobs: list[Job] = []
+        items = 0
+        while self._queue:
+            job = self._queue[0]
+            if jobs and items + job.items > self.max_batch_items:
+                break
+            self._queue.popleft()
+            self.queued_items -= job.items
+            if job.cancelled or job.future.done():
+                continue
+            jobs.append(job)
+            items += job.items
+        return jobs
+
+    def _pump(self) -> None:
+        """Send batches while fewer than ``max_inflight()`` are out."""
+        while self._queue and self.inflight < max(1, self.max_inflight()):
+            jobs = self._take()
+            if not jobs:
+                return
+            batch = _Batch(jobs)
+            for j in jobs:
+                j.batch = batch
+            self.inflight += 1
+            self.batches_sent += 1
+            asyncio.get_running_loop().create_task(self._send(batch))
+
+    async def _send(self, batch: _Batch) -> None:
+        now = time.perf_counter()
+        for j in batch.jobs:
+            metrics.stage(self.name, "front_queue", 1000 * (now - j.enqueued_at))
+        try:
+            batch.response = self.dispatch(batch.jobs)
+            if all(j.cancelled for j in batch.jobs):  # every caller left while it was being sent
+                batch.response.cancel()
+            results = await batch.response
+        except BaseException as exc:  # noqa: BLE001 - each job gets the mapped error; nothing is lost
+            err = exc if isinstance(exc, MaasError) else self.map_error(exc)
+            for j in batch.jobs:
+                if not j.future.done():
+                    j.future.set_exception(err)
+                    j.future.exception()  # a job whose caller left would warn "never retrieved"
+            if isinstance(exc, asyncio.CancelledError) and not all(j.cancelled for j in batch.jobs):
+                logger.warning("model %s: a batch was cancelled with callers still waiting", self.name)
+        else:
+            for j, res in zip(batch.jobs, results):
+                if j.future.done():
+                    continue
+                if isinstance(res, BaseException):
+                    j.future.set_exception(res)
+                    j.future.exception()
+                else:
+                    j.future.set_result(res)
+        finally:
+            self.inflight -= 1
+            self._pump()

@@ -1,0 +1,107 @@
+"""maas-serve's own routes: health, readiness, text2text, text and image classification.
+
+Thin: parse (JSON through the schemas of :mod:`maas.protocol.maas`; image uploads as
+multipart or base64 JSON), call one dataplane operation, encode its answer.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from maas.errors import InvalidRequest, UnsupportedMediaType
+from maas.protocol import parse
+from maas.protocol.http import ERROR_RESPONSES, dataplane, json_response
+from maas.protocol.maas import (
+    ClassificationResponse,
+    ImageClassificationRequest,
+    Text2TextRequest,
+    Text2TextResponse,
+    TextClassificationRequest,
+)
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz():
+    """Liveness: the ingress answers."""
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", tags=["health"], responses={503: {"description": "Some model is not ready."}})
+async def readyz(dp=Depends(dataplane)):
+    """Readiness: every model is loaded and has a running replica."""
+    body = await dp.readiness()
+    return json_response(body, 200 if body["ready"] else 503)
+
+
+@router.post("/v1/text2text", response_model=Text2TextResponse, responses=ERROR_RESPONSES, tags=["maas"])
+async def text2text(body: Text2TextRequest, dp=Depends(dataplane)):
+    return json_response(await dp.text2text(body))
+
+
+@router.post("/v1/classifications/text", response_model=ClassificationResponse, responses=ERROR_RESPONSES,
+             tags=["maas"])
+async def classify_text(body: TextClassificationRequest, dp=Depends(dataplane)):
+    return json_response(await dp.classify_text(body))
+
+
+_IMAGE_REQUEST_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "file"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "top_k": {"type": "integer", "default": 5},
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    },
+                }
+            },
+            "application/json": {"schema": ImageClassificationRequest.model_json_schema()},
+        }
+    }
+}
+
+
+@router.post(
+    "/v1/classifications/image",
+    response_model=ClassificationResponse,
+    response_model_exclude_none=True,  # images have no token usage
+    responses={**ERROR_RESPONSES, 415: {"description": "Neither multipart/form-data nor JSON."}},
+    tags=["maas"],
+    openapi_extra=_IMAGE_REQUEST_BODY,
+)
+async def classify_image(request: Request, dp=Depends(dataplane)):
+    """Multipart upload (fields ``model``, ``top_k``, one or more ``file``/``files``) or JSON
+    ``{"model", "images": [base64], "top_k"}``."""
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        form = await request.form(max_files=dp.limits.max_images_per_request + 1)
+        files = [f for key in ("file", "files") for f in form.getlist(key) if hasattr(f, "read")]
+        if not files:
+            raise InvalidRequest("multipart request has no file; attach images as 'file' fields", param="file")
+        model, top_k = form.get("model"), form.get("top_k", 5)
+        if model is None:
+            raise InvalidRequest("multipart request has no 'model' field", param="model")
+        try:
+            top_k = int(top_k)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"top_k must be an integer, got {top_k!r}", param="top_k") from None
+        images = [await f.read() for f in files]
+        return json_response(await dp.classify_images(str(model), images, top_k))
+    if media == "application/json" or media.endswith("+json") or not media:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
+        req = parse(ImageClassificationRequest, body)
+        return json_response(await dp.classify_images(req.model, req.decoded(), req.top_k))
+    raise UnsupportedMediaType(
+        f"content type {ctype!r} is not accepted; send multipart/form-data with 'file' fields or JSON with base64 "
+        "'images'"
+    )
+

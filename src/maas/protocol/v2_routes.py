@@ -1,0 +1,146 @@
+"""Open Inference Protocol v2 routes (KServe v2 / Triton HTTP): server and model metadata,
+health, readiness and ``infer`` with JSON or binary tensors.
+
+Thin: :mod:`maas.protocol.v2` decodes and encodes tensors; :func:`run` translates a decoded
+request into one dataplane operation by the model's family (contracts in that module).
+Every response says whether the model's weights are a demo (``parameters.demo_weights``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from maas.errors import InvalidRequest, ModelNotFound
+from maas.protocol import parse, v2
+from maas.protocol.http import dataplane, json_response
+from maas.protocol.maas import Text2TextRequest, TextClassificationRequest
+from maas.protocol.openai import CompletionRequest, EmbeddingRequest
+
+router = APIRouter(tags=["v2"])
+
+
+@router.get("/v2")
+async def server_metadata():
+    from maas import __version__
+
+    return json_response({"name": "maas-serve", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+@router.get("/v2/health/live")
+async def live():
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready")
+async def ready(dp=Depends(dataplane)):
+    ok = (await dp.readiness())["ready"]
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+def _route(dp, name: str, version: str | None):
+    route = dp.routes.get(name)
+    if route is None:
+        raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the served models")
+    if version not in (None, "1"):
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; the only version is '1'")
+    return route
+
+
+@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}/versions/{version}")
+async def model_metadata(name: str, version: str | None = None, dp=Depends(dataplane)):
+    route = _route(dp, name, version)
+    info = await dp.info(route)
+    body = v2.metadata(name, route.spec.family, list(route.spec.tasks), info)
+    body["parameters"] = {"demo_weights": route.spec.is_demo}
+    return json_response(body)
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(name: str, version: str | None = None, dp=Depends(dataplane)):
+    _route(dp, name, version)
+    ok = await dp.model_ready(name)
+    return json_response({"name": name, "ready": ok}, 200 if ok else 503)
+
+
+@router.post("/v2/models/{name}/infer")
+@router.post("/v2/models/{name}/versions/{version}/infer")
+async def infer(name: str, request: Request, version: str | None = None, dp=Depends(dataplane)) -> Response:
+    """Inference with JSON or binary tensors (see :mod:`maas.protocol.v2`)."""
+    route = _route(dp, name, version)
+    header_length = request.headers.get("inference-header-content-length")
+    try:
+        hl = int(header_length) if header_length is not None else None
+    except ValueError:
+        raise InvalidRequest("Inference-Header-Content-Length must be an integer") from None
+    req = v2.parse_request(await request.body(), hl)
+    outputs = await run(dp, route.spec, req)
+    wanted = [o.name for o in req.outputs or []]
+    known = {t.name for t in outputs}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise InvalidRequest(f"model {name!r} has no output {unknown[0]!r}; it has {sorted(known)}")
+    if wanted:
+        outputs = [t for t in outputs if t.name in wanted]
+    body, headers = v2.encode_response(name, req, outputs, {"demo_weights": route.spec.is_demo})
+    return Response(content=body, headers=headers)
+
+
+def top_k_tensors(rows: list[list[dict]]) -> list:
+    """Top-k results → ``labels`` BYTES, ``scores`` FP32, ``indices`` INT64, each [N, k]."""
+    k = len(rows[0]) if rows else 0
+    labels = [c["label"] for r in rows for c in r]
+    return [
+        v2.bytes_tensor("labels", labels, (len(rows), k)),
+        v2.Tensor("scores", "FP32", np.asarray([[c["score"] for c in r] for r in rows], dtype=np.float32)),
+        v2.Tensor("indices", "INT64", np.asarray([[c["index"] for c in r] for r in rows], dtype=np.int64)),
+    ]
+
+
+async def run(dp, spec, req: "v2.InferenceRequest") -> list:
+    """Translate a decoded v2 request into the dataplane operation of the model's family."""
+    params = req.parameters
+    expected = "image" if spec.family == "image-classifier" else "text"
+    if list(req.inputs) != [expected]:
+        raise InvalidRequest(f"model {spec.name!r} takes one input named {expected!r} "
+                             f"(see GET /v2/models/{spec.name}), got {sorted(req.inputs)}")
+    tensor = req.inputs[expected]
+    if tensor.datatype == "BYTES" and tensor.array.ndim != 1:
+        raise InvalidRequest(f"input {expected!r} must have shape [N] for BYTES, got {list(tensor.array.shape)}",
+                             param=expected)
+    if spec.family == "image-classifier":
+        if tensor.datatype == "BYTES":
+            images: list = list(tensor.array.reshape(-1))
+        elif tensor.datatype == "UINT8" and tensor.array.ndim == 4 and tensor.array.shape[-1] == 3:
+            images = list(tensor.array)
+        else:
+            raise InvalidRequest(f"input {tensor.name!r} must be BYTES [N] (encoded images) or UINT8 [N, H, W, 3], "
+                                 f"got {tensor.datatype} {list(tensor.array.shape)}", param=tensor.name)
+        out = await dp.classify_images(spec.name, images, params.get("top_k", 5))
+        return top_k_tensors([d["top_k"] for d in out["data"]])
+    if tensor.datatype != "BYTES":
+        raise InvalidRequest(f"input {tensor.name!r} must be BYTES text, got {tensor.datatype}", param=tensor.name)
+    try:
+        texts = [b.decode("utf-8") for b in tensor.array.reshape(-1)]
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input {tensor.name!r} is not valid UTF-8 text", param=tensor.name) from None
+    gen = {k: params[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in params}
+    if spec.family == "text-encoder":
+        wanted = {o.name for o in req.outputs or []}
+        if "embeddings" not in spec.tasks or wanted & {"labels", "scores", "indices"}:
+            body: dict = {"model": spec.name, "input": texts}
+            if "top_k" in params:
+                body["top_k"] = params["top_k"]
+            out = await dp.classify_text(parse(TextClassificationRequest, body))
+            return top_k_tensors([d["top_k"] for d in out["data"]])
+        out = await dp.embed(parse(EmbeddingRequest, {"model": spec.name, "input": texts}))
+        vectors = np.asarray([d["embedding"] for d in out["data"]], dtype=np.float32)
+        return [v2.Tensor("embeddings", "FP32", vectors)]
+    if spec.family == "text-generator":
+        out = await dp.complete(parse(CompletionRequest, {"model": spec.name, "prompt": texts, **gen}))
+        return [v2.bytes_tensor("text_output", [c["text"] for c in out["choices"]])]
+    out = await dp.text2text(parse(Text2TextRequest, {"model": spec.name, "input": texts, **gen}))
+    return [v2.bytes_tensor("text_output", [d["text"] for d in out["data"]])]
