@@ -1,12 +1,16 @@
 """``python -m bench`` (``make bench``): the limit, maas-serve and its peers in one run.
 
-Order: the limit of each model (in a subprocess each), then each server in turn — maas-serve
-as shipped (batching on, Ray Serve's high-throughput mode as ``make serve`` starts it), the same
-with Serve's default proxy and threading, maas-serve with batching off, LitServe, plain
-FastAPI — with nothing else running. Per server and model: one checked request (the answer must be right), a short
-warm-up, then one closed-loop ``wrk`` run per concurrency level. maas-serve with batching on
-also gets a graph-overhead run (concurrency 1, the smallest input only). Memory of each
-server's process tree is read after start-up, sampled during the load (peak) and read after it.
+Order: the limit of each model (in a subprocess each), then each server in turn, with nothing
+else running — maas-serve as shipped (batching on, Ray Serve's high-throughput mode as ``make
+serve`` starts it), the baseline (the release before the batched request path, from a git
+worktree, as it shipped), maas-serve with batching off, then LitServe and plain FastAPI, each
+first swept over its documented tuning knobs at one loaded point and then run with its best
+settings. Per server and model: one checked request (the answer must be right), a short
+warm-up, then one closed-loop ``wrk`` run per concurrency level. maas-serve and the baseline
+also get a graph-overhead run (concurrency 1, the smallest input only) and, for MiniLM, a
+multi-item point (16 sentences per request, 4 clients). Memory of each server's process tree
+is read after start-up, sampled during the load (peak) and read after it; its idle CPU is
+measured for 10 s before the load.
 
 Writes ``<out>/<date>.json``, ``<date>.md`` and ``<date>.png`` (see :mod:`bench.report`).
 """
@@ -27,16 +31,33 @@ from pathlib import Path
 
 from bench import inputs, load, memory, report, systems, workloads
 
-SYSTEMS = ("limit", "maas", "maas-serve-defaults", "maas-nobatch", "litserve", "fastapi")
+SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi")
+#: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
+DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
-    "maas-serve-defaults": ("batching on, Serve defaults", True, False),
+    "maas-baseline": ("baseline", True, True),
     "maas-nobatch": ("batching off", False, True),
+    "maas-serve-defaults": ("batching on, Serve defaults", True, False),
 }
+#: The release before the batched request path (issue 10): ``maas-baseline`` runs it from a git
+#: worktree, with its own config and Serve settings, in the same run as this tree.
+DEFAULT_BASELINE_REF = "28058b3"
 PEER_MODELS = ("efficientnet-lite0", "minilm")
 DEFAULT_MODELS = ("efficientnet-lite0", "resnet50", "minilm")
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+#: The multi-item point: sentences per embeddings request and clients (how bulk clients call).
+MULTI_ITEMS, MULTI_CONCURRENCY = 16, 4
+#: Peers are swept at this concurrency (a loaded point) before their full run with the best settings.
+SWEEP_CONCURRENCY = 32
+
+
+def multi_bodies(model: str, items: int = MULTI_ITEMS) -> list[load.Body]:
+    """Embeddings requests of ``items`` sentences each (consecutive sentences, rotating)."""
+    s = list(inputs.SENTENCES)
+    return [load.json_body("/v1/embeddings", {"model": model, "input": [s[(i + j) % len(s)] for j in range(items)]})
+            for i in range(0, len(s), items // 2 or 1)]
 
 
 def bodies_for(model: str, smallest_only: bool = False) -> list[load.Body]:
@@ -125,14 +146,149 @@ def sweep(server: systems.Server, system: str, mode: str, model: str, args, runs
               f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
 
 
+def baseline_checkout(ref: str, workdir: Path) -> Path | None:
+    """A git worktree of ``ref`` under ``workdir``; returns its ``src`` (None when git or the ref is missing)."""
+    path = workdir / "baseline"
+    proc = subprocess.run(["git", "-C", str(workloads.ROOT), "worktree", "add", "--detach", "--force", str(path), ref],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"bench: no baseline ({ref}): {proc.stderr.strip()[:300]}", flush=True)
+        return None
+    return path / "src"
+
+
+def remove_checkout(src: Path | None) -> None:
+    if src is not None:
+        subprocess.run(["git", "-C", str(workloads.ROOT), "worktree", "remove", "--force", str(src.parent)],
+                       capture_output=True)
+
+
+def ceiling(model: str, limit: dict, config: dict) -> dict | None:
+    """The machine's ceiling for ``model``: the one-thread limit's best items/s × the torch
+    threads the graph's replicas of the model use together (replicas × threads each)."""
+    lim = limit.get(model, {}).get("best")
+    if not lim:
+        return None
+    threads = systems.maas_replicas(model, config) * workloads.replica_threads(model)
+    return {"threads": threads, "items_per_s": round(lim["items_per_s"] * threads / limit[model]["threads"], 2)}
+
+
+def idle_cpu(server: systems.Server, seconds: float = 10.0) -> float:
+    """Cores the server's whole process tree used while idle (ready, no load), over ``seconds``."""
+    if server.proc is None:
+        return float("nan")
+    return round(memory.cpu_cores(server.proc.pid, seconds), 3)
+
+
+def run_maas(system: str, models: list[str], args, workdir: Path, result: dict, src: Path | None) -> None:
+    """One maas-serve configuration: start, sweep every model, the extra points, stop."""
+    mode, batching, throughput_mode = MAAS_RUNS[system]
+    kept = models if system != "maas-nobatch" else [m for m in models if m in PEER_MODELS]
+    if args.maas_url and system == "maas":
+        server = systems.Server("maas-serve (running)", [], args.maas_url + "/readyz", workdir / "unused.log")
+        server.base_url = args.maas_url.rstrip("/")
+    elif args.maas_url:
+        return
+    else:
+        server = systems.maas(kept, batching=batching, workdir=workdir, mode=mode, throughput_mode=throughput_mode,
+                              src=src)
+        print(f"bench: starting maas-serve ({mode})", flush=True)
+        server.start()
+        result["servers"][f"maas-serve ({mode})"] = {"ready_s": server.ready_s, "log": str(server.log_path)}
+    try:
+        mem = {"after_start": server.memory()} if server.proc else {}
+        if server.proc:
+            for model in kept:
+                check(server.base_url, model)
+            mem["idle_cpu_cores"] = idle_cpu(server)
+        with memory.PeakSampler(server.proc.pid) if server.proc else _Nothing() as sampler:
+            for model in kept:
+                sweep(server, "maas-serve", mode, model, args, result["runs"])
+                if system in ("maas", "maas-baseline"):
+                    r = load.run(server.base_url, bodies_for(model, smallest_only=True), concurrency=1,
+                                 duration_s=args.duration_s)
+                    result["overhead"].setdefault(model, {})[system] = {
+                        "maas_p50_ms": r["p50_ms"], "maas_p99_ms": r["p99_ms"], "requests": r["requests"],
+                        "errors": r["errors"]}
+                    if workloads.KINDS[model] == "text":
+                        r = load.run(server.base_url, multi_bodies(model), concurrency=MULTI_CONCURRENCY,
+                                     duration_s=args.duration_s)
+                        r.update(system="maas-serve", mode=mode, model=model, items_per_request=MULTI_ITEMS,
+                                 items_per_s=round(r["ok_per_s"] * MULTI_ITEMS, 2))
+                        result["multi"].append(r)
+                        print(f"  maas-serve {mode:12s} {model:18s} {MULTI_ITEMS} items/request c={MULTI_CONCURRENCY}"
+                              f" {r['items_per_s']:8.1f} items/s  p50 {r['p50_ms']:7.1f} ms", flush=True)
+        if server.proc:
+            mem["peak_during_load"] = sampler.peak
+            mem["after_load"] = server.memory()
+            result["memory"][f"maas-serve ({mode})"] = mem
+    finally:
+        server.stop()
+
+
+def peer_settings(system: str, model: str) -> list[dict]:
+    """The settings a peer is swept over (its documented tuning knobs), best taken per model."""
+    if system == "fastapi":
+        return [{"workers": w} for w in (1, 2)]
+    sizes = (4, 8) if workloads.KINDS[model] == "image" else (32, 64)
+    return [{"workers": w, "max_batch_size": b, "batch_wait_timeout_s": t, "fast_queue": True}
+            for w in (1, 2) for b in sizes for t in (0.0, 0.005)]
+
+
+def run_peer(system: str, model: str, args, workdir: Path, result: dict) -> None:
+    """Sweep the peer's settings at one loaded point, then run the best over every concurrency."""
+    threads = workloads.replica_threads(model)
+    bodies = bodies_for(model)
+    best, tried = None, []
+    candidates = peer_settings(system, model)
+    if args.no_sweep:
+        candidates, best = [], (candidates[0], 0.0)
+    for settings in candidates:
+        server = systems.peer(system, model, threads=threads, workdir=workdir, **settings)
+        server.start()
+        try:
+            check(server.base_url, model)
+            load.run(server.base_url, bodies, concurrency=4, duration_s=1)
+            r = load.run(server.base_url, bodies, concurrency=SWEEP_CONCURRENCY, duration_s=max(3.0, args.duration_s / 2))
+        finally:
+            server.stop()
+        tried.append({**settings, "items_per_s": r["ok_per_s"], "errors": r["errors"]})
+        print(f"  sweep {server.name:8s} {model:18s} {settings} -> {r['ok_per_s']:.1f} items/s", flush=True)
+        if best is None or r["ok_per_s"] > best[1]:
+            best = (settings, r["ok_per_s"])
+    settings = best[0]
+    server = systems.peer(system, model, threads=threads, workdir=workdir, **settings)
+    print(f"bench: starting {server.name} for {model} with {settings}", flush=True)
+    server.start()
+    name = f"{server.name} ({model})"
+    result["servers"][name] = {"ready_s": server.ready_s, "log": str(server.log_path), "settings": settings,
+                               "sweep": tried}
+    try:
+        mem = {"after_start": server.memory()}
+        check(server.base_url, model)
+        mem["idle_cpu_cores"] = idle_cpu(server)
+        mode = "batching on" if system == "litserve" else "no batching"
+        with memory.PeakSampler(server.proc.pid) as sampler:
+            sweep(server, server.name, mode, model, args, result["runs"])
+        mem.update(peak_during_load=sampler.peak, after_load=server.memory())
+        result["memory"][name] = mem
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {SYSTEMS}")
-    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
-    parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per measured point")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma-separated, from {SYSTEMS}")
+    parser.add_argument("--concurrency", default="1,4,16,32,64", help="comma-separated concurrency levels")
+    parser.add_argument("--duration-s", type=float, default=8.0, help="seconds per measured point")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds of warm-up per server and model")
+    parser.add_argument("--baseline-ref", default=DEFAULT_BASELINE_REF,
+                        help="git ref of the maas-serve that maas-baseline runs (default: the release before "
+                        "the batched request path)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="run each peer with its first settings instead of sweeping them (smoke runs)")
     parser.add_argument("--maas-url", default=None,
                         help="benchmark an already running maas-serve at this URL instead of starting one")
     parser.add_argument("--out", default=str(workloads.ROOT / "bench" / "results"))
@@ -161,80 +317,45 @@ def main(argv: list[str] | None = None) -> Path:
         "machine": machine(),
         "settings": {"models": models, "systems": chosen, "concurrency": args.concurrency,
                      "duration_s": args.duration_s, "warmup_s": args.warmup_s, "load_generator": "wrk",
-                     "items_per_request": 1},
-        "limit": {}, "runs": [], "overhead": {}, "memory": {}, "servers": {},
+                     "items_per_request": 1, "multi": {"items_per_request": MULTI_ITEMS,
+                                                       "concurrency": MULTI_CONCURRENCY},
+                     "sweep_concurrency": SWEEP_CONCURRENCY,
+                     "baseline_ref": args.baseline_ref if "maas-baseline" in chosen else None},
+        "limit": {}, "runs": [], "multi": [], "overhead": {}, "memory": {}, "servers": {},
     }
     print(f"bench: logs in {workdir}", flush=True)
     if "limit" in chosen:
         result["limit"] = run_limit(models, min(args.duration_s, 5.0))
+        config = systems.maas_config(models, batching=True, port=0)
         for model in models:  # single-item latency on the smallest input, for the graph overhead
             result["limit"][model]["smallest"] = _limit_smallest(model, min(args.duration_s, 3.0))
+            result["limit"][model]["ceiling"] = ceiling(model, result["limit"], config)
 
-    for system, (mode, batching, throughput_mode) in MAAS_RUNS.items():
+    for system in MAAS_RUNS:
         if system not in chosen:
             continue
-        if args.maas_url and system == "maas":
-            server = systems.Server("maas-serve (running)", [], args.maas_url + "/readyz", workdir / "unused.log")
-            server.base_url = args.maas_url.rstrip("/")
-        elif args.maas_url:
+        src = baseline_checkout(args.baseline_ref, workdir) if system == "maas-baseline" else None
+        if system == "maas-baseline" and src is None:
             continue
-        else:
-            server = systems.maas(models, batching=batching, workdir=workdir, mode=mode,
-                                          throughput_mode=throughput_mode)
-            print(f"bench: starting maas-serve ({mode})", flush=True)
-            server.start()
-            result["servers"][f"maas-serve ({mode})"] = {"ready_s": server.ready_s, "log": str(server.log_path)}
         try:
-            mem = {"after_start": server.memory()} if server.proc else {}
-            with memory.PeakSampler(server.proc.pid) if server.proc else _Nothing() as sampler:
-                for model in models:
-                    sweep(server, "maas-serve", mode, model, args, result["runs"])
-                    if system == "maas":
-                        r = load.run(server.base_url, bodies_for(model, smallest_only=True), concurrency=1,
-                                     duration_s=args.duration_s)
-                        result["overhead"][model] = {"maas_p50_ms": r["p50_ms"], "maas_p99_ms": r["p99_ms"],
-                                                     "requests": r["requests"], "errors": r["errors"]}
-            if server.proc:
-                mem["peak_during_load"] = sampler.peak
-                mem["after_load"] = server.memory()
-                result["memory"][f"maas-serve ({mode})"] = mem
+            run_maas(system, models, args, workdir, result, src)
         finally:
-            server.stop()
+            remove_checkout(src)
 
     for system in ("litserve", "fastapi"):
         if system not in chosen:
             continue
         for model in models:
-            if model not in PEER_MODELS:
-                continue
-            spec = workloads.model_spec(model)
-            # LitServe gets as many model workers as maas-serve has replicas of the model;
-            # FastAPI's thread pool already runs requests on every core.
-            replicas = systems.maas_replicas(model, systems.maas_config([model], batching=True, port=0))
-            server = systems.peer(
-                system, model, threads=workloads.replica_threads(model), workdir=workdir,
-                max_batch_size=spec.batching.max_batch_size, batch_wait_timeout_s=spec.batching.batch_wait_timeout_s,
-                workers=replicas)
-            print(f"bench: starting {server.name} for {model}", flush=True)
-            server.start()
-            name = f"{server.name} ({model})"
-            result["servers"][name] = {"ready_s": server.ready_s, "log": str(server.log_path)}
-            try:
-                mem = {"after_start": server.memory()}
-                mode = "batching on" if system == "litserve" else "no batching"
-                with memory.PeakSampler(server.proc.pid) as sampler:
-                    sweep(server, server.name, mode, model, args, result["runs"])
-                mem.update(peak_during_load=sampler.peak, after_load=server.memory())
-                result["memory"][name] = mem
-            finally:
-                server.stop()
+            if model in PEER_MODELS:
+                run_peer(system, model, args, workdir, result)
 
-    for model, o in result["overhead"].items():
+    for model, by_system in result["overhead"].items():
         single = result["limit"].get(model, {}).get("smallest")
-        if single:
-            o.update(limit_p50_ms=single["p50_ms"], limit_p99_ms=single["p99_ms"],
-                     overhead_p50_ms=round(o["maas_p50_ms"] - single["p50_ms"], 2),
-                     overhead_p99_ms=round(o["maas_p99_ms"] - single["p99_ms"], 2))
+        for o in by_system.values():
+            if single:
+                o.update(limit_p50_ms=single["p50_ms"], limit_p99_ms=single["p99_ms"],
+                         overhead_p50_ms=round(o["maas_p50_ms"] - single["p50_ms"], 2),
+                         overhead_p99_ms=round(o["maas_p99_ms"] - single["p99_ms"], 2))
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     result["goals"] = report.goals(result)
     json_path = out_dir / f"{stem}.json"

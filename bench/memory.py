@@ -62,3 +62,26 @@ class PeakSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def cpu_cores(pid: int, seconds: float) -> float:
+    """Cores the tree under ``pid`` used over the next ``seconds`` (CPU seconds ÷ wall seconds),
+    counting processes alive at the start or the end of the window."""
+    import time
+
+    def times() -> dict[int, float]:
+        out = {}
+        for proc in tree(pid):
+            try:
+                t = proc.cpu_times()
+                out[proc.pid] = t.user + t.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return out
+
+    before = times()
+    started = time.monotonic()
+    time.sleep(seconds)  # the measurement window itself, not a wait for something to happen
+    after = times()
+    used = sum(after.get(p, before.get(p, 0.0)) - before.get(p, 0.0) for p in set(before) | set(after))
+    return used / (time.monotonic() - started)

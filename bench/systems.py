@@ -35,6 +35,9 @@ from maas.manifest import THROUGHPUT_ENV
 #: The same variables at Ray Serve 2.60's own defaults (ray/serve/_private/constants.py).
 SERVE_DEFAULT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0",
                      "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+#: What the baseline release (before the batched request path) shipped: the mode with Ray's transport.
+BASELINE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
 
 ROOT = workloads.ROOT
 BIN = Path(sys.executable).parent
@@ -187,22 +190,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, throughput_mode: bool = True
-         ) -> Server:
+def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, throughput_mode: bool = True,
+         src: Path | None = None) -> Server:
     """A ``serve run`` server for ``models`` (not started), on :func:`maas_config`.
 
     Args:
         mode: Label for results and file names (``batching on``, ...).
         throughput_mode: Start the cluster with :data:`THROUGHPUT_ENV`.
+        src: Run the maas-serve of another checkout (its ``src`` on ``PYTHONPATH``, ahead of this
+            one's editable install; its own ``serve_configs/local.yaml`` and Serve settings), for
+            the baseline; None runs this tree.
     """
     port = free_port()
-    config = maas_config(models, batching=batching, port=port)
+    source = (src.parent / "serve_configs" / "local.yaml") if src else workloads.LOCAL_CONFIG
+    config = maas_config(models, batching=batching, port=port, source=source)
     slug = mode.replace(" ", "-").replace(",", "")
     path = workdir / f"maas-{slug}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # Set every variable either way, so the caller's environment does not decide the mode.
-    env.update(THROUGHPUT_ENV if throughput_mode else SERVE_DEFAULT_ENV)
+    env.update(BASELINE_ENV if src else THROUGHPUT_ENV if throughput_mode else SERVE_DEFAULT_ENV)
+    if src:
+        env["PYTHONPATH"] = str(src)
     server = Server(f"maas-serve ({mode})", [str(BIN / "serve"), "run", "--address", "local", str(path)],
                     f"http://127.0.0.1:{port}/readyz", workdir / f"{path.stem}.log", env)
     server.base_url = f"http://127.0.0.1:{port}"
@@ -210,18 +219,27 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
 
 
 def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: int = 1,
-         batch_wait_timeout_s: float = 0.0, workers: int = 1) -> Server:
-    """A peer server (``kind`` ``litserve`` or ``fastapi``) for one model (not started)."""
+         batch_wait_timeout_s: float = 0.0, workers: int = 1, api_servers: int = 1, fast_queue: bool = True
+         ) -> Server:
+    """A peer server (``kind`` ``litserve`` or ``fastapi``) for one model (not started).
+
+    Args:
+        workers: LitServe inference workers, or uvicorn worker processes for FastAPI.
+        api_servers: LitServe API-server processes.
+        fast_queue: LitServe's ZeroMQ queue between API servers and workers (its docs recommend
+            it above ~100 requests/s).
+    """
     port = free_port()
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if kind == "litserve":
         cmd = [sys.executable, "-m", "bench.peers.litserve_server", "--model", model, "--port", str(port),
                "--threads", str(threads), "--max-batch-size", str(max_batch_size),
-               "--batch-timeout-s", str(batch_wait_timeout_s), "--workers", str(workers)]
+               "--batch-timeout-s", str(batch_wait_timeout_s), "--workers", str(workers),
+               "--api-servers", str(api_servers)] + (["--fast-queue"] if fast_queue else [])
         name = "LitServe"
     else:
         cmd = [sys.executable, "-m", "bench.peers.fastapi_server", "--model", model, "--port", str(port),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--workers", str(workers)]
         name = "FastAPI"
     server = Server(name, cmd, f"http://127.0.0.1:{port}/health", workdir / f"{kind}-{model}.log", env)
     server.base_url = f"http://127.0.0.1:{port}"

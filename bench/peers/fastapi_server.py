@@ -2,7 +2,8 @@
 
 This is what a user writes without a serving framework: FastAPI runs ``def`` endpoints in
 its thread pool, so concurrent requests run decode and forward in parallel threads (torch
-releases the GIL), with no batching. Torch threads per forward = ``--threads``.
+releases the GIL), with no batching. Torch threads per forward = ``--threads``; ``--workers``
+uvicorn processes (the usual way to use more cores).
 
 Usage: ``python -m bench.peers.fastapi_server --model efficientnet-lite0 --port 8101 --threads 1``
 """
@@ -51,13 +52,28 @@ def make_app(model: str, threads: int) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn's worker processes (model and threads from the environment)."""
+    import os
+
+    return make_app(os.environ["MAAS_BENCH_MODEL"], int(os.environ["MAAS_BENCH_THREADS"]))
+
+
 def main() -> None:
+    import os
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, choices=sorted(workloads.KINDS))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
-    uvicorn.run(make_app(args.model, args.threads), host="127.0.0.1", port=args.port, log_level="warning")
+    if args.workers == 1:
+        uvicorn.run(make_app(args.model, args.threads), host="127.0.0.1", port=args.port, log_level="warning")
+        return
+    os.environ.update(MAAS_BENCH_MODEL=args.model, MAAS_BENCH_THREADS=str(args.threads))  # before any worker starts
+    uvicorn.run("bench.peers.fastapi_server:app_from_env", factory=True, workers=args.workers, host="127.0.0.1",
+                port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

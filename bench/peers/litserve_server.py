@@ -84,11 +84,15 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=1)
     parser.add_argument("--batch-timeout-s", type=float, default=0.0)
     parser.add_argument("--workers", type=int, default=1, help="LitServe workers_per_device")
+    parser.add_argument("--api-servers", type=int, default=1, help="LitServe num_api_servers")
+    parser.add_argument("--fast-queue", action="store_true", help="LitServe fast_queue (ZeroMQ)")
     args = parser.parse_args()
     cls = ImageAPI if workloads.KINDS[args.model] == "image" else EmbeddingAPI
     api = cls(args.model, args.threads, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_s)
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=120)
-    server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=120,
+                          fast_queue=args.fast_queue)
+    server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False,
+               num_api_servers=args.api_servers)
 
 
 if __name__ == "__main__":

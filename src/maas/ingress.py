@@ -89,6 +89,10 @@ class Ingress:
         """``{"ready", "models", "reasons"?}`` (``/readyz`` body)."""
         return await self.dataplane.readiness()
 
+    async def stats(self) -> dict:
+        """Front batching records of this ingress replica (see ``Dataplane.stats``)."""
+        return self.dataplane.stats()
+
     async def embed(self, request: dict) -> dict:
         """OpenAI embeddings body for an OpenAI embeddings request dict."""
         return _plain(await self.dataplane.embed(parse(EmbeddingRequest, request)))

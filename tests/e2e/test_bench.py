@@ -19,7 +19,7 @@ def test_bench_harness_end_to_end(served_app, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--models", "minilm", "--systems", "limit,maas,fastapi",
          "--concurrency", "1", "--duration-s", "1", "--warmup-s", "1", "--maas-url", served_app["url"],
-         "--out", str(out), "--name", "smoke"],
+         "--out", str(out), "--name", "smoke", "--no-sweep"],
         cwd=ROOT, env={**os.environ, **served_app["env"]}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -36,12 +36,20 @@ def test_bench_harness_end_to_end(served_app, tmp_path):
         assert r["ok"] > 0 and r["errors"] == 0, r
         assert 0 < r["p50_ms"] <= r["p99_ms"]
 
-    overhead = result["overhead"]["minilm"]
+    overhead = result["overhead"]["minilm"]["maas"]
     assert overhead["overhead_p50_ms"] == pytest.approx(overhead["maas_p50_ms"] - overhead["limit_p50_ms"], abs=0.02)
     assert result["memory"]["FastAPI (minilm)"]["after_start"]["pss_bytes"] > 100 * 2**20
+    assert result["memory"]["FastAPI (minilm)"]["idle_cpu_cores"] >= 0
+    ceiling = limit["ceiling"]
+    assert ceiling["threads"] == 2  # two replicas of one torch thread in serve_configs/local.yaml
+    assert ceiling["items_per_s"] == pytest.approx(2 * limit["best"]["items_per_s"], rel=1e-3)
+    [multi] = result["multi"]
+    assert multi["items_per_request"] == 16 and multi["errors"] == 0
+    assert multi["items_per_s"] == pytest.approx(16 * multi["ok_per_s"], rel=1e-3)
     goals = {g["goal"]: g for g in result["goals"]}
-    assert "minilm: graph overhead p50 < 10 ms at c=1" in goals
-    assert "minilm: ahead of FastAPI" in goals
+    assert "minilm: graph overhead at c=1 p50 ≤ 8 ms, p99 ≤ 20 ms" in goals
+    assert "minilm: items/s ≥ 0.7 × ceiling" in goals
+    assert "minilm: 16 sentences per request at c=4 ≥ 0.8 × ceiling" in goals
 
     table = (out / "smoke.md").read_text()
     assert "| maas-serve | batching on | minilm | 1 |" in table

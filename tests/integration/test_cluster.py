@@ -49,6 +49,11 @@ def test_autoscaling_up_and_back(scenario):
     assert max(counts) >= 2 and counts[-1] == 1
 
 
+def test_front_batched_model_scales_on_queued_items(scenario):
+    counts = [n for _, n in scenario["items_autoscale_timeline"]]
+    assert counts[0] == 1 and max(counts) >= 2 and counts[-1] == 1
+
+
 def test_flood_is_rejected_fast(scenario):
     flood = scenario["flood"]
     assert flood["ok"] >= 3 and flood["rejected"] >= 1 and flood["other"] == []

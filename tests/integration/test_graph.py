@@ -73,6 +73,24 @@ def test_concurrent_requests_form_batches(app, chelsea_jpeg):
     assert _largest_batch_seen("efficientnet-lite0") > 1
 
 
+def test_one_bad_request_in_a_front_batch_fails_alone(app, chelsea_jpeg):
+    """Concurrent requests share front batches (one preprocessor call, one model call); a request
+    with an undecodable image gets its own 400 and its batch-mates their answers."""
+    before = app.stats.remote().result().get("efficientnet-lite0/image-classification", {"batches": 0})
+    bad = {3, 7, 11}
+    responses = [app.classify_images.remote("efficientnet-lite0", [b"not an image" if i in bad else chelsea_jpeg],
+                                            top_k=1) for i in range(16)]
+    for i, r in enumerate(responses):
+        if i in bad:
+            with pytest.raises(InvalidRequest, match=r"images\[0\] is not a decodable image"):
+                r.result()
+        else:
+            assert r.result()["data"][0]["top_k"][0]["index"] in CAT_CLASSES
+    after = app.stats.remote().result()["efficientnet-lite0/image-classification"]
+    assert after["batches"] - before["batches"] < 16  # fewer model calls than requests
+    assert max(int(k) for k in after["jobs_per_batch"]) > 1
+
+
 @pytest.mark.parametrize("name", ["resnet50", "vgg16"])
 def test_served_logits_equal_direct_forward(name, local_args, chelsea_jpeg, coffee_png):
     """Random demo weights are seeded, so a locally built model holds the same weights."""

@@ -250,6 +250,10 @@ class Dataplane:
         except asyncio.TimeoutError:
             raise self.timeout_error(route.spec.name) from None
 
+    def stats(self) -> dict:
+        """Front batching records: ``{"model/operation": FrontBatcher.stats()}``."""
+        return {f"{m}/{op}": b.stats() for (m, op), b in self._batchers.items()}
+
     # ------------------------------------------------------------------ models and readiness
 
     async def model_ready(self, name: str) -> bool:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -100,6 +100,7 @@ class FrontBatcher:
         self.queued_items = 0
         self.inflight = 0
         self.batches_sent = 0
+        self.jobs_per_batch: Counter[int] = Counter()
 
     async def submit(self, payload: Any, params: dict, items: int, deadline_s: float | None) -> Any:
         """Queue one request and wait for its answer.
@@ -130,6 +131,11 @@ class FrontBatcher:
                 job.batch.maybe_cancel()
             raise
 
+    def stats(self) -> dict:
+        """``{"batches", "jobs_per_batch": {jobs: count}, "queued_items", "inflight"}``."""
+        return {"batches": self.batches_sent, "jobs_per_batch": dict(self.jobs_per_batch),
+                "queued_items": self.queued_items, "inflight": self.inflight}
+
     def _take(self) -> list[Job]:
         jobs: list[Job] = []
         items = 0
@@ -156,12 +162,12 @@ class FrontBatcher:
                 j.batch = batch
             self.inflight += 1
             self.batches_sent += 1
+            self.jobs_per_batch[len(jobs)] += 1
             asyncio.get_running_loop().create_task(self._send(batch))
 
     async def _send(self, batch: _Batch) -> None:
         now = time.perf_counter()
-        for j in batch.jobs:
-            metrics.stage(self.name, "front_queue", 1000 * (now - j.enqueued_at))
+        waits_ms = [1000 * (now - j.enqueued_at) for j in batch.jobs]
         try:
             batch.response = self.dispatch(batch.jobs)
             if all(j.cancelled for j in batch.jobs):  # every caller left while it was being sent
@@ -187,3 +193,5 @@ class FrontBatcher:
         finally:
             self.inflight -= 1
             self._pump()
+        for ms in waits_ms:  # after the answers: metrics cost ~50 µs each
+            metrics.stage(self.name, "front_queue", ms)

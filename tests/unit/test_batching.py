@@ -1,0 +1,233 @@
+"""Front batching (ingress) and pull batching (replica) without Ray: each request keeps its own
+answer, error, deadline and cancellation inside a batch; queues are bounded; batches form when
+the worker is free."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from maas.batch import Preprocessed
+from maas.dataplane.batcher import FrontBatcher
+from maas.errors import InvalidRequest, MaasError, ModelTimeout, ServiceOverloaded
+from maas.models.base import ModelRequest, PullBatcher
+from maas.preprocess.image import ImageBatch
+
+
+class FakeCall:
+    """A model call in flight: awaitable, cancellable, answered by the test."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+        self.future = asyncio.get_running_loop().create_future()
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+        if not self.future.done():
+            self.future.cancel()
+
+    def __await__(self):
+        return self.future.__await__()
+
+    def answer(self, results=None):
+        self.future.set_result(results if results is not None else [f"answer:{j.payload}" for j in self.jobs])
+
+
+def front(max_inflight=1, max_batch_items=8, max_queued_items=64):
+    calls: list[FakeCall] = []
+
+    def dispatch(jobs):
+        calls.append(FakeCall(jobs))
+        return calls[-1]
+
+    batcher = FrontBatcher("m", dispatch, lambda exc: MaasError(f"mapped {type(exc).__name__}"),
+                           max_batch_items=max_batch_items, max_queued_items=max_queued_items,
+                           max_inflight=lambda: max_inflight)
+    return batcher, calls
+
+
+async def until(predicate, timeout_s=5.0):
+    """Let the loop run until ``predicate()`` holds (a deadline, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0)
+
+
+def test_requests_queued_behind_a_batch_leave_together_with_their_own_answers_and_errors():
+    async def scenario():
+        batcher, calls = front(max_inflight=1)
+        first = asyncio.create_task(batcher.submit("a", {}, 1, None))
+        await until(lambda: len(calls) == 1)
+        rest = [asyncio.create_task(batcher.submit(p, {}, 1, None)) for p in ("b", "c", "d")]
+        await until(lambda: batcher.queued_items == 3)
+        assert len(calls) == 1  # the model is busy: the three wait, no timer sends them
+        calls[0].answer()
+        await until(lambda: len(calls) == 2)
+        assert [j.payload for j in calls[1].jobs] == ["b", "c", "d"]  # one call for all three
+        calls[1].answer(["answer:b", InvalidRequest("c is bad", param="input"), "answer:d"])
+        assert await first == "answer:a"
+        assert await rest[0] == "answer:b"
+        with pytest.raises(InvalidRequest, match="c is bad"):
+            await rest[1]
+        assert await rest[2] == "answer:d"  # its neighbour's error did not touch it
+
+    asyncio.run(scenario())
+
+
+def test_batches_are_bounded_in_items_and_whole_jobs_only():
+    async def scenario():
+        batcher, calls = front(max_inflight=1, max_batch_items=4)
+        busy = asyncio.create_task(batcher.submit("busy", {}, 1, None))
+        await until(lambda: len(calls) == 1)
+        tasks = [asyncio.create_task(batcher.submit(p, {}, n, None)) for p, n in (("x", 3), ("y", 2), ("z", 1))]
+        await until(lambda: batcher.queued_items == 6)
+        calls[0].answer()
+        await until(lambda: len(calls) == 2)
+        assert [j.payload for j in calls[1].jobs] == ["x"]  # x (3) + y (2) would exceed 4 items
+        calls[1].answer()
+        await until(lambda: len(calls) == 3)
+        assert [j.payload for j in calls[2].jobs] == ["y", "z"]
+        calls[2].answer()
+        await asyncio.gather(busy, *tasks)
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_answers_overloaded_at_once():
+    async def scenario():
+        batcher, calls = front(max_inflight=1, max_queued_items=2)
+        running = asyncio.create_task(batcher.submit("a", {}, 1, None))
+        await until(lambda: len(calls) == 1)
+        queued = asyncio.create_task(batcher.submit("b", {}, 2, None))
+        await until(lambda: batcher.queued_items == 2)
+        started = time.monotonic()
+        with pytest.raises(ServiceOverloaded, match="at capacity"):
+            await batcher.submit("c", {}, 1, None)
+        assert time.monotonic() - started < 0.5
+        calls[0].answer()
+        await until(lambda: len(calls) == 2)
+        calls[1].answer()
+        await asyncio.gather(running, queued)
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_who_leaves_is_withdrawn_and_a_batch_everyone_left_is_cancelled():
+    async def scenario():
+        batcher, calls = front(max_inflight=1)
+        first = asyncio.create_task(batcher.submit("a", {}, 1, None))
+        await until(lambda: len(calls) == 1)
+        leaving = asyncio.create_task(batcher.submit("gone", {}, 1, None))
+        staying = asyncio.create_task(batcher.submit("kept", {}, 1, None))
+        await until(lambda: batcher.queued_items == 2)
+        leaving.cancel()  # a disconnect while queued
+        await until(lambda: batcher.queued_items == 1)
+        calls[0].answer()
+        await until(lambda: len(calls) == 2)
+        assert [j.payload for j in calls[1].jobs] == ["kept"]  # the withdrawn job was never sent
+        calls[1].answer()
+        assert await staying == "answer:kept"
+        await first
+        # A sent batch: cancelled on the model only once every caller in it left.
+        blocker = asyncio.create_task(batcher.submit("blocker", {}, 1, None))
+        await until(lambda: len(calls) == 3)
+        a = asyncio.create_task(batcher.submit("p", {}, 1, None))
+        b = asyncio.create_task(batcher.submit("q", {}, 1, None))
+        await until(lambda: batcher.queued_items == 2)
+        calls[2].answer()
+        await blocker
+        await until(lambda: len(calls) == 4)
+        batch = calls[3]
+        assert [j.payload for j in batch.jobs] == ["p", "q"]
+        a.cancel()
+        await until(lambda: a.done())
+        assert not batch.cancelled  # q still waits for its answer
+        b.cancel()
+        await until(lambda: batch.cancelled)
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_call_fails_each_of_its_jobs_with_the_mapped_error_and_the_queue_goes_on():
+    async def scenario():
+        batcher, calls = front(max_inflight=1)
+        a = asyncio.create_task(batcher.submit("a", {}, 1, None))
+        await until(lambda: len(calls) == 1)
+        calls[0].future.set_exception(ConnectionError("replica died"))
+        with pytest.raises(MaasError, match="mapped ConnectionError"):
+            await a
+        b = asyncio.create_task(batcher.submit("b", {}, 1, None))
+        await until(lambda: len(calls) == 2)
+        calls[1].answer()
+        assert await b == "answer:b"
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------- replica side
+
+
+def image_request(n=1, deadline_s=None, tag=0):
+    return ModelRequest(ImageBatch(np.full((n, 2, 2, 3), tag, dtype=np.uint8)), {"tag": tag}, deadline_s=deadline_s)
+
+
+def test_pull_batcher_takes_what_queued_while_the_forward_ran():
+    async def scenario():
+        release = asyncio.Event()
+        batches: list[list[int]] = []
+
+        async def run(requests):
+            batches.append([r.params["tag"] for r in requests])
+            if len(batches) == 1:
+                await release.wait()
+            return [r.params["tag"] * 10 for r in requests]
+
+        batcher = PullBatcher(run, "m", max_batch_size=8)
+        first = asyncio.create_task(batcher.submit([image_request(tag=1)], [None], [0]))
+        await until(lambda: len(batches) == 1)
+        later = [asyncio.create_task(batcher.submit([image_request(tag=t)], [None], [0])) for t in (2, 3, 4)]
+        await until(lambda: batcher.queued_items == 3)
+        release.set()
+        assert await first == [10]
+        assert [await t for t in later] == [[20], [30], [40]]
+        assert batches == [[1], [2, 3, 4]]  # one forward for the three that waited
+        assert batcher.batch_items == {1: 1, 3: 1}
+
+    asyncio.run(scenario())
+
+
+def test_pull_batcher_drops_expired_and_cancelled_jobs_and_survives_a_failing_forward():
+    async def scenario():
+        ran: list[int] = []
+
+        async def run(requests):
+            ran.extend(r.params["tag"] for r in requests)
+            if any(r.params["tag"] == 9 for r in requests):
+                raise RuntimeError("boom")
+            return [r.params["tag"] for r in requests]
+
+        batcher = PullBatcher(run, "m", max_batch_size=8)
+        expired = image_request(tag=1, deadline_s=time.time() - 1)
+        live = image_request(tag=2, deadline_s=time.time() + 60)
+        out = await batcher.submit([expired, live], [None, None], [0, 1])
+        assert isinstance(out[0], ModelTimeout) and out[1] == 2
+        assert ran == [2]  # the expired job never reached the forward
+
+        failing = await batcher.submit([image_request(tag=9)], [None], [0])
+        assert isinstance(failing[0], MaasError) and failing[0].status_code == 500
+        assert "boom" not in failing[0].message  # internals stay in the log
+        assert await batcher.submit([image_request(tag=3)], [None], [0]) == [3]
+
+    asyncio.run(scenario())
+
+
+def test_preprocessed_jobs_split_rows_and_keep_each_jobs_error():
+    pixels = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
+    pre = Preprocessed(ImageBatch(pixels), rows=[2, 0, 1], errors=[None, InvalidRequest("bad"), None])
+    jobs = list(pre.jobs())
+    assert np.array_equal(jobs[0][0].pixels, pixels[:2]) and jobs[0][1] is None
+    assert jobs[1][0] is None and isinstance(jobs[1][1], InvalidRequest)
+    assert np.array_equal(jobs[2][0].pixels, pixels[2:])
