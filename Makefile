@@ -14,8 +14,12 @@ BENCH_ARGS ?=
 # runs with Serve's defaults instead. README "Benchmarks" has the measured difference.
 # One of its settings is turned back (src/maas/manifest.py THROUGHPUT_ENV says why): the router
 # keeps its own loop (synchronous handle calls from jobs).
+# RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2: HAProxy on this node needs well under a second
+# to drop a stopping ingress replica, so Ctrl-C takes seconds, not Serve's 30 s default (meant for
+# external load balancers; kept for the cluster manifests). src/maas/launch.py says more.
 SERVE_ENV ?= RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
-	RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=1
+	RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
+	RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install bench-deps serve test test-unit bench clean
@@ -35,8 +39,9 @@ bench-deps:
 	@command -v wrk >/dev/null || { echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }
 
 # A Ray cluster of its own (address "local"), unless RAY_ADDRESS names one to deploy onto.
+# `python -m maas serve` is `serve run` that leaves nothing behind on SIGINT or SIGTERM.
 serve: install
-	env $(SERVE_ENV) $(VENV)/bin/serve run --address "$${RAY_ADDRESS:-local}" $(CONFIG)
+	env $(SERVE_ENV) $(PY) -m maas serve --address "$${RAY_ADDRESS:-local}" $(CONFIG)
 
 test: install
 	$(VENV)/bin/ruff check --select F,E9 src tests bench   # undefined names and syntax errors fail fast

@@ -30,7 +30,7 @@ from bench import memory, workloads
 # replica's own HTTP server, replacing the Python proxy hop; user code runs on the replica's
 # event loop (two of the mode's settings turned back: see maas.manifest.THROUGHPUT_ENV). The
 # same variables as `make serve` and the RayService manifest set.
-from maas.manifest import THROUGHPUT_ENV
+from maas.manifest import LOCAL_SERVE_ENV as THROUGHPUT_ENV
 
 #: The same variables at Ray Serve 2.60's own defaults (ray/serve/_private/constants.py).
 SERVE_DEFAULT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0",

@@ -46,14 +46,17 @@ os.environ.update(
 # The session cluster runs Serve the way `make serve` does (Ray Serve's high-throughput mode:
 # HAProxy in front of the ingress replica), so the tests cover what users run. HAProxy's stats
 # and metrics ports are free ones, not its fixed defaults, so a second cluster can run beside.
-from maas.manifest import THROUGHPUT_ENV  # noqa: E402 - after the environment above
+from maas.manifest import LOCAL_SERVE_ENV  # noqa: E402 - after the environment above
 
 # torchvision's import reaches torch._dynamo, which writes TORCHINDUCTOR_CACHE_DIR into the
 # environment; the product's ingress and preprocessors no longer import torch, so nothing else
 # imports it before the tests' Ray driver connects. Import it here, while writes are still safe.
 import torchvision  # noqa: E402,F401
 
-os.environ.update(THROUGHPUT_ENV)
+os.environ.update(LOCAL_SERVE_ENV)
+# Every replica log line reaches its file at once (the mode buffers 1000 records), so the test that
+# searches the logs for payloads sees every line.
+os.environ["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] = "1"
 LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
 BIN = Path(sys.executable).parent
 

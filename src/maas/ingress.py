@@ -40,6 +40,7 @@ app = FastAPI(
     description="Model-as-a-Service on Ray Serve: embeddings, completion, chat, text2text and classification.",
 )
 app.add_middleware(Guard)
+app.add_middleware(http.HttpSemantics)  # outermost: HEAD and content codings before the guard
 http.install(app)
 app.include_router(maas_routes.router)
 app.include_router(openai_routes.router)

@@ -31,6 +31,11 @@ import yaml
 #:   driver or a Ray job fail ("No event loop running").
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+#: What ``make serve``, the tests and the benchmark set on one machine: the same mode, with the
+#: direct-ingress drain shortened from Serve's 30 s (time for an external load balancer to
+#: deregister a replica) to 2 s (HAProxy on the same node needs well under one), so a stop or a
+#: redeploy of the ingress takes seconds (see maas.launch).
+LOCAL_SERVE_ENV = {**THROUGHPUT_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 DEFAULTS = {"name": "maas", "image": "maas-serve:0.1.0", "ray_version": "2.60.0", "head_cpus": 8,
             "head_memory": "32Gi", "workers": 1, "gpus_per_worker": 2, "worker_cpus": 24, "worker_memory": "160Gi"}

@@ -13,7 +13,7 @@ import requests
 from PIL import Image
 from skimage import data
 
-from tests.conftest import encode
+from tests.conftest import encode, wait_for
 from tests.e2e.test_http import _png_header_claiming
 from tests.unit.test_models import CAT_CLASSES
 
@@ -108,7 +108,7 @@ def test_corpus_gets_clear_answers_and_nothing_dies(served_app, chelsea_jpeg):
 
     url = served_app["url"]
     before = _replica_actor_ids()
-    assert len(before) == 11  # 9 deployments; minilm and efficientnet-lite0 run 2 replicas each
+    assert len(before) == 12  # 10 deployments; minilm and efficientnet-lite0 run 2 replicas each
     statuses: dict[str, int] = {}
     headers = {"Authorization": f"Bearer {MARKER}", "X-Request-Note": MARKER}
 
@@ -186,21 +186,38 @@ def test_awkward_images_are_right(served_app):
 
 def test_payloads_never_reach_the_logs(served_app):
     """After the corpus (which carried MARKER in texts, prompts and headers), no log file of the
-    Ray session holds it; request ids are there."""
+    Ray session holds it; request ids are there.
+
+    The test cluster flushes every replica log line at once (conftest sets Serve's request-path
+    log buffer to 1), and a self-check proves the search sees the ingress's own lines: a request
+    whose ``user`` hint is a fresh marker makes the ingress log the *names* of the hints it
+    ignores — that line must be found, the marker must not.
+    """
     import glob
     import os
 
     import ray
 
+    hint_marker = f"hint-{uuid.uuid4().hex}"
     requests.post(f"{served_app['url']}/v1/embeddings", json={"model": "minilm", "input": MARKER}, timeout=60)
+    r = requests.post(f"{served_app['url']}/v1/embeddings", timeout=60,
+                      json={"model": "minilm", "input": "hello", "user": hint_marker})
+    assert r.status_code == 200
     logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-    hits, ids = [], 0
-    for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                content = f.read()
-            if MARKER.encode() in content:
-                hits.append(path)
-            ids += content.count(b"POST /v1/")
+
+    def scan():
+        hits, ids, hint_lines = [], 0, 0
+        for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    content = f.read()
+                if MARKER.encode() in content or hint_marker.encode() in content:
+                    hits.append(path)
+                ids += content.count(b"POST /v1/")
+                hint_lines += content.count(b"ignoring optional OpenAI hint fields ['user']")
+        return hits, ids, hint_lines
+
+    hits, ids, _ = wait_for(lambda: (lambda out: out if out[2] else None)(scan()), 30,
+                            "the ingress's hint line in the session logs", 0.5)
     assert hits == []
     assert ids > 0  # access lines (with request ids) are logged

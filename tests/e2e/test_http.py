@@ -41,9 +41,10 @@ def test_health_and_readiness(url):
 
 def test_models_list_labels_demo_weights(url):
     data = {m["id"]: m for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
-    assert set(data) == {"minilm", "efficientnet-lite0", "resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo"}
+    assert set(data) == {"minilm", "efficientnet-lite0", "resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo",
+                         "sentiment-tiny-demo"}
     assert data["minilm"]["demo_weights"] is False and data["minilm"]["weights"].startswith("package:")
-    for demo in ("resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo"):
+    for demo in ("resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo", "sentiment-tiny-demo"):
         assert data[demo]["demo_weights"] is True and data[demo]["weights"].startswith("random")
     assert all(m["ready"] and m["object"] == "model" for m in data.values())
 
@@ -210,3 +211,141 @@ def test_seeded_sampling_repeats_under_concurrency(served_app):
     many = [app.complete.remote(body) for _ in range(6)]
     assert all(r.result()["choices"][0]["text"] == alone for r in many)
     assert all(r.result()["choices"] for r in noise)
+
+
+# ---------------------------------------------------------------------------- what real clients send (issue 16)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v1/models", "/v2"])
+def test_every_get_route_answers_head(url, path):
+    got = requests.get(f"{url}{path}", timeout=30)
+    head = requests.head(f"{url}{path}", timeout=30)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_head_on_a_post_route_is_405_with_allow(url):
+    r = requests.head(f"{url}/v1/embeddings", timeout=10)
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    r = requests.get(f"{url}/v1/embeddings", timeout=10)
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+def test_media_types_are_case_insensitive(url, chelsea_jpeg):
+    r = post(url, "/v1/classifications/image", data=json.dumps(
+        {"model": "efficientnet-lite0", "top_k": 1, "images": [base64.b64encode(chelsea_jpeg).decode()]}),
+        headers={"Content-Type": "Application/JSON"})
+    assert r.status_code == 200, r.text
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nefficientnet-lite0\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + chelsea_jpeg + f"\r\n--{boundary}--\r\n".encode()
+    r = post(url, "/v1/classifications/image", data=body,
+             headers={"Content-Type": f"Multipart/Form-Data; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["top_k"][0]["index"] in CAT_CLASSES
+    r = post(url, "/v1/embeddings", data=json.dumps({"model": "minilm", "input": "x"}),
+             headers={"Content-Type": "APPLICATION/JSON; Charset=UTF-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_compressed_request_bodies_get_415_with_accept_encoding(url):
+    import gzip
+
+    r = post(url, "/v1/embeddings", data=gzip.compress(json.dumps({"model": "minilm", "input": "x"}).encode()),
+             headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert r.status_code == 415 and r.headers["accept-encoding"] == "identity"
+    assert "uncompressed" in r.json()["error"]["message"]
+
+
+def test_openai_values_clients_send(url):
+    r = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello", "max_tokens": 5,
+                                           "temperature": 0.8, "top_p": 0})
+    greedy = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello", "max_tokens": 5,
+                                                "temperature": 0}).json()
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    r = post(url, "/v1/embeddings", json={"model": "minilm", "input": "x", "encoding_format": None})
+    assert r.status_code == 200 and isinstance(r.json()["data"][0]["embedding"], list)
+    r = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello", "max_tokens": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "" and r.json()["usage"]["completion_tokens"] == 0
+    r = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "Hello", "n": 20})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "n ≤ 8" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- claims the README makes (issue 17)
+
+
+def test_text_classification_route_handle_and_v2_labels(url):
+    from ray import serve
+
+    body = {"model": "sentiment-tiny-demo", "input": ["a great film", "a dull film"], "top_k": 2}
+    r = post(url, "/v1/classifications/text", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["demo_weights"] is True and [d["index"] for d in out["data"]] == [0, 1]
+    for d in out["data"]:
+        assert {c["label"] for c in d["top_k"]} == {"negative", "positive"}
+        assert abs(sum(c["score"] for c in d["top_k"]) - 1.0) < 1e-5  # softmax over both labels
+    assert out["usage"]["prompt_tokens"] > 0
+    via_handle = serve.get_app_handle("maas").classify_text.remote(body).result()
+    assert [[c["label"] for c in d["top_k"]] for d in via_handle["data"]] == \
+        [[c["label"] for c in d["top_k"]] for d in out["data"]]
+    v2 = post(url, "/v2/models/sentiment-tiny-demo/infer", json={
+        "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": body["input"]}],
+        "parameters": {"top_k": 1}})
+    assert v2.status_code == 200, v2.text
+    outputs = {o["name"]: o for o in v2.json()["outputs"]}
+    assert outputs["labels"]["data"] == [d["top_k"][0]["label"] for d in out["data"]]
+    assert v2.json()["parameters"]["demo_weights"] is True
+
+
+def test_demo_weights_on_every_response_shape(url):
+    chunks = []
+    with requests.post(f"{url}/v1/completions", stream=True, timeout=60,
+                       json={"model": "gpt2-tiny-demo", "prompt": "x", "max_tokens": 4, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                chunks.append(json.loads(line[6:]))
+    assert chunks and all(c["demo_weights"] is True for c in chunks)
+    v2 = post(url, "/v2/models/minilm/infer", json={
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]})
+    assert v2.json()["parameters"]["demo_weights"] is False
+    meta = requests.get(f"{url}/v2/models/vgg16", timeout=30).json()
+    assert meta["parameters"]["demo_weights"] is True
+
+
+def test_completions_accept_the_hints_the_readme_lists(url):
+    r = post(url, "/v1/completions", json={"model": "gpt2-tiny-demo", "prompt": "x", "max_tokens": 2,
+                                           "parallel_tool_calls": True, "user": "u", "store": False})
+    assert r.status_code == 200, r.text
+
+
+def test_token_arrays_truncate_like_text_keeping_the_closing_token(url, minilm_tokenizer):
+    long_text = "word " * 400
+    ids = minilm_tokenizer(long_text)["input_ids"]
+    assert len(ids) > 256 and ids[-1] == minilm_tokenizer.sep_token_id
+    as_text = post(url, "/v1/embeddings", json={"model": "minilm", "input": long_text}).json()
+    as_ids = post(url, "/v1/embeddings", json={"model": "minilm", "input": ids}).json()
+    assert as_text["usage"]["prompt_tokens"] == as_ids["usage"]["prompt_tokens"] == 256
+    assert np.allclose(as_text["data"][0]["embedding"], as_ids["data"][0]["embedding"], atol=1e-5)
+
+
+def test_request_ids_reach_the_logs(served_app, url):
+    import glob
+    import os
+    import uuid
+
+    import ray
+
+    from tests.conftest import wait_for
+
+    rid = f"rid-{uuid.uuid4().hex}"
+    r = requests.get(f"{url}/v1/models", headers={"X-Request-Id": rid}, timeout=30)
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+
+    def logged():
+        return any(rid.encode() in open(p, "rb").read() for p in glob.glob(os.path.join(logs, "**", "*"),
+                                                                         recursive=True) if os.path.isfile(p))
+
+    wait_for(logged, 30, "the request id in the ingress's access log", 0.5)

@@ -36,6 +36,8 @@ def config(port: int) -> dict:
     app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] in keep]
     for m in app["args"]["models"]:
         m["resources"] = {"num_cpus": 0.25, "num_gpus": 0.25}
+        if m["name"] == "efficientnet-lite0":
+            m["dtype"] = "float16"  # half precision on CUDA; here the replica logs that it keeps float32
         if m["name"] == "minilm":  # a tight queue for the handle flood: 1 running + 2 waiting
             m.update(max_ongoing_requests=1, max_queued_requests=2,
                      batching={"max_batch_size": 1, "batch_wait_timeout_s": 0})
@@ -115,6 +117,22 @@ def main(out_path: str) -> None:
         RESULT["http_image"] = r.json()["data"][0]["top_k"]
         info = serve.get_deployment_handle("efficientnet-lite0", app_name="maas").info.remote().result()
         RESULT["model_device"] = info["device"]
+
+        # The log lines the README promises for a logical GPU without CUDA and for an ignored dtype.
+        import glob
+
+        logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+
+        def log_lines():
+            found = {"cpu_fallback": False, "dtype": False}
+            for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
+                if os.path.isfile(path):
+                    text = open(path, "rb").read()
+                    found["cpu_fallback"] |= b"but CUDA is not available here; running on CPU" in text
+                    found["dtype"] |= b"model efficientnet-lite0: dtype float16 ignored on cpu; using float32" in text
+            return found if all(found.values()) else None
+
+        RESULT["log_lines"] = wait_for(log_lines, 60, "CPU-fallback and dtype log lines", 1)
         http_embed = requests.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": ["hello cluster"]},
                                    timeout=60).json()["data"][0]["embedding"]
 

@@ -36,6 +36,7 @@ def test_gpu_replicas_on_the_gpu_node(scenario):
     for model in ("minilm", "efficientnet-lite0", "gpt2-tiny-demo"):
         assert placement[model] == "gpu-node"
     assert scenario["model_device"] == "cpu"  # logical GPU, no CUDA: clean CPU fallback
+    assert scenario["log_lines"] == {"cpu_fallback": True, "dtype": True}  # each said once in the logs
 
 
 def test_answers_over_http_and_from_a_job(scenario):

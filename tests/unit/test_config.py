@@ -71,9 +71,10 @@ def test_pretrained_config_is_valid():
 
     from tests.conftest import ROOT
 
-    for name in ("pretrained.yaml", "gpu-cluster.yaml"):
+    for name in ("local.yaml", "pretrained.yaml", "gpu-cluster.yaml"):
         path = ROOT / "serve_configs" / name
-        if path.exists():
-            doc = yaml.safe_load(path.read_text())
-            for app in doc["applications"]:
-                plan_graph(parse_config(app["args"]))
+        assert path.is_file(), f"{path} is missing"
+        doc = yaml.safe_load(path.read_text())
+        assert doc["applications"], name
+        for app in doc["applications"]:
+            assert plan_graph(parse_config(app["args"]))["models"], name

@@ -227,7 +227,7 @@ def test_sampling_params_validation_and_stop():
     with pytest.raises(InvalidRequest, match="temperature"):
         SamplingParams.from_params({"temperature": -0.1})
     with pytest.raises(InvalidRequest, match="max_tokens"):
-        SamplingParams.from_params({"max_tokens": 0})
+        SamplingParams.from_params({"max_tokens": -1})
     assert apply_stop("hello world. more", ("world", ".")) == ("hello ", True)
     assert apply_stop("abc", ("x",)) == ("abc", False)
 

@@ -53,6 +53,11 @@ from maas.preprocess.text import TextJob
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
 
+#: A readiness probe's answer is reused this long, seconds (bounds probe calls under frequent checks).
+READY_PROBE_TTL_S = 0.25
+#: A model whose probe takes longer than this, seconds, reads as not ready.
+READY_PROBE_TIMEOUT_S = 2.0
+
 _current: "Dataplane | None" = None
 
 
@@ -141,6 +146,7 @@ class Dataplane:
         self.watch = watch or DeploymentWatch([s.deployment_name for s in config.models],
                                               handles={s.deployment_name: models[s.name] for s in config.models})
         self._info: dict[str, dict] = {}
+        self._ready: dict[str, tuple[bool, float]] = {}  # model -> (ready, monotonic time of the probe)
         self._batchers: dict[tuple[str, str], FrontBatcher] = {}
         self.created = int(time.time())
 
@@ -257,16 +263,44 @@ class Dataplane:
     # ------------------------------------------------------------------ models and readiness
 
     async def model_ready(self, name: str) -> bool:
-        """Loaded once (its info answered) and a replica running now."""
+        """Whether the model can answer now: its router knows a running replica and one of them
+        answered a live probe (a cheap ``info`` call, at most every ``READY_PROBE_TTL_S``).
+
+        The probe is what makes a lost replica visible within a second: the router drops a
+        replica the moment a call finds it dead, before the controller notices. A replica that
+        is merely busy still answers the probe (it runs on the replica's event loop, beside the
+        forward thread); one whose queue is full (back-pressure) counts as ready.
+        """
+        from ray.serve.exceptions import BackPressureError
+
         route = self.routes[name]
         dep = route.spec.deployment_name
         if self.watch.known_for(dep) and not self.watch.running(dep):
             return False
+        cached = self._ready.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < READY_PROBE_TTL_S:
+            return cached[0]
         try:
-            await asyncio.wait_for(self.info(route), timeout=5.0)
-            return True
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            return False
+            await asyncio.wait_for(self.info(route), timeout=5.0)  # loaded once (static facts kept)
+            await self.call_with_timeout(route.model.info.remote(), READY_PROBE_TIMEOUT_S)
+            ok = True
+        except BackPressureError:
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - any other failure means not ready
+            ok = isinstance(unwrap(exc), BackPressureError)
+        if ok and self.watch.known_for(dep) and not self.watch.running(dep):
+            ok = False  # the probe itself found the last replica dead
+        self._ready[name] = (ok, time.monotonic())
+        return ok
+
+    @staticmethod
+    async def call_with_timeout(response, timeout_s: float):
+        try:
+            return await asyncio.wait_for(response, timeout=timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise
 
     async def list_models(self) -> dict:
         """All served models with family, tasks, weights source and readiness (``/v1/models`` body)."""
@@ -377,10 +411,10 @@ class Dataplane:
         """The tokenizer job of a completion or chat request (never truncated)."""
         limit = self.limits.max_prompts_per_request
         if hasattr(req, "messages"):
-            self.check_items(req.n, "n", limit)
+            self.check_items(req.choices, "n", limit)
             return TextJob("chat", req.plain_messages())
         prompts = req.prompts()
-        self.check_items(len(prompts) * req.n, "prompt", limit, "prompts × n")
+        self.check_items(len(prompts) * req.choices, "prompt", limit, "prompts × n")
         if req.prompt_is_tokens:
             return TextJob("ids", prompts, max_length=None)
         return TextJob("texts", prompts, max_length=None, truncate=False, add_special_tokens=False)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from ray import serve
 
 from maas import metrics
 from maas.config import BatchingSpec, ModelSpec
@@ -540,9 +541,14 @@ class ModelDeployment:
         }
 
     def stats(self) -> dict:
-        """Batch records of this replica: ``{"requests_per_batch": {jobs: count}, "items_per_batch": {items: count},
-        "queued_items", "running_items"}``."""
+        """Batch records of this replica: ``{"replica", "requests_per_batch": {jobs: count},
+        "items_per_batch": {items: count}, "queued_items", "running_items", "last_timings_ms"}``."""
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
+            replica = None
         return {
+            "replica": replica,
             "requests_per_batch": dict(self.batcher.batch_requests),
             "items_per_batch": dict(self.batcher.batch_items),
             "queued_items": self.batcher.queued_items,

@@ -53,9 +53,11 @@ class SamplingParams:
     """Decoding settings of one request.
 
     Attributes:
-        max_tokens: New tokens per choice at most (≥ 1); None = up to the context window.
+        max_tokens: New tokens per choice at most (≥ 0; 0 generates nothing); None = up to the
+            context window.
         temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
-        top_p: Nucleus sampling mass, in (0, 1].
+        top_p: Nucleus sampling mass, in [0, 1]; 0 keeps only the most likely token, so it
+            decodes greedily whatever the temperature.
         seed: Seeds torch's RNG for this request's group, making sampling repeatable.
         stop: Strings that end the text (cut before the first occurrence), at most 4.
         n: Choices per prompt, 1..8.
@@ -72,8 +74,8 @@ class SamplingParams:
     def from_params(cls, params: dict) -> "SamplingParams":
         """Validate raw params. Raises InvalidRequest naming the field."""
         max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
-        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-            raise InvalidRequest(f"max_tokens must be an integer ≥ 1, got {max_tokens!r}", param="max_tokens")
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):
+            raise InvalidRequest(f"max_tokens must be an integer ≥ 0, got {max_tokens!r}", param="max_tokens")
         temperature = params.get("temperature", 1.0)
         if temperature is None:
             temperature = 1.0
@@ -82,10 +84,10 @@ class SamplingParams:
         top_p = params.get("top_p", 1.0)
         if top_p is None:
             top_p = 1.0
-        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
-        if temperature < GREEDY_BELOW_TEMPERATURE:
-            temperature = 0.0
+        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 <= top_p <= 1:
+            raise InvalidRequest(f"top_p must be between 0 and 1, got {top_p!r}", param="top_p")
+        if temperature < GREEDY_BELOW_TEMPERATURE or top_p == 0:
+            temperature, top_p = 0.0, 1.0  # only the most likely token survives: greedy
         seed = params.get("seed")
         if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
             raise InvalidRequest(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}",
@@ -93,9 +95,9 @@ class SamplingParams:
         stop = params.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
-        stop = tuple(stop)
-        if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidRequest("stop must be a non-empty string or a list of at most 4 of them", param="stop")
+        if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequest("stop must be a string or a list of at most 4 strings", param="stop")
+        stop = tuple(s for s in stop if s)  # an empty stop string would cut every text at once: ignored
         n = params.get("n", 1)
         if not _is_int(n) or not 1 <= n <= MAX_N:
             raise InvalidRequest(f"n must be an integer from 1 to {MAX_N}, got {n!r}", param="n")
@@ -267,6 +269,8 @@ class GenerationMixin:
         """
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        if max_new == 0:  # max_tokens 0: nothing to generate (OpenAI answers an empty text too)
+            return torch.zeros((batch["input_ids"].shape[0], 0), dtype=torch.int64), {}
         runner = self
         prompt_width = batch["input_ids"].shape[1] if self.decoder_only else 1
         stopped_at: dict[int, int] = {}
@@ -369,12 +373,14 @@ class GenerationMixin:
                     done = cancel.is_set() or state.all_done or request.abandoned
                     return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
-            kwargs = runner._generate_kwargs(sp, runner.max_new_tokens([request], sp))
+            max_new = runner.max_new_tokens([request], sp)
+            kwargs = runner._generate_kwargs(sp, max_new)
             with runner._sampling_guard(sp):
                 if sp.seed is not None:
                     torch.manual_seed(sp.seed)
-                runner.model.generate(**batch, **kwargs, streamer=Streamer(),
-                                      stopping_criteria=StoppingCriteriaList([Stop()]))
+                if max_new > 0:
+                    runner.model.generate(**batch, **kwargs, streamer=Streamer(),
+                                          stopping_criteria=StoppingCriteriaList([Stop()]))
             final = state.deltas(final=True)
             if final:
                 emit({"choices": final})
@@ -404,7 +410,7 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
         for i, n in enumerate(request.inputs.num_tokens):
             if n == 0:
                 raise InvalidRequest(f"prompt[{i}] is empty; send at least one token of text", param="prompt")
-            wanted = sp.max_tokens or 1
+            wanted = sp.max_tokens if sp.max_tokens is not None else 1
             if n >= self.context_tokens:
                 raise InvalidRequest(
                     f"prompt[{i}] has {n} tokens, which fills model {self.spec.name!r}'s context of "

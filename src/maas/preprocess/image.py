@@ -14,7 +14,15 @@ a reorder on the model.)
 
 Colour policy: alpha is dropped (``Image.convert("RGB")``), as torchvision's ``ImageFolder``
 loader does, so results equal what a torchvision user gets; 16-bit and 32-bit integer
-greyscale are scaled to 0..255 by their bit depth (Pillow's own conversion would clip them).
+greyscale are scaled to 0..255 by their bit depth, and 32-bit float greyscale (``F``, as
+scientific and medical pipelines write TIFFs) by its range, 0..1 or 0..255 (Pillow's own
+conversions clip them: a 0..1 float image would read as black). A mode with no faithful RGB
+conversion (LAB, HSV, float values outside both ranges, NaN) gets a 400 that says so: a
+silently wrong picture would give a confident wrong answer. Multi-frame files (GIF, APNG,
+multi-page TIFF) give their first frame.
+
+Metadata is not read: a PNG's compressed text chunks (XMP, as photo editors write) may inflate
+up to :data:`MAX_METADATA_BYTES` each before Pillow refuses them, instead of Pillow's 1 MB.
 """
 
 from __future__ import annotations
@@ -25,13 +33,19 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from maas.batch import Preprocessed, run_jobs
 from maas.config import ImagePreprocessingSpec
 from maas.errors import InvalidRequest, PayloadTooLarge
 
 logger = logging.getLogger("ray.serve.maas.preprocess.image")
+
+#: Largest decompressed PNG text chunk (bytes) accepted before the file is refused; Pillow's
+#: default (1 MiB) refused real photos carrying XMP (a 284 KB file whose text inflates to 1.4 MB).
+MAX_METADATA_BYTES = 16 * 2**20
+PngImagePlugin.MAX_TEXT_CHUNK = MAX_METADATA_BYTES
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * MAX_METADATA_BYTES
 
 SUPPORTED_FORMATS = "JPEG, PNG, WebP, BMP, TIFF, GIF"
 #: Pillow resampling filters, as torchvision maps its InterpolationMode names (pil_modes_mapping).
@@ -102,17 +116,35 @@ def decode_image(data: bytes, *, max_pixels: int, index: int = 0) -> Image.Image
         img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidRequest(
             f"{param} could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); "
             "the file may be truncated or corrupt",
             param=param,
         ) from None
+    return to_rgb(img, param)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (alpha dropped, deep greyscale rescaled)."""
+def _scaled_to_8bit(arr: np.ndarray, param: str, mode: str) -> Image.Image:
+    """Float greyscale → 8-bit: values in 0..1 scale by 255, values in 0..255 pass as they are."""
+    if not np.isfinite(arr).all():
+        raise InvalidRequest(f"{param} is a {mode} image holding NaN or infinite values; send finite values "
+                             "(0..1 or 0..255) or an 8-bit image", param=param)
+    low, high = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if low >= 0.0 and high <= 1.0:
+        arr = arr * 255.0
+    elif low < 0.0 or high > 255.0:
+        raise InvalidRequest(f"{param} is a {mode} image with values from {low:g} to {high:g}; this service reads "
+                             "float pixels in 0..1 or 0..255 — rescale it, or send an 8-bit image", param=param)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image, param: str = "image") -> Image.Image:
+    """Convert a Pillow image to 8-bit RGB (alpha dropped, deep and float greyscale rescaled).
+
+    Raises:
+        InvalidRequest: a mode with no faithful conversion (LAB, HSV, out-of-range floats).
+    """
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -122,9 +154,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
             depth = float(2**31 - 1)
         arr8 = np.clip(np.rint(arr / depth * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "F":
+        return _scaled_to_8bit(np.asarray(img, dtype=np.float64), param, "32-bit float").convert("RGB")
+    if img.mode in ("LAB", "HSV"):
+        raise InvalidRequest(f"{param} is in colour mode {img.mode}, which this service does not convert; send RGB, "
+                             "greyscale, palette or CMYK", param=param)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise InvalidRequest(f"{param} is in image mode {img.mode}, which cannot be converted to RGB "
+                             f"({str(exc)[:120]}); send RGB or greyscale", param=param) from None
 
 
 def resized_size(width: int, height: int, shorter_px: int) -> tuple[int, int]:

@@ -155,3 +155,48 @@ async def stream_response(chunks: AsyncIterator[dict], request: Request) -> Stre
         first = None
     return StreamingResponse(_sse(first, chunks, request.headers.get("x-request-id", "-")),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class HttpSemantics:
+    """Pure ASGI middleware for request semantics RFC 9110 asks of every route.
+
+    * ``HEAD`` is answered wherever ``GET`` is (RFC 9110 §9.3.2: the same status and headers,
+      no body): uptime monitors and load balancers probe with it. The request runs as ``GET``
+      and the body is dropped on the way out; ``Content-Length`` stays that of the ``GET``.
+    * A request body in a content coding other than ``identity`` (``Content-Encoding: gzip``)
+      gets 415 with ``Accept-Encoding: identity`` (§8.4.1, §15.5.16): the service reads plain
+      bodies only, and decompressing would bypass the body-size limit.
+
+    Media types are compared case-insensitively where the routes read them (§8.3.1).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers") or ():
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                coding = value.decode("latin-1").strip()
+                path = scope.get("path", "")
+                message = (f"request bodies in content coding {coding!r} are not accepted; send the body "
+                           "uncompressed (Content-Encoding: identity)")
+                body = {"error": message} if path.startswith("/v2") else error_body(message, "invalid_request_error")
+                raw = dumps(body)
+                await send({"type": "http.response.start", "status": 415, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                    (b"accept-encoding", b"identity")]})
+                await send({"type": "http.response.body", "body": raw})
+                return
+        if scope.get("method") != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        await self.app(dict(scope, method="GET"), receive, send_headers_only)
