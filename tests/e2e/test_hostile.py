@@ -65,7 +65,7 @@ def _json_cases() -> list[tuple[str, str, dict, int]]:
         ("lone surrogate", "/v1/embeddings", {"model": "minilm", "input": "\ud800"}, 400),
         ("negative top_k", "/v1/classifications/image", {"model": IMG, "images": [], "top_k": -1}, 400),
         ("huge top_k", "/v1/classifications/text", {"model": "minilm", "input": "x", "top_k": 10**9}, 400),
-        ("max_tokens 0", "/v1/completions", {"model": "gpt2-tiny-demo", "prompt": "hi", "max_tokens": 0}, 400),
+        ("max_tokens -1", "/v1/completions", {"model": "gpt2-tiny-demo", "prompt": "hi", "max_tokens": -1}, 400),
         ("max_tokens beyond context", "/v1/completions",
          {"model": "gpt2-tiny-demo", "prompt": "hi", "max_tokens": 100_000}, 400),
         ("temperature < 0", "/v1/completions", {"model": "gpt2-tiny-demo", "prompt": "hi", "temperature": -0.5}, 400),

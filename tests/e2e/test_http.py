@@ -100,7 +100,7 @@ def test_completion_and_text2text_shapes(url):
     ("/v1/embeddings", {"json": {"model": "minilm", "input": ["x"] * 257}}, 413, "input"),
     ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi", "temperature": -1}}, 400, "temperature"),
     ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi " * 600}}, 400, "prompt"),
-    ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi", "max_tokens": 0}}, 400, "max_tokens"),
+    ("/v1/completions", {"json": {"model": "gpt2-tiny-demo", "prompt": "hi", "max_tokens": -1}}, 400, "max_tokens"),
     ("/v1/classifications/image", {"data": "x", "headers": {"content-type": "text/plain"}}, 415, None),
     ("/v1/classifications/image", {"json": {"model": "vgg16", "images": ["%%%"]}}, 400, "images[0]"),
     ("/v1/classifications/image", {"data": {"model": "vgg16"}, "files": [("other", ("a.txt", b"x"))]}, 400, "file"),

@@ -3,7 +3,6 @@ second signal while shutting down: nothing of the cluster stays behind (HAProxy 
 the next start gets the same ports. Each start is a cluster of its own (address "local") beside
 the session's, serving one small model."""
 
-import os
 import signal
 import socket
 import subprocess
