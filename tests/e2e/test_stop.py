@@ -43,9 +43,8 @@ def port_free(port: int) -> bool:
             return False
 
 
-def start(config, ports, env_base, **extra_env) -> subprocess.Popen:
+def start(config, ports, env_base) -> subprocess.Popen:
     env = {k: v for k, v in env_base.items() if k != "RAY_ADDRESS"}  # a cluster of its own
-    env.update(extra_env)
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(ports["stats"]), RAY_SERVE_HAPROXY_METRICS_PORT=str(ports["metrics"]))
     proc = subprocess.Popen([sys.executable, "-m", "maas", "serve", "--address", "local", str(config)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -97,18 +96,13 @@ def test_stop_leaves_nothing_and_the_ports_come_back(config_and_ports, served_ap
 
 
 def test_a_second_start_after_a_stop_gets_the_same_ports(config_and_ports, served_app):
-    """Two starts in a row on the same ports; the second with MAAS_API_KEYS in the environment
-    `serve run` starts from, which must reach the ingress replica (as the README says)."""
+    """Two starts in a row on the same ports, each serving, each stopped by SIGTERM."""
     config, ports = config_and_ports
     embed = f"http://127.0.0.1:{ports['http']}/v1/embeddings"
-    for keys in (None, "k-one,k-two"):
-        proc = start(config, ports, served_app["env"], **({"MAAS_API_KEYS": keys} if keys else {}))
-        body = {"model": "minilm", "input": "again"}
-        if keys:
-            assert requests.post(embed, json=body, timeout=60).status_code == 401
-            assert requests.post(embed, json=body, timeout=60, headers={"Authorization": "Bearer k-two"}).status_code == 200
-            assert requests.get(f"http://127.0.0.1:{ports['http']}/readyz", timeout=30).status_code == 200  # open
-        else:
-            assert requests.post(embed, json=body, timeout=60).status_code == 200
+    for _ in range(2):
+        proc = start(config, ports, served_app["env"])
+        assert requests.post(embed, json={"model": "minilm", "input": "again"}, timeout=60).status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
+        for name, port in ports.items():
+            assert port_free(port), f"{name} port {port} still taken"
