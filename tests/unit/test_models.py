@@ -299,3 +299,41 @@ def test_stop_strings_batched_equal_streamed(gpt, stop):
         assert stop not in c["text"]
         if c["finish_reason"] == "stop":
             assert c["completion_tokens"] < 12
+
+
+def test_a_stop_string_taken_from_the_unstopped_text_cuts_there(gpt):
+    """The stop is derived from the text generated without it, so it is known to occur: the text
+    ends right before its first occurrence, with finish_reason "stop" and fewer tokens."""
+    batch = tokenize(gpt.tokenizer, ["Hello there"], max_length=None, truncate=False, add_special_tokens=False)
+    full = gpt.run([ModelRequest(batch, {"max_tokens": 16, "temperature": 0})])[0]["choices"][0]
+    words = full["text"].split()
+    assert len(words) >= 4, full
+    stop = " ".join(words[2:4])
+    cut = full["text"].index(stop)
+    stopped = gpt.run([ModelRequest(batch, {"max_tokens": 16, "temperature": 0, "stop": stop})])[0]["choices"][0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == full["text"][:cut]
+    assert stopped["completion_tokens"] < full["completion_tokens"]
+
+
+def test_sampling_differs_from_greedy_and_top_p_narrows_it(gpt):
+    batch = tokenize(gpt.tokenizer, ["Once upon a time"], max_length=None, truncate=False, add_special_tokens=False)
+    greedy = gpt.run([ModelRequest(batch, {"max_tokens": 12, "temperature": 0})])[0]["choices"][0]["text"]
+    sampled = {gpt.run([ModelRequest(batch, {"max_tokens": 12, "temperature": 1.5, "seed": s})])[0]["choices"][0]["text"]
+               for s in range(4)}
+    assert sampled - {greedy}, "sampling at temperature 1.5 never left the greedy path"
+    assert len(sampled) > 1  # different seeds, different texts
+    # top_p so small that only the most likely token survives: greedy, whatever the temperature and seed.
+    tiny_p = {gpt.run([ModelRequest(batch, {"max_tokens": 12, "temperature": 1.5, "top_p": 1e-9, "seed": s})])[0][
+        "choices"][0]["text"] for s in range(3)}
+    assert tiny_p == {greedy}
+    zero_p = gpt.run([ModelRequest(batch, {"max_tokens": 12, "temperature": 1.5, "top_p": 0, "seed": 1})])[0]
+    assert zero_p["choices"][0]["text"] == greedy
+
+
+def test_plain_chat_template_when_the_tokenizer_has_none(gpt):
+    from maas.preprocess.text import PLAIN_CHAT_CUE, render_chat
+
+    prompt = render_chat(gpt.tokenizer, [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Hi"}])
+    assert prompt == "System: Be brief.\nUser: Hi\n" + PLAIN_CHAT_CUE
