@@ -54,7 +54,7 @@ from maas.preprocess.text import TextJob
 logger = logging.getLogger("ray.serve.maas.dataplane")
 
 #: A readiness probe's answer is reused this long, seconds (bounds probe calls under frequent checks).
-READY_PROBE_TTL_S = 0.25
+READY_PROBE_TTL_S = 0.1
 #: A model whose probe takes longer than this, seconds, reads as not ready. Short because a call to
 #: a replica that just died does not fail fast (Serve's router retries it until its replacement
 #: runs); the probe runs on the replica's event loop beside the forward thread, so a busy replica
