@@ -6,10 +6,11 @@ metric                          type       tags                        meaning
 ==============================  =========  ==========================  =========================================
 ``maas_requests``               counter    model, operation, status    requests answered by the ingress, by HTTP status
                                                                        (streams as ``completion-stream`` / ``chat-stream``)
-``maas_stage_latency_ms``       histogram  model, stage                ``preprocess`` (tokenizer / image preprocessor),
-                                                                       ``queue`` (waiting for a batch), ``forward``,
+``maas_stage_latency_ms``       histogram  model, stage                ``front_queue`` (waiting in the ingress's front batch
+                                                                       queue), ``preprocess`` (tokenizer / image preprocessor),
+                                                                       ``queue`` (waiting on the replica), ``forward``,
                                                                        ``postprocess`` (on the model replica), ms
-``maas_batch_size``             histogram  model                       requests per ``@serve.batch`` batch
+``maas_batch_size``             histogram  model                       items (texts, images) per forward on a replica
 ==============================  =========  ==========================  =========================================
 
 Every function here is a no-op when metrics can't be created (outside a Serve replica), and
@@ -39,7 +40,7 @@ def _get() -> dict | None:
                                             tag_keys=("model", "operation", "status")),
                 "stage": metrics.Histogram("maas_stage_latency_ms", description="Latency per stage, ms.",
                                            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model", "stage")),
-                "batch": metrics.Histogram("maas_batch_size", description="Requests per model batch.",
+                "batch": metrics.Histogram("maas_batch_size", description="Items per model forward.",
                                            boundaries=BATCH_BOUNDARIES, tag_keys=("model",)),
             }
         except Exception:  # noqa: BLE001

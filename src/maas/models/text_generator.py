@@ -2,7 +2,7 @@
 
 Per-request params (validated before batching, see :class:`SamplingParams`): ``max_tokens``
 (None = up to the context window), ``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop``,
-``n``. Requests in one ``@serve.batch`` batch that share the same sampling settings are
+``n``. Requests in one replica batch (``PullBatcher``) that share the same sampling settings are
 generated together (left-padded); different settings run one group after another.
 
 Streaming (:meth:`TextGenerator.stream`) runs one request's ``generate`` in a worker thread
