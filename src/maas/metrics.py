@@ -9,8 +9,16 @@ metric                          type       tags                        meaning
 ``maas_stage_latency_ms``       histogram  model, stage                ``front_queue`` (waiting in the ingress's front batch
                                                                        queue), ``preprocess`` (tokenizer / image preprocessor),
                                                                        ``queue`` (waiting on the replica), ``forward``,
-                                                                       ``postprocess`` (on the model replica), ms
-``maas_batch_size``             histogram  model                       items (texts, images) per forward on a replica
+                                                                       ``postprocess`` (on the model replica), ``prefill`` /
+                                                                       ``decode`` (a generator's steps), ms
+``maas_batch_size``             histogram  model                       items (texts, images) per forward on a replica;
+                                                                       for generators, rows per decoding step
+``maas_time_to_first_token_ms`` histogram  model                       generators: request queued on the replica → first
+                                                                       token sampled, ms
+``maas_inter_token_latency_ms`` histogram  model                       generators: time between a request's successive
+                                                                       decoding steps, ms
+``maas_running_sequences``      gauge      model                       generators: rows in the running batch (updated ≤ 2/s)
+``maas_waiting_sequences``      gauge      model                       generators: rows waiting for a slot
 ==============================  =========  ==========================  =========================================
 
 Every function here is a no-op when metrics can't be created (outside a Serve replica), and
@@ -42,6 +50,14 @@ def _get() -> dict | None:
                                            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model", "stage")),
                 "batch": metrics.Histogram("maas_batch_size", description="Items per model forward.",
                                            boundaries=BATCH_BOUNDARIES, tag_keys=("model",)),
+                "ttft": metrics.Histogram("maas_time_to_first_token_ms", description="Time to first token, ms.",
+                                          boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model",)),
+                "itl": metrics.Histogram("maas_inter_token_latency_ms", description="Inter-token latency, ms.",
+                                         boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model",)),
+                "running": metrics.Gauge("maas_running_sequences", description="Sequences in the running batch.",
+                                         tag_keys=("model",)),
+                "waiting": metrics.Gauge("maas_waiting_sequences", description="Sequences waiting for a slot.",
+                                         tag_keys=("model",)),
             }
         except Exception:  # noqa: BLE001
             logger.debug("serve metrics unavailable", exc_info=True)
@@ -65,3 +81,21 @@ def batch(model: str, size: int) -> None:
     m = _get()
     if m:
         m["batch"].observe(size, tags={"model": model})
+
+
+def token_times(model: str, ttft_s: float | None, itl_s: list[float]) -> None:
+    """One request's time to first token (when it is the first) and inter-token gaps, seconds."""
+    m = _get()
+    if m:
+        tags = {"model": model}
+        if ttft_s is not None:
+            m["ttft"].observe(1000 * ttft_s, tags=tags)
+        for gap in itl_s:
+            m["itl"].observe(1000 * gap, tags=tags)
+
+
+def sequences(model: str, running: int, waiting: int) -> None:
+    m = _get()
+    if m:
+        m["running"].set(running, tags={"model": model})
+        m["waiting"].set(waiting, tags={"model": model})

@@ -52,6 +52,8 @@ def hf_location(src: HuggingFaceSource | PackageSource, model_name: str) -> str:
     """
     if isinstance(src, PackageSource):
         path = package_path(src, model_name)
+        if path.suffix == ".gguf":
+            return str(gguf_as_hf_dir(path, model_name))
         if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
             for cand in sorted(path.rglob("config.json")):
                 return str(cand.parent)
@@ -60,6 +62,89 @@ def hf_location(src: HuggingFaceSource | PackageSource, model_name: str) -> str:
         if not Path(src.id).is_dir():
             raise WeightsError(f"model {model_name!r}: local weights directory {src.id!r} does not exist")
     return src.id
+
+
+def cache_dir() -> Path:
+    """Where GGUF checkpoints are unpacked into Hugging Face directories: ``$MAAS_CACHE_DIR``,
+    else ``~/.cache/maas``."""
+    return Path(os.environ.get("MAAS_CACHE_DIR") or Path.home() / ".cache" / "maas")
+
+
+def gguf_as_hf_dir(path: Path, model_name: str) -> Path:
+    """A Hugging Face directory (``config.json``, ``model.safetensors``, ``tokenizer.json``,
+    ``tokenizer_config.json`` with the chat template) made once from a ``.gguf`` file.
+
+    transformers reads GGUF (dequantising to float32; needs the ``gguf`` and ``accelerate``
+    packages), but only through ``from_pretrained(..., gguf_file=...)``, which imports torch; the
+    tokenizer deployment stays torch-free by reading ``tokenizer.json``. So the file is unpacked
+    once, in a subprocess (``python -m maas.weights gguf SRC OUT``), into
+    ``cache_dir()/gguf/<name>-<size>-<mtime>``, written to a temporary directory and renamed
+    into place, so concurrent replicas never see half a directory. Float32 safetensors of a
+    135 M-parameter model are ~0.54 GB on disk.
+
+    Raises:
+        WeightsError: the conversion failed (the message carries its last lines of output).
+    """
+    import fcntl
+
+    st = path.stat()
+    target = cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion per machine: the tokenizer deployment and the model replicas ask at once.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+            return target
+        return _convert_gguf(path, target, model_name)
+
+
+def _convert_gguf(path: Path, target: Path, model_name: str) -> Path:
+    import subprocess
+    import sys
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)
+    logger.info("model %s: unpacking %s into %s (once)", model_name, path, target)
+    proc = subprocess.run([sys.executable, "-m", "maas.weights", "gguf", str(path), str(tmp)],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:]
+        raise WeightsError(f"model {model_name!r}: could not unpack GGUF file {str(path)!r}: {tail}. "
+                           "It needs the packages gguf and accelerate (`make install` installs them)")
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another replica finished first: use its directory
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _unpack_gguf(src: str, out: str) -> None:
+    """``python -m maas.weights gguf SRC OUT``: see :func:`gguf_as_hf_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(src), os.path.basename(src)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF ("not serializable"), though its weights
+    # are plain float32 tensors by now: write them and a config without the GGUF marker.
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_model(model, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(out)
 
 
 def hf_load_error(model_name: str, where: str, exc: Exception) -> WeightsError:
@@ -155,3 +240,12 @@ def file_source_path(src: TorchvisionSource | TimmSource | PackageSource, model_
         return str(package_path(src, model_name))
     assert src.path is not None
     return src.path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "gguf":
+        _unpack_gguf(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m maas.weights gguf SRC.gguf OUT_DIR")

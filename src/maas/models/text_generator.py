@@ -24,11 +24,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import torch
 from ray import serve
 
+from maas import metrics
+from maas.config import BatchingSpec
 from maas.errors import InvalidRequest
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
 from maas.models.hf import collate_left, load_hf_model, probe_tokens
@@ -110,12 +112,12 @@ def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-class _StreamState:
-    """Per-row incremental detokenisation for streaming.
+class StreamState:
+    """Per-row incremental detokenisation (the continuous batcher keeps one per request).
 
-    ``text`` is always ``decode(tokens)`` cut at a stop string, so the concatenated deltas of a
-    finished row equal the non-streamed text. Until a row finishes, its last word and any tail
-    that could begin a stop string are held back.
+    ``text(row)`` is always ``decode(tokens)`` cut at a stop string, so the concatenated deltas
+    of a finished row equal the non-streamed text. Until a row finishes, its last word and any
+    tail that could begin a stop string are held back.
     """
 
     def __init__(self, tokenizer, eos: set[int], stop: tuple[str, ...], rows: int):
@@ -127,27 +129,35 @@ class _StreamState:
         self.reported = [False] * rows
         self.hold = max((len(s) for s in stop), default=1) - 1
 
-    def add(self, step: list[int]) -> None:
-        for row, tok in enumerate(step):
-            if self.finish[row] is not None:
-                continue
-            if tok in self.eos:
-                self.finish[row], self.eos_seen[row] = "stop", 1
-                continue
-            self.tokens[row].append(tok)  # the token completing a stop string counts, as in decode()
-            if self.stop:
-                _, stopped = apply_stop(self._text(row), self.stop)
-                if stopped:
-                    self.finish[row] = "stop"
+    def add_token(self, row: int, tok: int) -> None:
+        """Append one generated token to ``row``; EOS or a completed stop string finish it."""
+        if self.finish[row] is not None:
+            return
+        if tok in self.eos:
+            self.finish[row], self.eos_seen[row] = "stop", 1
+            return
+        self.tokens[row].append(tok)  # the token completing a stop string counts, as in decode()
+        if self.stop:
+            _, stopped = apply_stop(self._text(row), self.stop)
+            if stopped:
+                self.finish[row] = "stop"
 
     def _text(self, row: int) -> str:
         return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+
+    def text(self, row: int) -> str:
+        """The row's text so far, cut before a stop string."""
+        return apply_stop(self._text(row), self.stop)[0]
+
+    def row_tokens(self, row: int) -> int:
+        """Tokens generated for ``row``, counting EOS and the token that completed a stop string."""
+        return len(self.tokens[row]) + self.eos_seen[row]
 
     def deltas(self, final: bool) -> list[dict]:
         """Text produced since the last call, per row that has something to say.
 
         A row's last event carries its ``finish_reason``; ``final`` marks unfinished rows as
-        ``length`` (generation ended at ``max_tokens`` or the context window).
+        ``length`` (generation ended at ``max_tokens``, the context window or the deadline).
         """
         events = []
         for row in range(len(self.tokens)):
@@ -155,7 +165,7 @@ class _StreamState:
                 continue
             if final and self.finish[row] is None:
                 self.finish[row] = "length"
-            text, _ = apply_stop(self._text(row), self.stop)
+            text = self.text(row)
             done = self.finish[row] is not None
             end = len(text)
             if not done:
@@ -170,10 +180,6 @@ class _StreamState:
 
     def completion_tokens(self) -> int:
         return sum(len(t) + e for t, e in zip(self.tokens, self.eos_seen))
-
-    @property
-    def all_done(self) -> bool:
-        return all(f is not None for f in self.finish)
 
 
 class GenerationMixin:
@@ -336,57 +342,6 @@ class GenerationMixin:
                 return k
         return len(tokens)
 
-    def stream(self, request: ModelRequest, emit: Callable[[dict], None], cancel: threading.Event) -> None:
-        """Generate one request with a streamer; call ``emit`` with events until done.
-
-        Events: ``{"choices": [{"index", "text", "finish_reason"}]}`` deltas, then a last
-        ``{"done": True, "prompt_tokens", "completion_tokens", "cancelled"}``.
-        Runs in a worker thread; stops early when ``cancel`` is set.
-        """
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        sp = SamplingParams.from_params(request.params)
-        runner = self
-
-        with torch.inference_mode():
-            batch = self.expand(self.preprocess([request]), sp.n)
-            state = _StreamState(self.tokenizer, self.eos_set, sp.stop, batch["input_ids"].shape[0])
-
-            class Streamer(BaseStreamer):
-                first = True
-
-                def put(self, value):
-                    if self.first:  # the prompt (decoder-only) or decoder start token
-                        self.first = False
-                        return
-                    state.add(value.reshape(-1).tolist())
-                    events = state.deltas(final=False)
-                    if events:
-                        emit({"choices": events})
-
-                def end(self):
-                    pass
-
-            class Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    done = cancel.is_set() or state.all_done or request.abandoned
-                    return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-            max_new = runner.max_new_tokens([request], sp)
-            kwargs = runner._generate_kwargs(sp, max_new)
-            with runner._sampling_guard(sp):
-                if sp.seed is not None:
-                    torch.manual_seed(sp.seed)
-                if max_new > 0:
-                    runner.model.generate(**batch, **kwargs, streamer=Streamer(),
-                                          stopping_criteria=StoppingCriteriaList([Stop()]))
-            final = state.deltas(final=True)
-            if final:
-                emit({"choices": final})
-            emit({"done": True, "prompt_tokens": sum(request.inputs.lengths),
-                  "completion_tokens": state.completion_tokens(), "cancelled": cancel.is_set()})
-
 
 class TextGeneratorRunner(GenerationMixin, ModelRunner):
     """Lifecycle of a decoder-only generator. Prompts are never truncated (see validate)."""
@@ -438,54 +393,145 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
         return {"device": str(self.device), "context_tokens": self.context_tokens}
 
 
-class StreamingMixin:
-    """Adds ``stream()`` to a generator deployment (see the module docstring)."""
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class TextGenerator(ModelDeployment):
+    """Serve deployment of one GPT-style generator, continuously batched.
+
+    Every request, streamed or not, goes into the replica's
+    :class:`~maas.models.continuous.ContinuousBatcher`: sequences join and leave the running
+    batch at each decoding step. ``batching.max_batch_size`` is the most sequences running at
+    once; ``batching.kv_cache_tokens``, ``prefill_tokens_per_step`` and
+    ``max_waiting_sequences`` bound the KV cache and the wait (see that module).
+
+    Handle methods: ``__call__(pre, params, deadlines_s)`` (whole answers, one per job),
+    ``stream(pre, params, deadline_s)`` (events, ``handle.options(stream=True)``), ``info``,
+    ``stats``.
+    """
+
+    runner_cls = TextGeneratorRunner
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        from maas.models.continuous import ContinuousBatcher
+
+        self.engine = ContinuousBatcher(self.runner, self.spec.name, **self._engine_settings(self.batching),
+                                        on_step=self._on_step, on_token_times=self._on_token_times)
+        self.active_streams = 0
+        self.stream_log: list[dict] = []
+        self._gauges_at = 0.0
+
+    @staticmethod
+    def _engine_settings(b: BatchingSpec) -> dict:
+        from maas.models.continuous import DEFAULT_KV_CACHE_TOKENS, DEFAULT_PREFILL_TOKENS_PER_STEP
+
+        return {"max_batch_size": b.max_batch_size, "kv_cache_tokens": b.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS,
+                "prefill_tokens_per_step": b.prefill_tokens_per_step or DEFAULT_PREFILL_TOKENS_PER_STEP,
+                "max_waiting_sequences": b.max_waiting_sequences or max(64, 4 * b.max_batch_size)}
+
+    def reconfigure(self, user_config: dict) -> None:
+        super().reconfigure(user_config)
+        self.engine.configure(**self._engine_settings(self.batching))
+
+    # ------------------------------------------------------------------ metrics hooks (engine thread)
+
+    def _on_step(self, kind: str, rows: int, seconds: float) -> None:
+        metrics.stage(self.spec.name, kind, 1000 * seconds)
+        if kind == "decode":
+            metrics.batch(self.spec.name, rows)
+        now = time.monotonic()
+        if now - self._gauges_at > 0.5:
+            self._gauges_at = now
+            counts = self.engine.counts()
+            metrics.sequences(self.spec.name, counts["running"], counts["waiting"])
+
+    def _on_token_times(self, ttft_s: float | None, itl_s: list[float]) -> None:
+        metrics.token_times(self.spec.name, ttft_s, itl_s)
+
+    # ------------------------------------------------------------------ calls
+
+    def _submit(self, request: ModelRequest, on_event=None) -> asyncio.Future:
+        """Queue ``request``; the future gets its result, a MaasError, or None (caller left)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(value) -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(value))
+
+        self.engine.submit(request, SamplingParams.from_params(request.params), done, on_event)
+        return future
+
+    async def __call__(self, pre: Any, params: list[dict] | dict | None = None,
+                       deadlines_s: list[float | None] | None = None, backlog_items: float | None = None
+                       ) -> list[Any]:
+        """Generate every job of the call (see :meth:`ModelDeployment.__call__`); each job's
+        sequences join the running batch on their own."""
+        from maas.errors import MaasError
+
+        if backlog_items is not None:
+            self._backlog = (float(backlog_items), time.monotonic())
+        results, requests, pending = self.jobs(pre, params, deadlines_s)
+        futures: list[tuple[int, asyncio.Future]] = []
+        for pos, request in zip(pending, requests):
+            try:
+                futures.append((pos, self._submit(request)))
+            except MaasError as exc:
+                results[pos] = exc
+        try:
+            for pos, future in futures:
+                results[pos] = await future
+        except asyncio.CancelledError:
+            for request in requests:
+                request.cancelled = True  # the engine frees their rows at its next step
+            raise
+        self._last_batch_done = time.monotonic()
+        return results
 
     async def stream(self, pre: Any, params: dict | None = None, deadline_s: float | None = None
                      ) -> AsyncIterator[dict]:
-        """Stream one request's events (see :meth:`GenerationMixin.stream`). Call with
+        """Stream one request's events. Call with
         ``handle.options(stream=True).stream.remote(pre, params, deadline_s)``; ``pre`` is the
         tokenizer's :class:`~maas.batch.Preprocessed` for one job (or its ``TokenizedBatch``).
-        Generation stops at ``deadline_s`` (wall clock) or when the caller leaves.
+
+        Yields ``{"choices": [{"index", "text", "finish_reason"}]}`` deltas (coalesced: each
+        carries everything produced since the previous one), then
+        ``{"done": True, "prompt_tokens", "completion_tokens", "cancelled", "steps"}``.
+        Generation stops at ``deadline_s`` (wall clock, the stream ends as ``length``) or when
+        the caller leaves (its row leaves the batch at the next step).
 
         Raises:
-            MaasError: 4xx for a bad request, before the first event.
+            MaasError: 4xx for a bad request and 503 when too many sequences wait, before the
+                first event.
         """
+        from maas.errors import MaasError
+
         results, requests, _ = self.jobs(pre, [params or {}], [deadline_s])
         if not requests:
             raise results[0]
         request = requests[0]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        sentinel = object()
+        finished: dict | None = None
 
-        def emit(event: dict) -> None:
+        def on_event(event: dict) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        def work() -> None:
-            try:
-                self.runner.stream(request, emit, cancel)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, sentinel)
-
-        loop.run_in_executor(None, work)
+        future = self._submit(request, on_event)
+        future.add_done_callback(lambda f: queue.put_nowait(("end", f.result())))
         self.active_streams += 1
-        finished = None
         try:
             while True:
-                item = await queue.get()
-                items = [item]
+                items = [await queue.get()]
                 while not queue.empty():  # coalesce what arrived while the consumer was busy
                     items.append(queue.get_nowait())
                 merged: dict[int, dict] = {}  # one entry per choice index, texts concatenated
+                end = False
                 for it in items:
-                    if it is sentinel:
-                        break
-                    if isinstance(it, BaseException):
-                        raise it
+                    if isinstance(it, tuple):
+                        end = True
+                        if isinstance(it[1], MaasError):
+                            raise it[1]
+                        continue
                     if it.get("done"):
                         finished = it
                         continue
@@ -495,31 +541,62 @@ class StreamingMixin:
                         m["finish_reason"] = c["finish_reason"] or m["finish_reason"]
                 if merged:
                     yield {"choices": [merged[i] for i in sorted(merged)]}
-                if finished is not None or any(it is sentinel for it in items):
-                    if finished is not None:
-                        yield finished
+                if finished is not None:
+                    yield finished
+                    break
+                if end:
                     break
         finally:
-            cancel.set()
+            request.cancelled = request.cancelled or finished is None
             self.active_streams -= 1
-            self.stream_log.append({"cancelled": finished is None, "completion_tokens":
-                                    finished["completion_tokens"] if finished else None})
+            self.stream_log.append({"cancelled": finished is None,
+                                    "completion_tokens": finished["completion_tokens"] if finished else None,
+                                    "steps": finished["steps"] if finished else None})
             del self.stream_log[:-100]
+            self._last_batch_done = time.monotonic()
+
+    # ------------------------------------------------------------------ health and stats
+
+    async def check_health(self) -> None:
+        """Unhealthy when no weights are loaded, a generation step has run longer than
+        ``health.stall_timeout_s``, or (idle for ``PROBE_AFTER_IDLE_S``) a one-token probe
+        through the engine does not finish within ``health.probe_timeout_s``."""
+        from maas.models.base import PROBE_AFTER_IDLE_S
+
+        if not self.runner.loaded:
+            raise RuntimeError(f"model {self.spec.name} has no loaded weights")
+        health = self.spec.health
+        started = self.engine.step_started
+        if started is not None and time.monotonic() - started > health.stall_timeout_s:
+            raise RuntimeError(f"model {self.spec.name}: a generation step has been running for "
+                               f"{time.monotonic() - started:.0f} s")
+        recent = [t for t in (self.engine.last_step_done, self._last_batch_done) if t is not None]
+        if recent and time.monotonic() - max(recent) < PROBE_AFTER_IDLE_S:
+            return
+        try:
+            out = await asyncio.wait_for(self._submit(self.runner.probe()), timeout=health.probe_timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"model {self.spec.name}: probe generation took over {health.probe_timeout_s} s") from None
+        if isinstance(out, BaseException):
+            raise RuntimeError(f"model {self.spec.name}: probe generation failed: {out}")
 
     def stats(self) -> dict:
+        """Replica records: batches (see :meth:`ModelDeployment.stats`), plus ``running`` and
+        ``waiting`` sequences, ``max_running`` (most rows in one decode step so far),
+        ``active_streams``, the last 100 ``streams`` (``cancelled``, ``completion_tokens``,
+        ``steps``), ``cancelled_generations`` (requests whose rows left early: caller gone or
+        deadline) and ``rejected`` (503s for a full wait queue)."""
         out = ModelDeployment.stats(self)
-        out.update(active_streams=self.active_streams, streams=list(self.stream_log),
-                   cancelled_generations=self.runner.cancelled_generations)
+        counts = self.engine.counts()
+        out.update(running=counts["running"], waiting=counts["waiting"], max_running=self.engine.max_rows_seen,
+                   steps=self.engine.steps, active_streams=self.active_streams, streams=list(self.stream_log),
+                   cancelled_generations=self.engine.cancelled_jobs, rejected=self.engine.rejected)
         return out
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Running and waiting sequences (see :meth:`ModelDeployment.record_autoscaling_stats`)."""
+        out = super().record_autoscaling_stats()
+        counts = self.engine.counts()
+        out.update(running_items=float(counts["running"]), queued_items=float(counts["waiting"]))
+        return out
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-class TextGenerator(StreamingMixin, ModelDeployment):
-    """Serve deployment of one GPT-style generator (see :class:`TextGeneratorRunner`)."""
-
-    runner_cls = TextGeneratorRunner
-
-    def __init__(self, spec: dict):
-        super().__init__(spec)
-        self.active_streams = 0
-        self.stream_log: list[dict] = []

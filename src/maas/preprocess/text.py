@@ -200,7 +200,7 @@ class _HFTextTokenizer(TextTokenizer):
 def _render_template(template: str, messages: list[dict], special_tokens: dict) -> str:
     from datetime import datetime
 
-    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
