@@ -279,14 +279,23 @@ def test_timm_state_dict_file(tmp_path):
 @pytest.mark.parametrize("stop", ["\n", " ", "hello hello", "lo hel", "kissed"])
 def test_stop_strings_batched_equal_streamed(gpt, stop):
     """Any stop string (even one no token matches, like a newline) ends the text at its first
-    occurrence, with the same text, finish reason and token count batched and streamed."""
+    occurrence, with the same text, finish reason and token count from ``generate`` (batched)
+    and from the continuous batcher, streamed."""
     import threading
+
+    from maas.models.continuous import ContinuousBatcher
 
     batch = tokenize(gpt.tokenizer, ["Hello", "Hi"], max_length=None, truncate=False, add_special_tokens=False)
     params = {"max_tokens": 12, "temperature": 0, "stop": stop}
     full = gpt.run([ModelRequest(batch, params)])[0]["choices"]
-    events = []
-    gpt.stream(ModelRequest(batch, params), events.append, threading.Event())
+    events, done = [], threading.Event()
+    engine = ContinuousBatcher(gpt, "stop-test")
+    try:
+        engine.submit(ModelRequest(batch, params), SamplingParams.from_params(params), lambda _: done.set(),
+                      events.append)
+        assert done.wait(30)
+    finally:
+        engine.stop()
     texts, reasons = {}, {}
     for e in events:
         for c in e.get("choices", []):

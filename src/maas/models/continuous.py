@@ -144,6 +144,8 @@ class ContinuousBatcher:
         self.last_step_done: float | None = None
         self.steps = 0
         self.cancelled_jobs = 0  # requests whose rows left early (caller gone or deadline)
+        #: The last 100 such requests: ``{"cancelled", "deadline", "generated", "asked"}`` (tokens).
+        self.abandoned: deque[dict] = deque(maxlen=100)
         self.rejected = 0
         self.max_rows_seen = 0
         self._stopped = False
@@ -438,6 +440,9 @@ class ContinuousBatcher:
         job.finished = True
         self._jobs.discard(job)
         self.cancelled_jobs += 1
+        self.abandoned.append({"cancelled": job.request.cancelled, "deadline": not job.request.cancelled,
+                               "generated": sum(s.generated for s in job.seqs),
+                               "asked": sum(s.max_new for s in job.seqs)})
         if job.request.cancelled:
             if job.on_event is not None:
                 job.on_event({"done": True, "prompt_tokens": sum(job.request.inputs.lengths),

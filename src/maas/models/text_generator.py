@@ -585,12 +585,14 @@ class TextGenerator(ModelDeployment):
         ``waiting`` sequences, ``max_running`` (most rows in one decode step so far),
         ``active_streams``, the last 100 ``streams`` (``cancelled``, ``completion_tokens``,
         ``steps``), ``cancelled_generations`` (requests whose rows left early: caller gone or
-        deadline) and ``rejected`` (503s for a full wait queue)."""
+        deadline), ``abandoned`` (the last 100 of those: tokens ``generated`` of ``asked``) and
+        ``rejected`` (503s for a full wait queue)."""
         out = ModelDeployment.stats(self)
         counts = self.engine.counts()
         out.update(running=counts["running"], waiting=counts["waiting"], max_running=self.engine.max_rows_seen,
                    steps=self.engine.steps, active_streams=self.active_streams, streams=list(self.stream_log),
-                   cancelled_generations=self.engine.cancelled_jobs, rejected=self.engine.rejected)
+                   cancelled_generations=self.engine.cancelled_jobs, abandoned=list(self.engine.abandoned),
+                   rejected=self.engine.rejected)
         return out
 
     def record_autoscaling_stats(self) -> dict[str, float]:
