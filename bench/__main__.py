@@ -31,9 +31,12 @@ from pathlib import Path
 
 from bench import inputs, load, memory, report, systems, workloads
 
-SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi")
+SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
+           "generation")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
-DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi")
+#: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
+#: and LitServe runs on SmolLM2-135M).
+DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
@@ -348,6 +351,11 @@ def main(argv: list[str] | None = None) -> Path:
         for model in models:
             if model in PEER_MODELS:
                 run_peer(system, model, args, workdir, result)
+
+    if "generation" in chosen:
+        from bench import generation
+
+        result["generation"] = generation.run(workdir)
 
     for model, by_system in result["overhead"].items():
         single = result["limit"].get(model, {}).get("smallest")

