@@ -106,3 +106,18 @@ def test_a_second_start_after_a_stop_gets_the_same_ports(config_and_ports, serve
         assert proc.wait(timeout=90) == 0
         for name, port in ports.items():
             assert port_free(port), f"{name} port {port} still taken"
+
+
+def test_api_keys_in_the_launchers_environment_reach_the_ingress(config_and_ports, served_app):
+    """README: MAAS_API_KEYS in the environment `make serve` starts from turns keys on (the local
+    cluster's processes inherit the launcher's environment)."""
+    config, ports = config_and_ports
+    models = f"http://127.0.0.1:{ports['http']}/v1/models"
+    proc = start(config, ports, {**served_app["env"], "MAAS_API_KEYS": "test-key-1,test-key-2"})
+    try:
+        assert requests.get(models, timeout=30).status_code == 401
+        assert requests.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+        assert requests.get(models, headers={"Authorization": "Bearer test-key-2"}, timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
