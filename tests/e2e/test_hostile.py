@@ -108,7 +108,7 @@ def test_corpus_gets_clear_answers_and_nothing_dies(served_app, chelsea_jpeg):
 
     url = served_app["url"]
     before = _replica_actor_ids()
-    assert len(before) == 12  # 10 deployments; minilm and efficientnet-lite0 run 2 replicas each
+    assert len(before) == 14  # 12 deployments; minilm and efficientnet-lite0 run 2 replicas each
     statuses: dict[str, int] = {}
     headers = {"Authorization": f"Bearer {MARKER}", "X-Request-Note": MARKER}
 

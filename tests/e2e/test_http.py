@@ -42,7 +42,7 @@ def test_health_and_readiness(url):
 def test_models_list_labels_demo_weights(url):
     data = {m["id"]: m for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
     assert set(data) == {"minilm", "efficientnet-lite0", "resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo",
-                         "sentiment-tiny-demo"}
+                         "sentiment-tiny-demo", "smollm2-135m"}
     assert data["minilm"]["demo_weights"] is False and data["minilm"]["weights"].startswith("package:")
     for demo in ("resnet50", "vgg16", "gpt2-tiny-demo", "t5-tiny-demo", "sentiment-tiny-demo"):
         assert data[demo]["demo_weights"] is True and data[demo]["weights"].startswith("random")

@@ -46,6 +46,13 @@ def port_free(port: int) -> bool:
 def start(config, ports, env_base) -> subprocess.Popen:
     env = {k: v for k, v in env_base.items() if k != "RAY_ADDRESS"}  # a cluster of its own
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(ports["stats"]), RAY_SERVE_HAPROXY_METRICS_PORT=str(ports["metrics"]))
+    # Each Ray cluster hands out its replicas' direct-ingress ports from the same default ranges
+    # (HTTP 30000-31000, gRPC 40000-41000) without knowing of the other: this cluster's HAProxy
+    # then forwarded to the session cluster's ingress replica on 30000 (seen as a 200 where keys
+    # were on, and a model list that wasn't this app's). A second cluster on one machine needs
+    # ranges of its own.
+    env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT="32000", RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="33000",
+               RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT="42000", RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT="43000")
     proc = subprocess.Popen([sys.executable, "-m", "maas", "serve", "--address", "local", str(config)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -117,7 +124,9 @@ def test_api_keys_in_the_launchers_environment_reach_the_ingress(config_and_port
     try:
         assert requests.get(models, timeout=30).status_code == 401
         assert requests.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-        assert requests.get(models, headers={"Authorization": "Bearer test-key-2"}, timeout=30).status_code == 200
+        listed = requests.get(models, headers={"Authorization": "Bearer test-key-2"}, timeout=30)
+        assert listed.status_code == 200
+        assert [m["id"] for m in listed.json()["data"]] == ["minilm"]  # this app answered, not another cluster's
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0

@@ -1,0 +1,118 @@
+"""Scenario routing: ``model: "auto"`` picks, per request, the model that fits its latency budget.
+
+For a task, the candidates are the served models offering it. Each has a ``quality`` (a number
+from its spec, with its source: e.g. published ImageNet top-1) and a latency the router
+predicts from what the ingress already measures:
+
+    predicted_ms = recent_ms × (1 + batches_queued_ahead / running_replicas)
+
+``recent_ms`` is an exponentially weighted mean (α = 0.2, about the last 5–10 requests) of the
+model's request latency as the dataplane saw it (preprocessing, queue, forward and hops: what a
+caller waits for), learnt from every request to that model, ``auto`` or not.
+``batches_queued_ahead`` is the front queue's items over ``max_batch_size``: each full batch
+waiting ahead costs about one more service time per replica. A model never measured has no
+prediction and counts as fitting any budget (so it gets measured once; ``GET /v1/models`` shows
+``latency_estimate_ms: null`` until then).
+
+The choice (``plan``): among ready candidates, with a budget, the highest ``quality`` whose
+prediction is within it; with none fitting, the fastest (reason ``none-fit``); without a budget,
+the ingress's ``auto_policy``: ``quality`` (highest quality) or ``latency`` (lowest prediction).
+The rest of the candidates follow as failover, in the same order of preference: a model that
+answers "not ready" or "at capacity" is skipped for the next one (503 only when none can serve).
+
+Every auto-routed answer says why (``X-Maas-Routed-Model``, ``X-Maas-Route-Reason``, and a
+``routing`` object in the body): ``budget=40ms;predicted=31ms;quality=75.1``,
+``policy=quality;predicted=52ms;quality=77.6``, ``budget=5ms;none-fit;fastest;predicted=12ms``,
+with ``;failover-from=<model>`` when a preferred model could not serve.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+#: The model name that asks the router to choose.
+AUTO = "auto"
+#: Weight of the newest latency sample in the moving mean.
+EWMA_ALPHA = 0.2
+
+#: Per HTTP request: ``{"budget_ms": float | None}`` set by the middleware from the
+#: ``X-Maas-Latency-Budget-Ms`` header; the dataplane adds ``routed_model`` and ``route_reason``,
+#: which the middleware turns into response headers.
+routing_context: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maas_routing", default=None)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One candidate in the order the router will try it."""
+
+    name: str
+    predicted_ms: float | None
+    quality: float | None
+    reason: str
+
+
+class LatencyBook:
+    """Recent latency per model (see the module docstring)."""
+
+    def __init__(self):
+        self._ms: dict[str, float] = {}
+
+    def observe(self, model: str, ms: float) -> None:
+        old = self._ms.get(model)
+        self._ms[model] = ms if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * ms
+
+    def recent_ms(self, model: str) -> float | None:
+        return self._ms.get(model)
+
+    def predict(self, model: str, queued_items: int, max_batch_size: int, replicas: int) -> float | None:
+        """``recent_ms × (1 + queued_items / max_batch_size / replicas)``, or None (never measured)."""
+        recent = self._ms.get(model)
+        if recent is None:
+            return None
+        return recent * (1.0 + queued_items / max(1, max_batch_size) / max(1, replicas))
+
+
+def _fmt(ms: float | None) -> str:
+    return "unmeasured" if ms is None else f"{ms:.0f}ms"
+
+
+def plan(candidates: list[tuple[str, float | None, float | None]], budget_ms: float | None,
+         policy: str = "quality") -> list[Choice]:
+    """Order ``candidates`` — ``(name, predicted_ms, quality)`` of the ready models — for a
+    request with ``budget_ms`` (see the module docstring). Empty in, empty out."""
+    def q(c):
+        return c[2] if c[2] is not None else float("-inf")
+
+    def lat(c):
+        return c[1] if c[1] is not None else float("inf")
+
+    if budget_ms is not None:
+        fitting = [c for c in candidates if c[1] is None or c[1] <= budget_ms]
+        if fitting:
+            ordered = sorted(fitting, key=q, reverse=True)
+            head = ordered[0]
+            why = f"budget={budget_ms:.0f}ms;predicted={_fmt(head[1])};quality={head[2]}"
+        else:
+            ordered = sorted(candidates, key=lat)
+            head = ordered[0]
+            why = f"budget={budget_ms:.0f}ms;none-fit;fastest;predicted={_fmt(head[1])}"
+        rest = sorted((c for c in candidates if c not in ordered), key=q, reverse=True)
+        ordered = ordered + rest
+    else:
+        ordered = sorted(candidates, key=q, reverse=True) if policy == "quality" else sorted(candidates, key=lat)
+        head = ordered[0] if ordered else None
+        why = f"policy={policy};predicted={_fmt(head[1])};quality={head[2]}" if head else ""
+    out = []
+    for i, (name, predicted, quality) in enumerate(ordered):
+        reason = why if i == 0 else f"failover;predicted={_fmt(predicted)};quality={quality}"
+        out.append(Choice(name, predicted, quality, reason))
+    return out
+
+
+def escalations(choices: list[Choice], first: Choice) -> list[Choice]:
+    """For a confidence cascade: the candidates of higher quality than ``first``, lowest quality
+    first (the next better model is asked before the best)."""
+    base = first.quality if first.quality is not None else float("-inf")
+    better = [c for c in choices if c.quality is not None and c.quality > base]
+    return sorted(better, key=lambda c: c.quality)
