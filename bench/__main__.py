@@ -32,11 +32,11 @@ from pathlib import Path
 from bench import inputs, load, memory, report, systems, workloads
 
 SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
-           "generation")
+           "generation", "auto")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
 #: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
-#: and LitServe runs on SmolLM2-135M).
-DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation")
+#: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`).
+DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
@@ -356,6 +356,10 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import generation
 
         result["generation"] = generation.run(workdir)
+    if "auto" in chosen:
+        from bench import auto_routing
+
+        result["auto"] = auto_routing.run(workdir)
 
     for model, by_system in result["overhead"].items():
         single = result["limit"].get(model, {}).get("smallest")

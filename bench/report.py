@@ -96,6 +96,11 @@ def goals(result: dict) -> list[dict]:
             f"{_gib(ours)} GiB (all {len(result['settings']['models'])} models) / {_gib(total)} GiB "
             f"(LitServe: {', '.join(m for m, _ in peers)}) = {ours / total:.2f} ×", ours <= 2 * total)
     out.extend(generation_goals(result.get("generation")))
+    for label, r in ((result.get("auto") or {}).get("auto") or {}).items():
+        out.append({"goal": f"auto ({label} budget {r['budget_ms']:.0f} ms): ≥ 95 % of requests within budget",
+                    "measured": f"{r['within_budget']:.1%} (p99 {r['p99_ms']} ms; answered by "
+                                f"{', '.join(f'{k} {v}' for k, v in sorted(r['routed'].items()))})",
+                    "met": r["within_budget"] >= 0.95})
     return out
 
 
@@ -236,6 +241,9 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
                          f"{_gib(z['pss_bytes'])} | {_gib(p['rss_bytes'])} | {idle if idle is not None else '-'} |")
         lines.append("")
     lines += generation_markdown(result.get("generation"))
+    from bench import auto_routing
+
+    lines += auto_routing.markdown(result.get("auto"))
     if result.get("servers"):
         lines += ["Start-up (to ready): " + ", ".join(f"{k} {s['ready_s']} s" for k, s in result["servers"].items()), ""]
         swept = {k: v for k, v in result["servers"].items() if v.get("sweep")}

@@ -283,9 +283,19 @@ class ModelSpec(_Strict):
         "available locally (a hub id not in the cache).",
     )
     health: "HealthSpec" = Field(default_factory=lambda: HealthSpec())
+    quality: float | None = Field(
+        default=None,
+        description="A quality score for `model: auto` (higher is better; compare only models of one task), "
+        "e.g. published ImageNet top-1 %. Needs quality_source.",
+    )
+    quality_source: str | None = Field(default=None, description="Where the quality number comes from.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":
+        if self.name == "auto":
+            raise ValueError("model name 'auto' is reserved: `model: auto` asks the router to choose")
+        if self.quality is not None and not self.quality_source:
+            raise ValueError(f"model {self.name!r}: quality needs quality_source (say where the number comes from)")
         allowed = FAMILY_TASKS[self.family]
         bad = [t for t in self.tasks if t not in allowed]
         if bad:
@@ -403,6 +413,11 @@ class IngressSpec(_Strict):
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1,
         description="Request body size limit, bytes; larger bodies get 413 before they are read in full.",
+    )
+    auto_policy: Literal["quality", "latency"] = Field(
+        default="quality",
+        description="`model: auto` without a latency budget picks the highest-quality ready model ('quality') "
+        "or the one predicted fastest ('latency'); see maas.dataplane.auto.",
     )
     api_keys_file: str | None = Field(
         default=None,

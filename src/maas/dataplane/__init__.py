@@ -36,6 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from maas import metrics
 from maas.config import AppConfig, ModelSpec
+from maas.dataplane import auto
 from maas.dataplane.batcher import RETRY_AFTER_S, FrontBatcher
 from maas.dataplane.watch import DeploymentWatch
 from maas.errors import (
@@ -152,11 +153,128 @@ class Dataplane:
         self._ready: dict[str, tuple[bool, float]] = {}  # model -> (ready, monotonic time of the probe)
         self._batchers: dict[tuple[str, str], FrontBatcher] = {}
         self.created = int(time.time())
+        self.latency = auto.LatencyBook()
 
-    # ------------------------------------------------------------------ routing
+    # ------------------------------------------------------------------ routing (``model: auto`` too)
+
+    def budget_ms(self, budget_ms: float | None = None) -> float | None:
+        """The request's latency budget: the body's field, else the ``X-Maas-Latency-Budget-Ms``
+        header (see :data:`maas.dataplane.auto.routing_context`).
+
+        Raises:
+            InvalidRequest: the header is not a positive number.
+        """
+        if budget_ms is not None:
+            return float(budget_ms)
+        ctx = auto.routing_context.get()
+        raw = ctx.get("budget_header") if ctx else None
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value != value or value == float("inf"):
+            raise InvalidRequest(f"X-Maas-Latency-Budget-Ms must be a positive number of milliseconds, got {raw!r}",
+                                 param="X-Maas-Latency-Budget-Ms")
+        return value
+
+    def queued_items(self, name: str) -> int:
+        return sum(b.queued_items for (m, _), b in self._batchers.items() if m == name)
+
+    def predict_ms(self, name: str) -> float | None:
+        """The model's predicted latency now (see :mod:`maas.dataplane.auto`), ms."""
+        spec = self.routes[name].spec
+        return self.latency.predict(name, self.queued_items(name), spec.batching.max_batch_size,
+                                    max(1, self.watch.running(spec.deployment_name)))
+
+    async def auto_plan(self, task: str, budget_ms: float | None) -> list[auto.Choice]:
+        """The ready models serving ``task``, in the order ``auto`` tries them.
+
+        Raises:
+            TaskNotSupported: no model serves ``task``. ModelNotReady: none is ready.
+        """
+        names = [n for n, r in self.routes.items() if task in r.spec.tasks]
+        if not names:
+            raise TaskNotSupported(f"no served model offers {task}, so model 'auto' cannot choose one")
+        ready = await asyncio.gather(*(self.model_ready(n) for n in names))
+        live = [(n, self.predict_ms(n), self.routes[n].spec.quality) for n, ok in zip(names, ready) if ok]
+        if not live:
+            raise ModelNotReady(f"none of the models serving {task} ({', '.join(names)}) is ready; retry")
+        return auto.plan(live, budget_ms, self.limits.auto_policy)
+
+    def note_route(self, body: Any, name: str, reason: str) -> None:
+        """Say which model ``auto`` chose and why: in the body (``routing``) and, for HTTP, in
+        the ``X-Maas-Routed-Model`` / ``X-Maas-Route-Reason`` response headers."""
+        ctx = auto.routing_context.get()
+        if ctx is not None:
+            ctx.update(routed_model=name, route_reason=reason)
+        if isinstance(body, dict):
+            body["routing"] = {"model": name, "reason": reason}
+
+    async def timed(self, name: str, op):
+        """``await op(name)``, its latency learnt for ``auto`` (successful answers only)."""
+        started = time.perf_counter()
+        out = await op(name)
+        self.latency.observe(name, 1000 * (time.perf_counter() - started))
+        return out
+
+    async def routed(self, name: str, task: str, op, budget_ms: float | None = None):
+        """Run ``op(model_name)`` for ``name``; for ``auto`` on the planned models in turn, skipping
+        one that is not ready or at capacity (the answer then says ``failover-from``)."""
+        if name != auto.AUTO:
+            return await self.timed(name, op)
+        skipped: list[str] = []
+        last: MaasError | None = None
+        for choice in await self.auto_plan(task, self.budget_ms(budget_ms)):
+            try:
+                body = await self.timed(choice.name, op)
+            except (ModelNotReady, ServiceOverloaded) as exc:
+                skipped.append(choice.name)
+                last = exc
+                continue
+            reason = choice.reason + (f";failover-from={','.join(skipped)}" if skipped else "")
+            self.note_route(body, choice.name, reason)
+            return body
+        assert last is not None
+        raise last
+
+    async def cascaded(self, task: str, op, threshold: float, budget_ms: float | None = None):
+        """Confidence cascade for a classification with ``model: auto``: the fastest ready model
+        first (within the budget when one fits), then, while the lowest top-1 score over the
+        inputs is below ``threshold``, the next better model if its predicted latency fits the
+        budget left. Answers with the last model asked; ``cascade`` lists the steps."""
+        budget = self.budget_ms(budget_ms)
+        choices = await self.auto_plan(task, budget)
+        by_speed = sorted(choices, key=lambda c: float("inf") if c.predicted_ms is None else c.predicted_ms)
+        fitting = [c for c in by_speed if budget is None or c.predicted_ms is None or c.predicted_ms <= budget]
+        current = (fitting or by_speed)[0]
+        started = time.perf_counter()
+        steps: list[dict] = []
+        body = None
+        while True:
+            t0 = time.perf_counter()
+            body = await self.timed(current.name, op)
+            score = min(d["top_k"][0]["score"] for d in body["data"])
+            steps.append({"model": current.name, "top1_score": round(float(score), 4),
+                          "latency_ms": round(1000 * (time.perf_counter() - t0), 1)})
+            if score >= threshold:
+                break
+            spent = 1000 * (time.perf_counter() - started)
+            nxt = next((c for c in auto.escalations(choices, current)
+                        if budget is None or c.predicted_ms is None or spent + c.predicted_ms <= budget), None)
+            if nxt is None:
+                break
+            current = nxt
+        reason = (f"cascade;threshold={threshold};steps={'>'.join(s['model'] for s in steps)}"
+                  + (f";budget={budget:.0f}ms" if budget is not None else ""))
+        self.note_route(body, current.name, reason)
+        body["cascade"] = steps
+        return body
+
 
     def route(self, name: str, task: str) -> Route:
-        """The route of model ``name`` for ``task``.
+        """The route of model ``name`` (a real model, not ``auto``) for ``task``.
 
         Raises:
             ModelNotFound: no such model. TaskNotSupported: the model does not offer ``task``.
@@ -316,7 +434,9 @@ class Dataplane:
             spec = self.routes[n].spec
             card = {"id": n, "object": "model", "created": self.created, "owned_by": "maas", "family": spec.family,
                     "tasks": list(spec.tasks), "weights": spec.weights_label(), "demo_weights": spec.is_demo,
-                    "ready": r, "deployment": spec.deployment_name}
+                    "ready": r, "deployment": spec.deployment_name, "quality": spec.quality,
+                    "quality_source": spec.quality_source, "latency_estimate_ms":
+                        None if (p := self.predict_ms(n)) is None else round(p, 1)}
             if not r:
                 card["status_message"] = self.watch.reason(spec.deployment_name)
             cards.append(card)
@@ -336,17 +456,20 @@ class Dataplane:
 
     # ------------------------------------------------------------------ one-forward operations (front batched)
 
-    @counted("embeddings")
     async def embed(self, req) -> dict:
         """OpenAI embeddings (texts or token arrays); inputs over the model's limit are truncated.
 
         Args:
-            req: :class:`~maas.protocol.openai.EmbeddingRequest`.
+            req: :class:`~maas.protocol.openai.EmbeddingRequest` (``model`` may be ``auto``).
 
         Returns:
             The embeddings body; each ``embedding`` a ``float32`` (D,) array, or base64 text.
         """
-        route = self.route(req.model, "embeddings")
+        return await self.routed(req.model, "embeddings", lambda name: self._embed(name, req))
+
+    @counted("embeddings")
+    async def _embed(self, name: str, req) -> dict:
+        route = self.route(name, "embeddings")
         log_hints(req)
         texts = req.texts()
         rows = texts if texts is not None else req.token_arrays()
@@ -354,7 +477,7 @@ class Dataplane:
         info = await self.info(route)
         if req.dimensions is not None and req.dimensions != info["dimensions"]:
             raise InvalidRequest(
-                f"model {req.model!r} returns {info['dimensions']}-dimensional embeddings and cannot shorten "
+                f"model {name!r} returns {info['dimensions']}-dimensional embeddings and cannot shorten "
                 f"them; omit dimensions or set it to {info['dimensions']}",
                 param="dimensions",
             )
@@ -366,26 +489,43 @@ class Dataplane:
                  "embedding": base64.b64encode(v.tobytes()).decode() if as_b64 else v}
                 for i, v in enumerate(vectors)]
         n = int(sum(out["num_tokens"]))
-        return {"object": "list", "data": data, "model": req.model, "usage": usage(n),
+        return {"object": "list", "data": data, "model": name, "usage": usage(n),
                 "demo_weights": route.spec.is_demo}
 
-    @counted("text-classification")
     async def classify_text(self, req) -> dict:
-        """Text classification with a sequence-classification head; inputs truncated to the limit."""
-        route = self.route(req.model, "text-classification")
+        """Text classification with a sequence-classification head; inputs truncated to the limit.
+        ``model: auto`` takes ``latency_budget_ms`` and ``cascade`` (see :meth:`cascaded`)."""
+        budget = getattr(req, "latency_budget_ms", None)
+        cascade = getattr(req, "cascade", None)
+        op = lambda name: self._classify_text(name, req)  # noqa: E731
+        if cascade is not None and req.model == auto.AUTO:
+            return await self.cascaded("text-classification", op, cascade.threshold, budget)
+        return await self.routed(req.model, "text-classification", op, budget)
+
+    @counted("text-classification")
+    async def _classify_text(self, name: str, req) -> dict:
+        route = self.route(name, "text-classification")
         texts = self._texts(req.input)
         info = await self.info(route)
         job = TextJob("texts", texts, max_length=info["max_input_tokens"])
         out = await self.batched(route, "text-classification", job,
                                  {"task": "text-classification", "top_k": req.top_k}, len(texts))
         n = int(sum(out["num_tokens"]))
-        return {"object": "list", "model": req.model, "demo_weights": route.spec.is_demo,
+        return {"object": "list", "model": name, "demo_weights": route.spec.is_demo,
                 "data": [{"index": i, "top_k": r["top_k"]} for i, r in enumerate(out["results"])],
                 "usage": usage(n)}
 
+    async def classify_images(self, model: str, images: list, top_k: int = 5, latency_budget_ms: float | None = None,
+                              cascade_threshold: float | None = None) -> dict:
+        """Encoded files (bytes) or decoded ``uint8`` (H, W, 3) arrays → classification body.
+        ``model`` may be ``auto`` (with an optional budget, ms, and confidence cascade)."""
+        op = lambda name: self._classify_images(name, images, top_k)  # noqa: E731
+        if cascade_threshold is not None and model == auto.AUTO:
+            return await self.cascaded("image-classification", op, cascade_threshold, latency_budget_ms)
+        return await self.routed(model, "image-classification", op, latency_budget_ms)
+
     @counted("image-classification")
-    async def classify_images(self, model: str, images: list, top_k: int = 5) -> dict:
-        """Encoded files (bytes) or decoded ``uint8`` (H, W, 3) arrays → classification body."""
+    async def _classify_images(self, model: str, images: list, top_k: int = 5) -> dict:
         route = self.route(model, "image-classification")
         if not images:
             raise InvalidRequest("no images in the request; send at least one", param="images")
@@ -431,41 +571,51 @@ class Dataplane:
             raise out
         return out
 
-    @counted("completion")
     async def complete(self, req) -> dict:
         """OpenAI completions, not streamed. Over-long prompts are rejected, not truncated."""
-        route = self.route(req.model, "completion")
+        return await self.routed(req.model, "completion", lambda name: self._complete(name, req))
+
+    @counted("completion")
+    async def _complete(self, name: str, req) -> dict:
+        route = self.route(name, "completion")
         log_hints(req)
         out = await self.generate(route, self._prompt_job(req), req.to_params())
         choices = [{"text": c["text"], "index": i, "logprobs": None, "finish_reason": c["finish_reason"]}
                    for i, c in enumerate(out["choices"])]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": generation_usage(out),
+                "model": name, "choices": choices, "usage": generation_usage(out),
                 "demo_weights": route.spec.is_demo}
 
-    @counted("chat")
     async def chat(self, req) -> dict:
         """OpenAI chat completions, not streamed."""
-        route = self.route(req.model, "chat")
+        return await self.routed(req.model, "chat", lambda name: self._chat(name, req))
+
+    @counted("chat")
+    async def _chat(self, name: str, req) -> dict:
+        route = self.route(name, "chat")
         log_hints(req)
         out = await self.generate(route, self._prompt_job(req), req.to_params())
         choices = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
                     "finish_reason": c["finish_reason"]} for i, c in enumerate(out["choices"])]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": generation_usage(out),
+                "model": name, "choices": choices, "usage": generation_usage(out),
                 "demo_weights": route.spec.is_demo}
 
-    @counted("text2text")
     async def text2text(self, req) -> dict:
         """Encoder–decoder generation; inputs are truncated to the encoder's limit."""
-        route = self.route(req.model, "text2text")
+        return await self.routed(req.model, "text2text", lambda name: self._text2text(name, req),
+                                 getattr(req, "latency_budget_ms", None))
+
+    @counted("text2text")
+    async def _text2text(self, name: str, req) -> dict:
+        route = self.route(name, "text2text")
         texts = self._texts(req.input, self.limits.max_prompts_per_request)
         info = await self.info(route)
         out = await self.generate(route, TextJob("texts", texts, max_length=info["max_input_tokens"]),
                                   req.to_params())
         data = [{"index": i, "text": c["text"], "finish_reason": c["finish_reason"]}
                 for i, c in enumerate(out["choices"])]
-        return {"object": "list", "model": req.model, "data": data, "usage": generation_usage(out),
+        return {"object": "list", "model": name, "data": data, "usage": generation_usage(out),
                 "demo_weights": route.spec.is_demo}
 
     async def events(self, req, task: str) -> AsyncIterator[dict]:
@@ -488,9 +638,19 @@ class Dataplane:
         finally:
             gen.cancel()  # stops generation on the replica when the caller went away
 
+    async def resolve_stream(self, req, task: str):
+        """For a stream with ``model: auto``: the request with the chosen model (the first ready one
+        of the plan; a stream does not fail over once it started)."""
+        if req.model != auto.AUTO:
+            return req
+        choice = (await self.auto_plan(task, self.budget_ms()))[0]
+        self.note_route(None, choice.name, choice.reason)
+        return req.model_copy(update={"model": choice.name})
+
     async def stream_complete(self, req) -> AsyncIterator[dict]:
         """Streaming completions: ``text_completion`` chunk dicts (OpenAI stream shape), then a
         usage chunk when ``stream_options.include_usage``."""
+        req = await self.resolve_stream(req, "completion")
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         demo = self.route(req.model, "completion").spec.is_demo
         async for event in self.events(req, "completion"):
@@ -508,6 +668,7 @@ class Dataplane:
     async def stream_chat(self, req) -> AsyncIterator[dict]:
         """Streaming chat: ``chat.completion.chunk`` dicts; the first chunk of each choice carries
         ``delta.role``, the last its ``finish_reason``; unset delta fields are left out."""
+        req = await self.resolve_stream(req, "chat")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         demo = self.route(req.model, "chat").spec.is_demo
         started: set[int] = set()

@@ -163,6 +163,9 @@ class HttpSemantics:
     * ``HEAD`` is answered wherever ``GET`` is (RFC 9110 §9.3.2: the same status and headers,
       no body): uptime monitors and load balancers probe with it. The request runs as ``GET``
       and the body is dropped on the way out; ``Content-Length`` stays that of the ``GET``.
+    * ``model: auto`` (:mod:`maas.dataplane.auto`): the ``X-Maas-Latency-Budget-Ms`` request
+      header is handed to the dataplane, and the model it chose comes back as the
+      ``X-Maas-Routed-Model`` and ``X-Maas-Route-Reason`` response headers, on every protocol.
     * A request body in a content coding other than ``identity`` (``Content-Encoding: gzip``)
       gets 415 with ``Accept-Encoding: identity`` (§8.4.1, §15.5.16): the service reads plain
       bodies only, and decompressing would bypass the body-size limit.
@@ -176,6 +179,14 @@ class HttpSemantics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        from maas.dataplane.auto import routing_context
+
+        routing: dict = {}
+        for name, value in scope.get("headers") or ():
+            if name == b"x-maas-latency-budget-ms":
+                routing["budget_header"] = value.decode("latin-1").strip()
+        routing_context.set(routing)
+        send = _with_routing_headers(send, routing)
         for name, value in scope.get("headers") or ():
             if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 coding = value.decode("latin-1").strip()
@@ -200,3 +211,16 @@ class HttpSemantics:
             await send(message)
 
         await self.app(dict(scope, method="GET"), receive, send_headers_only)
+
+
+def _with_routing_headers(send, routing: dict):
+    """``send`` that adds the ``auto`` routing headers to the response start, once the dataplane
+    has chosen (routes answer after their dataplane call, streams after their first chunk)."""
+    async def wrapped(message):
+        if message["type"] == "http.response.start" and "routed_model" in routing:
+            headers = list(message.get("headers") or [])
+            headers += [(b"x-maas-routed-model", routing["routed_model"].encode()),
+                        (b"x-maas-route-reason", routing["route_reason"].encode())]
+            message = dict(message, headers=headers)
+        await send(message)
+    return wrapped

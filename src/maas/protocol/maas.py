@@ -12,12 +12,24 @@ from maas.errors import InvalidRequest
 from maas.protocol import CompletionUsage, StrictRequest, Usage
 
 
+BUDGET_DESCRIPTION = ("With model 'auto': answer within this many ms if a model is predicted to (the "
+                      "X-Maas-Latency-Budget-Ms header says the same for every route).")
+
+
+class Cascade(StrictRequest):
+    """With ``model: auto``: answer with the fastest model, and ask the next better one while the
+    top-1 score is below ``threshold`` and the latency budget allows."""
+
+    threshold: float = Field(gt=0, le=1, description="Top-1 score (probability) that is confident enough.")
+
+
 class Text2TextRequest(StrictRequest):
     """``POST /v1/text2text``: translation, summarisation … with an encoder–decoder model."""
 
     model: str
     input: str | list[str]
     max_tokens: int = Field(default=64, ge=1, le=4096, description="New tokens per output at most.")
+    latency_budget_ms: float | None = Field(default=None, gt=0, description=BUDGET_DESCRIPTION)
 
     def to_params(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": 0.0}
@@ -43,6 +55,8 @@ class TextClassificationRequest(StrictRequest):
     model: str
     input: str | list[str]
     top_k: int = Field(default=1, ge=1, description="Labels per text, best first.")
+    latency_budget_ms: float | None = Field(default=None, gt=0, description=BUDGET_DESCRIPTION)
+    cascade: Cascade | None = None
 
 
 class ImageClassificationRequest(StrictRequest):
@@ -51,6 +65,8 @@ class ImageClassificationRequest(StrictRequest):
     model: str
     images: list[str] = Field(description="Base64-encoded image files (JPEG, PNG, WebP, BMP, TIFF, GIF).")
     top_k: int = Field(default=5, ge=1)
+    latency_budget_ms: float | None = Field(default=None, gt=0, description=BUDGET_DESCRIPTION)
+    cascade: Cascade | None = None
 
     def decoded(self) -> list[bytes]:
         """Raw bytes of each image. Raises InvalidRequest naming the bad index."""
@@ -79,9 +95,22 @@ class Classification(BaseModel):
     top_k: list[ClassLabel]
 
 
+class Routing(BaseModel):
+    model: str = Field(description="The model `auto` chose (also the X-Maas-Routed-Model header).")
+    reason: str = Field(description="Why, machine-readable (also the X-Maas-Route-Reason header).")
+
+
+class CascadeStep(BaseModel):
+    model: str
+    top1_score: float = Field(description="The lowest top-1 score over the request's inputs.")
+    latency_ms: float
+
+
 class ClassificationResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
     data: list[Classification]
     usage: Usage | None = None
     demo_weights: bool = False
+    routing: Routing | None = None
+    cascade: list[CascadeStep] | None = None

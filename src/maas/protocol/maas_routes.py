@@ -56,6 +56,9 @@ _IMAGE_REQUEST_BODY = {
                     "properties": {
                         "model": {"type": "string"},
                         "top_k": {"type": "integer", "default": 5},
+                        "latency_budget_ms": {"type": "number", "description": "With model 'auto'."},
+                        "cascade_threshold": {"type": "number", "description": "With model 'auto': confidence "
+                                              "cascade (see the JSON body's cascade)."},
                         "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     },
                 }
@@ -91,17 +94,34 @@ async def classify_image(request: Request, dp=Depends(dataplane)):
             top_k = int(top_k)
         except (TypeError, ValueError):
             raise InvalidRequest(f"top_k must be an integer, got {top_k!r}", param="top_k") from None
+        budget, threshold = _positive(form, "latency_budget_ms"), _positive(form, "cascade_threshold", 1.0)
         images = [await f.read() for f in files]
-        return json_response(await dp.classify_images(str(model), images, top_k))
+        return json_response(await dp.classify_images(str(model), images, top_k, budget, threshold))
     if media == "application/json" or media.endswith("+json") or not media:
         try:
             body = await request.json()
         except ValueError:
             raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
         req = parse(ImageClassificationRequest, body)
-        return json_response(await dp.classify_images(req.model, req.decoded(), req.top_k))
+        return json_response(await dp.classify_images(req.model, req.decoded(), req.top_k, req.latency_budget_ms,
+                                                      req.cascade.threshold if req.cascade else None))
     raise UnsupportedMediaType(
         f"content type {ctype!r} is not accepted; send multipart/form-data with 'file' fields or JSON with base64 "
         "'images'"
     )
 
+
+
+def _positive(form, field: str, upper: float | None = None) -> float | None:
+    """An optional positive number from a multipart form field (``upper`` inclusive)."""
+    raw = form.get(field)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0 or (upper is not None and value > upper) or value == float("inf"):
+        bound = f" and at most {upper}" if upper is not None else ""
+        raise InvalidRequest(f"{field} must be a number above 0{bound}, got {raw!r}", param=field)
+    return value

@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from maas.dataplane.auto import AUTO, routing_context
 from maas.errors import InvalidRequest, ModelNotFound
 from maas.protocol import parse, v2
 from maas.protocol.http import dataplane, json_response
@@ -70,6 +71,8 @@ async def model_ready(name: str, version: str | None = None, dp=Depends(dataplan
 @router.post("/v2/models/{name}/versions/{version}/infer")
 async def infer(name: str, request: Request, version: str | None = None, dp=Depends(dataplane)) -> Response:
     """Inference with JSON or binary tensors (see :mod:`maas.protocol.v2`)."""
+    if name == AUTO:
+        return await _infer_auto(request, version, dp)
     route = _route(dp, name, version)
     header_length = request.headers.get("inference-header-content-length")
     try:
@@ -86,6 +89,45 @@ async def infer(name: str, request: Request, version: str | None = None, dp=Depe
     if wanted:
         outputs = [t for t in outputs if t.name in wanted]
     body, headers = v2.encode_response(name, req, outputs, {"demo_weights": route.spec.is_demo})
+    return Response(content=body, headers=headers)
+
+
+async def _infer_auto(request: Request, version: str | None, dp) -> Response:
+    """``/v2/models/auto/infer``: the router picks the model by the input's task — ``image`` →
+    image classification, ``text`` → embeddings — and ``model_name`` in the answer (and the
+    ``X-Maas-Routed-Model`` header) says which. ``parameters.latency_budget_ms`` sets the budget."""
+    if version not in (None, "1"):
+        raise ModelNotFound(f"model 'auto' has no version {version!r}")
+    header_length = request.headers.get("inference-header-content-length")
+    try:
+        hl = int(header_length) if header_length is not None else None
+    except ValueError:
+        raise InvalidRequest("Inference-Header-Content-Length must be an integer") from None
+    req = v2.parse_request(await request.body(), hl)
+    budget = req.parameters.get("latency_budget_ms")
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
+        raise InvalidRequest(f"parameters.latency_budget_ms must be a positive number, got {budget!r}")
+    if list(req.inputs) == ["image"]:
+        task = "image-classification"
+    elif list(req.inputs) == ["text"]:
+        task = "embeddings"
+    else:
+        raise InvalidRequest(f"model 'auto' takes one input named 'image' (image classification) or 'text' "
+                             f"(embeddings), got {sorted(req.inputs)}")
+    chosen: dict = {}
+
+    async def op(name):
+        spec = dp.routes[name].spec
+        chosen["spec"] = spec
+        return {"outputs": await run(dp, spec, req)}
+
+    out = await dp.routed(AUTO, task, op, budget)
+    outputs = out["outputs"]
+    spec = chosen["spec"]
+    ctx = routing_context.get() or {}
+    body, headers = v2.encode_response(spec.name, req, outputs,
+                                       {"demo_weights": spec.is_demo, "routed_model": spec.name,
+                                        "route_reason": ctx.get("route_reason", out.get("routing", {}).get("reason"))})
     return Response(content=body, headers=headers)
 
 
