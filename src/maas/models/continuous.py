@@ -424,14 +424,21 @@ class ContinuousBatcher:
             return
         job.finished = True
         self._jobs.discard(job)
-        if job.on_event is not None:
+        self._end_stream(job, cancelled=False)
+        job.on_done(self._result(job))
+
+    @staticmethod
+    def _end_stream(job: GenerationJob, cancelled: bool) -> None:
+        """A stream's last events: the text still held back (unless the caller left), then ``done``."""
+        if job.on_event is None:
+            return
+        if not cancelled:
             final = job.state.deltas(final=True)
             if final:
                 job.on_event({"choices": final})
-            job.on_event({"done": True, "prompt_tokens": sum(job.request.inputs.lengths),
-                          "completion_tokens": job.state.completion_tokens(), "cancelled": False,
-                          "steps": job.steps})
-        job.on_done(self._result(job))
+        job.on_event({"done": True, "prompt_tokens": sum(job.request.inputs.lengths),
+                      "completion_tokens": job.state.completion_tokens(), "cancelled": cancelled,
+                      "steps": job.steps})
 
     def _abandon(self, job: GenerationJob) -> None:
         """The caller left (cancelled) or the deadline passed: free the job's rows."""
@@ -444,19 +451,11 @@ class ContinuousBatcher:
                                "generated": sum(s.generated for s in job.seqs),
                                "asked": sum(s.max_new for s in job.seqs)})
         if job.request.cancelled:
-            if job.on_event is not None:
-                job.on_event({"done": True, "prompt_tokens": sum(job.request.inputs.lengths),
-                              "completion_tokens": job.state.completion_tokens(), "cancelled": True,
-                              "steps": job.steps})
+            self._end_stream(job, cancelled=True)
             job.on_done(None)
             return
         if job.on_event is not None:  # a stream ends at its deadline with what it has, as "length"
-            final = job.state.deltas(final=True)
-            if final:
-                job.on_event({"choices": final})
-            job.on_event({"done": True, "prompt_tokens": sum(job.request.inputs.lengths),
-                          "completion_tokens": job.state.completion_tokens(), "cancelled": False,
-                          "steps": job.steps})
+            self._end_stream(job, cancelled=False)
             job.on_done(self._result(job))
             return
         job.on_done(ModelTimeout(f"model {self.name!r} did not finish this generation before its deadline; "

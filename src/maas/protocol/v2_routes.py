@@ -74,22 +74,30 @@ async def infer(name: str, request: Request, version: str | None = None, dp=Depe
     if name == AUTO:
         return await _infer_auto(request, version, dp)
     route = _route(dp, name, version)
+    req = await _parse_infer(request)
+    outputs = _requested(name, req, await run(dp, route.spec, req))
+    body, headers = v2.encode_response(name, req, outputs, {"demo_weights": route.spec.is_demo})
+    return Response(content=body, headers=headers)
+
+
+async def _parse_infer(request: Request) -> "v2.InferenceRequest":
+    """The decoded infer request (JSON, or JSON + binary tensors after the header length)."""
     header_length = request.headers.get("inference-header-content-length")
     try:
         hl = int(header_length) if header_length is not None else None
     except ValueError:
         raise InvalidRequest("Inference-Header-Content-Length must be an integer") from None
-    req = v2.parse_request(await request.body(), hl)
-    outputs = await run(dp, route.spec, req)
+    return v2.parse_request(await request.body(), hl)
+
+
+def _requested(name: str, req, outputs: list) -> list:
+    """The outputs the request names (all when it names none). Raises InvalidRequest for an unknown one."""
     wanted = [o.name for o in req.outputs or []]
     known = {t.name for t in outputs}
     unknown = [w for w in wanted if w not in known]
     if unknown:
         raise InvalidRequest(f"model {name!r} has no output {unknown[0]!r}; it has {sorted(known)}")
-    if wanted:
-        outputs = [t for t in outputs if t.name in wanted]
-    body, headers = v2.encode_response(name, req, outputs, {"demo_weights": route.spec.is_demo})
-    return Response(content=body, headers=headers)
+    return [t for t in outputs if t.name in wanted] if wanted else outputs
 
 
 async def _infer_auto(request: Request, version: str | None, dp) -> Response:
@@ -98,12 +106,7 @@ async def _infer_auto(request: Request, version: str | None, dp) -> Response:
     ``X-Maas-Routed-Model`` header) says which. ``parameters.latency_budget_ms`` sets the budget."""
     if version not in (None, "1"):
         raise ModelNotFound(f"model 'auto' has no version {version!r}")
-    header_length = request.headers.get("inference-header-content-length")
-    try:
-        hl = int(header_length) if header_length is not None else None
-    except ValueError:
-        raise InvalidRequest("Inference-Header-Content-Length must be an integer") from None
-    req = v2.parse_request(await request.body(), hl)
+    req = await _parse_infer(request)
     budget = req.parameters.get("latency_budget_ms")
     if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
         raise InvalidRequest(f"parameters.latency_budget_ms must be a positive number, got {budget!r}")
@@ -122,8 +125,8 @@ async def _infer_auto(request: Request, version: str | None, dp) -> Response:
         return {"outputs": await run(dp, spec, req)}
 
     out = await dp.routed(AUTO, task, op, budget)
-    outputs = out["outputs"]
     spec = chosen["spec"]
+    outputs = _requested(spec.name, req, out["outputs"])
     ctx = routing_context.get() or {}
     body, headers = v2.encode_response(spec.name, req, outputs,
                                        {"demo_weights": spec.is_demo, "routed_model": spec.name,
