@@ -115,3 +115,13 @@ def test_past_the_wait_queue_generation_answers_503_with_retry_after(tight_app):
     assert codes.count(200) >= 2 and 503 in codes, codes
     refused = next(r for r in answers if r.status_code == 503)
     assert refused.headers["retry-after"] and "generation slot" in refused.json()["error"]["message"]
+
+
+def test_auto_chat_picks_the_real_model_not_a_random_demo(url):
+    """gpt2-tiny-demo is never measured and would "fit" any budget; demos are candidates only when
+    nothing real serves the task."""
+    r = requests.post(f"{url}/v1/chat/completions", timeout=120, headers={"X-Maas-Latency-Budget-Ms": "1"},
+                      json={"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-maas-routed-model"] == r.json()["model"] == SMOL
+    assert r.json()["demo_weights"] is False

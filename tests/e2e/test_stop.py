@@ -3,6 +3,7 @@ second signal while shutting down: nothing of the cluster stays behind (HAProxy 
 the next start gets the same ports. Each start is a cluster of its own (address "local") beside
 the session's, serving one small model."""
 
+import itertools
 import signal
 import socket
 import subprocess
@@ -43,6 +44,9 @@ def port_free(port: int) -> bool:
             return False
 
 
+_starts = itertools.count()
+
+
 def start(config, ports, env_base) -> subprocess.Popen:
     env = {k: v for k, v in env_base.items() if k != "RAY_ADDRESS"}  # a cluster of its own
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(ports["stats"]), RAY_SERVE_HAPROXY_METRICS_PORT=str(ports["metrics"]))
@@ -50,9 +54,13 @@ def start(config, ports, env_base) -> subprocess.Popen:
     # (HTTP 30000-31000, gRPC 40000-41000) without knowing of the other: this cluster's HAProxy
     # then forwarded to the session cluster's ingress replica on 30000 (seen as a 200 where keys
     # were on, and a model list that wasn't this app's). A second cluster on one machine needs
-    # ranges of its own.
-    env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT="32000", RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="33000",
-               RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT="42000", RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT="43000")
+    # ranges of its own; here every start gets fresh ones too (500 ports each, gRPC 10000 above),
+    # so no start can meet a replica of an earlier one that is still on its way out.
+    port_base = 32000 + 500 * next(_starts)
+    env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port_base),
+               RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port_base + 499),
+               RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(port_base + 10000),
+               RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(port_base + 10499))
     proc = subprocess.Popen([sys.executable, "-m", "maas", "serve", "--address", "local", str(config)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -120,13 +128,15 @@ def test_api_keys_in_the_launchers_environment_reach_the_ingress(config_and_port
     cluster's processes inherit the launcher's environment)."""
     config, ports = config_and_ports
     models = f"http://127.0.0.1:{ports['http']}/v1/models"
+    # This test got a 200 without a key in two full-suite runs (not alone), from a server that was
+    # not this start's, before each start had direct-ingress ports of its own (see start()).
     proc = start(config, ports, {**served_app["env"], "MAAS_API_KEYS": "test-key-1,test-key-2"})
     try:
-        assert requests.get(models, timeout=30).status_code == 401
-        assert requests.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
         listed = requests.get(models, headers={"Authorization": "Bearer test-key-2"}, timeout=30)
         assert listed.status_code == 200
         assert [m["id"] for m in listed.json()["data"]] == ["minilm"]  # this app answered, not another cluster's
+        assert requests.get(models, timeout=30).status_code == 401
+        assert requests.get(models, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0

@@ -95,6 +95,8 @@ def test_a_bad_budget_is_a_400(auto_url, photos):
     assert r.status_code == 400 and "X-Maas-Latency-Budget-Ms" in r.json()["error"]["message"]
     r = classify(auto_url, "auto", photos["chelsea"], cascade_threshold=2)
     assert r.status_code == 400 and r.json()["error"]["param"] == "cascade_threshold"
+    r = classify(auto_url, names("efficientnet-lite0"), photos["chelsea"], cascade_threshold=0.5)
+    assert r.status_code == 400 and "cascade needs model 'auto'" in r.json()["error"]["message"]
 
 
 def test_the_cascade_escalates_an_uncertain_photo_and_not_a_confident_one(auto_url, photos, estimates):

@@ -21,6 +21,11 @@ def test_nothing_fits_gives_the_fastest_with_the_reason():
     assert order[0].name == "lite0" and order[0].reason == "budget=5ms;none-fit;fastest;predicted=20ms"
 
 
+def test_reasons_keep_small_budgets_and_say_unknown_quality():
+    assert plan([FAST], budget_ms=0.5)[0].reason == "budget=0.5ms;none-fit;fastest;predicted=20ms"
+    assert plan([("m", None, None)], None)[0].reason == "policy=quality;predicted=unmeasured;quality=unknown"
+
+
 def test_without_a_budget_the_policy_decides():
     assert plan([FAST, SLOW, MID], None, "quality")[0].name == "lite2"
     assert plan([FAST, SLOW, MID], None, "latency")[0].name == "lite0"
@@ -55,3 +60,13 @@ def test_auto_is_a_reserved_model_name_and_quality_needs_a_source():
         ModelSpec(name="auto", **base)
     with pytest.raises(ValueError, match="quality_source"):
         ModelSpec(name="m", quality=70.0, **base)
+
+
+def test_a_boolean_is_not_a_budget():
+    from maas.errors import InvalidRequest
+    from maas.protocol import parse
+    from maas.protocol.maas import ImageClassificationRequest
+
+    with pytest.raises(InvalidRequest, match="latency_budget_ms"):
+        parse(ImageClassificationRequest, {"model": "auto", "images": [], "latency_budget_ms": True})
+    assert parse(ImageClassificationRequest, {"model": "auto", "images": [], "latency_budget_ms": 12}).latency_budget_ms == 12

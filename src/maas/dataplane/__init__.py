@@ -197,6 +197,8 @@ class Dataplane:
         names = [n for n, r in self.routes.items() if task in r.spec.tasks]
         if not names:
             raise TaskNotSupported(f"no served model offers {task}, so model 'auto' cannot choose one")
+        real = [n for n in names if not self.routes[n].spec.is_demo]
+        names = real or names  # demo weights only when nothing real serves the task
         ready = await asyncio.gather(*(self.model_ready(n) for n in names))
         live = [(n, self.predict_ms(n), self.routes[n].spec.quality) for n, ok in zip(names, ready) if ok]
         if not live:
@@ -239,6 +241,13 @@ class Dataplane:
         assert last is not None
         raise last
 
+    @staticmethod
+    def check_cascade(model: str) -> None:
+        """Raises InvalidRequest: a cascade asks the router to choose, so it needs ``model: auto``."""
+        if model != auto.AUTO:
+            raise InvalidRequest(f"cascade needs model 'auto' (the router picks the models it steps through); "
+                                 f"got model {model!r}", param="cascade")
+
     async def cascaded(self, task: str, op, threshold: float, budget_ms: float | None = None):
         """Confidence cascade for a classification with ``model: auto``: the fastest ready model
         first (within the budget when one fits), then, while the lowest top-1 score over the
@@ -267,7 +276,7 @@ class Dataplane:
                 break
             current = nxt
         reason = (f"cascade;threshold={threshold};steps={'>'.join(s['model'] for s in steps)}"
-                  + (f";budget={budget:.0f}ms" if budget is not None else ""))
+                  + (f";budget={auto._budget(budget)}" if budget is not None else ""))
         self.note_route(body, current.name, reason)
         body["cascade"] = steps
         return body
@@ -498,7 +507,8 @@ class Dataplane:
         budget = getattr(req, "latency_budget_ms", None)
         cascade = getattr(req, "cascade", None)
         op = lambda name: self._classify_text(name, req)  # noqa: E731
-        if cascade is not None and req.model == auto.AUTO:
+        if cascade is not None:
+            self.check_cascade(req.model)
             return await self.cascaded("text-classification", op, cascade.threshold, budget)
         return await self.routed(req.model, "text-classification", op, budget)
 
@@ -520,7 +530,8 @@ class Dataplane:
         """Encoded files (bytes) or decoded ``uint8`` (H, W, 3) arrays → classification body.
         ``model`` may be ``auto`` (with an optional budget, ms, and confidence cascade)."""
         op = lambda name: self._classify_images(name, images, top_k)  # noqa: E731
-        if cascade_threshold is not None and model == auto.AUTO:
+        if cascade_threshold is not None:
+            self.check_cascade(model)
             return await self.cascaded("image-classification", op, cascade_threshold, latency_budget_ms)
         return await self.routed(model, "image-classification", op, latency_budget_ms)
 

@@ -16,6 +16,9 @@ waiting ahead costs about one more service time per replica. A model never measu
 prediction and counts as fitting any budget (so it gets measured once; ``GET /v1/models`` shows
 ``latency_estimate_ms: null`` until then).
 
+Models with random demo weights are candidates only when no model with real weights serves the
+task (``auto`` must not answer a chat with a random demo's noise because it was never measured).
+
 The choice (``plan``): among ready candidates, with a budget, the highest ``quality`` whose
 prediction is within it; with none fitting, the fastest (reason ``none-fit``); without a budget,
 the ingress's ``auto_policy``: ``quality`` (highest quality) or ``latency`` (lowest prediction).
@@ -83,6 +86,15 @@ def _fmt(ms: float | None) -> str:
     return "unmeasured" if ms is None else f"{ms:.0f}ms"
 
 
+def _budget(ms: float) -> str:
+    # 0.1 ms resolution: 0.5 stays 0.5 (a budget of 0 is refused; it must not read as one)
+    return str(round(ms, 1)).removesuffix(".0") + "ms"
+
+
+def _q(quality: float | None) -> str:
+    return "unknown" if quality is None else f"{quality:g}"
+
+
 def plan(candidates: list[tuple[str, float | None, float | None]], budget_ms: float | None,
          policy: str = "quality") -> list[Choice]:
     """Order ``candidates`` — ``(name, predicted_ms, quality)`` of the ready models — for a
@@ -98,20 +110,20 @@ def plan(candidates: list[tuple[str, float | None, float | None]], budget_ms: fl
         if fitting:
             ordered = sorted(fitting, key=q, reverse=True)
             head = ordered[0]
-            why = f"budget={budget_ms:.0f}ms;predicted={_fmt(head[1])};quality={head[2]}"
+            why = f"budget={_budget(budget_ms)};predicted={_fmt(head[1])};quality={_q(head[2])}"
         else:
             ordered = sorted(candidates, key=lat)
             head = ordered[0]
-            why = f"budget={budget_ms:.0f}ms;none-fit;fastest;predicted={_fmt(head[1])}"
+            why = f"budget={_budget(budget_ms)};none-fit;fastest;predicted={_fmt(head[1])}"
         rest = sorted((c for c in candidates if c not in ordered), key=q, reverse=True)
         ordered = ordered + rest
     else:
         ordered = sorted(candidates, key=q, reverse=True) if policy == "quality" else sorted(candidates, key=lat)
         head = ordered[0] if ordered else None
-        why = f"policy={policy};predicted={_fmt(head[1])};quality={head[2]}" if head else ""
+        why = f"policy={policy};predicted={_fmt(head[1])};quality={_q(head[2])}" if head else ""
     out = []
     for i, (name, predicted, quality) in enumerate(ordered):
-        reason = why if i == 0 else f"failover;predicted={_fmt(predicted)};quality={quality}"
+        reason = why if i == 0 else f"failover;predicted={_fmt(predicted)};quality={_q(quality)}"
         out.append(Choice(name, predicted, quality, reason))
     return out
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from maas.errors import InvalidRequest
 from maas.protocol import CompletionUsage, StrictRequest, Usage
@@ -14,6 +14,17 @@ from maas.protocol import CompletionUsage, StrictRequest, Usage
 
 BUDGET_DESCRIPTION = ("With model 'auto': answer within this many ms if a model is predicted to (the "
                       "X-Maas-Latency-Budget-Ms header says the same for every route).")
+
+
+def _no_bool(value):
+    """JSON ``true`` is not a number of milliseconds (pydantic would read it as 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number of milliseconds, not a boolean")
+    return value
+
+
+Budget = Annotated[float | None, BeforeValidator(_no_bool),
+                   Field(default=None, gt=0, allow_inf_nan=False, description=BUDGET_DESCRIPTION)]
 
 
 class Cascade(StrictRequest):
@@ -29,7 +40,7 @@ class Text2TextRequest(StrictRequest):
     model: str
     input: str | list[str]
     max_tokens: int = Field(default=64, ge=1, le=4096, description="New tokens per output at most.")
-    latency_budget_ms: float | None = Field(default=None, gt=0, description=BUDGET_DESCRIPTION)
+    latency_budget_ms: Budget = None
 
     def to_params(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": 0.0}
@@ -55,7 +66,7 @@ class TextClassificationRequest(StrictRequest):
     model: str
     input: str | list[str]
     top_k: int = Field(default=1, ge=1, description="Labels per text, best first.")
-    latency_budget_ms: float | None = Field(default=None, gt=0, description=BUDGET_DESCRIPTION)
+    latency_budget_ms: Budget = None
     cascade: Cascade | None = None
 
 
@@ -65,7 +76,7 @@ class ImageClassificationRequest(StrictRequest):
     model: str
     images: list[str] = Field(description="Base64-encoded image files (JPEG, PNG, WebP, BMP, TIFF, GIF).")
     top_k: int = Field(default=5, ge=1)
-    latency_budget_ms: float | None = Field(default=None, gt=0, description=BUDGET_DESCRIPTION)
+    latency_budget_ms: Budget = None
     cascade: Cascade | None = None
 
     def decoded(self) -> list[bytes]:

@@ -107,6 +107,9 @@ async def _infer_auto(request: Request, version: str | None, dp) -> Response:
     if version not in (None, "1"):
         raise ModelNotFound(f"model 'auto' has no version {version!r}")
     req = await _parse_infer(request)
+    if "cascade" in req.parameters or "cascade_threshold" in req.parameters:
+        raise InvalidRequest("the confidence cascade is not offered on the v2 protocol; use POST "
+                             "/v1/classifications/image or /v1/classifications/text with model 'auto'")
     budget = req.parameters.get("latency_budget_ms")
     if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
         raise InvalidRequest(f"parameters.latency_budget_ms must be a positive number, got {budget!r}")
