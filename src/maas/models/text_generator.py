@@ -1,19 +1,22 @@
 """GPT-style generators (``AutoModelForCausalLM``): completion and chat, batched or streamed.
 
-Per-request params (validated before batching, see :class:`SamplingParams`): ``max_tokens``
-(None = up to the context window), ``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop``,
-``n``. Requests in one replica batch (``PullBatcher``) that share the same sampling settings are
-generated together (left-padded); different settings run one group after another.
+Per-request params (validated before a request joins, see :class:`SamplingParams`):
+``max_tokens`` (None = up to the context window), ``temperature`` (0 = greedy), ``top_p``,
+``seed``, ``stop``, ``n``.
 
-Streaming (:meth:`TextGenerator.stream`) runs one request's ``generate`` in a worker thread
-with a streamer; it is not batched with other requests. Text deltas are coalesced: each
-yielded event carries everything produced since the previous one. When the caller goes away
-the stream's ``finally`` sets a cancel flag that a stopping criterion checks at every step,
-so generation stops on the replica.
+Serving (:class:`TextGenerator`): every request, streamed or not, joins the replica's
+continuous batch (:mod:`maas.models.continuous`): its rows enter and leave the running batch at
+any decoding step, each with its own settings. A stream yields coalesced text deltas (each event
+carries everything produced since the previous one); when its caller goes away, its rows leave
+the batch at the next step.
 
-Stop strings end the text before their first occurrence (``finish_reason`` ``stop``). In
-batched mode they are applied after generation; when streaming, text that could be the start
-of a stop string is held back until it is decided, and generation stops once every row is done.
+:class:`GenerationMixin.run` is the plain path: requests with equal settings in one left-padded
+``model.generate`` call. The encoder–decoder runner (:mod:`maas.models.seq2seq`) serves with
+it, and the tests use it as the reference the continuous batch must equal.
+
+Stop strings end the text before their first occurrence (``finish_reason`` ``stop``), matched
+on the decoded text; while streaming, text that could be the start of a stop string is held
+back until it is decided (:class:`StreamState`).
 """
 
 from __future__ import annotations
