@@ -125,3 +125,12 @@ def test_auto_chat_picks_the_real_model_not_a_random_demo(url):
     assert r.status_code == 200, r.text
     assert r.headers["x-maas-routed-model"] == r.json()["model"] == SMOL
     assert r.json()["demo_weights"] is False
+
+
+def test_a_stream_refused_before_it_starts_is_a_400(url, served_app):
+    """Over the context: 400 with the counts (the replica sends the refusal as an event value; that
+    it logs no ERROR for it was checked by hand, not here)."""
+    r = requests.post(f"{url}/v1/completions", timeout=60, json={
+        "model": "gpt2-tiny-demo", "prompt": "x", "max_tokens": 5000, "stream": True})
+    assert r.status_code == 400
+    assert "context of 512 tokens" in r.json()["error"]["message"]

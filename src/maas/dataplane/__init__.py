@@ -640,6 +640,8 @@ class Dataplane:
         operation = f"{task}-stream"
         try:
             async for event in gen:
+                if "error" in event:  # refused before it started (see TextGenerator.stream)
+                    raise event["error"]
                 yield event
             metrics.request(name, operation, 200)
         except Exception as exc:  # noqa: BLE001 - mapped to the domain error

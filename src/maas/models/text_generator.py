@@ -501,19 +501,22 @@ class TextGenerator(ModelDeployment):
 
         Yields ``{"choices": [{"index", "text", "finish_reason"}]}`` deltas (coalesced: each
         carries everything produced since the previous one), then
-        ``{"done": True, "prompt_tokens", "completion_tokens", "cancelled", "steps"}``.
+        ``{"done": True, "prompt_tokens", "completion_tokens", "cancelled", "steps"}``; or, for a
+        request refused before it starts (4xx, 503), one ``{"error": MaasError}`` event — a
+        value, not a raised exception, so the replica does not log a caller's mistake as an
+        ERROR with a traceback (the dataplane raises it).
         Generation stops at ``deadline_s`` (wall clock, the stream ends as ``length``) or when
         the caller leaves (its row leaves the batch at the next step).
 
         Raises:
-            MaasError: 4xx for a bad request and 503 when too many sequences wait, before the
-                first event.
+            MaasError: the generation failed after it started (5xx).
         """
         from maas.errors import MaasError
 
         results, requests, _ = self.jobs(pre, [params or {}], [deadline_s])
         if not requests:
-            raise results[0]
+            yield {"error": results[0]}
+            return
         request = requests[0]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -522,7 +525,11 @@ class TextGenerator(ModelDeployment):
         def on_event(event: dict) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        future = self._submit(request, on_event)
+        try:
+            future = self._submit(request, on_event)
+        except MaasError as exc:
+            yield {"error": exc}
+            return
         future.add_done_callback(lambda f: queue.put_nowait(("end", f.result())))
         self.active_streams += 1
         try:
