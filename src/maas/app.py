@@ -12,6 +12,12 @@ over them. Each model deployment gets:
   requests wait in the replica's batch queue, not in the router's backoff),
 * ``max_queued_requests`` = the spec's value or 8 × ``max_ongoing_requests``.
 
+Versions of one model name (``version:``) are separate deployments (``<name>_v<version>``) with their
+own resources and autoscaling. How traffic is shared among them is the ``Ingress`` deployment's
+``user_config`` (:class:`maas.config.TrafficConfig`), so a serve config moves traffic without
+restarting a replica; ``build_app`` gives it an empty policy (each name's first listed version takes
+all unpinned traffic).
+
 All of these are Ray's own deployment options, so a serve config ``deployments:`` entry
 with the deployment's name overrides them (and adds ``num_replicas`` or
 ``autoscaling_config``) without touching ``args``.
@@ -86,7 +92,8 @@ def plan_graph(config: AppConfig) -> dict[str, dict[str, str]]:
     """The graph's deployment names without Ray: which preprocessor each model uses.
 
     Returns:
-        ``{"models": {model: deployment}, "preprocessors": {model: preprocessor deployment}}``.
+        ``{"models": {model: deployment}, "preprocessors": {model: preprocessor deployment}}``, keyed by
+        each spec's address (``name``, or ``name@version`` for a versioned spec).
 
     Raises:
         ConfigError: two different preprocessing keys would share one deployment name.
@@ -101,8 +108,8 @@ def plan_graph(config: AppConfig) -> dict[str, dict[str, str]]:
             key, dep = f"text:{tokenizer_key(spec)}", tokenizer_deployment_name(spec)
         if owners.setdefault(dep, key) != key:
             raise ConfigError(f"preprocessing keys {owners[dep]!r} and {key!r} map to one deployment name {dep!r}")
-        pre_names[spec.name] = dep
-    return {"models": {s.name: s.deployment_name for s in config.models}, "preprocessors": pre_names}
+        pre_names[spec.key] = dep
+    return {"models": {s.key: s.deployment_name for s in config.models}, "preprocessors": pre_names}
 
 
 def _model_deployment(spec: ModelSpec):
@@ -127,8 +134,8 @@ def build_app(args: dict[str, Any]) -> Application:
     preprocessors: dict[str, Any] = {}
     bound_pre: dict[str, Any] = {}
     for spec in config.models:
-        models[spec.name] = _model_deployment(spec)
-        dep = plan["preprocessors"][spec.name]
+        models[spec.key] = _model_deployment(spec)
+        dep = plan["preprocessors"][spec.key]
         if dep not in bound_pre:
             if spec.family == "image-classifier":
                 pre = resolve_image_preprocessing(spec)
@@ -140,9 +147,10 @@ def build_app(args: dict[str, Any]) -> Application:
                 bound_pre[dep] = Tokenizer.options(
                     name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}, **PREPROCESSOR_QUEUES,
                 ).bind(spec.tokenizer_source.model_dump(mode="json"), dep)
-        preprocessors[spec.name] = bound_pre[dep]
+        preprocessors[spec.key] = bound_pre[dep]
     return Ingress.options(
         name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": config.ingress.num_cpus}, **INGRESS_QUEUES,
+        user_config={"traffic": {}},  # the traffic policy (maas.config.TrafficConfig); serve configs override it
     ).bind(config.model_dump(mode="json"), models, preprocessors)
 
 

@@ -289,11 +289,29 @@ class ModelSpec(_Strict):
         "e.g. published ImageNet top-1 %. Needs quality_source.",
     )
     quality_source: str | None = Field(default=None, description="Where the quality number comes from.")
+    version: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,31}$",
+        description="Version of the model name (several specs may share a name with different versions; see "
+        "maas.dataplane.traffic). Unset = the name's only version, reported as '1'.",
+    )
+    embedding_space: str | None = Field(
+        default=None,
+        description="text-encoder: the vector space its embeddings live in (e.g. 'minilm-l6-v2'). Versions of "
+        "one name whose spaces differ (declared, or by dimension) may not share traffic.",
+    )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # YAML reads `version: 2` as an int; versions are names (the v2 protocol's are strings).
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":
         if self.name == "auto":
             raise ValueError("model name 'auto' is reserved: `model: auto` asks the router to choose")
+        if self.embedding_space is not None and self.family != "text-encoder":
+            raise ValueError(f"model {self.name!r}: embedding_space applies to text-encoder models only")
         if self.quality is not None and not self.quality_source:
             raise ValueError(f"model {self.name!r}: quality needs quality_source (say where the number comes from)")
         allowed = FAMILY_TASKS[self.family]
@@ -328,7 +346,38 @@ class ModelSpec(_Strict):
 
     @property
     def deployment_name(self) -> str:
-        return self.name
+        """The model's deployment: its ``name``; a versioned spec's ``<name>_v<version>`` (``_`` is not
+        allowed in model names, so it cannot collide with another model's deployment)."""
+        return self.name if self.version is None else f"{self.name}_v{self.version}"
+
+    @property
+    def key(self) -> str:
+        """The address of exactly this spec: ``name``, or ``name@version`` for a versioned one."""
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    @property
+    def resolved_version(self) -> str:
+        """The version reported in answers (``X-Maas-Model-Version``): ``version``, else ``"1"``."""
+        return self.version or "1"
+
+    def embedding_dimension(self) -> int | None:
+        """The embeddings' dimension when it can be read without loading weights (``hf_config`` of a
+        random model, or ``hidden_size`` in a local checkpoint's config.json), else None."""
+        if self.family != "text-encoder":
+            return None
+        if self.hf_config is not None:
+            value = self.hf_config.get("hidden_size")
+            return int(value) if isinstance(value, int) else None
+        try:
+            import json
+            from pathlib import Path
+
+            from maas.weights import hf_location
+
+            path = Path(hf_location(self.weights, self.name)) / "config.json"
+            return int(json.loads(path.read_text())["hidden_size"])
+        except Exception:  # noqa: BLE001 - unknown (a hub id not in the cache): no dimension check
+            return None
 
     @property
     def is_demo(self) -> bool:
@@ -437,15 +486,161 @@ class AppConfig(_Strict):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
-        seen: set[str] = set()
+        by_name: dict[str, list[ModelSpec]] = {}
         for m in models:
-            if m.name in seen:
-                raise ValueError(f"model name {m.name!r} appears twice; names must be unique")
-            seen.add(m.name)
+            by_name.setdefault(m.name, []).append(m)
+        for name, specs in by_name.items():
+            if len(specs) == 1:
+                continue
+            if any(s.version is None for s in specs):
+                raise ValueError(f"model name {name!r} appears twice or more; names must be unique unless "
+                                 "every spec of the name sets a different 'version'")
+            versions = [s.version for s in specs]
+            if len(set(versions)) != len(versions):
+                raise ValueError(f"model {name!r} lists a version twice: {versions}")
+            first = specs[0]
+            for s in specs[1:]:
+                if s.family != first.family or sorted(s.tasks) != sorted(first.tasks):
+                    raise ValueError(
+                        f"versions of model {name!r} must share family and tasks (clients address them by one "
+                        f"name): version {first.version} is {first.family} {sorted(first.tasks)}, version "
+                        f"{s.version} is {s.family} {sorted(s.tasks)}")
+        deployments: dict[str, str] = {}
+        for m in models:
+            if deployments.setdefault(m.deployment_name, m.key) != m.key:
+                raise ValueError(f"models {deployments[m.deployment_name]!r} and {m.key!r} map to one deployment "
+                                 f"name {m.deployment_name!r}; rename one")
         return models
 
     def model(self, name: str) -> ModelSpec | None:
-        return next((m for m in self.models if m.name == name), None)
+        """The spec at address ``name`` (``name`` or ``name@version``)."""
+        return next((m for m in self.models if m.key == name), None)
+
+    def versions(self) -> dict[str, list[ModelSpec]]:
+        """Model name → its specs in config order (one for an unversioned model)."""
+        out: dict[str, list[ModelSpec]] = {}
+        for m in self.models:
+            out.setdefault(m.name, []).append(m)
+        return out
+
+
+# ---------------------------------------------------------------------------- traffic (ingress user_config)
+
+
+class ShadowSpec(_Strict):
+    """Copy a share of a name's requests to one version; its answers are compared and counted, never returned."""
+
+    version: str = Field(description="The version that receives the copies.")
+    fraction: float = Field(default=1.0, gt=0, le=1, description="Share of requests copied, 0..1.")
+    max_in_flight: int = Field(default=8, ge=1, description="Copies running at once at most; beyond, dropped (counted).")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class AutoRollbackSpec(_Strict):
+    """Automatic rollback: a version whose error rate or p95 latency over the window exceeds the default
+    version's by these margins gets weight 0 (a WARNING log line and ``maas_version_rollbacks`` say why)."""
+
+    window_s: float = Field(default=60.0, gt=0, description="Sliding window of the comparison, seconds.")
+    min_requests: int = Field(default=20, ge=1, description="Requests each side needs in the window before judging.")
+    max_error_rate_increase: float = Field(
+        default=0.05, ge=0, le=1, description="5xx rate of the version minus the default's, at most (0.05 = 5 points).")
+    max_p95_ratio: float = Field(default=2.0, gt=1, description="p95 latency of the version over the default's, at most.")
+
+
+class TrafficPolicy(_Strict):
+    """How requests to one model name are shared among its versions.
+
+    ``weights``: version → relative weight (any non-negative numbers; 90/10 and 0.9/0.1 mean the same).
+    A version left out gets 0: reachable only pinned (``name@version``). The *default* version is the
+    one with the highest weight (the first listed on a tie); ``/v1/models`` marks it.
+    """
+
+    weights: dict[str, float] = Field(min_length=1)
+    shadow: ShadowSpec | None = None
+    auto_rollback: AutoRollbackSpec | None = None
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _keys_text(cls, value: Any) -> Any:
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _positive(self) -> "TrafficPolicy":
+        bad = {v: w for v, w in self.weights.items() if not (w >= 0) or w == float("inf")}
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0, got {bad}")
+        if sum(self.weights.values()) <= 0:
+            raise ValueError("at least one version needs a weight above 0")
+        return self
+
+
+class TrafficConfig(_Strict):
+    """The ingress deployment's ``user_config``: ``{"traffic": {model name: TrafficPolicy}}``.
+
+    A serve config changes it without restarting a replica (Serve's lightweight update)::
+
+        deployments:
+          - name: Ingress
+            user_config:
+              traffic:
+                imagenet: {weights: {"1": 90, "2": 10}}
+    """
+
+    traffic: dict[str, TrafficPolicy] = Field(default_factory=dict)
+
+
+def validate_traffic(config: AppConfig, user_config: dict | None) -> TrafficConfig:
+    """Check a traffic policy against the app's models.
+
+    Raises:
+        ValueError: the policy names an unknown model or version; a shadow version that takes traffic;
+            or, for an embeddings model, versions whose vector spaces differ (declared
+            ``embedding_space`` or dimension) that would share traffic or be compared as shadow —
+            mixing vectors of two spaces corrupts a user's index without any error.
+    """
+    from pydantic import ValidationError
+
+    try:
+        tc = TrafficConfig.model_validate(user_config or {})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)]
+        raise ValueError("invalid traffic policy (Ingress user_config):\n" + "\n".join(lines)) from None
+    versions = config.versions()
+    for name, policy in tc.traffic.items():
+        specs = {s.resolved_version: s for s in versions.get(name, [])}
+        if not specs:
+            raise ValueError(f"traffic names model {name!r}, which the app does not serve "
+                             f"(models: {sorted(versions)})")
+        named = list(policy.weights) + ([policy.shadow.version] if policy.shadow else [])
+        unknown = [v for v in named if v not in specs]
+        if unknown:
+            raise ValueError(f"traffic for {name!r} names version {unknown[0]!r}; its versions are {sorted(specs)}")
+        if policy.shadow and policy.weights.get(policy.shadow.version, 0) > 0:
+            raise ValueError(f"traffic for {name!r}: shadow version {policy.shadow.version!r} also has a weight; a "
+                             "shadow only receives copies (set its weight to 0 or leave it out)")
+        live = [v for v, w in policy.weights.items() if w > 0] + ([policy.shadow.version] if policy.shadow else [])
+        first = specs[live[0]]
+        if first.family == "text-encoder" and "embeddings" in first.tasks:
+            for v in live[1:]:
+                other = specs[v]
+                why = None
+                if (first.embedding_space or other.embedding_space) and first.embedding_space != other.embedding_space:
+                    why = f"embedding_space {first.embedding_space!r} vs {other.embedding_space!r}"
+                else:
+                    d1, d2 = first.embedding_dimension(), other.embedding_dimension()
+                    if d1 is not None and d2 is not None and d1 != d2:
+                        why = f"dimension {d1} vs {d2}"
+                if why:
+                    raise ValueError(
+                        f"traffic for embeddings model {name!r} mixes versions {first.resolved_version} and {v} "
+                        f"whose vector spaces differ ({why}): one name would return vectors from two spaces and "
+                        f"corrupt indexes built from it. Move all traffic at once (weights 0/100), or serve the new "
+                        f"space under its own name or pinned ({name}@{v}) and re-embed.")
+    return tc
 
 
 def tokenizer_key(spec: ModelSpec) -> str:

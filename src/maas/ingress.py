@@ -8,6 +8,8 @@ HTTP routes live in :mod:`maas.protocol.openai_routes`, :mod:`maas.protocol.v2_r
     h = serve.get_app_handle("maas")
     h.embed.remote({"model": "minilm", "input": ["a", "b"]}).result()
     h.classify_images.remote("efficientnet-lite0", [jpeg_bytes], top_k=3).result()
+    h.classify_images.remote("imagenet@2", [jpeg_bytes]).result()        # a pinned version
+    h.embed.remote({"model": "minilm", "input": ["a"], "user": "u-42"})    # ``user``: sticky version
 
 Handle methods take plain dicts/bytes and return plain dicts (the HTTP JSON bodies). Errors
 raise :class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
@@ -79,6 +81,31 @@ class Ingress:
         keys = len(security.SETTINGS.api_keys)
         logger.info("API keys %s; body limit %d bytes", f"required ({keys} configured)" if keys else "not configured",
                     self.config.ingress.max_body_bytes)
+        self._traffic_applied = False
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply the traffic policy (:class:`maas.config.TrafficConfig`) from the deployment's
+        ``user_config``: Serve calls this at start and on every lightweight config update, with no
+        restart, so a ``serve deploy`` of an edited policy moves traffic in place.
+
+        An invalid policy at start raises (the deploy fails with the message in ``serve status``).
+        An invalid policy in a live update is refused without taking the service down: the last
+        valid policy stays, the reason is logged as an ERROR and shown as ``traffic_error`` in
+        ``/readyz`` (raising here would make Serve replace the replica, whose start would fail on
+        the same policy, and the service would go down over a typo).
+
+        Raises:
+            ValueError: an invalid policy when the replica starts.
+        """
+        try:
+            self.dataplane.traffic.apply(user_config)
+        except ValueError as exc:
+            if not self._traffic_applied:
+                raise
+            self.dataplane.traffic.error = f"refused traffic policy update (the previous policy stands): {exc}"
+            logger.error("%s", self.dataplane.traffic.error)
+            return
+        self._traffic_applied = True
 
     # ------------------------------------------------------------------ handle methods (the dataplane's operations)
 
@@ -124,8 +151,10 @@ class Ingress:
         """Text classification (``/v1/classifications/text`` body)."""
         return await self.dataplane.classify_text(parse(TextClassificationRequest, request))
 
-    async def classify_images(self, model: str, images: list[bytes], top_k: int = 5) -> dict:
-        """Classify encoded images (JPEG, PNG, WebP, BMP, TIFF, GIF); one result per image, in order."""
+    async def classify_images(self, model: str, images: list[bytes], top_k: int = 5,
+                              routing_key: str | None = None) -> dict:
+        """Classify encoded images (JPEG, PNG, WebP, BMP, TIFF, GIF); one result per image, in order.
+        ``model`` may be ``name@version``; ``routing_key`` keeps one caller on one version."""
         if not isinstance(images, (list, tuple)) or not all(isinstance(b, (bytes, bytearray)) for b in images):
             raise InvalidRequest("images must be a list of encoded image files as bytes", param="images")
-        return await self.dataplane.classify_images(model, [bytes(b) for b in images], top_k)
+        return await self.dataplane.classify_images(model, [bytes(b) for b in images], top_k, routing_key=routing_key)

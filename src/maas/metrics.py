@@ -19,6 +19,14 @@ metric                          type       tags                        meaning
                                                                        decoding steps, ms
 ``maas_running_sequences``      gauge      model                       generators: rows in the running batch (updated ≤ 2/s)
 ``maas_waiting_sequences``      gauge      model                       generators: rows waiting for a slot
+``maas_request_latency_ms``     histogram  model                       one request as the ingress saw it (successful
+                                                                       answers), ms; ``model`` is the address
+                                                                       (``name`` or ``name@version``): per version
+``maas_traffic_weight``         gauge      model, version              the version's weight in the applied traffic
+                                                                       policy (0 after an auto-rollback)
+``maas_version_rollbacks``      counter    model, version, reason      automatic rollbacks (``errors`` or ``latency``)
+``maas_shadow_results``         counter    model, version, result      shadow copies: ``agree``, ``disagree``,
+                                                                       ``error``, ``dropped`` (over max_in_flight)
 ==============================  =========  ==========================  =========================================
 
 Every function here is a no-op when metrics can't be created (outside a Serve replica), and
@@ -58,6 +66,14 @@ def _get() -> dict | None:
                                          tag_keys=("model",)),
                 "waiting": metrics.Gauge("maas_waiting_sequences", description="Sequences waiting for a slot.",
                                          tag_keys=("model",)),
+                "latency": metrics.Histogram("maas_request_latency_ms", description="Request latency at the ingress, ms.",
+                                             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model",)),
+                "weight": metrics.Gauge("maas_traffic_weight", description="Traffic weight of a model version.",
+                                        tag_keys=("model", "version")),
+                "rollbacks": metrics.Counter("maas_version_rollbacks", description="Automatic rollbacks.",
+                                             tag_keys=("model", "version", "reason")),
+                "shadow": metrics.Counter("maas_shadow_results", description="Shadow comparisons by result.",
+                                          tag_keys=("model", "version", "result")),
             }
         except Exception:  # noqa: BLE001
             logger.debug("serve metrics unavailable", exc_info=True)
@@ -99,3 +115,27 @@ def sequences(model: str, running: int, waiting: int) -> None:
     if m:
         m["running"].set(running, tags={"model": model})
         m["waiting"].set(waiting, tags={"model": model})
+
+
+def request_latency(model: str, ms: float) -> None:
+    m = _get()
+    if m:
+        m["latency"].observe(ms, tags={"model": model})
+
+
+def traffic_weight(model: str, version: str, weight: float) -> None:
+    m = _get()
+    if m:
+        m["weight"].set(weight, tags={"model": model, "version": version})
+
+
+def rollback(model: str, version: str, reason: str) -> None:
+    m = _get()
+    if m:
+        m["rollbacks"].inc(1, tags={"model": model, "version": version, "reason": reason})
+
+
+def shadow(model: str, version: str, result: str) -> None:
+    m = _get()
+    if m:
+        m["shadow"].inc(1, tags={"model": model, "version": version, "result": result})

@@ -14,7 +14,7 @@ from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, Embed
 
 def test_openai_hints_are_ignored_and_behaviour_fields_rejected():
     req = CompletionRequest(model="m", prompt="x", user="u", store=True, echo=False, logprobs=None)
-    assert sorted(req.ignored_hints()) == ["store", "user"]
+    assert sorted(req.ignored_hints()) == ["store"]  # user is the routing key among versions, not a hint
     for field, value in [("logprobs", 2), ("logprobs", 0), ("echo", True), ("presence_penalty", 0.5), ("suffix", "!")]:
         with pytest.raises(InvalidRequest) as info:
             CompletionRequest(model="m", prompt="x", **{field: value})

@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from maas import metrics
 from maas.config import AppConfig, ModelSpec
 from maas.dataplane import auto
+from maas.dataplane.traffic import Traffic, compare
 from maas.dataplane.batcher import RETRY_AFTER_S, FrontBatcher
 from maas.dataplane.watch import DeploymentWatch
 from maas.errors import (
@@ -146,9 +147,12 @@ class Dataplane:
                  preprocessors: dict[str, DeploymentHandle], watch: DeploymentWatch | None = None):
         self.config = config
         self.limits = config.ingress
-        self.routes = {s.name: Route(s, models[s.name], preprocessors[s.name]) for s in config.models}
+        # Keyed by each spec's address: ``name``, or ``name@version`` for a versioned spec.
+        self.routes = {s.key: Route(s, models[s.key], preprocessors[s.key]) for s in config.models}
         self.watch = watch or DeploymentWatch([s.deployment_name for s in config.models],
-                                              handles={s.deployment_name: models[s.name] for s in config.models})
+                                              handles={s.deployment_name: models[s.key] for s in config.models})
+        self.traffic = Traffic(config)
+        self._shadows: set[asyncio.Task] = set()
         self._info: dict[str, dict] = {}
         self._ready: dict[str, tuple[bool, float]] = {}  # model -> (ready, monotonic time of the probe)
         self._batchers: dict[tuple[str, str], FrontBatcher] = {}
@@ -194,7 +198,7 @@ class Dataplane:
         Raises:
             TaskNotSupported: no model serves ``task``. ModelNotReady: none is ready.
         """
-        names = [n for n, r in self.routes.items() if task in r.spec.tasks]
+        names = [n for n, r in self.routes.items() if task in r.spec.tasks and self.takes_traffic(n)]
         if not names:
             raise TaskNotSupported(f"no served model offers {task}, so model 'auto' cannot choose one")
         real = [n for n in names if not self.routes[n].spec.is_demo]
@@ -214,18 +218,88 @@ class Dataplane:
         if isinstance(body, dict):
             body["routing"] = {"model": name, "reason": reason}
 
-    async def timed(self, name: str, op):
-        """``await op(name)``, its latency learnt for ``auto`` (successful answers only)."""
+    def stamp(self, body: Any, key: str) -> None:
+        """Say which model version answered: ``model`` (the name) and ``model_version`` in the body,
+        and, for HTTP, the ``X-Maas-Model-Version`` response header."""
+        spec = self.routes[key].spec
+        ctx = auto.routing_context.get()
+        if ctx is not None:
+            ctx["model_version"] = spec.resolved_version
+        if isinstance(body, dict):
+            body["model"] = spec.name
+            body["model_version"] = spec.resolved_version
+
+    def takes_traffic(self, key: str) -> bool:
+        """Whether the traffic policy gives this spec a weight above 0 (unpinned requests reach it)."""
+        spec = self.routes[key].spec
+        return dict(self.traffic.weights(spec.name)).get(spec.resolved_version, 0.0) > 0
+
+    def routing_key(self, user: str | None = None) -> str | None:
+        """The request's sticky routing key: the ``X-Maas-Routing-Key`` header, else ``user`` (the OpenAI
+        field or a handle argument), else the API key, else None (random per request)."""
+        ctx = auto.routing_context.get() or {}
+        return ctx.get("routing_key") or user or ctx.get("api_key")
+
+    async def resolve(self, model: str, routing_key: str | None = None) -> str:
+        """The address (``name`` or ``name@version``) that serves a request for ``model``: pinned with
+        ``name@version``, else chosen by the name's traffic policy (see :mod:`maas.dataplane.traffic`).
+
+        Raises:
+            ModelNotFound: unknown name or version. ModelNotReady: no version with traffic weight is ready.
+        """
+        route = self.routes.get(model)
+        if route is not None and route.spec.version is None:
+            return model  # an unversioned model: nothing to choose
+        name, version = self.traffic.address(model)
+        if version is not None:
+            return self.traffic.key_of(name, version)
+        specs = self.traffic.specs[name]
+        weighted = [v for v, w in self.traffic.weights(name) if w > 0]
+        checks = await asyncio.gather(*(self.model_ready(self.traffic.key_of(name, v)) for v in weighted))
+        chosen = self.traffic.choose(name, routing_key, dict(zip(weighted, checks)))
+        if chosen is None:
+            raise ModelNotReady(f"no version of model {name!r} that takes traffic is ready (weights "
+                                f"{dict(self.traffic.weights(name))}; versions {[s.resolved_version for s in specs]}); "
+                                "retry, or pin a ready one with model 'name@version'")
+        return self.traffic.key_of(name, chosen)
+
+    async def timed(self, key: str, op):
+        """``await op(key)``: its latency learnt for ``auto`` and recorded per version (successful
+        answers), 5xx answers noted for the auto-rollback."""
         started = time.perf_counter()
-        out = await op(name)
-        self.latency.observe(name, 1000 * (time.perf_counter() - started))
+        spec = self.routes[key].spec if key in self.routes else None
+        try:
+            out = await op(key)
+        except MaasError as exc:
+            if spec is not None and int(exc.status_code) >= 500:
+                self.traffic.record(spec.name, spec.resolved_version, True, 1000 * (time.perf_counter() - started))
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if spec is not None:
+                self.traffic.record(spec.name, spec.resolved_version, True, 1000 * (time.perf_counter() - started))
+            raise
+        ms = 1000 * (time.perf_counter() - started)
+        self.latency.observe(key, ms)
+        metrics.request_latency(key, ms)
+        if spec is not None:
+            self.traffic.record(spec.name, spec.resolved_version, False, ms)
         return out
 
-    async def routed(self, name: str, task: str, op, budget_ms: float | None = None):
-        """Run ``op(model_name)`` for ``name``; for ``auto`` on the planned models in turn, skipping
-        one that is not ready or at capacity (the answer then says ``failover-from``)."""
+    async def routed(self, name: str, task: str, op, budget_ms: float | None = None, user: str | None = None):
+        """Run ``op(address)`` for model ``name``: a version chosen by the traffic policy (or pinned),
+        a shadow copy when the policy asks for one; for ``auto`` on the planned models in turn,
+        skipping one that is not ready or at capacity (the answer then says ``failover-from``).
+        ``user``: a routing key from the request body (see :meth:`routing_key`)."""
         if name != auto.AUTO:
-            return await self.timed(name, op)
+            key = await self.resolve(name, self.routing_key(user))
+            body = await self.timed(key, op)
+            self.stamp(body, key)
+            spec = self.routes[key].spec
+            if spec.version is not None and "@" not in name:
+                self.shadow(spec.name, spec.resolved_version, op, body)
+            return body
         skipped: list[str] = []
         last: MaasError | None = None
         for choice in await self.auto_plan(task, self.budget_ms(budget_ms)):
@@ -237,9 +311,33 @@ class Dataplane:
                 continue
             reason = choice.reason + (f";failover-from={','.join(skipped)}" if skipped else "")
             self.note_route(body, choice.name, reason)
+            self.stamp(body, choice.name)
             return body
         assert last is not None
         raise last
+
+    def shadow(self, name: str, chosen: str, op, primary: Any) -> None:
+        """Copy the request to the policy's shadow version in the background (see
+        :mod:`maas.dataplane.traffic`); the caller's answer never waits for it."""
+        version = self.traffic.shadow_for(name, chosen)
+        if version is None:
+            return
+        key = self.traffic.key_of(name, version)
+
+        async def run():
+            self.traffic.shadow_in_flight[key] = self.traffic.shadow_in_flight.get(key, 0) + 1
+            try:
+                answer = await op(key)
+                result = "agree" if compare(primary, answer) else "disagree"
+            except Exception:  # noqa: BLE001 - a failing shadow is counted, never raised
+                result = "error"
+            finally:
+                self.traffic.shadow_in_flight[key] -= 1
+            self.traffic.count_shadow(name, version, result)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     @staticmethod
     def check_cascade(model: str) -> None:
@@ -433,34 +531,78 @@ class Dataplane:
             raise
 
     async def list_models(self) -> dict:
-        """All served models with family, tasks, weights source and readiness (``/v1/models`` body)."""
-        names = list(self.routes)
-        ready = await asyncio.gather(*(self.model_ready(n) for n in names))
-        if not all(ready):
+        """All served models with family, tasks, weights source and readiness (``/v1/models`` body).
+
+        One card per model name, described by its default version (the one with the highest traffic
+        weight); ``versions`` lists every version with its address (``id``: ``name@version``), weight,
+        readiness and whether it is the default. ``ready``: some version that takes traffic is ready.
+        """
+        keys = list(self.routes)
+        ready = dict(zip(keys, await asyncio.gather(*(self.model_ready(k) for k in keys))))
+        if not all(ready.values()):
             await self.watch.refresh()
         cards = []
-        for n, r in zip(names, ready):
-            spec = self.routes[n].spec
-            card = {"id": n, "object": "model", "created": self.created, "owned_by": "maas", "family": spec.family,
+        for name, specs in self.traffic.specs.items():
+            weights = dict(self.traffic.weights(name))
+            default = self.traffic.default_version(name)
+            spec = next(s for s in specs if s.resolved_version == default)
+            serving = [s for s in specs if weights[s.resolved_version] > 0]
+            name_ready = any(ready[s.key] for s in serving)
+            card = {"id": name, "object": "model", "created": self.created, "owned_by": "maas", "family": spec.family,
                     "tasks": list(spec.tasks), "weights": spec.weights_label(), "demo_weights": spec.is_demo,
-                    "ready": r, "deployment": spec.deployment_name, "quality": spec.quality,
+                    "ready": name_ready, "deployment": spec.deployment_name, "quality": spec.quality,
                     "quality_source": spec.quality_source, "latency_estimate_ms":
-                        None if (p := self.predict_ms(n)) is None else round(p, 1)}
-            if not r:
-                card["status_message"] = self.watch.reason(spec.deployment_name)
+                        None if (p := self.predict_ms(spec.key)) is None else round(p, 1),
+                    "version": default}
+            described = self.traffic.describe(name)
+            card["versions"] = [
+                {"id": f"{name}@{s.resolved_version}", "version": s.resolved_version, "deployment": s.deployment_name,
+                 "ready": ready[s.key], "weights": s.weights_label(), "demo_weights": s.is_demo,
+                 **described.get(s.resolved_version, {}),
+                 **({} if ready[s.key] else {"status_message": self.watch.reason(s.deployment_name)})}
+                for s in specs]
+            if not name_ready:
+                card["status_message"] = "; ".join(self.watch.reason(s.deployment_name) for s in serving or specs)
             cards.append(card)
         return {"object": "list", "data": cards}
 
     async def readiness(self) -> dict:
-        """``{"ready": bool, "models": {name: bool}, "reasons"?: {name: message}}``."""
-        names = list(self.routes)
-        ready = await asyncio.gather(*(self.model_ready(n) for n in names))
-        if not all(ready):
+        """``{"ready", "models": {address: bool}, "reasons"?: {address: message}, "traffic"?, "traffic_error"?}``.
+
+        ``ready`` is true when every model name can serve: some version with traffic weight is ready.
+        A version that is not ready is listed in ``reasons`` (with where its share goes) but does not
+        make the service unready while another version of its name serves; ``traffic`` shows each
+        versioned name's weights, default, rollbacks and shadow counts.
+        """
+        keys = list(self.routes)
+        ready = dict(zip(keys, await asyncio.gather(*(self.model_ready(k) for k in keys))))
+        if not all(ready.values()):
             await self.watch.refresh()
-        body: dict = {"ready": all(ready), "models": dict(zip(names, ready))}
-        reasons = {n: self.watch.reason(self.routes[n].spec.deployment_name) for n, r in zip(names, ready) if not r}
+        body: dict = {"models": ready}
+        reasons: dict[str, str] = {}
+        names_ok = True
+        traffic: dict = {}
+        for name, specs in self.traffic.specs.items():
+            weights = dict(self.traffic.weights(name))
+            up = [s.resolved_version for s in specs if weights[s.resolved_version] > 0 and ready[s.key]]
+            names_ok = names_ok and bool(up)
+            for s in specs:
+                if ready[s.key]:
+                    continue
+                why = self.watch.reason(s.deployment_name)
+                if len(specs) > 1 and weights[s.resolved_version] > 0:
+                    why += (f"; version {s.resolved_version} takes no traffic, its share goes to version(s) {up}"
+                            if up else f"; no version of {name!r} that takes traffic is ready")
+                reasons[s.key] = why
+            if len(specs) > 1 or name in self.traffic.policies:
+                traffic[name] = self.traffic.describe(name)
+        body = {"ready": names_ok, **body}
         if reasons:
             body["reasons"] = reasons
+        if traffic:
+            body["traffic"] = traffic
+        if self.traffic.error:
+            body["traffic_error"] = self.traffic.error
         return body
 
     # ------------------------------------------------------------------ one-forward operations (front batched)
@@ -474,7 +616,7 @@ class Dataplane:
         Returns:
             The embeddings body; each ``embedding`` a ``float32`` (D,) array, or base64 text.
         """
-        return await self.routed(req.model, "embeddings", lambda name: self._embed(name, req))
+        return await self.routed(req.model, "embeddings", lambda name: self._embed(name, req), user=req.user)
 
     @counted("embeddings")
     async def _embed(self, name: str, req) -> dict:
@@ -526,14 +668,15 @@ class Dataplane:
                 "usage": usage(n)}
 
     async def classify_images(self, model: str, images: list, top_k: int = 5, latency_budget_ms: float | None = None,
-                              cascade_threshold: float | None = None) -> dict:
+                              cascade_threshold: float | None = None, routing_key: str | None = None) -> dict:
         """Encoded files (bytes) or decoded ``uint8`` (H, W, 3) arrays → classification body.
-        ``model`` may be ``auto`` (with an optional budget, ms, and confidence cascade)."""
+        ``model`` may be ``auto`` (with an optional budget, ms, and confidence cascade) or
+        ``name@version``; ``routing_key`` keeps one caller on one version (see :meth:`routing_key`)."""
         op = lambda name: self._classify_images(name, images, top_k)  # noqa: E731
         if cascade_threshold is not None:
             self.check_cascade(model)
             return await self.cascaded("image-classification", op, cascade_threshold, latency_budget_ms)
-        return await self.routed(model, "image-classification", op, latency_budget_ms)
+        return await self.routed(model, "image-classification", op, latency_budget_ms, user=routing_key)
 
     @counted("image-classification")
     async def _classify_images(self, model: str, images: list, top_k: int = 5) -> dict:
@@ -584,7 +727,7 @@ class Dataplane:
 
     async def complete(self, req) -> dict:
         """OpenAI completions, not streamed. Over-long prompts are rejected, not truncated."""
-        return await self.routed(req.model, "completion", lambda name: self._complete(name, req))
+        return await self.routed(req.model, "completion", lambda name: self._complete(name, req), user=req.user)
 
     @counted("completion")
     async def _complete(self, name: str, req) -> dict:
@@ -599,7 +742,7 @@ class Dataplane:
 
     async def chat(self, req) -> dict:
         """OpenAI chat completions, not streamed."""
-        return await self.routed(req.model, "chat", lambda name: self._chat(name, req))
+        return await self.routed(req.model, "chat", lambda name: self._chat(name, req), user=req.user)
 
     @counted("chat")
     async def _chat(self, name: str, req) -> dict:
@@ -652,30 +795,35 @@ class Dataplane:
             gen.cancel()  # stops generation on the replica when the caller went away
 
     async def resolve_stream(self, req, task: str):
-        """For a stream with ``model: auto``: the request with the chosen model (the first ready one
-        of the plan; a stream does not fail over once it started)."""
+        """The request with the address that serves it: for ``model: auto`` the first ready model of
+        the plan, else the version the traffic policy picks (or the pinned one). A stream does not
+        fail over once it started, and is not copied to a shadow."""
         if req.model != auto.AUTO:
-            return req
-        choice = (await self.auto_plan(task, self.budget_ms()))[0]
-        self.note_route(None, choice.name, choice.reason)
-        return req.model_copy(update={"model": choice.name})
+            key = await self.resolve(req.model, self.routing_key(req.user))
+        else:
+            choice = (await self.auto_plan(task, self.budget_ms()))[0]
+            self.note_route(None, choice.name, choice.reason)
+            key = choice.name
+        self.stamp(None, key)
+        return req.model_copy(update={"model": key})
 
     async def stream_complete(self, req) -> AsyncIterator[dict]:
         """Streaming completions: ``text_completion`` chunk dicts (OpenAI stream shape), then a
         usage chunk when ``stream_options.include_usage``."""
         req = await self.resolve_stream(req, "completion")
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        demo = self.route(req.model, "completion").spec.is_demo
+        spec = self.route(req.model, "completion").spec
+        demo, model, version = spec.is_demo, spec.name, spec.resolved_version
         async for event in self.events(req, "completion"):
             if event.get("done"):
                 if req.include_usage:
-                    yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                    yield {"id": cid, "object": "text_completion", "created": created, "model": model, "model_version": version,
                            "choices": [], "usage": usage(event["prompt_tokens"], event["completion_tokens"]),
                            "demo_weights": demo}
                 return
             choices = [{"text": c["text"], "index": c["index"], "logprobs": None, "finish_reason": c["finish_reason"]}
                        for c in event["choices"]]
-            yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+            yield {"id": cid, "object": "text_completion", "created": created, "model": model, "model_version": version,
                    "choices": choices, "demo_weights": demo}
 
     async def stream_chat(self, req) -> AsyncIterator[dict]:
@@ -683,12 +831,13 @@ class Dataplane:
         ``delta.role``, the last its ``finish_reason``; unset delta fields are left out."""
         req = await self.resolve_stream(req, "chat")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        demo = self.route(req.model, "chat").spec.is_demo
+        spec = self.route(req.model, "chat").spec
+        demo, model, version = spec.is_demo, spec.name, spec.resolved_version
         started: set[int] = set()
         async for event in self.events(req, "chat"):
             if event.get("done"):
                 if req.include_usage:
-                    yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "model_version": version,
                            "choices": [], "usage": usage(event["prompt_tokens"], event["completion_tokens"]),
                            "demo_weights": demo}
                 return
@@ -702,5 +851,5 @@ class Dataplane:
                     delta["content"] = c["text"]
                 choices.append({"index": c["index"], "delta": delta, "logprobs": None,
                                 "finish_reason": c["finish_reason"]})
-            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "model_version": version,
                    "choices": choices, "demo_weights": demo}

@@ -165,7 +165,7 @@ class ModelRunner(ABC):
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """``eval()``, move to the device and cast to :attr:`compute_dtype` (logged when ignored)."""
         if self.spec.dtype != "float32" and self.device.type != "cuda":
-            logger.info("model %s: dtype %s ignored on %s; using float32", self.spec.name, self.spec.dtype, self.device)
+            logger.info("model %s: dtype %s ignored on %s; using float32", self.spec.key, self.spec.dtype, self.device)
         return model.eval().to(self.device, dtype=self.compute_dtype)
 
     @abstractmethod
@@ -402,7 +402,7 @@ class ModelDeployment:
         # 2-core machine, MiniLM batch 1: 10.6 ms per forward on one dedicated thread against
         # 16.1 ms through asyncio.to_thread's shared default executor. It also keeps batches of
         # one replica from computing at the same time and fighting over its torch threads.
-        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maas-forward-{self.spec.name}")
+        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maas-forward-{self.spec.key}")
         self.device = select_device()
         started = time.monotonic()
         self.runner = self.runner_cls(self.spec, self.device)
@@ -412,11 +412,11 @@ class ModelDeployment:
         self._last_batch_done: float | None = None  # monotonic time the last batch succeeded
         self.batching = self.spec.batching
         self._backlog = (0.0, 0.0)
-        self.batcher = PullBatcher(self._run_batch, self.spec.name, self.batching.max_batch_size,
+        self.batcher = PullBatcher(self._run_batch, self.spec.key, self.batching.max_batch_size,
                                    self.batching.batch_wait_timeout_s, after_batch=self._record_stages)
         logger.info(
             "model %s loaded on %s with %d torch threads in %.1f s%s",
-            self.spec.name, self.device, self.threads, self.load_s,
+            self.spec.key, self.device, self.threads, self.load_s,
             " (RANDOM demo weights)" if self.spec.is_demo else "",
         )
 
@@ -439,13 +439,13 @@ class ModelDeployment:
         Serve then replaces the replica.
         """
         if not self.runner.loaded:
-            raise RuntimeError(f"model {self.spec.name} has no loaded weights")
+            raise RuntimeError(f"model {self.spec.key} has no loaded weights")
         health = self.spec.health
         started = self._batch_started
         if started is not None:
             running = time.monotonic() - started
             if running > health.stall_timeout_s:
-                raise RuntimeError(f"model {self.spec.name}: a batch has been running for {running:.0f} s")
+                raise RuntimeError(f"model {self.spec.key}: a batch has been running for {running:.0f} s")
             return
         if self._last_batch_done is not None and time.monotonic() - self._last_batch_done < PROBE_AFTER_IDLE_S:
             return
@@ -453,7 +453,7 @@ class ModelDeployment:
             await asyncio.wait_for(self._in_forward_thread(self.runner.run, [self.runner.probe()]),
                                    timeout=health.probe_timeout_s)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"model {self.spec.name}: probe forward took over {health.probe_timeout_s} s") from None
+            raise RuntimeError(f"model {self.spec.key}: probe forward took over {health.probe_timeout_s} s") from None
 
     def _in_forward_thread(self, fn, *args) -> asyncio.Future:
         """``fn(*args)`` on the replica's forward thread, as an awaitable."""
@@ -527,12 +527,12 @@ class ModelDeployment:
 
     def _record_stages(self) -> None:
         for stage_name, ms in self.runner.last_timings_ms.items():
-            metrics.stage(self.spec.name, stage_name, ms)
+            metrics.stage(self.spec.key, stage_name, ms)
 
     def info(self) -> dict:
         """Model facts: name, family, tasks, demo flag, device, limits, load seconds."""
         return {
-            "name": self.spec.name,
+            "name": self.spec.key,
             "family": self.spec.family,
             "tasks": list(self.spec.tasks),
             "demo_weights": self.spec.is_demo,

@@ -374,14 +374,14 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
             wanted = sp.max_tokens if sp.max_tokens is not None else 1
             if n >= self.context_tokens:
                 raise InvalidRequest(
-                    f"prompt[{i}] has {n} tokens, which fills model {self.spec.name!r}'s context of "
+                    f"prompt[{i}] has {n} tokens, which fills model {self.spec.key!r}'s context of "
                     f"{self.context_tokens} tokens and leaves no room to generate; shorten the prompt",
                     param="prompt", code="context_length_exceeded",
                 )
             if n + wanted > self.context_tokens:
                 raise InvalidRequest(
                     f"prompt[{i}] has {n} tokens and max_tokens asks for {wanted} more, but model "
-                    f"{self.spec.name!r} has a context of {self.context_tokens} tokens; shorten the prompt "
+                    f"{self.spec.key!r} has a context of {self.context_tokens} tokens; shorten the prompt "
                     f"or lower max_tokens to at most {max(self.context_tokens - n, 0)}",
                     param="max_tokens", code="context_length_exceeded",
                 )
@@ -421,7 +421,7 @@ class TextGenerator(ModelDeployment):
         super().__init__(spec)
         from maas.models.continuous import ContinuousBatcher
 
-        self.engine = ContinuousBatcher(self.runner, self.spec.name, **self._engine_settings(self.batching),
+        self.engine = ContinuousBatcher(self.runner, self.spec.key, **self._engine_settings(self.batching),
                                         on_step=self._on_step, on_token_times=self._on_token_times)
         self.active_streams = 0
         self.stream_log: list[dict] = []
@@ -442,17 +442,17 @@ class TextGenerator(ModelDeployment):
     # ------------------------------------------------------------------ metrics hooks (engine thread)
 
     def _on_step(self, kind: str, rows: int, seconds: float) -> None:
-        metrics.stage(self.spec.name, kind, 1000 * seconds)
+        metrics.stage(self.spec.key, kind, 1000 * seconds)
         if kind == "decode":
-            metrics.batch(self.spec.name, rows)
+            metrics.batch(self.spec.key, rows)
         now = time.monotonic()
         if now - self._gauges_at > 0.5:
             self._gauges_at = now
             counts = self.engine.counts()
-            metrics.sequences(self.spec.name, counts["running"], counts["waiting"])
+            metrics.sequences(self.spec.key, counts["running"], counts["waiting"])
 
     def _on_token_times(self, ttft_s: float | None, itl_s: list[float]) -> None:
-        metrics.token_times(self.spec.name, ttft_s, itl_s)
+        metrics.token_times(self.spec.key, ttft_s, itl_s)
 
     # ------------------------------------------------------------------ calls
 

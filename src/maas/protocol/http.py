@@ -166,6 +166,9 @@ class HttpSemantics:
     * ``model: auto`` (:mod:`maas.dataplane.auto`): the ``X-Maas-Latency-Budget-Ms`` request
       header is handed to the dataplane, and the model it chose comes back as the
       ``X-Maas-Routed-Model`` and ``X-Maas-Route-Reason`` response headers, on every protocol.
+    * Versions (:mod:`maas.dataplane.traffic`): the ``X-Maas-Routing-Key`` header (else the API
+      key) is the sticky routing key; the version that answered comes back as
+      ``X-Maas-Model-Version``.
     * A request body in a content coding other than ``identity`` (``Content-Encoding: gzip``)
       gets 415 with ``Accept-Encoding: identity`` (§8.4.1, §15.5.16): the service reads plain
       bodies only, and decompressing would bypass the body-size limit.
@@ -185,6 +188,17 @@ class HttpSemantics:
         for name, value in scope.get("headers") or ():
             if name == b"x-maas-latency-budget-ms":
                 routing["budget_header"] = value.decode("latin-1").strip()
+            elif name == b"x-maas-routing-key":
+                routing["routing_key"] = value.decode("latin-1").strip() or None
+            elif name in (b"authorization", b"x-api-key"):
+                routing.setdefault("_auth", {})[name] = value
+        auth = routing.pop("_auth", None)
+        if auth:
+            from maas.security import presented_key
+
+            key = presented_key(auth)
+            if key:  # only a hash of it is ever used (maas.dataplane.traffic.unit_hash), never logged
+                routing["api_key"] = key.decode("latin-1")
         routing_context.set(routing)
         send = _with_routing_headers(send, routing)
         for name, value in scope.get("headers") or ():
@@ -217,10 +231,13 @@ def _with_routing_headers(send, routing: dict):
     """``send`` that adds the ``auto`` routing headers to the response start, once the dataplane
     has chosen (routes answer after their dataplane call, streams after their first chunk)."""
     async def wrapped(message):
-        if message["type"] == "http.response.start" and "routed_model" in routing:
+        if message["type"] == "http.response.start" and ("routed_model" in routing or "model_version" in routing):
             headers = list(message.get("headers") or [])
-            headers += [(b"x-maas-routed-model", routing["routed_model"].encode()),
-                        (b"x-maas-route-reason", routing["route_reason"].encode())]
+            if "routed_model" in routing:
+                headers += [(b"x-maas-routed-model", routing["routed_model"].encode()),
+                            (b"x-maas-route-reason", routing["route_reason"].encode())]
+            if "model_version" in routing:
+                headers.append((b"x-maas-model-version", routing["model_version"].encode()))
             message = dict(message, headers=headers)
         await send(message)
     return wrapped

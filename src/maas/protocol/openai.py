@@ -37,14 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from maas.errors import InvalidRequest
 from maas.protocol import CompletionUsage, StrictRequest, Usage
 
-HINT_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+HINT_FIELDS = ("metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
                "prompt_cache_options", "safety_identifier", "parallel_tool_calls")
 #: Choices per prompt this server generates at most (OpenAI allows up to 128).
 MAX_N = 8
 
 
 class _OpenAIRequest(StrictRequest):
-    user: str | None = Field(default=None, description="Optional hint; ignored.")
+    user: str | None = Field(default=None, description="End-user id: the sticky routing key among a model's "
+                             "versions when no X-Maas-Routing-Key header is sent (maas.dataplane.traffic).")
     metadata: dict[str, Any] | None = Field(default=None, description="Optional hint; ignored.")
     store: bool | None = Field(default=None, description="Optional hint; ignored.")
     service_tier: str | None = Field(default=None, description="Optional hint; ignored.")

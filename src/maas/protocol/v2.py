@@ -201,11 +201,12 @@ def parse_request(body: bytes, header_length: int | None) -> InferenceRequest:
     )
 
 
-def encode_response(model: str, request: InferenceRequest, outputs: list[Tensor], parameters: dict | None = None
-                    ) -> tuple[bytes, dict[str, str]]:
+def encode_response(model: str, request: InferenceRequest, outputs: list[Tensor], parameters: dict | None = None,
+                    version: str = "1") -> tuple[bytes, dict[str, str]]:
     """The response body and extra headers (``Inference-Header-Content-Length`` when binary).
 
-    ``parameters`` become the response's ``parameters`` object (e.g. ``{"demo_weights": true}``).
+    ``parameters`` become the response's ``parameters`` object (e.g. ``{"demo_weights": true}``);
+    ``version`` is the model version that answered (``model_version``).
     """
     entries, blobs = [], []
     for t in outputs:
@@ -220,7 +221,7 @@ def encode_response(model: str, request: InferenceRequest, outputs: list[Tensor]
             entry["data"] = ([b.decode("utf-8", errors="replace") for b in flat] if t.datatype == "BYTES"
                              else flat.tolist())
         entries.append(entry)
-    head: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
+    head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request.id is not None:
         head["id"] = request.id
     if parameters:
@@ -240,8 +241,9 @@ def bytes_tensor(name: str, items: list[str] | np.ndarray, shape: tuple[int, ...
     return Tensor(name, "BYTES", arr.reshape(shape or (len(items),)))
 
 
-def metadata(name: str, family: str, tasks: list[str], info: dict) -> dict:
-    """``GET /v2/models/{name}`` body: real input/output names, datatypes and shapes."""
+def metadata(name: str, family: str, tasks: list[str], info: dict, versions: list[str] | None = None) -> dict:
+    """``GET /v2/models/{name}`` body: real input/output names, datatypes and shapes; ``versions``
+    the model's versions (default ``["1"]``)."""
     def t(n, d, s):
         return {"name": n, "datatype": d, "shape": s}
 
@@ -256,4 +258,4 @@ def metadata(name: str, family: str, tasks: list[str], info: dict) -> dict:
         outputs += topk if "text-classification" in tasks else []
     else:
         inputs, outputs = [t("text", "BYTES", [-1])], [t("text_output", "BYTES", [-1])]
-    return {"name": name, "versions": ["1"], "platform": f"maas-serve/{family}", "inputs": inputs, "outputs": outputs}
+    return {"name": name, "versions": versions or ["1"], "platform": f"maas-serve/{family}", "inputs": inputs, "outputs": outputs}

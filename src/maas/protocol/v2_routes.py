@@ -40,43 +40,57 @@ async def ready(dp=Depends(dataplane)):
     return json_response({"ready": ok}, 200 if ok else 503)
 
 
-def _route(dp, name: str, version: str | None):
-    route = dp.routes.get(name)
-    if route is None:
-        raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the served models")
-    if version not in (None, "1"):
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; the only version is '1'")
-    return route
+def _address(dp, name: str, version: str | None) -> tuple[str, object]:
+    """(address, the spec that describes it): ``name`` (the traffic policy chooses; described by the
+    default version) or ``name@version`` (pinned, ``/versions/{version}``).
+
+    Raises:
+        ModelNotFound: no such model or version.
+    """
+    if "@" in name:
+        raise ModelNotFound(f"model {name!r} does not exist; address a version as /v2/models/<name>/versions/<v>")
+    model, _ = dp.traffic.address(name if version is None else f"{name}@{version}")
+    chosen = version or dp.traffic.default_version(model)
+    spec = dp.routes[dp.traffic.key_of(model, chosen)].spec
+    return (name if version is None else f"{name}@{version}"), spec
 
 
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_metadata(name: str, version: str | None = None, dp=Depends(dataplane)):
-    route = _route(dp, name, version)
-    info = await dp.info(route)
-    body = v2.metadata(name, route.spec.family, list(route.spec.tasks), info)
-    body["parameters"] = {"demo_weights": route.spec.is_demo}
+    _, spec = _address(dp, name, version)
+    info = await dp.info(dp.routes[spec.key])
+    versions = [s.resolved_version for s in dp.traffic.specs[spec.name]]
+    body = v2.metadata(name, spec.family, list(spec.tasks), info, versions)
+    body["parameters"] = {"demo_weights": spec.is_demo, "default_version": dp.traffic.default_version(spec.name)}
     return json_response(body)
 
 
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(name: str, version: str | None = None, dp=Depends(dataplane)):
-    _route(dp, name, version)
-    ok = await dp.model_ready(name)
+    _, spec = _address(dp, name, version)
+    if version is None:  # the name: some version that takes traffic is ready
+        weights = dict(dp.traffic.weights(spec.name))
+        keys = [s.key for s in dp.traffic.specs[spec.name] if weights[s.resolved_version] > 0]
+        ok = any([await dp.model_ready(k) for k in keys])
+    else:
+        ok = await dp.model_ready(spec.key)
     return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
 
 @router.post("/v2/models/{name}/infer")
 @router.post("/v2/models/{name}/versions/{version}/infer")
 async def infer(name: str, request: Request, version: str | None = None, dp=Depends(dataplane)) -> Response:
-    """Inference with JSON or binary tensors (see :mod:`maas.protocol.v2`)."""
+    """Inference with JSON or binary tensors (see :mod:`maas.protocol.v2`). ``/versions/{v}`` pins a
+    version; without it the traffic policy chooses, and ``model_version`` says which answered."""
     if name == AUTO:
         return await _infer_auto(request, version, dp)
-    route = _route(dp, name, version)
+    address, spec = _address(dp, name, version)
     req = await _parse_infer(request)
-    outputs = _requested(name, req, await run(dp, route.spec, req))
-    body, headers = v2.encode_response(name, req, outputs, {"demo_weights": route.spec.is_demo})
+    outputs = _requested(name, req, await run(dp, spec, req, address))
+    answered = (routing_context.get() or {}).get("model_version", spec.resolved_version)
+    body, headers = v2.encode_response(name, req, outputs, {"demo_weights": spec.is_demo}, version=answered)
     return Response(content=body, headers=headers)
 
 
@@ -125,15 +139,16 @@ async def _infer_auto(request: Request, version: str | None, dp) -> Response:
     async def op(name):
         spec = dp.routes[name].spec
         chosen["spec"] = spec
-        return {"outputs": await run(dp, spec, req)}
+        return {"outputs": await run(dp, spec, req, name)}
 
     out = await dp.routed(AUTO, task, op, budget)
     spec = chosen["spec"]
     outputs = _requested(spec.name, req, out["outputs"])
     ctx = routing_context.get() or {}
     body, headers = v2.encode_response(spec.name, req, outputs,
-                                       {"demo_weights": spec.is_demo, "routed_model": spec.name,
-                                        "route_reason": ctx.get("route_reason", out.get("routing", {}).get("reason"))})
+                                       {"demo_weights": spec.is_demo, "routed_model": spec.key,
+                                        "route_reason": ctx.get("route_reason", out.get("routing", {}).get("reason"))},
+                                       version=spec.resolved_version)
     return Response(content=body, headers=headers)
 
 
@@ -148,8 +163,12 @@ def top_k_tensors(rows: list[list[dict]]) -> list:
     ]
 
 
-async def run(dp, spec, req: "v2.InferenceRequest") -> list:
-    """Translate a decoded v2 request into the dataplane operation of the model's family."""
+async def run(dp, spec, req: "v2.InferenceRequest", model: str | None = None) -> list:
+    """Translate a decoded v2 request into the dataplane operation of the model's family.
+
+    ``spec`` says the family and inputs; ``model`` is the address sent to the dataplane (``name``,
+    ``name@version``; default ``spec.key``)."""
+    model = model or spec.key
     params = req.parameters
     expected = "image" if spec.family == "image-classifier" else "text"
     if list(req.inputs) != [expected]:
@@ -167,7 +186,7 @@ async def run(dp, spec, req: "v2.InferenceRequest") -> list:
         else:
             raise InvalidRequest(f"input {tensor.name!r} must be BYTES [N] (encoded images) or UINT8 [N, H, W, 3], "
                                  f"got {tensor.datatype} {list(tensor.array.shape)}", param=tensor.name)
-        out = await dp.classify_images(spec.name, images, params.get("top_k", 5))
+        out = await dp.classify_images(model, images, params.get("top_k", 5))
         return top_k_tensors([d["top_k"] for d in out["data"]])
     if tensor.datatype != "BYTES":
         raise InvalidRequest(f"input {tensor.name!r} must be BYTES text, got {tensor.datatype}", param=tensor.name)
@@ -179,16 +198,16 @@ async def run(dp, spec, req: "v2.InferenceRequest") -> list:
     if spec.family == "text-encoder":
         wanted = {o.name for o in req.outputs or []}
         if "embeddings" not in spec.tasks or wanted & {"labels", "scores", "indices"}:
-            body: dict = {"model": spec.name, "input": texts}
+            body: dict = {"model": model, "input": texts}
             if "top_k" in params:
                 body["top_k"] = params["top_k"]
             out = await dp.classify_text(parse(TextClassificationRequest, body))
             return top_k_tensors([d["top_k"] for d in out["data"]])
-        out = await dp.embed(parse(EmbeddingRequest, {"model": spec.name, "input": texts}))
+        out = await dp.embed(parse(EmbeddingRequest, {"model": model, "input": texts}))
         vectors = np.asarray([d["embedding"] for d in out["data"]], dtype=np.float32)
         return [v2.Tensor("embeddings", "FP32", vectors)]
     if spec.family == "text-generator":
-        out = await dp.complete(parse(CompletionRequest, {"model": spec.name, "prompt": texts, **gen}))
+        out = await dp.complete(parse(CompletionRequest, {"model": model, "prompt": texts, **gen}))
         return [v2.bytes_tensor("text_output", [c["text"] for c in out["choices"]])]
-    out = await dp.text2text(parse(Text2TextRequest, {"model": spec.name, "input": texts, **gen}))
+    out = await dp.text2text(parse(Text2TextRequest, {"model": model, "input": texts, **gen}))
     return [v2.bytes_tensor("text_output", [d["text"] for d in out["data"]])]
