@@ -181,7 +181,8 @@ def forbid_environment_writes():
 def served_app(ray_cluster, tmp_path_factory):
     """``serve run`` of serve_configs/local.yaml (HTTP port changed) as a subprocess.
 
-    Yields ``{"url", "address", "env", "log", "ready_s"}`` once ``/readyz`` says ready.
+    Yields ``{"url", "address", "env", "log", "ready_s", "config"}`` once ``/readyz`` says ready
+    (``config``: the serve config file it runs, for tests that deploy next to it declaratively).
     """
     import requests
 
@@ -206,7 +207,7 @@ def served_app(ray_cluster, tmp_path_factory):
     try:
         wait_for(ready, timeout_s=300, what="serve run readiness", interval_s=1.0)
         yield {"url": url, "address": ray_cluster["address"], "env": ray_cluster["env"], "log": log,
-               "ready_s": time.monotonic() - started}
+               "ready_s": time.monotonic() - started, "config": path}
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -46,6 +46,7 @@ from maas.models.text_encoder import TextEncoder
 from maas.models.text_generator import TextGenerator
 from maas.preprocess.image import ImagePreprocessor
 from maas.preprocess.text import Tokenizer
+from maas.routing_keys import ROUTING_KEYS_DEPLOYMENT, RoutingKeys
 
 FAMILY_DEPLOYMENTS = {
     "text-encoder": TextEncoder,
@@ -148,10 +149,12 @@ def build_app(args: dict[str, Any]) -> Application:
                     name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}, **PREPROCESSOR_QUEUES,
                 ).bind(spec.tokenizer_source.model_dump(mode="json"), dep)
         preprocessors[spec.key] = bound_pre[dep]
+    versioned = any(len(specs) > 1 for specs in config.versions().values())
+    keys = RoutingKeys.options(name=ROUTING_KEYS_DEPLOYMENT).bind() if versioned else None
     return Ingress.options(
         name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": config.ingress.num_cpus}, **INGRESS_QUEUES,
         user_config={"traffic": {}},  # the traffic policy (maas.config.TrafficConfig); serve configs override it
-    ).bind(config.model_dump(mode="json"), models, preprocessors)
+    ).bind(config.model_dump(mode="json"), models, preprocessors, keys)
 
 
 __all__ = ["build_app", "parse_config", "plan_graph", "ConfigError"]

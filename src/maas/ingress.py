@@ -66,11 +66,13 @@ class Ingress:
         config: :class:`~maas.config.AppConfig` as a dict.
         models: model name → model deployment handle.
         preprocessors: model name → its (shared) preprocessor deployment handle.
+        keys: the ``RoutingKeys`` deployment (apps where a model has several versions), else None.
     """
 
-    def __init__(self, config: dict, models: dict[str, DeploymentHandle], preprocessors: dict[str, DeploymentHandle]):
+    def __init__(self, config: dict, models: dict[str, DeploymentHandle], preprocessors: dict[str, DeploymentHandle],
+                 keys: DeploymentHandle | None = None):
         self.config = AppConfig.model_validate(config)
-        self.dataplane = Dataplane(self.config, models, preprocessors)
+        self.dataplane = Dataplane(self.config, models, preprocessors, keys=keys)
         set_current(self.dataplane)
         # Imported here, not at module level: Serve ships this class by value, and the middleware
         # reads the replica's own module object.

@@ -33,7 +33,8 @@ from pathlib import Path
 import yaml
 
 from maas.app import parse_config, plan_graph
-from maas.config import INGRESS_DEPLOYMENT, AppConfig, ModelSpec, RandomSource
+from maas.config import INGRESS_DEPLOYMENT, AppConfig, ModelSpec, RandomSource, validate_traffic
+from maas.routing_keys import ROUTING_KEYS_DEPLOYMENT
 
 GIB = 1024**3
 MIB = 1024**2
@@ -156,6 +157,15 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
             replicas += _replicas(dep, cpus_each, 0.0, over.get(dep, {}))
         replicas += _replicas(INGRESS_DEPLOYMENT, config.ingress.num_cpus, 0.0, over.get(INGRESS_DEPLOYMENT, {}))
         known = set(graph["models"].values()) | set(graph["preprocessors"].values()) | {INGRESS_DEPLOYMENT}
+        if any(len(v) > 1 for v in config.versions().values()):
+            replicas += _replicas(ROUTING_KEYS_DEPLOYMENT, 0.01, 0.0, over.get(ROUTING_KEYS_DEPLOYMENT, {}))
+            known.add(ROUTING_KEYS_DEPLOYMENT)
+        traffic = over.get(INGRESS_DEPLOYMENT, {}).get("user_config")
+        if traffic is not None:  # the traffic policy, checked here as the ingress will (maas.config.validate_traffic)
+            try:
+                validate_traffic(config, traffic)
+            except ValueError as exc:
+                plan.errors.append(f"{INGRESS_DEPLOYMENT} user_config: {exc}")
         for name in sorted(set(over) - known):
             plan.errors.append(f"deployments: entry {name!r} names no deployment of application "
                                f"{app.get('name', '?')!r}; its deployments are {sorted(known)}")

@@ -57,6 +57,8 @@ logger = logging.getLogger("ray.serve.maas.dataplane")
 
 #: A readiness probe's answer is reused this long, seconds (bounds probe calls under frequent checks).
 READY_PROBE_TTL_S = 0.1
+#: How long the ingress waits for the routing-key table (``RoutingKeys``) before hashing the key, seconds.
+KEY_TABLE_TIMEOUT_S = 1.0
 #: A model whose probe takes longer than this, seconds, reads as not ready. Short because a call to
 #: a replica that just died does not fail fast (Serve's router retries it until its replacement
 #: runs); the probe runs on the replica's event loop beside the forward thread, so a busy replica
@@ -141,11 +143,14 @@ class Dataplane:
         models: Model name → model deployment handle.
         preprocessors: Model name → its (shared) preprocessor deployment handle.
         watch: Replica counts and deployment status (default: polled from Serve).
+        keys: The ``RoutingKeys`` deployment's handle (apps with versions; see :mod:`maas.routing_keys`).
     """
 
     def __init__(self, config: AppConfig, models: dict[str, DeploymentHandle],
-                 preprocessors: dict[str, DeploymentHandle], watch: DeploymentWatch | None = None):
+                 preprocessors: dict[str, DeploymentHandle], watch: DeploymentWatch | None = None,
+                 keys: DeploymentHandle | None = None):
         self.config = config
+        self.keys = keys
         self.limits = config.ingress
         # Keyed by each spec's address: ``name``, or ``name@version`` for a versioned spec.
         self.routes = {s.key: Route(s, models[s.key], preprocessors[s.key]) for s in config.models}
@@ -252,16 +257,42 @@ class Dataplane:
             return model  # an unversioned model: nothing to choose
         name, version = self.traffic.address(model)
         if version is not None:
-            return self.traffic.key_of(name, version)
+            key = self.traffic.key_of(name, version)
+            if len(self.traffic.specs[name]) > 1 and not await self.model_ready(key):
+                dep = self.routes[key].spec.deployment_name
+                raise ModelNotReady(f"version {version} of model {name!r} is not ready ({self.watch.reason(dep)}); "
+                                    f"retry, or address {name!r} to let the traffic policy choose a ready version")
+            return key
         specs = self.traffic.specs[name]
         weighted = [v for v, w in self.traffic.weights(name) if w > 0]
         checks = await asyncio.gather(*(self.model_ready(self.traffic.key_of(name, v)) for v in weighted))
-        chosen = self.traffic.choose(name, routing_key, dict(zip(weighted, checks)))
+        assigned = None
+        if routing_key is not None and len(weighted) > 1:
+            assigned = await self.assigned_version(name, routing_key)
+        chosen = self.traffic.choose(name, routing_key, dict(zip(weighted, checks)), assigned)
         if chosen is None:
             raise ModelNotReady(f"no version of model {name!r} that takes traffic is ready (weights "
                                 f"{dict(self.traffic.weights(name))}; versions {[s.resolved_version for s in specs]}); "
                                 "retry, or pin a ready one with model 'name@version'")
         return self.traffic.key_of(name, chosen)
+
+    async def assigned_version(self, name: str, routing_key: str) -> str | None:
+        """The KeyTable's version for ``routing_key`` (remembered by this replica after the first
+        ask), or None when the ``RoutingKeys`` deployment does not answer within
+        :data:`KEY_TABLE_TIMEOUT_S` (the key is then hashed; see :mod:`maas.dataplane.traffic`)."""
+        version = self.traffic.assigned.get((name, routing_key))
+        if version is not None or self.keys is None:
+            return version
+        weights = self.traffic.weights(name)
+        try:
+            version = await asyncio.wait_for(self.keys.assign.remote(name, routing_key, weights),
+                                             timeout=KEY_TABLE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - hashing is the fallback
+            logger.warning("routing-key table did not answer (%s); hashing the key", type(exc).__name__)
+            return None
+        if self.traffic.weights(name) == weights:  # not a stale answer across a policy change
+            self.traffic.remember(name, routing_key, version)
+        return version
 
     async def timed(self, key: str, op):
         """``await op(key)``: its latency learnt for ``auto`` and recorded per version (successful
@@ -437,7 +468,7 @@ class Dataplane:
 
     async def info(self, route: Route) -> dict:
         """The model's static facts (limits, labels), asked once per model and kept."""
-        name = route.spec.name
+        name = route.spec.key
         if name not in self._info:
             self._info[name] = await self.call(route.model.info.remote(), name)
         return self._info[name]
@@ -450,11 +481,11 @@ class Dataplane:
     # ------------------------------------------------------------------ front batching
 
     def batcher(self, route: Route, operation: str) -> FrontBatcher:
-        key = (route.spec.name, operation)
+        key = (route.spec.key, operation)
         b = self._batchers.get(key)
         if b is None:
             spec = route.spec
-            name = spec.name
+            name = spec.key
 
             def dispatch(jobs):
                 pre = route.pre.remote([j.payload for j in jobs], model=name)
@@ -482,7 +513,7 @@ class Dataplane:
             return await asyncio.wait_for(b.submit(payload, params, items, self.deadline_s()),
                                           timeout=self.limits.model_call_timeout_s)
         except asyncio.TimeoutError:
-            raise self.timeout_error(route.spec.name) from None
+            raise self.timeout_error(route.spec.key) from None
 
     def stats(self) -> dict:
         """Front batching records: ``{"model/operation": FrontBatcher.stats()}``."""
@@ -718,7 +749,7 @@ class Dataplane:
 
     async def generate(self, route: Route, job: TextJob, params: dict) -> dict:
         """One generation request: tokenizer call chained into one generator call."""
-        name = route.spec.name
+        name = route.spec.key
         pre = route.pre.remote([job], model=name)
         out = (await self.call(route.model.remote(pre, [params], [self.deadline_s()]), name))[0]
         if isinstance(out, BaseException):
@@ -777,7 +808,7 @@ class Dataplane:
         raised by type. The call is cancelled on the replica when the caller stops reading."""
         route = self.route(req.model, task)
         log_hints(req)
-        name = route.spec.name
+        name = route.spec.key
         pre = route.pre.remote([self._prompt_job(req)], model=name)
         gen = route.model.options(stream=True).stream.remote(pre, req.to_params(), self.deadline_s())
         operation = f"{task}-stream"
