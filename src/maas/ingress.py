@@ -23,23 +23,26 @@ import logging
 from typing import AsyncIterator
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from maas.config import AppConfig
 from maas.dataplane import Dataplane, set_current
 from maas.errors import InvalidRequest
-from maas.protocol import http, maas_routes, openai_routes, parse, v2_routes
+from maas.protocol import http, maas_routes, openai_routes, parse, playground, v2_routes
 from maas.protocol.maas import Text2TextRequest, TextClassificationRequest
 from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from maas.security import Guard
 
 logger = logging.getLogger("ray.serve.maas.ingress")
 
-app = FastAPI(
+# FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files shipped in the
+# fastapi-offline package (under /static-offline-docs), not from a CDN: the docs work offline.
+app = FastAPIOffline(
     title="maas-serve",
-    description="Model-as-a-Service on Ray Serve: embeddings, completion, chat, text2text and classification.",
+    description="Model-as-a-Service on Ray Serve: embeddings, completion, chat, text2text and classification. "
+    "A playground page is at /.",
 )
 app.add_middleware(Guard)
 app.add_middleware(http.HttpSemantics)  # outermost: HEAD and content codings before the guard
@@ -47,6 +50,7 @@ http.install(app)
 app.include_router(maas_routes.router)
 app.include_router(openai_routes.router)
 app.include_router(v2_routes.router)
+playground.mount(app)
 
 
 def _plain(body: dict) -> dict:

@@ -32,7 +32,9 @@ JSON_ROUTES = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completi
 #: Paths reachable without a key: liveness and readiness probes (Kubernetes, load balancers) and the
 #: API's own description (the schema is not a secret; Swagger UI fetches it without headers).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
-                        "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+                        "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/", "/playground"})
+#: Path prefixes open without a key: static files of the docs and the playground page (no data).
+OPEN_PREFIXES = ("/static-offline-docs/", "/playground/assets/")
 
 
 def load_api_keys(keys_file: str | None, env: dict | None = None) -> tuple[bytes, ...]:
@@ -98,7 +100,7 @@ class Guard:
             path = path[len(root):] or "/"
         headers = dict(scope.get("headers") or [])
         settings = SETTINGS
-        if settings.api_keys and path not in OPEN_PATHS:
+        if settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             key = presented_key(headers)
             if not key_ok(key, settings.api_keys):
                 msg = ("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'" if key is None

@@ -52,7 +52,8 @@ class Deployer:
         cfg = copy.deepcopy(self.base)
         if traffic is not None:
             app = copy.deepcopy(self.rollout)
-            app["deployments"] = [{"name": "Ingress", "user_config": {"traffic": traffic}}]
+            ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+            ingress["user_config"] = {"traffic": traffic}  # its num_replicas: 2 stays (rollout.yaml says why)
             cfg["applications"].append(app)
         self.path.write_text(yaml.safe_dump(cfg))
         started = time.monotonic()
