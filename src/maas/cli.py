@@ -212,7 +212,8 @@ def _split_model(model: str) -> str:
 @main.command()
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--top-k", type=click.IntRange(1, 100), default=5, show_default=True, help="Labels per input.")
+@click.option("--top-k", type=click.IntRange(1, 100), default=None,
+              help="Labels per input (default: the server's: 5 for images, 1 for texts).")
 @click.pass_context
 def predict(ctx: click.Context, model: str, inputs: tuple[str, ...], top_k: int) -> None:
     """Run MODEL on INPUTS: image files for image classifiers, texts otherwise (classification,
@@ -230,10 +231,12 @@ def predict(ctx: click.Context, model: str, inputs: tuple[str, ...], top_k: int)
                     files.append(("file", (os.path.basename(path), f.read())))
             except OSError as exc:
                 raise click.BadParameter(f"cannot read image file {path!r}: {exc.strerror}") from None
-        body = client.json("POST", "/v1/classifications/image", data={"model": model, "top_k": str(top_k)}, files=files)
+        form = {"model": model, **({"top_k": str(top_k)} if top_k else {})}
+        body = client.json("POST", "/v1/classifications/image", data=form, files=files)
         names = list(inputs)
     elif "text-classification" in tasks:
-        body = client.json("POST", "/v1/classifications/text", json={"model": model, "input": list(inputs), "top_k": top_k})
+        body = client.json("POST", "/v1/classifications/text",
+                           json={"model": model, "input": list(inputs), **({"top_k": top_k} if top_k else {})})
         names = list(inputs)
     elif "completion" in tasks:
         body = client.json("POST", "/v1/completions", json={"model": model, "prompt": list(inputs)})
@@ -289,15 +292,20 @@ def embed(ctx: click.Context, model: str, texts: tuple[str, ...]) -> None:
 @click.argument("model")
 @click.argument("message", required=False)
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 2), default=None,
+              help="Sampling temperature; 0 = greedy (the same answer every time). Default: the server's (1).")
 @click.option("--system", default=None, help="A system message first.")
 @click.pass_context
-def chat(ctx: click.Context, model: str, message: str | None, max_tokens: int, system: str | None) -> None:
+def chat(ctx: click.Context, model: str, message: str | None, max_tokens: int, temperature: float | None,
+         system: str | None) -> None:
     """Ask MODEL (MESSAGE, or standard input when it is omitted or '-'); the answer streams as it is
     generated. With --json, prints each chunk as one JSON line."""
     if message in (None, "-"):
         message = sys.stdin.read()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True}
+    if temperature is not None:
+        body["temperature"] = temperature
     for event in ctx.obj["client"].stream("/v1/chat/completions", body):
         if ctx.obj["json"]:
             click.echo(json.dumps(event))

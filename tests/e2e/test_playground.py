@@ -91,6 +91,7 @@ def test_chat_streams_its_answer(page, served_app):
     page.wait_for_selector("[data-testid=tab-chat]").click()
     page.select_option("[data-testid=model]", "smollm2-135m")
     page.fill("[data-testid=prompt]", "What is the capital of France?")
+    page.fill("[data-testid=temperature]", "0")  # greedy: the answer is the same every run
     page.click("[data-testid=run]")
     # the answer grows chunk by chunk before it is done
     page.wait_for_function("() => { const o = document.querySelector('[data-testid=output]');"
@@ -101,7 +102,7 @@ def test_chat_streams_its_answer(page, served_app):
     assert int(output.get_attribute("data-chunks")) >= 3
     assert page.inner_text("[data-testid=answered-model]") == "smollm2-135m"
     python = page.locator("[data-testid=python]").text_content()
-    assert "stream=True" in python and "client.chat.completions.create" in python
+    assert "temperature=0, stream=True" in python and "client.chat.completions.create" in python
     compile(python, "copied.py", "exec")
     assert same_origin(page.requests_seen, served_app["url"]) == []
 
@@ -132,8 +133,10 @@ def test_refusals_read_as_sentences(page, served_app):
                       "param": None, "code": "overloaded"}}
     page.route("**/v1/embeddings", lambda route: route.fulfill(status=503, json=busy, headers={"Retry-After": "1"}))
     page.fill("#api-key", "any")
-    page.dispatch_event("#api-key", "change")
+    page.dispatch_event("#api-key", "change")  # the page asks for the models again, with the key
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('models:')")
     page.wait_for_selector("[data-testid=tab-embeddings]").click()
+    page.wait_for_selector("[data-testid=text-a]")
     page.click("[data-testid=run]")
     message = page.wait_for_selector("[data-testid=error]").inner_text()
     assert message.startswith("The model is busy or not ready, retry in 1 s")

@@ -219,13 +219,16 @@ const RUN = {
     const path = completion ? "v1/completions" : "v1/chat/completions";
     const req = completion ? { model, prompt: text, max_tokens: maxTokens, stream: true }
                            : { model, messages: [{ role: "user", content: text }], max_tokens: maxTokens, stream: true };
+    const temperature = $("#temperature", panel).value;
+    if (temperature !== "") req.temperature = parseFloat(temperature);
+    const pyTemp = temperature !== "" ? ", temperature=" + parseFloat(temperature) : "";
     const curl = curlJson(path, req, true);
     const python = completion
       ? pyOpenAI(["", "for chunk in client.completions.create(model=" + pyStr(model) + ", prompt=" + pyStr(text) +
-                  ", max_tokens=" + maxTokens + ", stream=True):", "    print(chunk.choices[0].text if chunk.choices else \"\", end=\"\", flush=True)", "print()"])
+                  ", max_tokens=" + maxTokens + pyTemp + ", stream=True):", "    print(chunk.choices[0].text if chunk.choices else \"\", end=\"\", flush=True)", "print()"])
       : pyOpenAI(["", "stream = client.chat.completions.create(", "    model=" + pyStr(model) + ",",
                   "    messages=[{\"role\": \"user\", \"content\": " + pyStr(text) + "}],",
-                  "    max_tokens=" + maxTokens + ", stream=True)", "for chunk in stream:",
+                  "    max_tokens=" + maxTokens + pyTemp + ", stream=True)", "for chunk in stream:",
                   "    print((chunk.choices[0].delta.content or \"\") if chunk.choices else \"\", end=\"\", flush=True)", "print()"]);
     const started = performance.now();
     const resp = await fetch(endpoint(path), { method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(req) });
@@ -286,7 +289,7 @@ const RUN = {
 
   async textcls(panel) {
     const model = $("#model", panel).value;
-    const req = { model, input: $("#prompt", panel).value, top_k: 5 };
+    const req = { model, input: $("#prompt", panel).value };
     const box = resultBox(panel);
     const curl = curlJson("v1/classifications/text", req), python = pyRequests("v1/classifications/text", req);
     const { resp, latency_ms } = await postJson("v1/classifications/text", req);
@@ -360,7 +363,9 @@ async function loadModels() {
     tabs.appendChild(b);
   }
   status.textContent = state.models.length + " models: " + state.models.map((m) => m.id + (m.ready ? "" : " (not ready)")).join(", ");
-  if (present.length) openTab(present[0][0]);
+  if (state.tab && present.some(([id]) => id === state.tab)) {  // a reload (new API key) keeps the open tab
+    for (const b of tabs.children) b.setAttribute("aria-selected", String(b.dataset.tab === state.tab));
+  } else if (present.length) openTab(present[0][0]);
 }
 
 $("#api-key").addEventListener("change", loadModels);
