@@ -316,16 +316,22 @@ def chat(ctx: click.Context, model: str, message: str | None, max_tokens: int, t
         click.echo()
 
 
-def serve_status(dashboard: str) -> dict | None:
-    """Serve's application and deployment status from Ray's dashboard (what `serve status` reads), or
-    None when the dashboard cannot be reached."""
+def serve_status(dashboard: str) -> dict:
+    """Serve's application and deployment status from Ray's dashboard (what `serve status` reads):
+    ``{app: {"status", "route_prefix", "deployments": {name: {"status", "message", "replicas",
+    "running"}}}}``, or ``{"error": why}`` when the dashboard cannot be asked."""
+    token_file = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(token_file)):
+        # A cluster started here with token authentication (Ray's default) left its token in that file;
+        # `serve status` needs RAY_AUTH_MODE=token to send it, this command sets it (before Ray is imported).
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
         with Waiting("Ray's dashboard"):
             details = ServeSubmissionClient(dashboard).get_serve_details()
-    except Exception:  # noqa: BLE001 - the status table falls back to /readyz alone
-        return None
+    except Exception as exc:  # noqa: BLE001 - the status table falls back to /readyz alone
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
     out = {}
     for app_name, app in (details.get("applications") or {}).items():
         deps = {}
@@ -366,8 +372,9 @@ def status(ctx: click.Context, dashboard: str, wait_s: float) -> None:
 
     def human(b):
         lines = []
-        if serve is None:
-            lines.append(f"(Ray's dashboard at {dashboard} did not answer: deployment table left out)")
+        if serve is None or "error" in serve:
+            lines.append(f"(Ray's dashboard at {dashboard} did not answer, so no deployment table: "
+                         f"{(serve or {}).get('error', '')}; set --dashboard or RAY_DASHBOARD_ADDRESS)")
         else:
             rows = []
             for app_name, app in serve.items():
