@@ -289,6 +289,13 @@ class ModelSpec(_Strict):
         "e.g. published ImageNet top-1 %. Needs quality_source.",
     )
     quality_source: str | None = Field(default=None, description="Where the quality number comes from.")
+    explain_timeout_s: float = Field(
+        default=30.0, gt=0, le=600,
+        description="An explanation (image classifiers, text encoders) must answer within this, seconds; else 504.",
+    )
+    max_concurrent_explanations: int = Field(
+        default=2, ge=1, description="Explanations running or waiting per replica at most; beyond, 503 + Retry-After.",
+    )
     version: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,31}$",
         description="Version of the model name (several specs may share a name with different versions; see "

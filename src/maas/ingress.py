@@ -31,7 +31,7 @@ from maas.config import AppConfig
 from maas.dataplane import Dataplane, set_current
 from maas.errors import InvalidRequest
 from maas.protocol import http, maas_routes, openai_routes, parse, playground, v2_routes
-from maas.protocol.maas import Text2TextRequest, TextClassificationRequest
+from maas.protocol.maas import ExplainTextRequest, Text2TextRequest, TextClassificationRequest
 from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from maas.security import Guard
 
@@ -156,6 +156,17 @@ class Ingress:
     async def classify_text(self, request: dict) -> dict:
         """Text classification (``/v1/classifications/text`` body)."""
         return await self.dataplane.classify_text(parse(TextClassificationRequest, request))
+
+    async def explain_image(self, model: str, image: bytes, target: str | int | None = None, view: str = "full",
+                            seed: int = 0, overlay: bool = True) -> dict:
+        """Grad-CAM explanation of one encoded image (``/v1/explanations/image`` body)."""
+        if not isinstance(image, (bytes, bytearray)):
+            raise InvalidRequest("image must be an encoded image file as bytes", param="image")
+        return await self.dataplane.explain_image(model, bytes(image), target, view, seed, overlay)
+
+    async def explain_text(self, request: dict) -> dict:
+        """Token attributions (``/v1/explanations/text`` body)."""
+        return await self.dataplane.explain_text(parse(ExplainTextRequest, request))
 
     async def classify_images(self, model: str, images: list[bytes], top_k: int = 5,
                               routing_key: str | None = None) -> dict:

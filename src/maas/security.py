@@ -26,7 +26,7 @@ from maas.errors import PayloadTooLarge, error_body
 logger = logging.getLogger("ray.serve.maas.security")
 
 #: Routes whose body is JSON; another declared content type gets 415.
-JSON_ROUTES = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/text2text",
+JSON_ROUTES = frozenset({"/v1/explanations/text", "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/text2text",
                          "/v1/classifications/text"})
 
 #: Paths reachable without a key: liveness and readiness probes (Kubernetes, load balancers) and the

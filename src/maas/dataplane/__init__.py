@@ -318,7 +318,8 @@ class Dataplane:
             self.traffic.record(spec.name, spec.resolved_version, False, ms)
         return out
 
-    async def routed(self, name: str, task: str, op, budget_ms: float | None = None, user: str | None = None):
+    async def routed(self, name: str, task: str, op, budget_ms: float | None = None, user: str | None = None,
+                     shadow: bool = True):
         """Run ``op(address)`` for model ``name``: a version chosen by the traffic policy (or pinned),
         a shadow copy when the policy asks for one; for ``auto`` on the planned models in turn,
         skipping one that is not ready or at capacity (the answer then says ``failover-from``).
@@ -328,7 +329,7 @@ class Dataplane:
             body = await self.timed(key, op)
             self.stamp(body, key)
             spec = self.routes[key].spec
-            if spec.version is not None and "@" not in name:
+            if shadow and spec.version is not None and "@" not in name:
                 self.shadow(spec.name, spec.resolved_version, op, body)
             return body
         skipped: list[str] = []
@@ -732,6 +733,112 @@ class Dataplane:
             raise InvalidRequest("input holds an empty text; send non-blank text", param="input")
         self.check_items(len(texts), "input", limit)
         return texts
+
+    # ------------------------------------------------------------------ explanations (on the model's replica)
+
+    async def awaited(self, response, name: str):
+        """Await a model or preprocessor call with no deadline of its own; errors mapped by type."""
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted by type in domain_error
+            raise self.domain_error(exc, name) from None
+
+    async def within_explain_timeout(self, spec: ModelSpec, coro):
+        """``await coro`` within the model's ``explain_timeout_s``; past it the calls are cancelled.
+
+        Raises:
+            ModelTimeout: the explanation took longer (504).
+        """
+        try:
+            return await asyncio.wait_for(coro, timeout=spec.explain_timeout_s)
+        except asyncio.TimeoutError:
+            raise ModelTimeout(f"model {spec.key!r} did not finish the explanation within explain_timeout_s "
+                               f"({spec.explain_timeout_s:g} s); retry later") from None
+
+    async def explain_image(self, model: str, image, target=None, view: str = "full", seed: int = 0,
+                            overlay: bool = True) -> dict:
+        """Grad-CAM of an image classifier for one image (bytes or ``uint8`` (H, W, 3)), mapped onto the
+        original image (see :mod:`maas.dataplane.explain`), with its faithfulness score.
+
+        Raises:
+            InvalidRequest: bad view, target or image. PayloadTooLarge: the image is over the limit.
+            ServiceOverloaded: the replica is computing ``max_concurrent_explanations`` already.
+            ModelTimeout: over ``explain_timeout_s``.
+        """
+        if view not in ("full", "served"):
+            raise InvalidRequest(f"view must be 'full' or 'served', got {view!r}", param="view")
+        return await self.routed(model, "image-classification",
+                                 lambda key: self._explain_image(key, image, target, view, seed, overlay), shadow=False)
+
+    @counted("explain-image")
+    async def _explain_image(self, key: str, image, target, view: str, seed: int, overlay: bool) -> dict:
+        from maas.dataplane.explain import render_image
+
+        route = self.route(key, "image-classification")
+        spec = route.spec
+        size = len(image) if isinstance(image, (bytes, bytearray)) else getattr(image, "nbytes", 0)
+        if size > self.limits.max_image_bytes * (1 if isinstance(image, (bytes, bytearray)) else 4):
+            raise PayloadTooLarge(f"the image is {size} bytes; the limit is {self.limits.max_image_bytes} bytes",
+                                  param="image")
+
+        async def run():
+            view_data = await self.awaited(route.pre.explain_view.remote(image, view), key)
+            deadline = time.time() + spec.explain_timeout_s
+            result = await self.awaited(route.model.explain.remote(view_data, {"target": target, "seed": seed},
+                                                                   deadline), key)
+            return view_data, result
+
+        started = time.perf_counter()
+        view_data, result = await self.within_explain_timeout(spec, run())
+        original = None
+        if overlay:
+            from maas.preprocess.image import decode_image, image_from_array, to_rgb
+
+            original = await asyncio.to_thread(
+                lambda: to_rgb(decode_image(image, max_pixels=10**9)) if isinstance(image, (bytes, bytearray))
+                else image_from_array(image, max_pixels=10**9))
+        rendered = await asyncio.to_thread(render_image, result, view_data, original)
+        return {"object": "explanation", "model": key, "method": result["method"], "layer": result["layer"],
+                "view": view, "target": result["target"], "top_k": result["top_k"],
+                "faithfulness": result["faithfulness"], **rendered,
+                "latency_ms": round(1000 * (time.perf_counter() - started), 1), "demo_weights": spec.is_demo}
+
+    async def explain_text(self, req) -> dict:
+        """Token attributions (Integrated Gradients) mapped to character offsets: one text for a text
+        classifier's ``target``, two texts for an embeddings model's similarity.
+
+        Args:
+            req: :class:`~maas.protocol.maas.ExplainTextRequest`.
+        """
+        texts = req.texts()
+        task = "text-classification" if len(texts) == 1 else "embeddings"
+        return await self.routed(req.model, task, lambda key: self._explain_text(key, texts, req), shadow=False)
+
+    @counted("explain-text")
+    async def _explain_text(self, key: str, texts: list[str], req) -> dict:
+        route = self.route(key, "text-classification" if len(texts) == 1 else "embeddings")
+        spec = route.spec
+        info = await self.info(route)
+
+        async def run():
+            tokens = await self.awaited(route.pre.explain_tokens.remote(texts, info["max_input_tokens"]), key)
+            deadline = time.time() + spec.explain_timeout_s
+            return await self.awaited(route.model.explain.remote(tokens, {"target": req.target, "seed": req.seed},
+                                                                 deadline), key)
+
+        started = time.perf_counter()
+        result = await self.within_explain_timeout(spec, run())
+        body = {"object": "explanation", "model": key, "method": result["method"], "kind": result["kind"],
+                "texts": [{"text": t, **r} for t, r in zip(texts, result["texts"])],
+                "latency_ms": round(1000 * (time.perf_counter() - started), 1), "demo_weights": spec.is_demo}
+        if "target" in result:
+            body["target"] = result["target"]
+        if "similarity" in result:
+            body["similarity"] = result["similarity"]
+        return body
 
     # ------------------------------------------------------------------ generation (one call per request)
 

@@ -408,6 +408,7 @@ class ModelDeployment:
         self.runner = self.runner_cls(self.spec, self.device)
         self.runner.load()
         self.load_s = time.monotonic() - started
+        self._explaining = 0  # explanations running or waiting on this replica
         self._batch_started: float | None = None
         self._last_batch_done: float | None = None  # monotonic time the last batch succeeded
         self.batching = self.spec.batching
@@ -524,6 +525,36 @@ class ModelDeployment:
         finally:
             self._batch_started = None
         return results
+
+    async def explain(self, payload: Any, params: dict, deadline_s: float | None = None) -> dict:
+        """An explanation of one input (see :mod:`maas.models.explain`), computed on this replica's
+        forward thread between serving batches: the attribution (one forward/backward) and the
+        faithfulness test (one batched forward) are two separate turns, so a waiting batch is held
+        up by at most one of them.
+
+        Raises:
+            TaskNotSupported: the family has no explanations. ServiceOverloaded: more than
+                ``max_concurrent_explanations`` at once on this replica (503 + Retry-After).
+            ModelTimeout: the deadline passed before the explanation could start.
+        """
+        from maas.errors import ModelTimeout, ServiceOverloaded, TaskNotSupported
+
+        if not hasattr(self.runner, "explain_map"):
+            raise TaskNotSupported(f"model {self.spec.name!r} ({self.spec.family}) has no explanations; image "
+                                   "classifiers and text encoders do")
+        limit = self.spec.max_concurrent_explanations
+        if self._explaining >= limit:
+            raise ServiceOverloaded(f"model {self.spec.name!r} is computing {limit} explanations already; retry "
+                                    "after 1 s")
+        self._explaining += 1
+        try:
+            if deadline_s is not None and time.time() > deadline_s:
+                raise ModelTimeout(f"model {self.spec.name!r}: the explanation did not start within "
+                                   "explain_timeout_s; retry later")
+            state = await self._in_forward_thread(self.runner.explain_map, payload, params)
+            return await self._in_forward_thread(self.runner.explain_score, state, params)
+        finally:
+            self._explaining -= 1
 
     def _record_stages(self) -> None:
         for stage_name, ms in self.runner.last_timings_ms.items():

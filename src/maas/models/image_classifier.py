@@ -244,6 +244,63 @@ class ImageClassifierRunner(ModelRunner):
             start += n
         return out
 
+    # ------------------------------------------------------------------ explanations (maas.models.explain)
+
+    def resolve_target(self, target, probs) -> int:
+        """The class to explain: ``None`` = top-1; a class index; or a label (case-insensitive).
+
+        Raises:
+            InvalidRequest: unknown label or index out of range (close labels suggested).
+        """
+        if target is None:
+            return int(probs.argmax())
+        if isinstance(target, int) and not isinstance(target, bool):
+            if 0 <= target < len(self.labels):
+                return target
+            raise InvalidRequest(f"target {target} is out of range: class indices are 0..{len(self.labels) - 1}",
+                                 param="target")
+        if isinstance(target, str):
+            if target.strip().isdigit():
+                return self.resolve_target(int(target), probs)
+            lowered = {lab.lower(): i for i, lab in enumerate(self.labels)}
+            if target.strip().lower() in lowered:
+                return lowered[target.strip().lower()]
+            import difflib
+
+            close = difflib.get_close_matches(target, self.labels, n=3)
+            raise InvalidRequest(f"target {target!r} is not one of the model's labels"
+                                 + (f"; close: {close}" if close else ""), param="target")
+        raise InvalidRequest(f"target must be a label or a class index, got {type(target).__name__}", param="target")
+
+    def explain_map(self, payload: dict, params: dict) -> dict:
+        """Grad-CAM (one forward and backward) of the target class on ``payload["pixels"]``
+        (``uint8`` (1, h, w, 3), from ``ImagePreprocessor.explain_view``)."""
+        from maas.models import explain
+
+        x = normalize(nchw(payload["pixels"]).to(self.device).contiguous(memory_format=torch.channels_last),
+                      self.pre.mean, self.pre.std, self.compute_dtype)
+        if getattr(self, "_cam_layer", None) is None:
+            self._cam_layer = explain.last_spatial_layer(self.model, x)
+        with torch.no_grad():
+            probs = torch.softmax(self.model(x).float(), dim=-1)[0]
+        target = self.resolve_target(params.get("target"), probs)
+        cam, probs = explain.grad_cam(self.model, self._cam_layer, x, target)
+        return {"x": x, "cam": cam, "target": target, "probs": probs}
+
+    def explain_score(self, state: dict, params: dict) -> dict:
+        """The faithfulness test (one batched forward of 1 + 1 + RANDOM_MASKS images) and the answer:
+        ``{"cam": float32 (h, w) in [0, 1], "target": {...}, "top_k": [...], "faithfulness": {...}}``."""
+        from maas.models import explain
+
+        faith = explain.image_faithfulness(self.model, state["x"], state["cam"], state["target"],
+                                           int(params.get("seed", 0)))
+        probs, t = state["probs"], state["target"]
+        order = probs.argsort()[::-1][:5]
+        return {"cam": state["cam"],
+                "target": {"index": t, "label": self.labels[t], "score": float(probs[t])},
+                "top_k": [{"index": int(i), "label": self.labels[int(i)], "score": float(probs[i])} for i in order],
+                "faithfulness": faith, "method": "grad-cam", "layer": type(self._cam_layer).__name__}
+
     def probe(self) -> ModelRequest:
         import numpy as np
 

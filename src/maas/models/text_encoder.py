@@ -161,6 +161,116 @@ class TextEncoderRunner(ModelRunner):
             start += n
         return results
 
+    # ------------------------------------------------------------------ explanations (maas.models.explain)
+
+    def explain_map(self, payload: list[dict], params: dict) -> dict:
+        """Integrated-gradients token attributions through the word embeddings.
+
+        One text: why a text classifier gives ``params["target"]`` (label or index; default its
+        top label). Two texts: which tokens of each make their embeddings similar (the cosine of
+        the two vectors, one side held fixed while the other is attributed).
+
+        Raises:
+            InvalidRequest: one text for a model without a classification head, two for a model
+                without embeddings, or an unknown target.
+        """
+        from maas.models import explain
+
+        rows = [torch.tensor([t["ids"]], dtype=torch.long, device=self.device) for t in payload]
+        pad = getattr(self.model.config, "pad_token_id", None) or 0
+        bases = [torch.where(torch.tensor([t["special"]], device=self.device), row, torch.full_like(row, pad))
+                 for t, row in zip(payload, rows)]
+        layer = self.model.get_input_embeddings()
+        ones = [torch.ones_like(r) for r in rows]
+        if len(payload) == 1:
+            if not self.classifies:
+                raise InvalidRequest(f"model {self.spec.name!r} has no classification head; send two texts to explain "
+                                     "their similarity", param="input")
+            with torch.no_grad():
+                logits = self.model(input_ids=rows[0], attention_mask=ones[0]).logits.float()[0]
+            target = self._label_index(params.get("target"), logits)
+
+            def score(ids, mask=None):
+                mask = torch.ones_like(ids) if mask is None else mask
+                return torch.softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)[:, target]
+
+            attr = [explain.integrated_gradients(score, layer, rows[0], bases[0])]
+            return {"kind": "classification", "rows": rows, "attr": attr, "score": score, "target": target,
+                    "payload": payload, "value": float(torch.softmax(logits, -1)[target])}
+        if "embeddings" not in self.spec.tasks:
+            raise InvalidRequest(f"model {self.spec.name!r} offers no embeddings; send one text to explain its "
+                                 "classification", param="input")
+
+        def embed(ids, mask=None):
+            mask = torch.ones_like(ids) if mask is None else mask
+            return self.forward({"input_ids": ids, "attention_mask": mask})["embeddings"]
+
+        with torch.no_grad():
+            fixed = [embed(r).detach() for r in rows]
+        attr = []
+        for side in (0, 1):
+            other = fixed[1 - side]
+
+            def cosine(ids, mask=None, other=other):
+                return torch.nn.functional.cosine_similarity(embed(ids, mask), other.expand(ids.shape[0], -1), dim=-1)
+
+            attr.append(explain.integrated_gradients(cosine, layer, rows[side], bases[side]))
+        value = float(torch.nn.functional.cosine_similarity(fixed[0], fixed[1], dim=-1)[0])
+
+        def score_side(side):
+            other = fixed[1 - side]
+            return lambda ids, mask=None: torch.nn.functional.cosine_similarity(
+                embed(ids, mask), other.expand(ids.shape[0], -1), dim=-1)
+
+        return {"kind": "similarity", "rows": rows, "attr": attr, "score": [score_side(0), score_side(1)],
+                "payload": payload, "value": value}
+
+    def _label_index(self, target, logits) -> int:
+        if target is None:
+            return int(logits.argmax())
+        if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(self.labels):
+            return target
+        if isinstance(target, str):
+            lowered = {lab.lower(): i for i, lab in enumerate(self.labels)}
+            if target.strip().lower() in lowered:
+                return lowered[target.strip().lower()]
+        raise InvalidRequest(f"target {target!r} is not a label of model {self.spec.name!r}; its labels are "
+                             f"{self.labels}", param="target")
+
+    def explain_score(self, state: dict, params: dict) -> dict:
+        """Faithfulness per text (its top 20 % of non-special tokens removed from attention, against
+        random 20 %) and the answer: ``{"kind", "texts": [{"tokens": [...], "faithfulness"}], ...}``."""
+        from maas.models import explain
+
+        seed = int(params.get("seed", 0))
+        texts = []
+        for side, (row, attr, tok) in enumerate(zip(state["rows"], state["attr"], state["payload"])):
+            score = state["score"] if state["kind"] == "classification" else state["score"][side]
+            special = np.asarray(tok["special"], dtype=bool)
+            real = ~special
+            k = max(1, int(round(explain.MASK_FRACTION * real.sum())))
+            top = np.zeros(len(attr), dtype=bool)
+            top[np.argsort(-np.where(real, attr, -np.inf), kind="stable")[:k]] = True
+            masks = [top] + \
+                [m[0] for m in explain.random_masks((1, len(attr)), seed + side, allowed=real[None, :])]
+            with torch.no_grad():
+                keep = torch.from_numpy(~np.stack(masks)).to(self.device).long()
+                values = score(torch.cat([row, row.expand(len(masks), -1)]),
+                               torch.cat([torch.ones_like(row), keep])).float().cpu().numpy()
+            faith = explain.faithfulness(float(values[0]), float(values[1]), [float(v) for v in values[2:]])
+            peak = float(np.abs(attr).max()) or 1.0
+            tokens = [{"token": t, "start": int(o[0]), "end": int(o[1]), "attribution": round(float(a) / peak, 6),
+                       "special": bool(sp)} for t, o, a, sp in zip(tok["tokens"], tok["offsets"], attr, special)]
+            texts.append({"tokens": tokens, "faithfulness": faith})
+        out = {"kind": state["kind"], "texts": texts, "method": "integrated-gradients",
+               "steps": explain.IG_STEPS}
+        if state["kind"] == "classification":
+            t = state["target"]
+            out["target"] = {"index": t, "label": self.labels[t], "score": state["value"]}
+        else:
+            out["similarity"] = state["value"]
+        return out
+
     def probe(self) -> ModelRequest:
         return ModelRequest(probe_tokens(), {"task": "embeddings"})
 

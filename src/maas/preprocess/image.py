@@ -251,6 +251,47 @@ def preprocess_jobs(jobs: list[list[bytes | np.ndarray]], spec: ImagePreprocessi
     return Preprocessed(inputs=inputs, rows=[len(o) if o is not None else 0 for o in outputs], errors=errors)
 
 
+#: The "full" explanation view's longer side is capped at this many times ``resize_px`` (a panorama
+#: would otherwise make a huge input for one explanation).
+EXPLAIN_MAX_ASPECT = 3
+
+
+def explain_view(data: bytes | np.ndarray, spec: ImagePreprocessingSpec, view: str, *, max_pixels: int) -> dict:
+    """The pixels an explanation runs on and where they sit in the original image.
+
+    ``view="served"``: exactly what classification sees (resize the shorter side to ``resize_px``,
+    centre-crop ``crop_px``). ``view="full"``: the whole image at the same scale, no crop (a CNN
+    with global pooling takes any size; the crop would hide the outer parts of a wide or tall
+    photo), the longer side capped at :data:`EXPLAIN_MAX_ASPECT` × ``resize_px``.
+
+    Returns:
+        ``{"pixels": uint8 (1, h, w, 3), "size": (W, H) of the original, "box": (x0, y0, x1, y1)}``,
+        the box being the original-pixel region the pixels cover (floats).
+
+    Raises:
+        InvalidRequest / PayloadTooLarge: as :func:`decode_image`.
+    """
+    img = (to_rgb(decode_image(data, max_pixels=max_pixels)) if isinstance(data, (bytes, bytearray))
+           else image_from_array(data, max_pixels=max_pixels))
+    width, height = img.size
+    if view == "served":
+        pixels = transform(img, spec)
+        rw, rh = resized_size(width, height, spec.resize_px)
+        sx, sy = width / rw, height / rh
+        top = int(round((rh - spec.crop_px) / 2.0))
+        left = int(round((rw - spec.crop_px) / 2.0))
+        box = (left * sx, top * sy, (left + spec.crop_px) * sx, (top + spec.crop_px) * sy)
+    else:
+        rw, rh = resized_size(width, height, spec.resize_px)
+        cap = EXPLAIN_MAX_ASPECT * spec.resize_px
+        if max(rw, rh) > cap:
+            f = cap / max(rw, rh)
+            rw, rh = max(1, int(rw * f)), max(1, int(rh * f))
+        pixels = np.asarray(img.resize((rw, rh), resample=_RESAMPLE[spec.interpolation]))
+        box = (0.0, 0.0, float(width), float(height))
+    return {"pixels": pixels[None], "size": (width, height), "box": box}
+
+
 from ray import serve  # noqa: E402 - the deployment below is the only Ray-dependent part
 
 
@@ -279,3 +320,7 @@ class ImagePreprocessor:
         out = preprocess_jobs(jobs, self.spec, max_pixels=self.max_image_pixels)
         metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
         return out
+
+    async def explain_view(self, data: bytes | np.ndarray, view: str = "full") -> dict:
+        """One image prepared for an explanation (see :func:`explain_view`)."""
+        return explain_view(data, self.spec, view, max_pixels=self.max_image_pixels)

@@ -156,6 +156,17 @@ class TextTokenizer:
             rows.append(enc.ids)
         return rows, counts
 
+    def encode_with_offsets(self, text: str, max_length: int | None) -> dict:
+        """One text's tokens for an explanation: ``{"ids", "tokens", "offsets": [(start, end)],
+        "special": [bool]}``; offsets are character positions in ``text`` ((0, 0) for special
+        tokens); truncated like :meth:`encode`."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        if max_length is not None and len(enc.ids) + self.num_special > max_length:
+            enc.truncate(max(max_length - self.num_special, 0))
+        enc = self.tok.post_process(enc, add_special_tokens=True)
+        return {"ids": list(enc.ids), "tokens": list(enc.tokens), "offsets": [tuple(o) for o in enc.offsets],
+                "special": [bool(m) for m in enc.special_tokens_mask]}
+
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt for chat ``messages`` with the tokenizer's own chat template (Jinja, in a
         sandbox, with the globals transformers' ``apply_chat_template`` provides), or the plain
@@ -195,6 +206,16 @@ class _HFTextTokenizer(TextTokenizer):
 
     def render_chat(self, messages):
         return render_chat(self.hf, messages)
+
+    def encode_with_offsets(self, text, max_length):
+        if not getattr(self.hf, "is_fast", False):
+            raise InvalidRequest("this model's tokenizer has no character offsets (no tokenizer.json), so its "
+                                 "token attributions cannot be mapped back to the text")
+        enc = self.hf(text, truncation=max_length is not None, max_length=max_length,
+                      return_offsets_mapping=True, return_special_tokens_mask=True)
+        return {"ids": list(enc["input_ids"]), "tokens": self.hf.convert_ids_to_tokens(enc["input_ids"]),
+                "offsets": [tuple(o) for o in enc["offset_mapping"]],
+                "special": [bool(m) for m in enc["special_tokens_mask"]]}
 
 
 def _render_template(template: str, messages: list[dict], special_tokens: dict) -> str:
@@ -420,6 +441,15 @@ class Tokenizer:
         out = tokenize_jobs(self.tokenizer, jobs)
         metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
         return out
+
+    async def explain_tokens(self, texts: list[str], max_length: int | None) -> list[dict]:
+        """Tokens with character offsets for an explanation (see ``TextTokenizer.encode_with_offsets``).
+
+        Raises:
+            InvalidRequest: an empty text.
+        """
+        _check_texts(texts)
+        return [self.tokenizer.encode_with_offsets(t, max_length) for t in texts]
 
     def info(self) -> dict:
         tok = self.tokenizer

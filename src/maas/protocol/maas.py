@@ -125,3 +125,42 @@ class ClassificationResponse(BaseModel):
     demo_weights: bool = False
     routing: Routing | None = None
     cascade: list[CascadeStep] | None = None
+
+
+Target = Annotated[str | int | None, Field(
+    default=None, description="The class to explain: a label (case-insensitive) or a class index; default the top-1.")]
+
+
+class ExplainImageRequest(StrictRequest):
+    """``POST /v1/explanations/image`` as JSON (multipart uploads with one ``file`` are also accepted)."""
+
+    model: str = Field(description="An image classifier (``name`` or ``name@version``).")
+    image: str = Field(description="One base64-encoded image file (JPEG, PNG, WebP, BMP, TIFF, GIF).")
+    target: Target = None
+    view: Literal["full", "served"] = Field(
+        default="full", description="'full': the whole image at the model's scale; 'served': exactly the resized, "
+        "centre-cropped input classification sees (outside the crop the map is 0).")
+    seed: int = Field(default=0, ge=0, description="Seed of the faithfulness test's random masks.")
+    overlay: bool = Field(default=True, description="Return the overlay PNG (base64).")
+
+    def decoded(self) -> bytes:
+        """The image's bytes. Raises InvalidRequest when it is not base64."""
+        return ImageClassificationRequest(model=self.model, images=[self.image]).decoded()[0]
+
+
+class ExplainTextRequest(StrictRequest):
+    """``POST /v1/explanations/text``: one text (why a text classifier says ``target``) or two texts
+    (which tokens make an embeddings model find them similar)."""
+
+    model: str
+    input: str | list[str] = Field(description="One text (classification) or a list of two (similarity).")
+    target: Target = None
+    seed: int = Field(default=0, ge=0, description="Seed of the faithfulness test's random masks.")
+
+    def texts(self) -> list[str]:
+        """Raises InvalidRequest: not one or two non-blank texts."""
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if len(texts) not in (1, 2) or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise InvalidRequest("input must be one text (to explain a classification) or two non-blank texts (to "
+                                 "explain their similarity)", param="input")
+        return texts

@@ -13,6 +13,8 @@ from maas.protocol import parse
 from maas.protocol.http import ERROR_RESPONSES, dataplane, json_response
 from maas.protocol.maas import (
     ClassificationResponse,
+    ExplainImageRequest,
+    ExplainTextRequest,
     ImageClassificationRequest,
     Text2TextRequest,
     Text2TextResponse,
@@ -110,6 +112,67 @@ async def classify_image(request: Request, dp=Depends(dataplane)):
         "'images'"
     )
 
+
+
+_EXPLAIN_IMAGE_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object", "required": ["model", "file"],
+                    "properties": {
+                        "model": {"type": "string"}, "file": {"type": "string", "format": "binary"},
+                        "target": {"type": "string", "description": "A label or class index; default the top-1."},
+                        "view": {"type": "string", "enum": ["full", "served"], "default": "full"},
+                        "seed": {"type": "integer", "default": 0},
+                        "overlay": {"type": "boolean", "default": True},
+                    },
+                }
+            },
+            "application/json": {"schema": ExplainImageRequest.model_json_schema()},
+        }
+    }
+}
+
+
+@router.post("/v1/explanations/image", responses=ERROR_RESPONSES, tags=["maas"], openapi_extra=_EXPLAIN_IMAGE_BODY)
+async def explain_image(request: Request, dp=Depends(dataplane)):
+    """Why an image classifier answers a class: a Grad-CAM heatmap over the original image (grid,
+    overlay PNG, regions as boxes) with a faithfulness score. Multipart (``model``, one ``file``,
+    ``target``, ``view``, ``seed``) or JSON ``{"model", "image": base64, ...}``."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        form = await request.form(max_files=2)
+        files = [f for key in ("file", "files", "image") for f in form.getlist(key) if hasattr(f, "read")]
+        if len(files) != 1:
+            raise InvalidRequest("attach exactly one image as the 'file' field", param="file")
+        fields = {k: form.get(k) for k in ("model", "target", "view", "seed", "overlay") if form.get(k) not in (None, "")}
+        if "model" not in fields:
+            raise InvalidRequest("multipart request has no 'model' field", param="model")
+        fields["image"] = "x"  # validated below without the file
+        req = parse(ExplainImageRequest, fields)
+        target = req.target
+        if isinstance(target, str) and target.strip().lstrip("-").isdigit():
+            target = int(target)
+        return json_response(await dp.explain_image(req.model, await files[0].read(), target, req.view, req.seed,
+                                                    req.overlay))
+    if media == "application/json" or media.endswith("+json") or not media:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
+        req = parse(ExplainImageRequest, body)
+        return json_response(await dp.explain_image(req.model, req.decoded(), req.target, req.view, req.seed,
+                                                    req.overlay))
+    raise UnsupportedMediaType(f"content type {media!r} is not accepted; send multipart/form-data with one 'file' "
+                               "or JSON with a base64 'image'")
+
+
+@router.post("/v1/explanations/text", responses=ERROR_RESPONSES, tags=["maas"])
+async def explain_text(body: ExplainTextRequest, dp=Depends(dataplane)):
+    """Token attributions with character offsets: one text for a text classifier (``target``), two
+    texts for an embeddings model's similarity; each text with a faithfulness score."""
+    return json_response(await dp.explain_text(body))
 
 
 def _positive(form, field: str, upper: float | None = None) -> float | None:

@@ -94,6 +94,79 @@ async def infer(name: str, request: Request, version: str | None = None, dp=Depe
     return Response(content=body, headers=headers)
 
 
+@router.post("/v2/models/{name}/explain")
+@router.post("/v2/models/{name}/versions/{version}/explain")
+async def explain(name: str, request: Request, version: str | None = None, dp=Depends(dataplane)) -> Response:
+    """Explanations on the v2 protocol (see ``/v1/explanations/*``). Image classifiers: input ``image``
+    (BYTES [1] or UINT8 [1, H, W, 3]) → ``heatmap`` FP32 [rows, cols] over the original image,
+    ``regions`` INT64 [k, 4] (x0, y0, x1, y1 in original pixels), ``region_mass`` FP32 [k],
+    ``target_label`` BYTES [1], ``target_score`` FP32 [1]. Text encoders: input ``text`` BYTES [1]
+    (classification) or [2] (similarity) → ``tokens`` BYTES [T], ``attributions`` FP32 [T] (each
+    text's scaled to a peak |value| of 1), ``offsets`` INT64 [T, 2], ``text_index`` INT64 [T].
+    Parameters in: ``target``, ``seed``, ``view``; out: ``faithfulness_score``, ``drop_top``,
+    ``drop_random`` (of the first text), ``similarity`` or ``target_label``, ``demo_weights``."""
+    from maas.errors import TaskNotSupported
+    from maas.protocol.maas import ExplainTextRequest
+
+    address, spec = _address(dp, name, version)
+    req = await _parse_infer(request)
+    params = req.parameters
+    seed = params.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InvalidRequest(f"parameters.seed must be a non-negative integer, got {seed!r}")
+    if spec.family == "image-classifier":
+        tensor = req.inputs.get("image")
+        if list(req.inputs) != ["image"] or tensor is None:
+            raise InvalidRequest(f"explain takes one input named 'image', got {sorted(req.inputs)}")
+        if tensor.datatype == "BYTES" and tensor.array.size == 1:
+            image = tensor.array.reshape(-1)[0]
+        elif tensor.datatype == "UINT8" and tensor.array.ndim == 4 and tensor.array.shape[0] == 1 \
+                and tensor.array.shape[-1] == 3:
+            image = tensor.array[0]
+        else:
+            raise InvalidRequest(f"input 'image' must be BYTES [1] (an encoded image) or UINT8 [1, H, W, 3], got "
+                                 f"{tensor.datatype} {list(tensor.array.shape)}", param="image")
+        out = await dp.explain_image(address, image, params.get("target"), params.get("view", "full"), seed,
+                                     overlay=False)
+        boxes = np.asarray([r["box"] for r in out["regions"]], dtype=np.int64).reshape(-1, 4)
+        outputs = [v2.Tensor("heatmap", "FP32", np.asarray(out["heatmap"]["grid"], dtype=np.float32)),
+                   v2.Tensor("regions", "INT64", boxes),
+                   v2.Tensor("region_mass", "FP32", np.asarray([r["mass"] for r in out["regions"]], dtype=np.float32)),
+                   v2.bytes_tensor("target_label", [out["target"]["label"]]),
+                   v2.Tensor("target_score", "FP32", np.asarray([out["target"]["score"]], dtype=np.float32))]
+        faith = out["faithfulness"]
+        extra = {"target_label": out["target"]["label"], "target_index": out["target"]["index"]}
+    elif spec.family == "text-encoder":
+        tensor = req.inputs.get("text")
+        if list(req.inputs) != ["text"] or tensor is None or tensor.datatype != "BYTES":
+            raise InvalidRequest(f"explain takes one BYTES input named 'text', got {sorted(req.inputs)}")
+        try:
+            texts = [b.decode("utf-8") for b in tensor.array.reshape(-1)]
+        except UnicodeDecodeError:
+            raise InvalidRequest("input 'text' is not valid UTF-8 text", param="text") from None
+        body = {"model": address, "input": texts[0] if len(texts) == 1 else texts, "seed": seed}
+        if params.get("target") is not None:
+            body["target"] = params["target"]
+        out = await dp.explain_text(parse(ExplainTextRequest, body))
+        toks = [(i, t) for i, text in enumerate(out["texts"]) for t in text["tokens"]]
+        outputs = [v2.bytes_tensor("tokens", [t["token"] for _, t in toks]),
+                   v2.Tensor("attributions", "FP32", np.asarray([t["attribution"] for _, t in toks], dtype=np.float32)),
+                   v2.Tensor("offsets", "INT64", np.asarray([[t["start"], t["end"]] for _, t in toks],
+                                                            dtype=np.int64).reshape(-1, 2)),
+                   v2.Tensor("text_index", "INT64", np.asarray([i for i, _ in toks], dtype=np.int64))]
+        faith = out["texts"][0]["faithfulness"]
+        extra = ({"similarity": out["similarity"]} if "similarity" in out
+                 else {"target_label": out["target"]["label"], "target_index": out["target"]["index"]})
+    else:
+        raise TaskNotSupported(f"model {name!r} ({spec.family}) has no explanations; image classifiers and text "
+                               "encoders do")
+    parameters = {"faithfulness_score": faith["score"], "drop_top": faith["drop_top"],
+                  "drop_random": faith["drop_random"], "method": out["method"], "demo_weights": spec.is_demo, **extra}
+    answered = (routing_context.get() or {}).get("model_version", spec.resolved_version)
+    body_bytes, headers = v2.encode_response(name, req, _requested(name, req, outputs), parameters, version=answered)
+    return Response(content=body_bytes, headers=headers)
+
+
 async def _parse_infer(request: Request) -> "v2.InferenceRequest":
     """The decoded infer request (JSON, or JSON + binary tensors after the header length)."""
     header_length = request.headers.get("inference-header-content-length")
