@@ -32,11 +32,13 @@ from pathlib import Path
 from bench import inputs, load, memory, report, systems, workloads
 
 SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
-           "generation", "auto")
+           "generation", "auto", "explain")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
 #: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
-#: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`).
-DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto")
+#: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`);
+#: ``explain`` the explanation latencies (:mod:`bench.explain`).
+DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto",
+                   "explain")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
@@ -360,6 +362,10 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import auto_routing
 
         result["auto"] = auto_routing.run(workdir)
+    if "explain" in chosen:
+        from bench import explain
+
+        result["explain"] = explain.run(workdir)
 
     for model, by_system in result["overhead"].items():
         single = result["limit"].get(model, {}).get("smallest")

@@ -244,6 +244,9 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
     from bench import auto_routing
 
     lines += auto_routing.markdown(result.get("auto"))
+    from bench import explain
+
+    lines += explain.markdown(result.get("explain"))
     if result.get("servers"):
         lines += ["Start-up (to ready): " + ", ".join(f"{k} {s['ready_s']} s" for k, s in result["servers"].items()), ""]
         swept = {k: v for k, v in result["servers"].items() if v.get("sweep")}
