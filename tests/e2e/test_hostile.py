@@ -190,7 +190,7 @@ def test_payloads_never_reach_the_logs(served_app):
 
     The test cluster flushes every replica log line at once (conftest sets Serve's request-path
     log buffer to 1), and a self-check proves the search sees the ingress's own lines: a request
-    whose ``user`` hint is a fresh marker makes the ingress log the *names* of the hints it
+    whose ``safety_identifier`` hint is a fresh marker makes the ingress log the *names* of the hints it
     ignores — that line must be found, the marker must not.
     """
     import glob
@@ -201,7 +201,7 @@ def test_payloads_never_reach_the_logs(served_app):
     hint_marker = f"hint-{uuid.uuid4().hex}"
     requests.post(f"{served_app['url']}/v1/embeddings", json={"model": "minilm", "input": MARKER}, timeout=60)
     r = requests.post(f"{served_app['url']}/v1/embeddings", timeout=60,
-                      json={"model": "minilm", "input": "hello", "user": hint_marker})
+                      json={"model": "minilm", "input": "hello", "safety_identifier": hint_marker})
     assert r.status_code == 200
     logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
 
@@ -214,7 +214,7 @@ def test_payloads_never_reach_the_logs(served_app):
                 if MARKER.encode() in content or hint_marker.encode() in content:
                     hits.append(path)
                 ids += content.count(b"POST /v1/")
-                hint_lines += content.count(b"ignoring optional OpenAI hint fields ['user']")
+                hint_lines += content.count(b"ignoring optional OpenAI hint fields ['safety_identifier']")
         return hits, ids, hint_lines
 
     hits, ids, _ = wait_for(lambda: (lambda out: out if out[2] else None)(scan()), 30,
