@@ -402,23 +402,25 @@ def status(ctx: click.Context, dashboard: str, wait_s: float) -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--gpus", type=click.IntRange(0), required=True, help="GPUs available, in total.")
-@click.option("--gpu-memory-gib", type=float, required=True, help="Memory of each GPU, GiB.")
-@click.option("--cpus", type=float, required=True, help="CPUs available, in total.")
+@click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="GPUs available, in total.")
+@click.option("--gpu-memory-gib", type=float, default=0.0, show_default=True, help="Memory of each GPU, GiB.")
+@click.option("--cpus", type=float, default=None, help="CPUs available, in total [default: this machine's].")
 @click.pass_context
 def plan(ctx: click.Context, config: str, gpus: int, gpu_memory_gib: float, cpus: float) -> None:
-    """Check that CONFIG's replicas (at their max) fit the given GPUs and CPUs, and that its traffic
-    policy is valid. Exit 1 when it does not fit."""
+    """Check that CONFIG's replicas (at their max) fit the given GPUs and CPUs (default: none, and this
+    machine's CPUs) and that its traffic policy is valid. Exit 1 when it does not fit or is invalid."""
     import yaml
 
     from maas.app import ConfigError
     from maas.plan import plan_config
 
+    cpus = float(os.cpu_count() or 1) if cpus is None else cpus
     try:
         result = plan_config(yaml.safe_load(open(config).read()), gpus=gpus, gpu_memory_gib=gpu_memory_gib, cpus=cpus)
     except ConfigError as exc:
         raise Failed(str(exc)) from None
-    emit(ctx, {"fits": result.fits, "errors": result.errors, "lines": result.lines}, lambda _: result.text())
+    emit(ctx, {"fits": result.fits, "errors": result.errors, "invalid": result.invalid, "lines": result.lines},
+         lambda _: result.text())
     if not result.fits:
         ctx.exit(EXIT_FAILED)
 

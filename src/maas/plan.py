@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +63,19 @@ class Replica:
 class Plan:
     lines: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: Problems of the config itself (an invalid traffic policy), not of placement.
+    invalid: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
-        return not self.errors
+        """Placement fits and the config is valid."""
+        return not self.errors and not self.invalid
 
     def text(self) -> str:
-        verdict = ["", "FITS" if self.fits else "DOES NOT FIT:"] + [f"  - {e}" for e in self.errors]
+        verdict = [""]
+        if self.invalid:
+            verdict += ["INVALID:"] + [f"  - {e}" for e in self.invalid]
+        verdict += ["DOES NOT FIT:" if self.errors else "FITS"] + [f"  - {e}" for e in self.errors]
         return "\n".join(self.lines + verdict)
 
 
@@ -165,7 +172,7 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
             try:
                 validate_traffic(config, traffic)
             except ValueError as exc:
-                plan.errors.append(f"{INGRESS_DEPLOYMENT} user_config: {exc}")
+                plan.invalid.append(f"{INGRESS_DEPLOYMENT} user_config: {exc}")
         for name in sorted(set(over) - known):
             plan.errors.append(f"deployments: entry {name!r} names no deployment of application "
                                f"{app.get('name', '?')!r}; its deployments are {sorted(known)}")
@@ -228,9 +235,10 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maas plan", description=__doc__.split("\n")[0])
     parser.add_argument("config", type=Path, help="serve config YAML (serve run / serve deploy format)")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs available, in total")
-    parser.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of each GPU, GiB")
-    parser.add_argument("--cpus", type=float, required=True, help="CPUs available, in total")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs available, in total (default 0)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=0.0, help="memory of each GPU, GiB (default 0)")
+    parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1),
+                        help="CPUs available, in total (default: this machine's)")
     args = parser.parse_args(argv)
     plan = plan_config(yaml.safe_load(args.config.read_text()), gpus=args.gpus,
                        gpu_memory_gib=args.gpu_memory_gib, cpus=args.cpus)

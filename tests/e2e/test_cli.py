@@ -109,5 +109,7 @@ def test_exit_codes(served_app, tmp_path):
     bad.write_text(cfg)
     refused_policy = run(served_app, "plan", str(bad), "--gpus", "0", "--gpu-memory-gib", "1", "--cpus", "4")
     assert refused_policy.returncode == 1 and "names version '5'" in refused_policy.stdout
+    assert "INVALID:" in refused_policy.stdout and "\nFITS" in refused_policy.stdout
+    assert run(served_app, "plan", str(ROOT / "serve_configs" / "rollout.yaml")).returncode == 0  # CPU defaults
     usage = run(served_app, "predict")
     assert usage.returncode == 2 and "Usage" in usage.stderr

@@ -105,6 +105,14 @@ def test_models_list_each_version_and_the_default(rollout):
     assert versions["1"]["default"] and versions["1"]["weight"] == 90 and versions["2"]["weight"] == 10
     assert "lite0" in versions["1"]["weights"] and "lite2" in versions["2"]["weights"]
     assert versions["3"]["ready"] is False and versions["3"]["weight"] == 0
+    one = requests.get(f"{rollout['url']}/v1/models/imagenet", timeout=30)
+    assert one.status_code == 200 and one.json()["id"] == "imagenet" and one.json()["version"] == "1"
+    pinned = requests.get(f"{rollout['url']}/v1/models/imagenet@2", timeout=30).json()
+    assert pinned["id"] == "imagenet@2" and pinned["version"] == "2" and pinned["weight"] == 10
+    assert "lite2" in pinned["weights"]
+    for bad in ("imagenet@9", "imagenet@"):
+        r = requests.get(f"{rollout['url']}/v1/models/{bad}", timeout=30)
+        assert r.status_code == 404, (bad, r.text)
 
 
 def test_1000_requests_over_100_keys_split_90_10_and_each_key_sticks(rollout):
@@ -230,5 +238,25 @@ def test_an_invalid_live_policy_is_refused_and_the_previous_one_stands(rollout):
         assert "names version '7'" in body["traffic_error"]
         assert body["traffic"]["imagenet"]["2"]["weight"] == 10
         assert classify(rollout["url"], "imagenet", small_jpeg(), "k").status_code == 200
+    finally:
+        rollout["deploy"]({"imagenet": {"weights": {"1": 90, "2": 10}}})
+
+
+def test_shadow_copies_are_compared_and_counted_never_returned(rollout):
+    rollout["deploy"]({"imagenet": {"weights": {"1": 100}, "shadow": {"version": "2", "fraction": 1.0}}})
+    jpeg = small_jpeg()
+
+    def shadow_counts():
+        return requests.get(f"{rollout['url']}/readyz", timeout=10).json()["traffic"]["imagenet"]["2"].get("shadow")
+
+    try:
+        wait_for(shadow_counts, 30, "shadow policy applied", interval_s=0.2)
+        answers = [classify(rollout["url"], "imagenet", jpeg, f"s{i}") for i in range(10)]
+        assert {r.headers["x-maas-model-version"] for r in answers} == {"1"}  # the shadow never answers
+        # Two ingress replicas share the requests and /readyz answers from one of them: poll until it
+        # shows comparisons of its share.
+        counts = wait_for(lambda: (lambda c: c if c.get("agree", 0) + c.get("disagree", 0) >= 1 else None)(
+            shadow_counts()), 30, "shadow comparisons counted", interval_s=0.2)
+        assert counts.get("error", 0) == 0 and counts["fraction"] == 1.0
     finally:
         rollout["deploy"]({"imagenet": {"weights": {"1": 90, "2": 10}}})

@@ -291,3 +291,29 @@ def test_unversioned_apps_are_unchanged(local_args):
     assert all(m.key == m.name == m.deployment_name and m.resolved_version == "1" for m in cfg.models)
     t = Traffic(cfg)
     assert all(t.weights(m.name) == [("1", 100.0)] for m in cfg.models)
+
+
+def test_explain_request_fields_are_strict():
+    from maas.errors import InvalidRequest
+    from maas.protocol import parse
+    from maas.protocol.maas import ExplainImageRequest
+
+    for field, value in [("target", True), ("seed", True), ("seed", "3"), ("view", "crop")]:
+        with pytest.raises(InvalidRequest):
+            parse(ExplainImageRequest, {"model": "m", "image": "aGk=", field: value})
+    with pytest.raises(InvalidRequest, match="image is not valid base64") as err:
+        parse(ExplainImageRequest, {"model": "m", "image": "a"}).decoded()
+    assert err.value.param == "image"
+    assert parse(ExplainImageRequest, {"model": "m", "image": "aGk=", "target": 281}).target == 281
+
+
+def test_image_deletion_baseline_is_the_top_region_moved():
+    from maas.models.explain import shifted_masks, top_mask
+
+    cam = np.zeros((32, 48), dtype=np.float32)
+    cam[4:12, 6:20] = 1.0
+    top = top_mask(cam)
+    moved = shifted_masks(top, seed=0)
+    assert len(moved) == 4 and all(m.sum() == top.sum() for m in moved)
+    assert all((m & top).sum() < top.sum() for m in moved)  # they sit elsewhere
+    assert [m.tolist() for m in shifted_masks(top, seed=0)] == [m.tolist() for m in moved]  # seeded

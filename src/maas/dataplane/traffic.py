@@ -230,7 +230,9 @@ class Traffic:
         Raises:
             ModelNotFound: unknown name, or the name has no version ``v``.
         """
-        name, _, version = model.partition("@")
+        name, at, version = model.partition("@")
+        if at and not version:
+            raise ModelNotFound(f"model {model!r} names no version after '@'; use {name!r} or {name}@<version>")
         if name not in self.specs:
             raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the served models")
         if version:

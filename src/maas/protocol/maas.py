@@ -6,7 +6,7 @@ import base64
 import binascii
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, StrictInt, StrictStr
 
 from maas.errors import InvalidRequest
 from maas.protocol import CompletionUsage, StrictRequest, Usage
@@ -127,7 +127,7 @@ class ClassificationResponse(BaseModel):
     cascade: list[CascadeStep] | None = None
 
 
-Target = Annotated[str | int | None, Field(
+Target = Annotated[StrictStr | StrictInt | None, Field(
     default=None, description="The class to explain: a label (case-insensitive) or a class index; default the top-1.")]
 
 
@@ -140,12 +140,15 @@ class ExplainImageRequest(StrictRequest):
     view: Literal["full", "served"] = Field(
         default="full", description="'full': the whole image at the model's scale; 'served': exactly the resized, "
         "centre-cropped input classification sees (outside the crop the map is 0).")
-    seed: int = Field(default=0, ge=0, description="Seed of the faithfulness test's random masks.")
+    seed: StrictInt = Field(default=0, ge=0, description="Seed of the faithfulness test's random masks.")
     overlay: bool = Field(default=True, description="Return the overlay PNG (base64).")
 
     def decoded(self) -> bytes:
         """The image's bytes. Raises InvalidRequest when it is not base64."""
-        return ImageClassificationRequest(model=self.model, images=[self.image]).decoded()[0]
+        try:
+            return ImageClassificationRequest(model=self.model, images=[self.image]).decoded()[0]
+        except InvalidRequest:
+            raise InvalidRequest("image is not valid base64", param="image") from None
 
 
 class ExplainTextRequest(StrictRequest):
@@ -155,7 +158,7 @@ class ExplainTextRequest(StrictRequest):
     model: str
     input: str | list[str] = Field(description="One text (classification) or a list of two (similarity).")
     target: Target = None
-    seed: int = Field(default=0, ge=0, description="Seed of the faithfulness test's random masks.")
+    seed: StrictInt = Field(default=0, ge=0, description="Seed of the faithfulness test's random masks.")
 
     def texts(self) -> list[str]:
         """Raises InvalidRequest: not one or two non-blank texts."""

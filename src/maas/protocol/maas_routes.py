@@ -150,6 +150,17 @@ async def explain_image(request: Request, dp=Depends(dataplane)):
         if "model" not in fields:
             raise InvalidRequest("multipart request has no 'model' field", param="model")
         fields["image"] = "x"  # validated below without the file
+        if "seed" in fields:
+            try:
+                fields["seed"] = int(fields["seed"])
+            except (TypeError, ValueError):
+                raise InvalidRequest(f"seed must be a non-negative integer, got {fields['seed']!r}",
+                                     param="seed") from None
+        if "overlay" in fields:
+            flag = str(fields["overlay"]).strip().lower()
+            if flag not in ("true", "false", "1", "0"):
+                raise InvalidRequest(f"overlay must be true or false, got {fields['overlay']!r}", param="overlay")
+            fields["overlay"] = flag in ("true", "1")
         req = parse(ExplainImageRequest, fields)
         target = req.target
         if isinstance(target, str) and target.strip().lstrip("-").isdigit():

@@ -32,10 +32,19 @@ async def models(dp=Depends(dataplane)):
 
 @router.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERROR_RESPONSES[404]})
 async def model(model: str, dp=Depends(dataplane)):
-    if model not in dp.routes:
-        raise ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists the served models")
+    """One model's card: ``name`` gives the name's card (with its ``versions``); ``name@version`` the
+    card of that version (its own weights, readiness and traffic weight; ``id`` is ``name@version``).
+
+    Raises:
+        ModelNotFound: no such model or version.
+    """
+    name, version = dp.traffic.address(model)  # raises ModelNotFound naming the versions
     listing = await dp.list_models()
-    return json_response(next(m for m in listing["data"] if m["id"] == model))
+    card = next(m for m in listing["data"] if m["id"] == name)
+    if version is None:
+        return json_response(card)
+    entry = next(v for v in card["versions"] if v["version"] == version)
+    return json_response({**{k: v for k, v in card.items() if k != "versions"}, **entry, "id": f"{name}@{version}"})
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
