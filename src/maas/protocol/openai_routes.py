@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from maas.errors import ModelNotFound
 from maas.protocol.http import ERROR_RESPONSES, dataplane, json_response, stream_response
 from maas.protocol.openai import (
     ChatCompletionRequest,
