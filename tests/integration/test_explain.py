@@ -96,6 +96,9 @@ def test_text_classification_and_bad_requests(served_app):
     r = requests.post(f"{url}/v1/explanations/image", timeout=60, data={"model": "efficientnet-lite0",
                       "target": "tabbby"}, files=[("file", ("x.png", b"not an image", "image/png"))])
     assert r.status_code == 400
+    r = requests.post(f"{url}/v1/explanations/image", timeout=60, data={"model": "efficientnet-lite0", "topk": "3"},
+                      files=[("file", ("x.png", b"not an image", "image/png"))])
+    assert r.status_code == 400 and "unknown form field(s) ['topk']" in r.json()["error"]["message"]
 
 
 def test_v2_explain_and_handles(served_app, cat_and_coffee):

@@ -143,6 +143,12 @@ async def explain_image(request: Request, dp=Depends(dataplane)):
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
         form = await request.form(max_files=2)
+        unknown = sorted(set(form.keys()) - {"model", "target", "view", "seed", "overlay", "file", "files", "image"})
+        if unknown:  # as the JSON schema refuses unknown fields, so does the form
+            raise InvalidRequest(f"unknown form field(s) {unknown}; the fields are model, file, target, view, seed, "
+                                 "overlay", param=unknown[0])
+        if len(form.getlist("model")) > 1:
+            raise InvalidRequest("the form has more than one 'model' field; send one", param="model")
         files = [f for key in ("file", "files", "image") for f in form.getlist(key) if hasattr(f, "read")]
         if len(files) != 1:
             raise InvalidRequest("attach exactly one image as the 'file' field", param="file")
