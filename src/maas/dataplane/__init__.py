@@ -775,7 +775,7 @@ class Dataplane:
 
     @counted("explain-image")
     async def _explain_image(self, key: str, image, target, view: str, seed: int, overlay: bool) -> dict:
-        from maas.dataplane.explain import render_image
+        from maas.dataplane.explain import OVERLAY_MAX_PX, render_image
 
         route = self.route(key, "image-classification")
         spec = route.spec
@@ -785,7 +785,8 @@ class Dataplane:
                                   param="image")
 
         async def run():
-            view_data = await self.awaited(route.pre.explain_view.remote(image, view), key)
+            view_data = await self.awaited(
+                route.pre.explain_view.remote(image, view, OVERLAY_MAX_PX if overlay else None), key)
             deadline = time.time() + spec.explain_timeout_s
             result = await self.awaited(route.model.explain.remote(view_data, {"target": target, "seed": seed},
                                                                    deadline), key)
@@ -793,14 +794,7 @@ class Dataplane:
 
         started = time.perf_counter()
         view_data, result = await self.within_explain_timeout(spec, run())
-        original = None
-        if overlay:
-            from maas.preprocess.image import decode_image, image_from_array, to_rgb
-
-            original = await asyncio.to_thread(
-                lambda: to_rgb(decode_image(image, max_pixels=10**9)) if isinstance(image, (bytes, bytearray))
-                else image_from_array(image, max_pixels=10**9))
-        rendered = await asyncio.to_thread(render_image, result, view_data, original)
+        rendered = await asyncio.to_thread(render_image, result, view_data)
         return {"object": "explanation", "model": key, "method": result["method"], "layer": result["layer"],
                 "view": view, "target": result["target"], "top_k": result["top_k"],
                 "faithfulness": result["faithfulness"], **rendered,

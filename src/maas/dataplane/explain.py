@@ -122,23 +122,28 @@ def overlay_png(image: Image.Image, heat: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render_image(result: dict, view: dict, original: Image.Image | None) -> dict:
-    """The ``heatmap``, ``regions`` and ``overlay_png`` of an image explanation.
+def render_image(result: dict, view: dict) -> dict:
+    """The ``heatmap``, ``regions`` and (when ``view`` has a ``thumb``) ``overlay_png`` of an image
+    explanation.
 
     Args:
         result: the replica's answer (``cam`` float32 (h, w) in [0, 1]).
-        view: ``ImagePreprocessor.explain_view``'s ``size`` and ``box``.
-        original: the decoded original image for the overlay (None: no overlay).
+        view: ``ImagePreprocessor.explain_view``'s ``size``, ``box`` and optional ``thumb`` (the
+            original image, longer side ≤ :data:`OVERLAY_MAX_PX`).
     """
     width, height = view["size"]
-    scale = min(1.0, OVERLAY_MAX_PX / max(width, height))
-    out_size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    thumb = view.get("thumb")
+    if thumb is not None:
+        out_size = (thumb.shape[1], thumb.shape[0])
+    else:
+        scale = min(1.0, OVERLAY_MAX_PX / max(width, height))
+        out_size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
     heat = original_map(np.asarray(result["cam"], dtype=np.float32), (width, height), tuple(view["box"]), out_size)
     cells = grid(heat)
     body = {"heatmap": {"grid": np.round(cells, 4).tolist(), "rows": int(cells.shape[0]), "cols": int(cells.shape[1]),
                         "cell_px": [round(width / cells.shape[1], 2), round(height / cells.shape[0], 2)],
                         "covers_box": [round(float(v), 1) for v in view["box"]]},
             "regions": regions(cells, (width, height)), "image_size": [width, height]}
-    if original is not None:
-        body["overlay_png"] = overlay_png(original.resize(out_size, Image.BILINEAR), heat)
+    if thumb is not None:
+        body["overlay_png"] = overlay_png(Image.fromarray(thumb), heat)
     return body

@@ -179,7 +179,6 @@ class Traffic:
         self.shadow_counts: dict[str, dict[str, int]] = {}  # key of the shadow -> result -> count
         self.shadow_in_flight: dict[str, int] = {}
         self.clock = clock
-        self.applied_at = 0.0
         self.assigned: dict[tuple[str, str], str] = {}  # (name, routing key) -> version, from the KeyTable
         self._publish()
 
@@ -197,7 +196,6 @@ class Traffic:
         self.error = None
         self.windows.clear()
         self.assigned.clear()
-        self.applied_at = self.clock()
         self._publish()
         logger.info("traffic policy applied: %s", {n: p.weights for n, p in self.policies.items()} or "none")
 

@@ -256,7 +256,8 @@ def preprocess_jobs(jobs: list[list[bytes | np.ndarray]], spec: ImagePreprocessi
 EXPLAIN_MAX_ASPECT = 3
 
 
-def explain_view(data: bytes | np.ndarray, spec: ImagePreprocessingSpec, view: str, *, max_pixels: int) -> dict:
+def explain_view(data: bytes | np.ndarray, spec: ImagePreprocessingSpec, view: str, *, max_pixels: int,
+                 thumb_px: int | None = None) -> dict:
     """The pixels an explanation runs on and where they sit in the original image.
 
     ``view="served"``: exactly what classification sees (resize the shorter side to ``resize_px``,
@@ -266,7 +267,9 @@ def explain_view(data: bytes | np.ndarray, spec: ImagePreprocessingSpec, view: s
 
     Returns:
         ``{"pixels": uint8 (1, h, w, 3), "size": (W, H) of the original, "box": (x0, y0, x1, y1)}``,
-        the box being the original-pixel region the pixels cover (floats).
+        the box being the original-pixel region the pixels cover (floats); with ``thumb_px`` also
+        ``"thumb"``: the original image, longer side at most ``thumb_px``, ``uint8`` (h, w, 3), for
+        the overlay (so the ingress never decodes the file a second time).
 
     Raises:
         InvalidRequest / PayloadTooLarge: as :func:`decode_image`.
@@ -289,7 +292,12 @@ def explain_view(data: bytes | np.ndarray, spec: ImagePreprocessingSpec, view: s
             rw, rh = max(1, int(rw * f)), max(1, int(rh * f))
         pixels = np.asarray(img.resize((rw, rh), resample=_RESAMPLE[spec.interpolation]))
         box = (0.0, 0.0, float(width), float(height))
-    return {"pixels": pixels[None], "size": (width, height), "box": box}
+    out = {"pixels": pixels[None], "size": (width, height), "box": box}
+    if thumb_px is not None:
+        scale = min(1.0, thumb_px / max(width, height))
+        size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+        out["thumb"] = np.asarray(img if size == img.size else img.resize(size, Image.BILINEAR))
+    return out
 
 
 from ray import serve  # noqa: E402 - the deployment below is the only Ray-dependent part
@@ -321,6 +329,6 @@ class ImagePreprocessor:
         metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
         return out
 
-    async def explain_view(self, data: bytes | np.ndarray, view: str = "full") -> dict:
+    async def explain_view(self, data: bytes | np.ndarray, view: str = "full", thumb_px: int | None = None) -> dict:
         """One image prepared for an explanation (see :func:`explain_view`)."""
-        return explain_view(data, self.spec, view, max_pixels=self.max_image_pixels)
+        return explain_view(data, self.spec, view, max_pixels=self.max_image_pixels, thumb_px=thumb_px)

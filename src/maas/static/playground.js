@@ -145,6 +145,19 @@ function bars(rows) {
     (100 * r.score).toFixed(1) + " %</span></div>").join("");
 }
 
+// One answer into the result box: the refusal as a sentence, or render(out, body) with the meta
+// line and the copy buttons; the body is kept on the box (data-json) for whoever checks it.
+async function show(box, resp, latency_ms, curl, python, render) {
+  if (!resp.ok) { showError(box, await explain(resp)); showCopies(box, curl, python); return; }
+  const body = await resp.json();
+  const out = document.createElement("div"); out.dataset.testid = "output";
+  render(out, body);
+  box.appendChild(out);
+  showMeta(box, { latency_ms, ...answered(resp, body), demo: body.demo_weights });
+  showCopies(box, curl, python);
+  box.dataset.json = JSON.stringify(body);
+}
+
 async function postJson(path, body) {
   const started = performance.now();
   const resp = await fetch(endpoint(path), { method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body) });
@@ -177,14 +190,7 @@ const RUN = {
       "                      headers=" + (apiKey() ? "{\"Authorization\": \"Bearer \" + " + pyStr(apiKey()) + "}" : "{}") + ",",
       "                      data={\"model\": " + pyStr(model) + ", \"top_k\": " + topK + "}, files={\"file\": f})",
       "print(r.json())"].join("\n");
-    if (!resp.ok) { showError(box, await explain(resp)); showCopies(box, curl, python); return; }
-    const body = await resp.json();
-    const out = document.createElement("div"); out.dataset.testid = "output";
-    out.innerHTML = bars(body.data[0].top_k);
-    box.appendChild(out);
-    showMeta(box, { latency_ms, ...answered(resp, body), demo: body.demo_weights });
-    showCopies(box, curl, python);
-    box.dataset.json = JSON.stringify(body);
+    await show(box, resp, latency_ms, curl, python, (out, body) => { out.innerHTML = bars(body.data[0].top_k); });
   },
 
   async embeddings(panel) {
@@ -197,18 +203,13 @@ const RUN = {
       "a, b = (d.embedding for d in r.data)",
       "print(sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5)"]);
     const { resp, latency_ms } = await postJson("v1/embeddings", req);
-    if (!resp.ok) { showError(box, await explain(resp)); showCopies(box, curl, python); return; }
-    const body = await resp.json();
-    const [a, b] = body.data.map((d) => d.embedding);
-    let dot = 0, na = 0, nb = 0;
-    for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; na += a[i] * a[i]; nb += b[i] * b[i]; }
-    const out = document.createElement("div"); out.dataset.testid = "output";
-    out.innerHTML = "<div>cosine similarity</div><div class='cosine' data-testid='cosine'>" + (dot / Math.sqrt(na * nb)).toFixed(4) +
-      "</div><div class='meta'>" + a.length + " dimensions, " + body.usage.prompt_tokens + " tokens</div>";
-    box.appendChild(out);
-    showMeta(box, { latency_ms, ...answered(resp, body), demo: body.demo_weights });
-    showCopies(box, curl, python);
-    box.dataset.json = JSON.stringify(body);
+    await show(box, resp, latency_ms, curl, python, (out, body) => {
+      const [a, b] = body.data.map((d) => d.embedding);
+      let dot = 0, na = 0, nb = 0;
+      for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; na += a[i] * a[i]; nb += b[i] * b[i]; }
+      out.innerHTML = "<div>cosine similarity</div><div class='cosine' data-testid='cosine'>" + (dot / Math.sqrt(na * nb)).toFixed(4) +
+        "</div><div class='meta'>" + a.length + " dimensions, " + body.usage.prompt_tokens + " tokens</div>";
+    });
   },
 
   async chat(panel, completion = false) {
@@ -277,14 +278,9 @@ const RUN = {
     const box = resultBox(panel);
     const curl = curlJson("v1/text2text", req), python = pyRequests("v1/text2text", req);
     const { resp, latency_ms } = await postJson("v1/text2text", req);
-    if (!resp.ok) { showError(box, await explain(resp)); showCopies(box, curl, python); return; }
-    const body = await resp.json();
-    const out = document.createElement("div"); out.className = "answer"; out.dataset.testid = "output";
-    out.textContent = body.data[0].text;
-    box.appendChild(out);
-    showMeta(box, { latency_ms, ...answered(resp, body), demo: body.demo_weights });
-    showCopies(box, curl, python);
-    box.dataset.json = JSON.stringify(body);
+    await show(box, resp, latency_ms, curl, python, (out, body) => {
+      out.className = "answer"; out.textContent = body.data[0].text;
+    });
   },
 
   async textcls(panel) {
@@ -293,14 +289,7 @@ const RUN = {
     const box = resultBox(panel);
     const curl = curlJson("v1/classifications/text", req), python = pyRequests("v1/classifications/text", req);
     const { resp, latency_ms } = await postJson("v1/classifications/text", req);
-    if (!resp.ok) { showError(box, await explain(resp)); showCopies(box, curl, python); return; }
-    const body = await resp.json();
-    const out = document.createElement("div"); out.dataset.testid = "output";
-    out.innerHTML = bars(body.data[0].top_k);
-    box.appendChild(out);
-    showMeta(box, { latency_ms, ...answered(resp, body), demo: body.demo_weights });
-    showCopies(box, curl, python);
-    box.dataset.json = JSON.stringify(body);
+    await show(box, resp, latency_ms, curl, python, (out, body) => { out.innerHTML = bars(body.data[0].top_k); });
   },
 };
 
