@@ -35,19 +35,33 @@ def engine(gpt):
 
 
 class Call:
-    """One submitted request: its answer (``value``) and, when streamed, its events."""
+    """One submitted request: its answer (``value``) and, when streamed, its events.
 
-    def __init__(self, engine, runner, prompts, params, stream=False, deadline_s=None):
+    ``finished`` (a list shared between calls) gets ``label`` appended on the engine thread when
+    the answer arrives, so tests read the order in which requests ended without timing.
+    ``on_event`` (streaming) runs on the engine thread after each event is recorded.
+    """
+
+    def __init__(self, engine, runner, prompts, params, stream=False, deadline_s=None,
+                 label=None, finished=None, on_event=None):
         batch = tokenize(runner.tokenizer, prompts, max_length=None, truncate=False, add_special_tokens=False)
         self.request = ModelRequest(batch, params, deadline_s=deadline_s)
         self.events: list[dict] = []
         self.done = threading.Event()
         self.value = None
+        self.label, self.finished, self.on_event = label, finished, on_event
         engine.submit(self.request, SamplingParams.from_params(params), self._set,
-                      self.events.append if stream else None)
+                      self._event if stream else None)
+
+    def _event(self, event):
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
     def _set(self, value):
         self.value = value
+        if self.finished is not None:
+            self.finished.append(self.label)
         self.done.set()
 
     def result(self, timeout=30):
@@ -86,15 +100,39 @@ def test_greedy_text_is_the_same_alone_batched_and_streamed_and_equals_generate(
 
 def test_rows_join_and_leave_mid_batch(gpt, engine):
     """A short request that arrives while a long one runs joins its batch, finishes first, and
-    leaves the long one's text unchanged."""
+    leaves the long one's text unchanged.
+
+    No timing: the long request's first streamed event holds the engine thread (it runs the
+    callback) until the short one is queued, so the short joins at the next step whatever the
+    machine's load; the order of the answers is recorded by the engine's own callbacks."""
     long_params, short_params = {"max_tokens": 200, "temperature": 0}, {"max_tokens": 4, "temperature": 0}
     ref_long = reference(gpt, PROMPTS[0], long_params)
-    long_call = Call(engine, gpt, [PROMPTS[0]], long_params, stream=True)
-    wait_for(lambda: long_call.events, 30, "the long request produced text")
-    short = Call(engine, gpt, [PROMPTS[1]], short_params).result()
-    assert not long_call.done.is_set(), "the long request ended before the short one joined and left"
-    assert short["choices"][0] == reference(gpt, PROMPTS[1], short_params)
-    assert long_call.result()["choices"][0] == ref_long
+    ref_short = reference(gpt, PROMPTS[1], short_params)
+    # The short one joins after the long one's first event and needs 4 steps; the long one must
+    # need more than that from there, or the expected order would not follow from the steps.
+    assert ref_long["completion_tokens"] > 2 * short_params["max_tokens"], ref_long
+    finished: list[str] = []
+    first_event, short_queued = threading.Event(), threading.Event()
+    held: list[dict] = []
+
+    def hold_until_short_is_queued(event):
+        if not first_event.is_set():
+            held.append(event)
+            first_event.set()
+            # Bounded: a wedged test fails on the order below instead of hanging the engine.
+            short_queued.wait(120)
+
+    long_call = Call(engine, gpt, [PROMPTS[0]], long_params, stream=True, label="long", finished=finished,
+                     on_event=hold_until_short_is_queued)
+    assert first_event.wait(120), "the long request produced no text"
+    assert "done" not in held[0], "the long request streamed nothing before its end"
+    short_call = Call(engine, gpt, [PROMPTS[1]], short_params, label="short", finished=finished)
+    short_queued.set()
+    short = short_call.result(timeout=120)
+    long = long_call.result(timeout=120)
+    assert finished == ["short", "long"], "the short request did not finish inside the long one's run"
+    assert short["choices"][0] == ref_short
+    assert long["choices"][0] == ref_long
     assert engine.max_rows_seen == 2
 
 
