@@ -1,18 +1,21 @@
-"""``maas``: the command line of maas-serve (installed with the package as a console script).
+"""``maas``: the command line of maas-serve (installed with the package as a console script;
+``python -m maas`` is the same program).
 
     maas models                         what is served, ready or not, with versions
     maas predict MODEL INPUT...         images (files) for image classifiers, text otherwise
     maas embed MODEL TEXT...            embeddings; with two or more texts, their cosine similarities
     maas chat MODEL [MESSAGE]           a streamed chat answer (MESSAGE or standard input)
     maas status                         deployments, replicas, health and readiness reasons
-    maas plan CONFIG --gpus …           placement check (python -m maas plan)
-    maas manifest CONFIG …              KubeRay manifest (python -m maas manifest)
-    maas serve CONFIG                   serve run that stops cleanly (python -m maas serve)
+    maas plan CONFIG --gpus …           placement check
+    maas manifest CONFIG …              KubeRay manifest
+    maas serve [serve run args…]        serve run that stops cleanly (what ``make serve`` runs)
 
-Every command takes ``--url`` (env ``MAAS_URL``, default http://127.0.0.1:8000), ``--api-key``
-(env ``MAAS_API_KEY``) and ``--json`` (the server's JSON as is, for scripts); otherwise it prints
-tables for people. Built on click; nothing heavy is imported until a command needs it (``--help``
-imports neither torch nor Ray, nor an HTTP library).
+Every command but ``serve`` takes ``--url`` (env ``MAAS_URL``, default http://127.0.0.1:8000),
+``--api-key`` (env ``MAAS_API_KEY``) and ``--json`` (the server's JSON as is, for scripts), before
+or after the command's name (after it, they win); otherwise it prints tables for people. ``serve``
+passes all its arguments to ``serve run`` (``--grace-s`` aside), ``manifest`` its options to
+:func:`maas.manifest.main`. Built on click; nothing heavy is imported until a command needs it
+(``--help`` imports neither torch nor Ray, nor an HTTP library).
 
 Exit codes (also in ``maas --help``):
 
@@ -167,6 +170,35 @@ def emit(ctx: click.Context, body, human) -> None:
         click.echo(human(body))
 
 
+def _override(key: str):
+    """An option callback that puts a value given on a subcommand into ``ctx.obj[key]``."""
+
+    def callback(ctx: click.Context, _param: click.Parameter, value) -> None:
+        if value is None or value is False:  # not given here: the group's value (or its default) stays
+            return
+        obj = ctx.ensure_object(dict)
+        obj[key] = value
+        obj["client"] = Client(obj.get("url", DEFAULT_URL), obj.get("api_key"))
+
+    return callback
+
+
+def shared_options(command):
+    """Also accept the group's ``--url``, ``--api-key`` and ``--json`` after the subcommand's name;
+    a value given there wins over the one given before it (or from the environment)."""
+    options = [
+        click.option("--url", default=None, expose_value=False, callback=_override("url"),
+                     help=f"Base URL of maas-serve (env MAAS_URL; default {DEFAULT_URL})."),
+        click.option("--api-key", default=None, expose_value=False, callback=_override("api_key"),
+                     help="API key, when the server needs one (env MAAS_API_KEY)."),
+        click.option("--json", "as_json", is_flag=True, expose_value=False, callback=_override("json"),
+                     help="Print the server's JSON as is (for scripts)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 EPILOG = """Exit codes: 0 done; 1 the server refused the request, a model is not ready (status)
 or the plan does not fit (plan); 2 bad usage or the server cannot be reached."""
 
@@ -180,7 +212,7 @@ or the plan does not fit (plan); 2 bad usage or the server cannot be reached."""
 def main(ctx: click.Context, url: str, api_key: str | None, as_json: bool) -> None:
     """maas-serve from the command line: models, predictions, embeddings, chat, status, plans."""
     ctx.ensure_object(dict)
-    ctx.obj.update(client=Client(url, api_key), json=as_json, url=url)
+    ctx.obj.update(client=Client(url, api_key), json=as_json, url=url, api_key=api_key)
 
 
 def models_of(ctx) -> dict[str, dict]:
@@ -188,6 +220,7 @@ def models_of(ctx) -> dict[str, dict]:
 
 
 @main.command()
+@shared_options
 @click.pass_context
 def models(ctx: click.Context) -> None:
     """List the served models: tasks, readiness, versions and weights."""
@@ -210,6 +243,7 @@ def _split_model(model: str) -> str:
 
 
 @main.command()
+@shared_options
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(1, 100), default=None,
@@ -262,6 +296,7 @@ def predict(ctx: click.Context, model: str, inputs: tuple[str, ...], top_k: int)
 
 
 @main.command()
+@shared_options
 @click.argument("model")
 @click.argument("texts", nargs=-1, required=True)
 @click.pass_context
@@ -289,6 +324,7 @@ def embed(ctx: click.Context, model: str, texts: tuple[str, ...]) -> None:
 
 
 @main.command()
+@shared_options
 @click.argument("model")
 @click.argument("message", required=False)
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
@@ -345,6 +381,7 @@ def serve_status(dashboard: str) -> dict:
 
 
 @main.command()
+@shared_options
 @click.option("--dashboard", envvar="RAY_DASHBOARD_ADDRESS", default="http://127.0.0.1:8265", show_default=True,
               help="Ray dashboard address, for Serve's deployment status (env RAY_DASHBOARD_ADDRESS).")
 @click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for readiness.")
@@ -401,6 +438,7 @@ def status(ctx: click.Context, dashboard: str, wait_s: float) -> None:
 
 
 @main.command()
+@shared_options
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="GPUs available, in total.")
 @click.option("--gpu-memory-gib", type=float, default=0.0, show_default=True, help="Memory of each GPU, GiB.")
@@ -425,20 +463,31 @@ def plan(ctx: click.Context, config: str, gpus: int, gpu_memory_gib: float, cpus
         ctx.exit(EXIT_FAILED)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.argument("options", nargs=-1, type=click.UNPROCESSED)
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+@main.command(context_settings=PASS_THROUGH, add_help_option=False)
+@shared_options
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def manifest(ctx: click.Context, config: str, options: tuple[str, ...]) -> None:
-    """Write a KubeRay RayService manifest for CONFIG (options: see `python -m maas manifest --help`)."""
+def manifest(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Write a KubeRay RayService manifest for CONFIG (`maas manifest --help` lists its options)."""
     import contextlib
     import io
 
     from maas.manifest import main as manifest_main
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = manifest_main([config, *options])
+    try:
+        with contextlib.redirect_stdout(out):
+            code = manifest_main(list(args))
+    except SystemExit as exc:  # argparse: --help (0), or a usage error already printed on stderr (2)
+        click.echo(out.getvalue(), nl=False)
+        if exc.code == 0:
+            click.echo("  --json                print the manifest as JSON")
+        ctx.exit(exc.code if isinstance(exc.code, int) else click.UsageError.exit_code)
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {exc.filename!r}: {exc.strerror}") from None
     if ctx.obj["json"]:
         import yaml
 
@@ -448,13 +497,16 @@ def manifest(ctx: click.Context, config: str, options: tuple[str, ...]) -> None:
     ctx.exit(code or 0)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+# --help goes through too, so it shows launch's own options (--grace-s); no shared options either,
+# as everything else belongs to `serve run`.
+@main.command(context_settings=PASS_THROUGH, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def serve(args: tuple[str, ...]) -> None:
-    """serve run a config on a Ray cluster and stop cleanly on Ctrl-C (same as python -m maas serve)."""
+@click.pass_context
+def serve(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """serve run a config on a Ray cluster and stop cleanly on Ctrl-C or SIGTERM (`maas serve --help`)."""
     from maas.launch import main as serve_main
 
-    sys.exit(serve_main(list(args)) or 0)
+    ctx.exit(serve_main(list(args)) or 0)
 
 
 if __name__ == "__main__":

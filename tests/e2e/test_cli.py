@@ -37,6 +37,8 @@ def test_models_as_a_table_and_as_json(served_app):
     assert any(r.startswith("resnet50 ") and "DEMO" in r for r in rows)
     machine = json.loads(run(served_app, "--json", "models").stdout)
     assert {m["id"] for m in machine["data"]} >= {"minilm", "efficientnet-lite0", "smollm2-135m"}
+    after = json.loads(run(served_app, "models", "--json").stdout)  # --json after the command too
+    assert {m["id"] for m in after["data"]} == {m["id"] for m in machine["data"]}
 
 
 def test_predict_an_image_file_and_texts(served_app, chelsea_jpeg, tmp_path):
