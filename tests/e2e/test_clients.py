@@ -105,7 +105,7 @@ def test_errors_raise_the_clients_exceptions(client):
 
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="no-such-model", input="x")
-    with pytest.raises(openai.BadRequestError, match="context of 512 tokens"):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens"):
         client.completions.create(model="gpt2-tiny-demo", prompt="word " * 600, max_tokens=5)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(model="gpt2-tiny-demo", prompt="x", logprobs=2)

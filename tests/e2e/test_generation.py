@@ -133,4 +133,7 @@ def test_a_stream_refused_before_it_starts_is_a_400(url, served_app):
     r = requests.post(f"{url}/v1/completions", timeout=60, json={
         "model": "gpt2-tiny-demo", "prompt": "x", "max_tokens": 5000, "stream": True})
     assert r.status_code == 400
-    assert "context of 512 tokens" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert "maximum context length is 512 tokens" in error["message"]
+    assert "(1 in the messages, 5000 in the completion)" in error["message"]
+    assert error["code"] == "context_length_exceeded"

@@ -205,14 +205,24 @@ def test_greedy_completion_equals_model_generate(gpt, local_args):
         assert choice["text"] == gpt.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_context_limit_rejects_with_counts(gpt):
+def test_context_limit_rejects_with_counts_in_openais_words(gpt):
+    """OpenAI's sentences, which LiteLLM and LangChain match ("maximum context length"), with the numbers."""
     batch = tokenize(gpt.tokenizer, ["word " * 500], max_length=None, truncate=False, add_special_tokens=False)
-    with pytest.raises(InvalidRequest, match=r"has 500 tokens and max_tokens asks for 16 more.*context of 512 "
-                                             r"tokens; shorten the prompt or lower max_tokens to at most 12"):
+    with pytest.raises(InvalidRequest) as info:
         gpt.validate(ModelRequest(batch, {}))
+    err = info.value
+    assert str(err).startswith(
+        "This model's maximum context length is 512 tokens. However, you requested 516 tokens (500 in the "
+        "messages, 16 in the completion). Please reduce the length of the messages or completion."), str(err)
+    assert "max_tokens can be at most 12" in str(err)
+    assert (err.code, err.param) == ("context_length_exceeded", "max_tokens")
     batch = tokenize(gpt.tokenizer, ["word " * 600], max_length=None, truncate=False, add_special_tokens=False)
-    with pytest.raises(InvalidRequest, match=r"has 600 tokens, which fills .* context of 512"):
-        gpt.validate(ModelRequest(batch, {}))
+    with pytest.raises(InvalidRequest) as info:
+        gpt.validate(ModelRequest(batch, {"max_tokens": 0}))
+    err = info.value
+    assert str(err).startswith("This model's maximum context length is 512 tokens. However, your messages "
+                               "resulted in 600 tokens. Please reduce the length of the messages."), str(err)
+    assert (err.code, err.param) == ("context_length_exceeded", "prompt")
 
 
 def test_sampling_is_repeatable_with_seed(gpt):

@@ -366,23 +366,35 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
         self.loaded = True
 
     def validate(self, request: ModelRequest) -> None:
-        """Reject empty prompts and prompt + max_tokens beyond the context window (HTTP 400)."""
+        """Reject empty prompts and prompt + max_tokens beyond the context window (HTTP 400).
+
+        Context-window errors (code ``context_length_exceeded``) open with OpenAI's own sentences
+        ("This model's maximum context length is N tokens. However, ..."), which clients such as
+        LiteLLM and LangChain match to tell a context-window error from other 400s.
+
+        Raises:
+            InvalidRequest: an empty prompt; a prompt that fills the context; prompt + max_tokens
+                (1 when unset) beyond it.
+        """
         sp = SamplingParams.from_params(request.params)
+        context = self.context_tokens
         for i, n in enumerate(request.inputs.num_tokens):
             if n == 0:
                 raise InvalidRequest(f"prompt[{i}] is empty; send at least one token of text", param="prompt")
             wanted = sp.max_tokens if sp.max_tokens is not None else 1
-            if n >= self.context_tokens:
+            if n >= context:
                 raise InvalidRequest(
-                    f"prompt[{i}] has {n} tokens, which fills model {self.spec.key!r}'s context of "
-                    f"{self.context_tokens} tokens and leaves no room to generate; shorten the prompt",
+                    f"This model's maximum context length is {context} tokens. However, your messages resulted "
+                    f"in {n} tokens. Please reduce the length of the messages. (prompt[{i}] of model "
+                    f"{self.spec.key!r} must leave room for at least one generated token.)",
                     param="prompt", code="context_length_exceeded",
                 )
-            if n + wanted > self.context_tokens:
+            if n + wanted > context:
                 raise InvalidRequest(
-                    f"prompt[{i}] has {n} tokens and max_tokens asks for {wanted} more, but model "
-                    f"{self.spec.key!r} has a context of {self.context_tokens} tokens; shorten the prompt "
-                    f"or lower max_tokens to at most {max(self.context_tokens - n, 0)}",
+                    f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{n + wanted} tokens ({n} in the messages, {wanted} in the completion). Please reduce the "
+                    f"length of the messages or completion. (prompt[{i}] of model {self.spec.key!r}: max_tokens "
+                    f"can be at most {context - n}.)",
                     param="max_tokens", code="context_length_exceeded",
                 )
 
