@@ -3,7 +3,8 @@ starts? ``python -m maas plan serve_configs/gpu-cluster.yaml --gpus 2 --gpu-memo
 
 For every deployment of a maas application the plan takes the replica count Ray may reach (the
 ``autoscaling_config.max_replicas``, else ``num_replicas``, else 1, after the serve config's
-``deployments:`` overrides) and its ``ray_actor_options`` (``num_cpus``, ``num_gpus``). Each
+``deployments:`` overrides; ``num_replicas: auto`` is Serve's autoscaling defaults, see
+:func:`max_replicas`) and its ``ray_actor_options`` (``num_cpus``, ``num_gpus``). Each
 GPU replica's memory is estimated as
 
     parameters × bytes per parameter (4 float32, 2 float16/bfloat16)
@@ -133,12 +134,30 @@ def _overrides(app: dict) -> dict[str, dict]:
     return {d["name"]: d for d in app.get("deployments") or []}
 
 
+def max_replicas(override: dict) -> int:
+    """The most replicas Serve may run for a ``deployments:`` entry (``{}`` when there is none).
+
+    ``num_replicas: auto`` is autoscaling with Serve's defaults for it
+    (``AutoscalingConfig.default()``: up to 100 replicas), the entry's ``autoscaling_config``
+    fields overriding them, as Serve merges them; an ``autoscaling_config`` alone defaults
+    ``max_replicas`` to 1 (``AutoscalingConfig``'s field default); else ``num_replicas``, else 1.
+    """
+    auto = override.get("autoscaling_config")
+    if override.get("num_replicas") == "auto":
+        from ray.serve.config import AutoscalingConfig
+
+        merged = AutoscalingConfig.default().model_dump(exclude_unset=True) | dict(auto or {})
+        return int(merged["max_replicas"])
+    if auto:
+        return int(auto.get("max_replicas", 1))
+    return int(override.get("num_replicas", 1) or 1)
+
+
 def _replicas(name: str, num_cpus: float, num_gpus: float, override: dict) -> list[Replica]:
     opts = override.get("ray_actor_options") or {}
     num_cpus = float(opts.get("num_cpus", num_cpus))
     num_gpus = float(opts.get("num_gpus", num_gpus))
-    auto = override.get("autoscaling_config")
-    count = int(auto.get("max_replicas", 1)) if auto else int(override.get("num_replicas", 1) or 1)
+    count = max_replicas(override)
     return [Replica(name, i, count, num_cpus, num_gpus) for i in range(count)]
 
 
@@ -148,6 +167,7 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
     plan = Plan()
     replicas: list[Replica] = []
     specs: dict[str, ModelSpec] = {}
+    notes: list[str] = []
     for app in serve_config.get("applications", []):
         if app.get("import_path") != "maas.app:build_app":
             continue
@@ -173,6 +193,9 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
                 validate_traffic(config, traffic)
             except ValueError as exc:
                 plan.invalid.append(f"{INGRESS_DEPLOYMENT} user_config: {exc}")
+        for name in sorted(n for n, entry in over.items() if entry.get("num_replicas") == "auto"):
+            notes.append(f"{name}: num_replicas auto = Serve's autoscaling defaults, up to {max_replicas(over[name])} "
+                         "replicas; set autoscaling_config.max_replicas to bound it")
         for name in sorted(set(over) - known):
             plan.errors.append(f"deployments: entry {name!r} names no deployment of application "
                                f"{app.get('name', '?')!r}; its deployments are {sorted(known)}")
@@ -198,6 +221,7 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
                 f"{r.num_gpus:g} × {gpu_memory_gib:g} GiB = {r.num_gpus * gpu_memory_gib:.2f} GiB; raise num_gpus"
             )
 
+    plan.lines += notes
     total_cpus = sum(r.num_cpus for r in replicas)
     if total_cpus > cpus + 1e-9:
         plan.errors.append(f"CPU requests at max replicas total {total_cpus:g} > {cpus:g} CPUs "

@@ -45,6 +45,41 @@ def test_override_naming_no_deployment_is_an_error(gpu_config):
     assert any("'Tokenizer-typo' names no deployment" in e for e in plan.errors)
 
 
+
+def _with_entry(config: dict, entry: dict) -> dict:
+    cfg = copy.deepcopy(config)
+    deployments = cfg["applications"][0]["deployments"]
+    deployments[:] = [d for d in deployments if d["name"] != entry["name"]] + [entry]
+    return cfg
+
+
+def test_num_replicas_auto_is_serves_autoscaling_defaults(gpu_config):
+    """``num_replicas: auto`` (was a ValueError) plans Serve's default bound; the entry's own
+    autoscaling_config fields override it, as Serve merges them."""
+    from ray.serve.config import AutoscalingConfig
+
+    from maas.plan import max_replicas
+
+    serve_default = AutoscalingConfig.default().max_replicas
+    assert serve_default == 100  # Ray 2.60's default for num_replicas="auto"
+    assert max_replicas({"num_replicas": "auto"}) == serve_default
+    assert max_replicas({"num_replicas": "auto", "autoscaling_config": {"max_replicas": 3}}) == 3
+    assert max_replicas({"autoscaling_config": {"min_replicas": 1}}) == 1  # AutoscalingConfig's own default
+    assert max_replicas({"num_replicas": 2}) == 2 and max_replicas({}) == 1
+
+    bounded = plan_config(_with_entry(gpu_config, {"name": "t5-small", "num_replicas": "auto",
+                                                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}),
+                          gpus=2, gpu_memory_gib=80, cpus=32)
+    assert bounded.fits, bounded.text()
+    assert any(ln.split()[:2] == ["t5-small", "2"] for ln in bounded.lines), bounded.text()
+
+    unbounded = plan_config(_with_entry(gpu_config, {"name": "t5-small", "num_replicas": "auto"}),
+                            gpus=2, gpu_memory_gib=80, cpus=32)
+    assert not unbounded.fits
+    assert any(ln.split()[:2] == ["t5-small", "100"] for ln in unbounded.lines), unbounded.text()
+    assert any("t5-small: num_replicas auto" in ln and "up to 100 replicas" in ln for ln in unbounded.lines)
+    assert any("(largest: t5-small)" in e for e in unbounded.errors), unbounded.errors
+
 def test_rayservice_manifest_is_generated_from_the_serve_config():
     committed = (ROOT / "cluster" / "rayservice.yaml").read_text()
     assert render(GPU_CONFIG.relative_to(ROOT)) == committed, "regenerate: python -m maas manifest ..."
