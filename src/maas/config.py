@@ -480,6 +480,13 @@ class IngressSpec(_Strict):
         description="File with one API key per line ('#' comments). Keys here and in the MAAS_API_KEYS "
         "environment variable (comma-separated) are accepted; with none, the service is open.",
     )
+    cors_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) whose web pages may call the API from a browser (CORS); "
+        "['*'] allows any origin. Default empty: CORS off, browsers refuse cross-origin calls. An API that takes "
+        "API keys should not be callable from every web page by default (vLLM and TEI allow every origin by "
+        "default, Ollama only localhost); a browser app on another origin needs its origin listed here.",
+    )
 
 
 class AppConfig(_Strict):

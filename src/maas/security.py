@@ -1,4 +1,10 @@
-"""Access control and request-size limits, as one ASGI middleware in front of the ingress routes.
+"""Access control and request-size limits, as ASGI middlewares in front of the ingress routes.
+
+* **CORS** (:class:`Cors`, outermost). Browser pages on the origins in the ingress's
+  ``cors_allowed_origins`` may call the API: their preflights are answered here, before the key
+  check (browsers send preflights without credentials), and their responses carry
+  ``Access-Control-Allow-Origin``. Any other origin gets no CORS headers (a preflight from it
+  gets 403 naming the setting). Off by default (no origins).
 
 * **API keys.** When any key is configured — ``MAAS_API_KEYS`` (comma-separated, in the ingress
   replica's environment) and/or the ingress ``api_keys_file`` — every route except liveness and
@@ -56,11 +62,15 @@ def load_api_keys(keys_file: str | None, env: dict | None = None) -> tuple[bytes
 
 @dataclass
 class GuardSettings:
-    """What the middleware enforces; set by the Ingress replica at start-up."""
+    """What the middlewares enforce; set by the Ingress replica at start-up.
+
+    ``cors_allowed_origins`` holds origins as :func:`cors_origins` normalises them (``"*"``: any).
+    """
 
     api_keys: tuple[bytes, ...] = ()
     max_body_bytes: int = 64 * 1024 * 1024
     extra_open: frozenset = field(default_factory=frozenset)
+    cors_allowed_origins: frozenset[str] = frozenset()
 
 
 SETTINGS = GuardSettings()
@@ -132,6 +142,101 @@ class Guard:
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+#: Methods a cross-origin page may use: the routes take GET and POST (HEAD wherever GET is).
+CORS_ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
+#: Response headers a cross-origin page may read besides the CORS-safelisted ones: the routing
+#: headers (every other ``X-Maas-*`` header of a response is exposed too) and ``Retry-After``.
+CORS_EXPOSE_HEADERS = ("X-Maas-Routed-Model", "X-Maas-Route-Reason", "X-Maas-Model-Version", "Retry-After")
+#: How long a browser may cache a preflight's answer, seconds (Chromium caps it at 7200).
+CORS_MAX_AGE_S = 600
+
+
+def cors_origins(origins) -> frozenset[str]:
+    """The configured origins as browsers send them in ``Origin``: lower case, no trailing slash
+    (``"https://App.example.com/"`` matches ``https://app.example.com``); ``"*"`` stays."""
+    return frozenset(o.strip().rstrip("/").lower() for o in origins if o.strip())
+
+
+class Cors:
+    """Pure ASGI middleware answering CORS for the origins in ``SETTINGS.cors_allowed_origins``.
+
+    Read at every request, as :class:`Guard` reads its settings, so the Ingress replica sets them
+    after the app is built. Goes outermost: a preflight (``OPTIONS`` with ``Origin`` and
+    ``Access-Control-Request-Method``) is answered before the key check, since browsers send it
+    without credentials.
+
+    * Preflight from an allowed origin: 204 with ``Access-Control-Allow-Origin`` (the origin),
+      ``-Allow-Methods`` (:data:`CORS_ALLOW_METHODS`), ``-Allow-Headers`` (the requested ones:
+      the API key is the access control, not the header names), ``-Max-Age``
+      (:data:`CORS_MAX_AGE_S`) and ``Vary``.
+    * Preflight from any other origin (every origin while the setting is empty): 403 with a JSON
+      error naming the setting, and no CORS headers.
+    * Other requests run as they are; a response to an allowed origin gets
+      ``Access-Control-Allow-Origin`` and ``Access-Control-Expose-Headers``
+      (:data:`CORS_EXPOSE_HEADERS` and the response's other ``X-Maas-*`` headers). While CORS is
+      on every response varies by ``Origin`` (``Vary: Origin``) so caches keep them apart.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        allowed = SETTINGS.cors_allowed_origins
+        origin = request_method = request_headers = None
+        for name, value in scope.get("headers") or ():
+            if name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"access-control-request-method":
+                request_method = value
+            elif name == b"access-control-request-headers":
+                request_headers = value
+        ok = origin is not None and ("*" in allowed or origin.lower() in allowed)
+        if scope.get("method") == "OPTIONS" and origin is not None and request_method is not None:
+            if not ok:
+                path, root = scope.get("path", ""), scope.get("root_path", "")
+                if root and path.startswith(root):  # as in Guard: /v2 paths answer in their own error format
+                    path = path[len(root):] or "/"
+                setting = ("CORS is off" if not allowed else "it is not in the ingress's cors_allowed_origins")
+                return await _reply(send, path, 403, f"origin {origin!r} may not call this API from a browser: "
+                                    f"{setting}; add it to args.ingress.cors_allowed_origins in the serve config "
+                                    "([\"*\"] allows any origin)", "permission_error")
+            headers = [(b"access-control-allow-origin", origin.encode("latin-1")),
+                       (b"access-control-allow-methods", CORS_ALLOW_METHODS.encode()),
+                       (b"access-control-max-age", str(CORS_MAX_AGE_S).encode()),
+                       (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers")]
+            if request_headers:
+                headers.append((b"access-control-allow-headers", request_headers))
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            return await send({"type": "http.response.body", "body": b""})
+        if not allowed:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                names = {n.lower() for n, _ in headers}
+                if ok:
+                    expose = list(CORS_EXPOSE_HEADERS) + sorted(
+                        n.decode("latin-1") for n in names
+                        if n.startswith(b"x-maas-") and n.decode("latin-1") not in _EXPOSED_LOWER)
+                    headers.append((b"access-control-allow-origin", origin.encode("latin-1")))
+                    headers.append((b"access-control-expose-headers", ", ".join(expose).encode("latin-1")))
+                if b"vary" in names:  # one Vary header, Origin added to its list
+                    headers = [(n, v + b", Origin" if n.lower() == b"vary" and b"origin" not in v.lower() else v)
+                               for n, v in headers]
+                else:
+                    headers.append((b"vary", b"Origin"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+_EXPOSED_LOWER = frozenset(h.lower() for h in CORS_EXPOSE_HEADERS)
 
 
 async def _reply(send, path: str, status: int, message: str, kind: str, extra: dict | None = None) -> None:
