@@ -159,7 +159,7 @@ class ImagePreprocessingSpec(_Strict):
 
 
 class BatchingSpec(_Strict):
-    """Batching settings of a model: its replicas' pull batcher (``maas.models.base.PullBatcher``)
+    """Batching settings of a model: its replicas' pull batcher (``maas.batching.pull.PullBatcher``)
     and the ingress's front batcher. Sent to the replica as ``user_config``, so a serve config
     ``deployments:`` entry can change them without a restart."""
 
@@ -176,7 +176,7 @@ class BatchingSpec(_Strict):
         "requests GPUs (one batch collating while one computes), 1 on CPU (measured: a second batch out "
         "made batches smaller and cost 7 % of MiniLM's throughput at 64 clients on 2 cores).",
     )
-    # Generators (text-generator family) only: the continuous batcher (maas.models.continuous).
+    # Generators (text-generator family) only: the continuous batcher (maas.batching.continuous).
     kv_cache_tokens: int | None = Field(
         default=None, ge=16,
         description="text-generator: KV-cache budget per replica in token slots (running rows × longest "

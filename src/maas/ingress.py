@@ -3,16 +3,20 @@ dataplane's operations as handle methods. App name ``maas``.
 
 HTTP routes live in :mod:`maas.protocol.openai_routes`, :mod:`maas.protocol.v2_routes` and
 :mod:`maas.protocol.maas_routes`; the operations, routing and front batching in
-:mod:`maas.dataplane`. The same operations are handle methods for other Ray jobs::
+:mod:`maas.dataplane`. The same operations are handle methods for other Ray jobs, taking the
+request body of their HTTP route as a dict and answering its response body::
 
     h = serve.get_app_handle("maas")
     h.embed.remote({"model": "minilm", "input": ["a", "b"]}).result()
-    h.classify_images.remote("efficientnet-lite0", [jpeg_bytes], top_k=3).result()
-    h.classify_images.remote("imagenet@2", [jpeg_bytes]).result()        # a pinned version
+    h.classify_images.remote({"model": "efficientnet-lite0", "images": [jpeg_bytes], "top_k": 3}).result()
+    h.classify_images.remote({"model": "imagenet@2", "images": [jpeg_bytes]}).result()    # a pinned version
+    h.classify_images.remote({"model": "auto", "images": [jpeg_bytes], "latency_budget_ms": 50,
+                              "cascade": {"threshold": 0.6}}).result()
     h.embed.remote({"model": "minilm", "input": ["a"], "user": "u-42"})    # ``user``: sticky version
 
-Handle methods take plain dicts/bytes and return plain dicts (the HTTP JSON bodies). Errors
-raise :class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
+Images (and an explanation's ``image``) may be raw file bytes, as well as the base64 strings HTTP
+JSON carries. Every method takes ``routing_key=`` (what the ``X-Maas-Routing-Key`` header says on
+HTTP). Errors raise :class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
 
 The ingress imports no torch: it handles bytes, JSON and numpy only.
 """
@@ -30,8 +34,15 @@ from ray.serve.handle import DeploymentHandle
 from maas.config import AppConfig
 from maas.dataplane import Dataplane, set_current
 from maas.errors import InvalidRequest
-from maas.protocol import http, maas_routes, openai_routes, parse, playground, v2_routes
-from maas.protocol.maas import ExplainTextRequest, Text2TextRequest, TextClassificationRequest
+from maas.protocol import http, maas_routes, openai_render, openai_routes, parse, playground, v2_routes
+from maas.protocol import maas as maas_render
+from maas.protocol.maas import (
+    ExplainImageRequest,
+    ExplainTextRequest,
+    ImageClassificationRequest,
+    Text2TextRequest,
+    TextClassificationRequest,
+)
 from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from maas.security import Guard
 
@@ -54,11 +65,27 @@ playground.mount(app)
 
 
 def _plain(body: dict) -> dict:
-    """A dataplane body as JSON types only (embedding arrays as lists), for handle callers."""
+    """A rendered body as JSON types only (embedding arrays as lists), for handle callers."""
     for d in body.get("data", ()):
         if isinstance(d, dict) and isinstance(d.get("embedding"), np.ndarray):
             d["embedding"] = d["embedding"].tolist()
     return body
+
+
+def _raw_files(request: dict, field: str, many: bool) -> tuple[dict, list | None]:
+    """Split raw ``bytes`` files out of a handle caller's request (HTTP JSON carries base64):
+    ``(the request with placeholders, the files)`` or ``(request, None)`` when they are base64."""
+    if not isinstance(request, dict):
+        raise InvalidRequest(f"the request must be a dict (the JSON body of the HTTP route), got "
+                             f"{type(request).__name__}")
+    value = request.get(field)
+    items = value if many else [value]
+    if not isinstance(items, (list, tuple)) or not items or not any(isinstance(b, (bytes, bytearray)) for b in items):
+        return request, None
+    if not all(isinstance(b, (bytes, bytearray)) for b in items):
+        raise InvalidRequest(f"{field} must be all raw bytes or all base64 strings, not a mix", param=field)
+    placeholder = ["AA=="] * len(items) if many else "AA=="
+    return {**request, field: placeholder}, [bytes(b) for b in items]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
@@ -117,61 +144,75 @@ class Ingress:
 
     async def list_models(self) -> dict:
         """All served models with family, tasks, weights source and readiness (``/v1/models`` body)."""
-        return await self.dataplane.list_models()
+        return openai_render.model_list(await self.dataplane.readiness.cards(), self.dataplane.created)
 
     async def readiness(self) -> dict:
         """``{"ready", "models", "reasons"?}`` (``/readyz`` body)."""
-        return await self.dataplane.readiness()
+        return await self.dataplane.readiness.report()
 
     async def stats(self) -> dict:
-        """Front batching records of this ingress replica (see ``Dataplane.stats``)."""
-        return self.dataplane.stats()
+        """Front batching records of this ingress replica (see ``Calls.stats``)."""
+        return self.dataplane.calls.stats()
 
-    async def embed(self, request: dict) -> dict:
-        """OpenAI embeddings body for an OpenAI embeddings request dict."""
-        return _plain(await self.dataplane.embed(parse(EmbeddingRequest, request)))
+    async def embed(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/embeddings``: an OpenAI embeddings request dict → its body (vectors as lists)."""
+        body = parse(EmbeddingRequest, request)
+        res = await self.dataplane.ops.embed(body.to_operation(routing_key))
+        return _plain(openai_render.embeddings(res, body.encoding_format))
 
-    async def complete(self, request: dict) -> dict:
-        """OpenAI completions, not streamed (streamed: :meth:`stream_complete`)."""
-        return await self.dataplane.complete(parse(CompletionRequest, request))
+    async def complete(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/completions``, not streamed (streamed: :meth:`stream_complete`)."""
+        res = await self.dataplane.ops.generate(parse(CompletionRequest, request).to_operation(routing_key))
+        return openai_render.completion(res)
 
-    async def chat(self, request: dict) -> dict:
-        """OpenAI chat completions, not streamed (streamed: :meth:`stream_chat`)."""
-        return await self.dataplane.chat(parse(ChatCompletionRequest, request))
+    async def chat(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/chat/completions``, not streamed (streamed: :meth:`stream_chat`)."""
+        res = await self.dataplane.ops.generate(parse(ChatCompletionRequest, request).to_operation(routing_key))
+        return openai_render.chat_completion(res)
 
-    async def stream_complete(self, request: dict) -> AsyncIterator[dict]:
+    async def stream_complete(self, request: dict, routing_key: str | None = None) -> AsyncIterator[dict]:
         """Streamed completion chunks; call with ``handle.options(stream=True).stream_complete.remote(...)``."""
-        async for chunk in self.dataplane.stream_complete(parse(CompletionRequest, request)):
+        async for chunk in self._stream(parse(CompletionRequest, request), False, routing_key):
             yield chunk
 
-    async def stream_chat(self, request: dict) -> AsyncIterator[dict]:
+    async def stream_chat(self, request: dict, routing_key: str | None = None) -> AsyncIterator[dict]:
         """Streamed chat chunks; call with ``handle.options(stream=True).stream_chat.remote(...)``."""
-        async for chunk in self.dataplane.stream_chat(parse(ChatCompletionRequest, request)):
+        async for chunk in self._stream(parse(ChatCompletionRequest, request), True, routing_key):
             yield chunk
 
-    async def text2text(self, request: dict) -> dict:
-        """Encoder–decoder generation (``/v1/text2text`` body)."""
-        return await self.dataplane.text2text(parse(Text2TextRequest, request))
+    async def _stream(self, body, chat: bool, routing_key: str | None) -> AsyncIterator[dict]:
+        stream = await self.dataplane.ops.stream(body.to_operation(routing_key))
+        renderer = openai_render.StreamRenderer(stream.answered, chat, body.include_usage)
+        async for event in stream.events:
+            for chunk in renderer.render(event):
+                yield chunk
 
-    async def classify_text(self, request: dict) -> dict:
-        """Text classification (``/v1/classifications/text`` body)."""
-        return await self.dataplane.classify_text(parse(TextClassificationRequest, request))
+    async def text2text(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/text2text``: encoder–decoder generation."""
+        res = await self.dataplane.ops.generate(parse(Text2TextRequest, request).to_operation(routing_key))
+        return maas_render.text2text(res)
 
-    async def explain_image(self, model: str, image: bytes, target: str | int | None = None, view: str = "full",
-                            seed: int = 0, overlay: bool = True) -> dict:
-        """Grad-CAM explanation of one encoded image (``/v1/explanations/image`` body)."""
-        if not isinstance(image, (bytes, bytearray)):
-            raise InvalidRequest("image must be an encoded image file as bytes", param="image")
-        return await self.dataplane.explain_image(model, bytes(image), target, view, seed, overlay)
+    async def classify_text(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/classifications/text``."""
+        res = await self.dataplane.ops.classify_texts(parse(TextClassificationRequest, request).to_operation(routing_key))
+        return maas_render.classifications(res)
 
-    async def explain_text(self, request: dict) -> dict:
-        """Token attributions (``/v1/explanations/text`` body)."""
-        return await self.dataplane.explain_text(parse(ExplainTextRequest, request))
+    async def classify_images(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/classifications/image`` as JSON: ``{"model", "images", "top_k"?, "latency_budget_ms"?,
+        "cascade"?}``; ``images`` raw file bytes (JPEG, PNG, WebP, BMP, TIFF, GIF) or base64 strings.
+        One result per image, in order."""
+        checked, files = _raw_files(request, "images", many=True)
+        req = parse(ImageClassificationRequest, checked).to_operation(routing_key, images=files)
+        return maas_render.classifications(await self.dataplane.ops.classify_images(req))
 
-    async def classify_images(self, model: str, images: list[bytes], top_k: int = 5,
-                              routing_key: str | None = None) -> dict:
-        """Classify encoded images (JPEG, PNG, WebP, BMP, TIFF, GIF); one result per image, in order.
-        ``model`` may be ``name@version``; ``routing_key`` keeps one caller on one version."""
-        if not isinstance(images, (list, tuple)) or not all(isinstance(b, (bytes, bytearray)) for b in images):
-            raise InvalidRequest("images must be a list of encoded image files as bytes", param="images")
-        return await self.dataplane.classify_images(model, [bytes(b) for b in images], top_k, routing_key=routing_key)
+    async def explain_image(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/explanations/image`` as JSON: ``{"model", "image", "target"?, "view"?, "seed"?,
+        "overlay"?}``; ``image`` raw file bytes or base64."""
+        checked, files = _raw_files(request, "image", many=False)
+        req = parse(ExplainImageRequest, checked).to_operation(routing_key, image=files[0] if files else None)
+        return maas_render.explanation(await self.dataplane.ops.explain_image(req))
+
+    async def explain_text(self, request: dict, routing_key: str | None = None) -> dict:
+        """``POST /v1/explanations/text``: token attributions."""
+        res = await self.dataplane.ops.explain_text(parse(ExplainTextRequest, request).to_operation(routing_key))
+        return maas_render.explanation(res)

@@ -22,7 +22,7 @@ import yaml
 #: loop, gRPC between replicas, buffered access logs. README "Benchmarks" has the measured effect.
 #:
 #: * gRPC between replicas (the mode's default) is kept: every request carries its deadline to the
-#:   replica (``maas.batch``), which drops a job still queued past it and stops generation at it,
+#:   replica (``maas.batching``), which drops a job still queued past it and stops generation at it,
 #:   so timeouts hold whatever the transport does with cancellation. Measured against Ray's
 #:   transport in one session (2 cores): MiniLM 236 -> 267 sentences/s at 64 clients, c=1 p50
 #:   25.6 -> 21.6 ms; EfficientNet-Lite0 c=1 p50 43.6 -> 35.0 ms.

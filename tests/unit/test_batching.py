@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from maas.batch import Preprocessed
-from maas.dataplane.batcher import FrontBatcher
+from maas.batching.front import FrontBatcher
+from maas.batching.jobs import Preprocessed
+from maas.batching.pull import PullBatcher
 from maas.errors import InvalidRequest, MaasError, ModelTimeout, ServiceOverloaded
-from maas.models.base import ModelRequest, PullBatcher
+from maas.models.base import ModelRequest
 from maas.preprocess.image import ImageBatch
 
 

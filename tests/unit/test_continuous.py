@@ -1,4 +1,4 @@
-"""The continuous batcher (maas.models.continuous) driven directly, without Ray: rows join and
+"""The continuous batcher (maas.batching.continuous) driven directly, without Ray: rows join and
 leave the running batch, greedy text is the same alone, batched and streamed (and equals
 transformers' own ``generate``), a caller who leaves frees its slot at the next step, and the
 KV budget queues, then refuses with 503."""
@@ -11,7 +11,7 @@ import torch
 
 from maas.errors import InvalidRequest, MaasError, ModelTimeout, ServiceOverloaded
 from maas.models.base import ModelRequest
-from maas.models.continuous import ContinuousBatcher
+from maas.batching.continuous import ContinuousBatcher
 from maas.models.text_generator import SamplingParams, TextGeneratorRunner
 from maas.preprocess.text import tokenize
 from tests.conftest import wait_for

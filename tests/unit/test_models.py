@@ -293,7 +293,7 @@ def test_stop_strings_batched_equal_streamed(gpt, stop):
     and from the continuous batcher, streamed."""
     import threading
 
-    from maas.models.continuous import ContinuousBatcher
+    from maas.batching.continuous import ContinuousBatcher
 
     batch = tokenize(gpt.tokenizer, ["Hello", "Hi"], max_length=None, truncate=False, add_special_tokens=False)
     params = {"max_tokens": 12, "temperature": 0, "stop": stop}

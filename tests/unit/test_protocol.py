@@ -32,8 +32,8 @@ def test_embedding_inputs():
     assert EmbeddingRequest(model="m", input="a").texts() == ["a"]
     assert EmbeddingRequest(model="m", input=[1, 2, 3]).token_arrays() == [[1, 2, 3]]
     assert EmbeddingRequest(model="m", input=[[1], [2, 3]]).token_arrays() == [[1], [2, 3]]
-    with pytest.raises(InvalidRequest, match="empty string"):
-        EmbeddingRequest(model="m", input=["a", ""]).texts()
+    op = EmbeddingRequest(model="m", input=[[1], [2, 3]], user="u").to_operation()
+    assert op.texts is None and op.token_ids == [[1], [2, 3]] and op.routing_key == "u"
 
 
 def _binary_request(inputs: list[tuple[dict, bytes]], outputs=None, params=None) -> tuple[bytes, int]:

@@ -9,6 +9,7 @@ import pytest
 from maas.app import ConfigError, parse_config
 from maas.config import validate_traffic
 from maas.dataplane.traffic import KeyTable, Traffic, compare, pick, unit_hash
+from maas.dataplane.types import Answered, Classifications, Embeddings, GeneratedChoice, Generation
 
 
 def classifier(version, **extra):
@@ -259,14 +260,16 @@ def test_no_rollback_within_the_margins_or_outside_the_window():
 
 
 def test_shadow_comparison():
-    top = lambda *labels: {"data": [{"top_k": [{"label": lab, "score": 0.9}]} for lab in labels]}  # noqa: E731
+    who = Answered("m", "m", "1", False)
+    top = lambda *labels: Classifications(who, [[{"index": 0, "label": lab, "score": 0.9}] for lab in labels])  # noqa: E731
     assert compare(top("cat", "dog"), top("cat", "dog"))
     assert not compare(top("cat", "dog"), top("cat", "cow"))
     v = np.arange(8, dtype=np.float32) + 1
-    emb = lambda *vs: {"data": [{"embedding": x} for x in vs]}  # noqa: E731
+    emb = lambda *vs: Embeddings(who, np.stack(vs), 1)  # noqa: E731
     assert compare(emb(v), emb(v * 2))  # same direction
     assert not compare(emb(v), emb(v[::-1].copy()))
-    chat = lambda text: {"choices": [{"message": {"content": text}}]}  # noqa: E731
+    assert not compare(emb(v), Embeddings(who, np.ones((1, 4), np.float32), 1))  # another dimension
+    chat = lambda text: Generation(who, [GeneratedChoice(text, "stop", 2)], 3)  # noqa: E731
     assert compare(chat("Paris."), chat("Paris.")) and not compare(chat("Paris."), chat("Lyon."))
     with pytest.raises(ValueError):
         compare(top("cat"), top("cat", "dog"))

@@ -33,7 +33,6 @@ with ``;failover-from=<model>`` when a preferred model could not serve.
 
 from __future__ import annotations
 
-import contextvars
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -42,11 +41,6 @@ from dataclasses import dataclass
 AUTO = "auto"
 #: Request latencies kept per model; the prediction starts from their median.
 WINDOW = 16
-
-#: Per HTTP request: ``{"budget_ms": float | None}`` set by the middleware from the
-#: ``X-Maas-Latency-Budget-Ms`` header; the dataplane adds ``routed_model`` and ``route_reason``,
-#: which the middleware turns into response headers.
-routing_context: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maas_routing", default=None)
 
 
 @dataclass(frozen=True)

@@ -358,37 +358,29 @@ class Traffic:
                 metrics.traffic_weight(name, v, w)
 
 
-def compare(primary: dict, shadow: dict) -> bool:
-    """Whether a shadow answer agrees with the primary one (see the module docstring).
+def compare(primary, shadow) -> bool:
+    """Whether a shadow answer agrees with the primary one (see the module docstring). Both are
+    results of one operation (:mod:`maas.dataplane.types`): ``Classifications`` agree on every
+    input's top-1 label, ``Embeddings`` on a cosine ≥ :data:`SHADOW_COSINE_AGREE` per row,
+    ``Generation`` on equal texts.
 
     Raises:
-        ValueError: the bodies hold nothing comparable.
+        ValueError: the answers differ in shape or hold nothing comparable.
     """
     import numpy as np
 
-    if "choices" in primary:
-        return [c.get("text", c.get("message", {}).get("content")) for c in primary["choices"]] == \
-               [c.get("text", c.get("message", {}).get("content")) for c in shadow["choices"]]
-    rows_a, rows_b = primary.get("data"), shadow.get("data")
-    if not rows_a or rows_b is None or len(rows_a) != len(rows_b):
-        raise ValueError("answers differ in shape")
-    first = rows_a[0]
-    if "top_k" in first:
-        return all(a["top_k"][0]["label"] == b["top_k"][0]["label"] for a, b in zip(rows_a, rows_b))
-    if "embedding" in first:
-        for a, b in zip(rows_a, rows_b):
-            va, vb = a["embedding"], b["embedding"]
-            if isinstance(va, str) or isinstance(vb, str):
-                if va != vb:
-                    return False
-                continue
-            va, vb = np.asarray(va, dtype=np.float64), np.asarray(vb, dtype=np.float64)
-            if va.shape != vb.shape:
-                return False
-            cos = float(va @ vb / max(np.linalg.norm(va) * np.linalg.norm(vb), 1e-12))
-            if cos < SHADOW_COSINE_AGREE:
-                return False
-        return True
-    if "text" in first:
-        return [a["text"] for a in rows_a] == [b["text"] for b in rows_b]
+    if hasattr(primary, "choices"):
+        return [c.text for c in primary.choices] == [c.text for c in shadow.choices]
+    if hasattr(primary, "rows"):
+        if len(primary.rows) != len(shadow.rows) or not primary.rows:
+            raise ValueError("answers differ in shape")
+        return all(a[0]["label"] == b[0]["label"] for a, b in zip(primary.rows, shadow.rows))
+    if hasattr(primary, "vectors"):
+        va, vb = np.asarray(primary.vectors, dtype=np.float64), np.asarray(shadow.vectors, dtype=np.float64)
+        if va.shape[:1] != vb.shape[:1]:
+            raise ValueError("answers differ in shape")
+        if va.shape != vb.shape:
+            return False
+        norms = np.maximum(np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1), 1e-12)
+        return bool(((va * vb).sum(axis=1) / norms >= SHADOW_COSINE_AGREE).all())
     raise ValueError("answers hold nothing comparable")

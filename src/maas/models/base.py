@@ -12,7 +12,7 @@ Two layers:
   only when idle (settings come in through ``user_config``, so serve config overrides reach
   them).
 
-A call carries a front batch of jobs (:class:`~maas.batch.Preprocessed` + per-job params and
+A call carries a front batch of jobs (:class:`~maas.batching.jobs.Preprocessed` + per-job params and
 deadlines) and answers one result or one :class:`~maas.errors.MaasError` per job, so one bad
 request never fails its neighbours. Each family module defines ``<Family>Runner`` and a
 ``@serve.deployment`` class that subclasses :class:`ModelDeployment` with ``runner_cls`` set.
@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from ray import serve
 
 from maas import metrics
+from maas.batching.pull import PullBatcher
 from maas.config import BatchingSpec, ModelSpec
 
 logger = logging.getLogger("ray.serve.maas.models")
@@ -215,170 +215,6 @@ class ModelRunner(ABC):
         """A one-item request that exercises the forward pass (used by health checks)."""
 
 
-# ---------------------------------------------------------------------------- pull batching
-
-
-@dataclass
-class _Call:
-    """One handle call waiting in a replica's queue: its jobs' requests and where answers go."""
-
-    requests: list[ModelRequest]
-    results: list[Any]
-    pending: list[int]  # positions in ``results`` still to be answered
-    future: asyncio.Future
-    items: int
-    cancelled: bool = False
-
-
-class PullBatcher:
-    """Batches form where work is pulled: the forward thread takes what is queued.
-
-    Calls queue here (each holds one or more jobs, each job one or more items). A worker task
-    takes *everything* queued, up to ``max_batch_size`` items (never splitting a call; a call
-    larger than that runs alone), as soon as the previous batch is done, so a busy replica runs
-    big batches and keeps its forward busy. Only when the replica is idle (nothing ran since
-    the queue last emptied) does the worker wait up to ``batch_wait_timeout_s`` for the batch
-    to fill, and only if that is above 0.
-
-    Why not ``@serve.batch``: it forms a batch on its timer and only then waits for the forward
-    to be free, so under load it queues many small batches (issue 10 measured mean batch 4.8 at
-    64 concurrent MiniLM requests in a simulation of its loop, against 30.8 for a batcher that
-    collects when the worker frees, +30 % items/s). This class is that second loop.
-
-    Jobs whose caller left (cancelled call) or whose deadline passed are dropped before their
-    batch runs and answered :class:`~maas.errors.ModelTimeout` (a deadline) or not at all (a
-    cancelled caller is gone).
-
-    Args:
-        run: ``run(requests) -> results`` (one per request), awaited; it runs the forward.
-        name: Model name for metrics.
-        after_batch: Called after a batch's answers are delivered (metrics that can wait).
-    """
-
-    def __init__(self, run, name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0,
-                 after_batch=None):
-        self.run, self.name, self.after_batch = run, name, after_batch
-        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
-        self._queue: list[_Call] = []
-        self.queued_items = 0
-        self.running_items = 0
-        self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._idle = True
-        self.batch_requests: Counter[int] = Counter()
-        self.batch_items: Counter[int] = Counter()
-
-    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
-
-    async def submit(self, requests: list[ModelRequest], results: list[Any], pending: list[int]) -> list[Any]:
-        """Queue ``requests`` (answers go to ``results[pending[i]]``); returns ``results``.
-
-        Raises:
-            asyncio.CancelledError: the caller cancelled; its jobs are dropped if not started,
-                and running generation stops at its next step.
-        """
-        loop = asyncio.get_running_loop()
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work(), name=f"maas-batcher-{self.name}")
-        now = time.perf_counter()
-        for r in requests:
-            r.enqueued_at = now
-        call = _Call(requests, results, pending, loop.create_future(), sum(len(r.inputs) for r in requests))
-        self._queue.append(call)
-        self.queued_items += call.items
-        self._wakeup.set()
-        try:
-            return await call.future
-        except asyncio.CancelledError:
-            call.cancelled = True
-            for r in requests:
-                r.cancelled = True
-            raise
-
-    def _take(self) -> list[_Call]:
-        taken, items = [], 0
-        while self._queue:
-            call = self._queue[0]
-            if call.cancelled or call.future.done():
-                self._queue.pop(0)
-                self.queued_items -= call.items
-                continue
-            if taken and items + call.items > self.max_batch_size:
-                break
-            taken.append(self._queue.pop(0))
-            self.queued_items -= call.items
-            items += call.items
-        return taken
-
-    async def _work(self) -> None:
-        assert self._wakeup is not None
-        while True:
-            if not self._queue:
-                self._idle = True
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self._idle and self.batch_wait_timeout_s > 0 and self.queued_items < self.max_batch_size:
-                deadline = time.monotonic() + self.batch_wait_timeout_s
-                while self.queued_items < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), timeout=left)
-                    except asyncio.TimeoutError:
-                        break
-            self._idle = False
-            calls = self._take()
-            if calls:
-                await self._run(calls)
-
-    async def _run(self, calls: list[_Call]) -> None:
-        from maas.errors import MaasError, ModelTimeout
-
-        live: list[tuple[_Call, int, ModelRequest]] = []
-        for call in calls:
-            for pos, r in zip(call.pending, call.requests):
-                if r.cancelled:
-                    continue
-                if r.abandoned:
-                    call.results[pos] = ModelTimeout(
-                        f"model {self.name!r} did not start this request before its deadline; retry later "
-                        "or send less work per request")
-                    continue
-                live.append((call, pos, r))
-        requests = [r for _, _, r in live]
-        waits_ms: list[float] = []
-        items = 0
-        if requests:
-            now = time.perf_counter()
-            items = sum(len(r.inputs) for r in requests)
-            self.batch_requests[len(requests)] += 1
-            self.batch_items[items] += 1
-            waits_ms = [1000 * (now - r.enqueued_at) for r in requests]
-            self.running_items = items
-            try:
-                outputs = await self.run(requests)
-            except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the replica lives on
-                if not isinstance(exc, MaasError):
-                    logger.exception("model %s: a batch of %d requests failed", self.name, len(requests))
-                    exc = MaasError(f"model {self.name!r} failed")
-                outputs = [exc] * len(requests)
-            finally:
-                self.running_items = 0
-            for (call, pos, _), out in zip(live, outputs):
-                call.results[pos] = out
-        for call in calls:
-            if not call.future.done():
-                call.future.set_result(call.results)
-        if requests:  # metrics after the answers are on their way: they cost ~50 µs each
-            metrics.batch(self.name, items)
-            for ms in waits_ms:
-                metrics.stage(self.name, "queue", ms)
-            if self.after_batch is not None:
-                self.after_batch()
-
-
 # ---------------------------------------------------------------------------- Ray replica
 
 
@@ -469,7 +305,7 @@ class ModelDeployment:
             preprocessing error or its validation error) and None elsewhere; ``requests[i]``
             answers ``results[pending[i]]``.
         """
-        from maas.batch import Preprocessed
+        from maas.batching.jobs import Preprocessed
         from maas.errors import MaasError
 
         if not isinstance(pre, Preprocessed):
@@ -502,7 +338,7 @@ class ModelDeployment:
         :class:`~maas.errors.MaasError` per job, in order.
 
         Args:
-            pre: :class:`~maas.batch.Preprocessed` from the shared preprocessor (or one job's
+            pre: :class:`~maas.batching.jobs.Preprocessed` from the shared preprocessor (or one job's
                 ``TokenizedBatch`` / ``ImageBatch``).
             params: Per-job options (one dict per job; one dict applies to every job).
             deadlines_s: Per-job wall-clock deadlines (``time.time()``), or None.
@@ -569,6 +405,7 @@ class ModelDeployment:
             "demo_weights": self.spec.is_demo,
             "threads": self.threads,
             "load_s": round(self.load_s, 3),
+            "batching": self.batching.model_dump(),  # what it runs with now (user_config overrides included)
             **self.runner.info(),
         }
 

@@ -5,7 +5,7 @@ Per-request params (validated before a request joins, see :class:`SamplingParams
 ``seed``, ``stop``, ``n``.
 
 Serving (:class:`TextGenerator`): every request, streamed or not, joins the replica's
-continuous batch (:mod:`maas.models.continuous`): its rows enter and leave the running batch at
+continuous batch (:mod:`maas.batching.continuous`): its rows enter and leave the running batch at
 any decoding step, each with its own settings. A stream yields coalesced text deltas (each event
 carries everything produced since the previous one); when its caller goes away, its rows leave
 the batch at the next step.
@@ -417,7 +417,7 @@ class TextGenerator(ModelDeployment):
     """Serve deployment of one GPT-style generator, continuously batched.
 
     Every request, streamed or not, goes into the replica's
-    :class:`~maas.models.continuous.ContinuousBatcher`: sequences join and leave the running
+    :class:`~maas.batching.continuous.ContinuousBatcher`: sequences join and leave the running
     batch at each decoding step. ``batching.max_batch_size`` is the most sequences running at
     once; ``batching.kv_cache_tokens``, ``prefill_tokens_per_step`` and
     ``max_waiting_sequences`` bound the KV cache and the wait (see that module).
@@ -431,7 +431,7 @@ class TextGenerator(ModelDeployment):
 
     def __init__(self, spec: dict):
         super().__init__(spec)
-        from maas.models.continuous import ContinuousBatcher
+        from maas.batching.continuous import ContinuousBatcher
 
         self.engine = ContinuousBatcher(self.runner, self.spec.key, **self._engine_settings(self.batching),
                                         on_step=self._on_step, on_token_times=self._on_token_times)
@@ -441,7 +441,7 @@ class TextGenerator(ModelDeployment):
 
     @staticmethod
     def _engine_settings(b: BatchingSpec) -> dict:
-        from maas.models.continuous import DEFAULT_KV_CACHE_TOKENS, DEFAULT_PREFILL_TOKENS_PER_STEP
+        from maas.batching.continuous import DEFAULT_KV_CACHE_TOKENS, DEFAULT_PREFILL_TOKENS_PER_STEP
 
         return {"max_batch_size": b.max_batch_size, "kv_cache_tokens": b.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS,
                 "prefill_tokens_per_step": b.prefill_tokens_per_step or DEFAULT_PREFILL_TOKENS_PER_STEP,
@@ -509,7 +509,7 @@ class TextGenerator(ModelDeployment):
                      ) -> AsyncIterator[dict]:
         """Stream one request's events. Call with
         ``handle.options(stream=True).stream.remote(pre, params, deadline_s)``; ``pre`` is the
-        tokenizer's :class:`~maas.batch.Preprocessed` for one job (or its ``TokenizedBatch``).
+        tokenizer's :class:`~maas.batching.jobs.Preprocessed` for one job (or its ``TokenizedBatch``).
 
         Yields ``{"choices": [{"index", "text", "finish_reason"}]}`` deltas (coalesced: each
         carries everything produced since the previous one), then

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from maas.batch import Preprocessed, run_jobs
+from maas.batching.jobs import Preprocessed, run_jobs
 from maas.config import ImagePreprocessingSpec
 from maas.errors import InvalidRequest, PayloadTooLarge
 
@@ -242,7 +242,7 @@ def preprocess_jobs(jobs: list[list[bytes | np.ndarray]], spec: ImagePreprocessi
     its error (naming the image's index in that job) and the others go on.
 
     Returns:
-        :class:`~maas.batch.Preprocessed` whose ``inputs`` hold the good jobs' images,
+        :class:`~maas.batching.jobs.Preprocessed` whose ``inputs`` hold the good jobs' images,
         ``uint8`` (N_ok, crop_px, crop_px, 3).
     """
     outputs, errors = run_jobs(jobs, lambda images, _: preprocess_images(images, spec, max_pixels=max_pixels))

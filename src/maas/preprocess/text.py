@@ -35,7 +35,7 @@ import numpy as np
 from ray import serve
 
 from maas import metrics
-from maas.batch import Preprocessed, run_jobs
+from maas.batching.jobs import Preprocessed, run_jobs
 from maas.config import HuggingFaceSource, PackageSource
 from maas.errors import InvalidRequest
 from maas.weights import hf_load_error, hf_location

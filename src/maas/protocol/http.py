@@ -7,6 +7,10 @@
   the exception handlers to an app.
 * :func:`stream_response` answers server-sent events, pulling the first event before the
   status line so request errors still get their 4xx.
+* :func:`routed` reads what routing takes from the headers (``X-Maas-Routing-Key``,
+  ``X-Maas-Latency-Budget-Ms``, the API key as the last routing key); :func:`answer_headers` says
+  who answered (``X-Maas-Model-Version``; for ``auto`` ``X-Maas-Routed-Model`` and
+  ``X-Maas-Route-Reason``), on every protocol.
 * :func:`dataplane` is the FastAPI dependency routes use to reach the operations.
 """
 
@@ -62,6 +66,48 @@ def dumps(body: Any) -> bytes:
 
 def json_response(body: Any, status_code: int = 200, headers: dict | None = None) -> Response:
     return Response(dumps(body), status_code=status_code, headers=headers, media_type="application/json")
+
+
+def answer_headers(answered) -> dict[str, str]:
+    """Who answered (a :class:`~maas.dataplane.types.Answered`), as response headers."""
+    headers = {"X-Maas-Model-Version": answered.version}
+    if answered.route_reason is not None:
+        headers["X-Maas-Routed-Model"] = answered.address
+        headers["X-Maas-Route-Reason"] = answered.route_reason
+    return headers
+
+
+def answer_response(body: Any, answered) -> Response:
+    """A JSON answer with the headers that say who answered."""
+    return json_response(body, headers=answer_headers(answered))
+
+
+def routed(request: Request, routing_key: str | None = None, latency_budget_ms: float | None = None) -> dict:
+    """Routing fields of an operation request from the HTTP request: ``routing_key`` = the
+    ``X-Maas-Routing-Key`` header, else the body's (``routing_key``), else the API key (only ever
+    hashed, never logged); ``latency_budget_ms`` = the body's, else the
+    ``X-Maas-Latency-Budget-Ms`` header.
+
+    Raises:
+        InvalidRequest: the budget header is not a positive number of milliseconds.
+    """
+    headers = request.headers
+    key = (headers.get("x-maas-routing-key") or "").strip() or routing_key
+    if key is None:
+        from maas.security import presented_key
+
+        presented = presented_key({n.encode(): headers[n].encode("latin-1") for n in ("authorization", "x-api-key")
+                                   if n in headers})
+        key = presented.decode("latin-1") if presented else None
+    if latency_budget_ms is None and (raw := headers.get("x-maas-latency-budget-ms")) is not None:
+        try:
+            latency_budget_ms = float(raw)
+        except ValueError:
+            latency_budget_ms = -1.0
+        if not latency_budget_ms > 0 or latency_budget_ms == float("inf"):
+            raise InvalidRequest(f"X-Maas-Latency-Budget-Ms must be a positive number of milliseconds, got {raw!r}",
+                                 param="X-Maas-Latency-Budget-Ms")
+    return {"routing_key": key, "latency_budget_ms": latency_budget_ms}
 
 
 async def dataplane():
@@ -132,14 +178,15 @@ def install(app: FastAPI) -> None:
         return error_response(request, MaasError("internal error"))
 
 
-async def _sse(first: dict | None, rest: AsyncIterator[dict], request_id: str) -> AsyncIterator[bytes]:
+async def _sse(first: list[dict], rest: AsyncIterator[list[dict]], request_id: str) -> AsyncIterator[bytes]:
     """Server-sent events: ``data: {json}`` + blank line per chunk, then ``data: [DONE]``.
     An error after the stream started is sent as one ``data: {"error": ...}`` event."""
     try:
-        if first is not None:
-            yield b"data: " + dumps(first) + b"\n\n"
-        async for chunk in rest:
+        for chunk in first:
             yield b"data: " + dumps(chunk) + b"\n\n"
+        async for chunks in rest:
+            for chunk in chunks:
+                yield b"data: " + dumps(chunk) + b"\n\n"
     except MaasError as exc:
         logger.error("stream %s failed: %s", request_id, exc.message)
         body = error_body(exc.message if exc.status_code < 500 else "generation failed", exc.error_type)
@@ -147,14 +194,22 @@ async def _sse(first: dict | None, rest: AsyncIterator[dict], request_id: str) -
     yield b"data: [DONE]\n\n"
 
 
-async def stream_response(chunks: AsyncIterator[dict], request: Request) -> StreamingResponse:
-    """Pull the first chunk before answering, so request errors still get their 4xx status."""
+async def stream_response(stream, render, request: Request) -> StreamingResponse:
+    """Server-sent events of an operation's stream (``maas.dataplane.operations.Stream``), each
+    event rendered by ``render(event) -> chunks``. The first event is pulled before the status
+    line, so a request the generator refuses still gets its 4xx; headers say who answers."""
+    async def rendered():
+        async for event in stream.events:
+            yield list(render(event))
+
+    chunks = rendered()
     try:
         first = await chunks.__anext__()
     except StopAsyncIteration:
-        first = None
+        first = []
     return StreamingResponse(_sse(first, chunks, request.headers.get("x-request-id", "-")),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **answer_headers(stream.answered)})
 
 
 class HttpSemantics:
@@ -163,12 +218,6 @@ class HttpSemantics:
     * ``HEAD`` is answered wherever ``GET`` is (RFC 9110 §9.3.2: the same status and headers,
       no body): uptime monitors and load balancers probe with it. The request runs as ``GET``
       and the body is dropped on the way out; ``Content-Length`` stays that of the ``GET``.
-    * ``model: auto`` (:mod:`maas.dataplane.auto`): the ``X-Maas-Latency-Budget-Ms`` request
-      header is handed to the dataplane, and the model it chose comes back as the
-      ``X-Maas-Routed-Model`` and ``X-Maas-Route-Reason`` response headers, on every protocol.
-    * Versions (:mod:`maas.dataplane.traffic`): the ``X-Maas-Routing-Key`` header (else the API
-      key) is the sticky routing key; the version that answered comes back as
-      ``X-Maas-Model-Version``.
     * A request body in a content coding other than ``identity`` (``Content-Encoding: gzip``)
       gets 415 with ``Accept-Encoding: identity`` (§8.4.1, §15.5.16): the service reads plain
       bodies only, and decompressing would bypass the body-size limit.
@@ -182,25 +231,6 @@ class HttpSemantics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from maas.dataplane.auto import routing_context
-
-        routing: dict = {}
-        for name, value in scope.get("headers") or ():
-            if name == b"x-maas-latency-budget-ms":
-                routing["budget_header"] = value.decode("latin-1").strip()
-            elif name == b"x-maas-routing-key":
-                routing["routing_key"] = value.decode("latin-1").strip() or None
-            elif name in (b"authorization", b"x-api-key"):
-                routing.setdefault("_auth", {})[name] = value
-        auth = routing.pop("_auth", None)
-        if auth:
-            from maas.security import presented_key
-
-            key = presented_key(auth)
-            if key:  # only a hash of it is ever used (maas.dataplane.traffic.unit_hash), never logged
-                routing["api_key"] = key.decode("latin-1")
-        routing_context.set(routing)
-        send = _with_routing_headers(send, routing)
         for name, value in scope.get("headers") or ():
             if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 coding = value.decode("latin-1").strip()
@@ -225,19 +255,3 @@ class HttpSemantics:
             await send(message)
 
         await self.app(dict(scope, method="GET"), receive, send_headers_only)
-
-
-def _with_routing_headers(send, routing: dict):
-    """``send`` that adds the ``auto`` routing headers to the response start, once the dataplane
-    has chosen (routes answer after their dataplane call, streams after their first chunk)."""
-    async def wrapped(message):
-        if message["type"] == "http.response.start" and ("routed_model" in routing or "model_version" in routing):
-            headers = list(message.get("headers") or [])
-            if "routed_model" in routing:
-                headers += [(b"x-maas-routed-model", routing["routed_model"].encode()),
-                            (b"x-maas-route-reason", routing["route_reason"].encode())]
-            if "model_version" in routing:
-                headers.append((b"x-maas-model-version", routing["model_version"].encode()))
-            message = dict(message, headers=headers)
-        await send(message)
-    return wrapped

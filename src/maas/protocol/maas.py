@@ -1,13 +1,16 @@
-"""maas-serve's own routes: text2text, text classification, image classification."""
+"""maas-serve's own routes: schemas of text2text, text and image classification and explanations,
+each request's conversion into its operation request (``to_operation``), and the rendering of the
+operation results (:func:`classifications`, :func:`text2text`, :func:`explanation`)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, StrictInt, StrictStr
 
+from maas.dataplane import types as op
 from maas.errors import InvalidRequest
 from maas.protocol import CompletionUsage, StrictRequest, Usage
 
@@ -45,6 +48,15 @@ class Text2TextRequest(StrictRequest):
     def to_params(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": 0.0}
 
+    def to_operation(self, routing_key: str | None = None, latency_budget_ms: float | None = None) -> op.GenerateRequest:
+        """The generation operation's request (task ``text2text``, greedy)."""
+        return op.GenerateRequest(self.model, task="text2text", prompts=_as_list(self.input), sampling=self.to_params(),
+                                  routing_key=routing_key, latency_budget_ms=self.latency_budget_ms or latency_budget_ms)
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
 
 class Text2TextItem(BaseModel):
     index: int
@@ -55,9 +67,11 @@ class Text2TextItem(BaseModel):
 class Text2TextResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
+    model_version: str = "1"
     data: list[Text2TextItem]
     usage: CompletionUsage
     demo_weights: bool = False
+    routing: "Routing | None" = None  # defined below, with the classification answer
 
 
 class TextClassificationRequest(StrictRequest):
@@ -69,6 +83,14 @@ class TextClassificationRequest(StrictRequest):
     latency_budget_ms: Budget = None
     cascade: Cascade | None = None
 
+    def to_operation(self, routing_key: str | None = None,
+                     latency_budget_ms: float | None = None) -> op.ClassifyTextsRequest:
+        """The text classification operation's request."""
+        return op.ClassifyTextsRequest(self.model, texts=_as_list(self.input), top_k=self.top_k,
+                                       cascade_threshold=self.cascade.threshold if self.cascade else None,
+                                       routing_key=routing_key,
+                                       latency_budget_ms=self.latency_budget_ms or latency_budget_ms)
+
 
 class ImageClassificationRequest(StrictRequest):
     """``POST /v1/classifications/image`` as JSON (multipart uploads are also accepted)."""
@@ -78,6 +100,16 @@ class ImageClassificationRequest(StrictRequest):
     top_k: int = Field(default=5, ge=1)
     latency_budget_ms: Budget = None
     cascade: Cascade | None = None
+
+    def to_operation(self, routing_key: str | None = None, latency_budget_ms: float | None = None,
+                     images: list | None = None) -> op.ClassifyImagesRequest:
+        """The image classification operation's request (``images``: raw files a handle caller
+        sent as bytes, instead of the base64 ``images``)."""
+        return op.ClassifyImagesRequest(self.model, images=self.decoded() if images is None else images,
+                                        top_k=self.top_k,
+                                        cascade_threshold=self.cascade.threshold if self.cascade else None,
+                                        routing_key=routing_key,
+                                        latency_budget_ms=self.latency_budget_ms or latency_budget_ms)
 
     def decoded(self) -> list[bytes]:
         """Raw bytes of each image. Raises InvalidRequest naming the bad index."""
@@ -120,11 +152,15 @@ class CascadeStep(BaseModel):
 class ClassificationResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
+    model_version: str = "1"
     data: list[Classification]
     usage: Usage | None = None
     demo_weights: bool = False
     routing: Routing | None = None
     cascade: list[CascadeStep] | None = None
+
+
+Text2TextResponse.model_rebuild()
 
 
 Target = Annotated[StrictStr | StrictInt | None, Field(
@@ -150,6 +186,17 @@ class ExplainImageRequest(StrictRequest):
         except InvalidRequest:
             raise InvalidRequest("image is not valid base64", param="image") from None
 
+    def to_operation(self, routing_key: str | None = None, latency_budget_ms: float | None = None,
+                     image: Any = None) -> op.ExplainImageRequest:
+        """The image explanation operation's request (``image``: raw bytes or pixels, instead of
+        the base64 ``image``)."""
+        target = self.target
+        if isinstance(target, str) and target.strip().lstrip("-").isdigit():
+            target = int(target)  # a class index sent as text (multipart forms have no numbers)
+        return op.ExplainImageRequest(self.model, image=self.decoded() if image is None else image, target=target,
+                                      view=self.view, seed=self.seed, overlay=self.overlay, routing_key=routing_key,
+                                      latency_budget_ms=latency_budget_ms)
+
 
 class ExplainTextRequest(StrictRequest):
     """``POST /v1/explanations/text``: one text (why a text classifier says ``target``) or two texts
@@ -160,10 +207,48 @@ class ExplainTextRequest(StrictRequest):
     target: Target = None
     seed: StrictInt = Field(default=0, ge=0, description="Seed of the faithfulness test's random masks.")
 
-    def texts(self) -> list[str]:
-        """Raises InvalidRequest: not one or two non-blank texts."""
-        texts = [self.input] if isinstance(self.input, str) else list(self.input)
-        if len(texts) not in (1, 2) or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise InvalidRequest("input must be one text (to explain a classification) or two non-blank texts (to "
-                                 "explain their similarity)", param="input")
-        return texts
+    def to_operation(self, routing_key: str | None = None,
+                     latency_budget_ms: float | None = None) -> op.ExplainTextRequest:
+        """The text explanation operation's request."""
+        return op.ExplainTextRequest(self.model, texts=_as_list(self.input), target=self.target, seed=self.seed,
+                                     routing_key=routing_key, latency_budget_ms=latency_budget_ms)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _answer(a: op.Answered) -> dict:
+    out: dict = {"model": a.name, "model_version": a.version, "demo_weights": a.demo_weights}
+    if a.route_reason is not None:
+        out["routing"] = Routing.model_construct(model=a.address, reason=a.route_reason)
+    if a.cascade is not None:
+        out["cascade"] = [CascadeStep.model_construct(**s) for s in a.cascade]
+    return out
+
+
+def classifications(res: op.Classifications) -> dict:
+    """``/v1/classifications/{text,image}`` body (``usage`` for texts only)."""
+    data = [Classification.model_construct(index=i, top_k=[ClassLabel.model_construct(**c) for c in row])
+            for i, row in enumerate(res.rows)]
+    extra = {} if res.prompt_tokens is None else {
+        "usage": Usage.model_construct(prompt_tokens=res.prompt_tokens, total_tokens=res.prompt_tokens)}
+    return ClassificationResponse.model_construct(object="list", data=data, **extra, **_answer(res.answered)
+                                                  ).model_dump(exclude_unset=True)
+
+
+def text2text(res: op.Generation) -> dict:
+    """``/v1/text2text`` body."""
+    data = [Text2TextItem.model_construct(index=i, text=c.text, finish_reason=c.finish_reason)
+            for i, c in enumerate(res.choices)]
+    usage = CompletionUsage.model_construct(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                                            total_tokens=res.prompt_tokens + res.completion_tokens)
+    return Text2TextResponse.model_construct(object="list", data=data, usage=usage, **_answer(res.answered)
+                                             ).model_dump(exclude_unset=True)
+
+
+def explanation(res: op.Explanation) -> dict:
+    """``/v1/explanations/{image,text}`` body: the explanation's content with who answered and
+    ``latency_ms``."""
+    a = res.answered
+    return {"object": "explanation", "model": a.name, "model_version": a.version, **res.content,
+            "latency_ms": res.latency_ms, "demo_weights": a.demo_weights}

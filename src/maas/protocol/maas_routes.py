@@ -1,16 +1,19 @@
 """maas-serve's own routes: health, readiness, text2text, text and image classification.
 
 Thin: parse (JSON through the schemas of :mod:`maas.protocol.maas`; image uploads as
-multipart or base64 JSON), call one dataplane operation, encode its answer.
+multipart or base64 JSON) into the operation's request, call the operation, render its result
+(:mod:`maas.protocol.maas`).
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from maas.dataplane.types import ClassifyImagesRequest
 from maas.errors import InvalidRequest, UnsupportedMediaType
+from maas.protocol import maas as render
 from maas.protocol import parse
-from maas.protocol.http import ERROR_RESPONSES, dataplane, json_response
+from maas.protocol.http import ERROR_RESPONSES, answer_response, dataplane, json_response, routed
 from maas.protocol.maas import (
     ClassificationResponse,
     ExplainImageRequest,
@@ -33,19 +36,21 @@ async def healthz():
 @router.get("/readyz", tags=["health"], responses={503: {"description": "Some model is not ready."}})
 async def readyz(dp=Depends(dataplane)):
     """Readiness: every model is loaded and has a running replica."""
-    body = await dp.readiness()
+    body = await dp.readiness.report()
     return json_response(body, 200 if body["ready"] else 503)
 
 
 @router.post("/v1/text2text", response_model=Text2TextResponse, responses=ERROR_RESPONSES, tags=["maas"])
-async def text2text(body: Text2TextRequest, dp=Depends(dataplane)):
-    return json_response(await dp.text2text(body))
+async def text2text(body: Text2TextRequest, request: Request, dp=Depends(dataplane)):
+    res = await dp.ops.generate(body.to_operation(**routed(request)))
+    return answer_response(render.text2text(res), res.answered)
 
 
 @router.post("/v1/classifications/text", response_model=ClassificationResponse, responses=ERROR_RESPONSES,
              tags=["maas"])
-async def classify_text(body: TextClassificationRequest, dp=Depends(dataplane)):
-    return json_response(await dp.classify_text(body))
+async def classify_text(body: TextClassificationRequest, request: Request, dp=Depends(dataplane)):
+    res = await dp.ops.classify_texts(body.to_operation(**routed(request)))
+    return answer_response(render.classifications(res), res.answered)
 
 
 _IMAGE_REQUEST_BODY = {
@@ -98,19 +103,19 @@ async def classify_image(request: Request, dp=Depends(dataplane)):
             raise InvalidRequest(f"top_k must be an integer, got {top_k!r}", param="top_k") from None
         budget, threshold = _positive(form, "latency_budget_ms"), _positive(form, "cascade_threshold", 1.0)
         images = [await f.read() for f in files]
-        return json_response(await dp.classify_images(str(model), images, top_k, budget, threshold))
+        req = ClassifyImagesRequest(str(model), images=images, top_k=top_k, cascade_threshold=threshold,
+                                    **routed(request, latency_budget_ms=budget))
     if media == "application/json" or media.endswith("+json") or not media:
         try:
             body = await request.json()
         except ValueError:
             raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
-        req = parse(ImageClassificationRequest, body)
-        return json_response(await dp.classify_images(req.model, req.decoded(), req.top_k, req.latency_budget_ms,
-                                                      req.cascade.threshold if req.cascade else None))
-    raise UnsupportedMediaType(
-        f"content type {ctype!r} is not accepted; send multipart/form-data with 'file' fields or JSON with base64 "
-        "'images'"
-    )
+        req = parse(ImageClassificationRequest, body).to_operation(**routed(request))
+    else:
+        raise UnsupportedMediaType(f"content type {ctype!r} is not accepted; send multipart/form-data with 'file' "
+                                   "fields or JSON with base64 'images'")
+    res = await dp.ops.classify_images(req)
+    return answer_response(render.classifications(res), res.answered)
 
 
 
@@ -167,29 +172,26 @@ async def explain_image(request: Request, dp=Depends(dataplane)):
             if flag not in ("true", "false", "1", "0"):
                 raise InvalidRequest(f"overlay must be true or false, got {fields['overlay']!r}", param="overlay")
             fields["overlay"] = flag in ("true", "1")
-        req = parse(ExplainImageRequest, fields)
-        target = req.target
-        if isinstance(target, str) and target.strip().lstrip("-").isdigit():
-            target = int(target)
-        return json_response(await dp.explain_image(req.model, await files[0].read(), target, req.view, req.seed,
-                                                    req.overlay))
-    if media == "application/json" or media.endswith("+json") or not media:
+        req = parse(ExplainImageRequest, fields).to_operation(**routed(request), image=await files[0].read())
+    elif media == "application/json" or media.endswith("+json") or not media:
         try:
             body = await request.json()
         except ValueError:
             raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
-        req = parse(ExplainImageRequest, body)
-        return json_response(await dp.explain_image(req.model, req.decoded(), req.target, req.view, req.seed,
-                                                    req.overlay))
-    raise UnsupportedMediaType(f"content type {media!r} is not accepted; send multipart/form-data with one 'file' "
-                               "or JSON with a base64 'image'")
+        req = parse(ExplainImageRequest, body).to_operation(**routed(request))
+    else:
+        raise UnsupportedMediaType(f"content type {media!r} is not accepted; send multipart/form-data with one "
+                                   "'file' or JSON with a base64 'image'")
+    res = await dp.ops.explain_image(req)
+    return answer_response(render.explanation(res), res.answered)
 
 
 @router.post("/v1/explanations/text", responses=ERROR_RESPONSES, tags=["maas"])
-async def explain_text(body: ExplainTextRequest, dp=Depends(dataplane)):
+async def explain_text(body: ExplainTextRequest, request: Request, dp=Depends(dataplane)):
     """Token attributions with character offsets: one text for a text classifier (``target``), two
     texts for an embeddings model's similarity; each text with a faithfulness score."""
-    return json_response(await dp.explain_text(body))
+    res = await dp.ops.explain_text(body.to_operation(**routed(request)))
+    return answer_response(render.explanation(res), res.answered)
 
 
 def _positive(form, field: str, upper: float | None = None) -> float | None:

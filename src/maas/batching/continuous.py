@@ -59,7 +59,7 @@ import torch
 from maas.errors import InvalidRequest, MaasError, ModelTimeout, ServiceOverloaded
 from maas.models.base import ModelRequest
 
-logger = logging.getLogger("ray.serve.maas.models.continuous")
+logger = logging.getLogger("ray.serve.maas.batching.continuous")
 
 #: Default KV-cache budget per replica, in token slots (rows × positions). SmolLM2-135M keeps
 #: 2 × 30 layers × 192 floats = 46 KB per slot, so 16,384 slots are ~0.75 GB.

@@ -1,6 +1,6 @@
 """What crosses deployments: a front batch of jobs, as numpy, with per-job errors.
 
-The ingress's front batcher (:mod:`maas.dataplane.batcher`) turns concurrent requests for one
+The ingress's front batcher (:mod:`maas.batching.front`) turns concurrent requests for one
 model into one preprocessor call and one model call. Each request is a *job*; a job holds one
 or more *items* (texts, images). The preprocessor answers with a :class:`Preprocessed`: the
 items of every job that preprocessed cleanly, concatenated along axis 0, plus the job
@@ -15,8 +15,9 @@ protocol 5 out-of-band buffers), where torch tensors go through ``torch.save``.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from maas.errors import MaasError
 
@@ -75,3 +76,34 @@ def run_jobs(jobs: list[Any], one: Any) -> tuple[list[Any], list[MaasError | Non
             outputs.append(None)
             errors.append(exc)
     return outputs, errors
+
+
+def take_whole(queue: deque, max_items: int, items_of: Callable[[Any], int], dropped: Callable[[Any], bool],
+               on_removed: Callable[[Any], None]) -> list:
+    """Take whole entries from the head of ``queue`` while their items fit in ``max_items``.
+
+    The one take rule of every batcher here (front and pull): entries (jobs or calls) are never
+    split; the first entry is always taken, even when it alone holds more than ``max_items``
+    (it then runs alone); entries for which ``dropped(entry)`` holds (their caller left) are
+    removed and skipped. ``on_removed(entry)`` is called for every entry leaving the queue
+    (the owner keeps its queued-item count with it).
+
+    Returns:
+        The taken entries, in queue order (empty when the queue held only dropped ones).
+    """
+    taken: list = []
+    items = 0
+    while queue:
+        entry = queue[0]
+        if dropped(entry):
+            queue.popleft()
+            on_removed(entry)
+            continue
+        n = items_of(entry)
+        if taken and items + n > max_items:
+            break
+        queue.popleft()
+        on_removed(entry)
+        taken.append(entry)
+        items += n
+    return taken

@@ -5,7 +5,7 @@ or more items) and sends them to the graph as one preprocessor call chained into
 call (``model.remote(pre.remote(jobs), params, deadlines)``), so a Ray hop is paid per batch,
 not per request.
 
-Batches form where work is pulled, as on the replica (:class:`maas.models.base.PullBatcher`):
+Batches form where work is pulled, as on the replica (:class:`maas.batching.pull.PullBatcher`):
 at most ``max_inflight()`` batches are out at once (the model's ``pipeline_depth`` per
 running replica: 1 on CPU, 2 on GPU so one batch collates while one computes). While they
 are out, requests queue here; when one comes back, everything queued (up to
@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from maas import metrics
+from maas.batching.jobs import take_whole
 from maas.errors import MaasError, ServiceOverloaded
 
-logger = logging.getLogger("ray.serve.maas.dataplane")
+logger = logging.getLogger("ray.serve.maas.batching")
 
 #: Seconds a client should wait before retrying a 503 (sent as ``Retry-After``).
 RETRY_AFTER_S = 1
@@ -137,19 +138,11 @@ class FrontBatcher:
                 "queued_items": self.queued_items, "inflight": self.inflight}
 
     def _take(self) -> list[Job]:
-        jobs: list[Job] = []
-        items = 0
-        while self._queue:
-            job = self._queue[0]
-            if jobs and items + job.items > self.max_batch_items:
-                break
-            self._queue.popleft()
-            self.queued_items -= job.items
-            if job.cancelled or job.future.done():
-                continue
-            jobs.append(job)
-            items += job.items
-        return jobs
+        return take_whole(self._queue, self.max_batch_items, lambda j: j.items,
+                          lambda j: j.cancelled or j.future.done(), self._removed)
+
+    def _removed(self, job: Job) -> None:
+        self.queued_items -= job.items
 
     def _pump(self) -> None:
         """Send batches while fewer than ``max_inflight()`` are out."""

@@ -1,0 +1,171 @@
+"""Pull batching on a model replica: the forward thread takes what is queued when it frees.
+
+See :class:`PullBatcher`. Ray-free; :class:`maas.models.base.ModelDeployment` owns one per replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+from maas import metrics
+from maas.batching.jobs import take_whole
+
+logger = logging.getLogger("ray.serve.maas.models")
+
+
+@dataclass
+class _Call:
+    """One handle call waiting in a replica's queue: its jobs' requests and where answers go."""
+
+    requests: list  # of maas.models.base.ModelRequest
+    results: list[Any]
+    pending: list[int]  # positions in ``results`` still to be answered
+    future: asyncio.Future
+    items: int
+    cancelled: bool = False
+
+
+class PullBatcher:
+    """Batches form where work is pulled: the forward thread takes what is queued.
+
+    Calls queue here (each holds one or more jobs, each job one or more items). A worker task
+    takes *everything* queued, up to ``max_batch_size`` items (never splitting a call; a call
+    larger than that runs alone), as soon as the previous batch is done, so a busy replica runs
+    big batches and keeps its forward busy. Only when the replica is idle (nothing ran since
+    the queue last emptied) does the worker wait up to ``batch_wait_timeout_s`` for the batch
+    to fill, and only if that is above 0.
+
+    Why not ``@serve.batch``: it forms a batch on its timer and only then waits for the forward
+    to be free, so under load it queues many small batches (issue 10 measured mean batch 4.8 at
+    64 concurrent MiniLM requests in a simulation of its loop, against 30.8 for a batcher that
+    collects when the worker frees, +30 % items/s). This class is that second loop.
+
+    Jobs whose caller left (cancelled call) or whose deadline passed are dropped before their
+    batch runs and answered :class:`~maas.errors.ModelTimeout` (a deadline) or not at all (a
+    cancelled caller is gone).
+
+    Args:
+        run: ``run(requests) -> results`` (one per request), awaited; it runs the forward.
+        name: Model name for metrics.
+        after_batch: Called after a batch's answers are delivered (metrics that can wait).
+    """
+
+    def __init__(self, run, name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0,
+                 after_batch=None):
+        self.run, self.name, self.after_batch = run, name, after_batch
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self._queue: deque[_Call] = deque()
+        self.queued_items = 0
+        self.running_items = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._idle = True
+        self.batch_requests: Counter[int] = Counter()
+        self.batch_items: Counter[int] = Counter()
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+
+    async def submit(self, requests: list, results: list[Any], pending: list[int]) -> list[Any]:
+        """Queue ``requests`` (answers go to ``results[pending[i]]``); returns ``results``.
+
+        Raises:
+            asyncio.CancelledError: the caller cancelled; its jobs are dropped if not started,
+                and running generation stops at its next step.
+        """
+        loop = asyncio.get_running_loop()
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work(), name=f"maas-batcher-{self.name}")
+        now = time.perf_counter()
+        for r in requests:
+            r.enqueued_at = now
+        call = _Call(requests, results, pending, loop.create_future(), sum(len(r.inputs) for r in requests))
+        self._queue.append(call)
+        self.queued_items += call.items
+        self._wakeup.set()
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            call.cancelled = True
+            for r in requests:
+                r.cancelled = True
+            raise
+
+    def _take(self) -> list[_Call]:
+        return take_whole(self._queue, self.max_batch_size, lambda c: c.items,
+                          lambda c: c.cancelled or c.future.done(), self._removed)
+
+    def _removed(self, call: _Call) -> None:
+        self.queued_items -= call.items
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._idle = True
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._idle and self.batch_wait_timeout_s > 0 and self.queued_items < self.max_batch_size:
+                deadline = time.monotonic() + self.batch_wait_timeout_s
+                while self.queued_items < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+                    except asyncio.TimeoutError:
+                        break
+            self._idle = False
+            calls = self._take()
+            if calls:
+                await self._run(calls)
+
+    async def _run(self, calls: list[_Call]) -> None:
+        from maas.errors import MaasError, ModelTimeout
+
+        live: list[tuple[_Call, int, Any]] = []
+        for call in calls:
+            for pos, r in zip(call.pending, call.requests):
+                if r.cancelled:
+                    continue
+                if r.abandoned:
+                    call.results[pos] = ModelTimeout(
+                        f"model {self.name!r} did not start this request before its deadline; retry later "
+                        "or send less work per request")
+                    continue
+                live.append((call, pos, r))
+        requests = [r for _, _, r in live]
+        waits_ms: list[float] = []
+        items = 0
+        if requests:
+            now = time.perf_counter()
+            items = sum(len(r.inputs) for r in requests)
+            self.batch_requests[len(requests)] += 1
+            self.batch_items[items] += 1
+            waits_ms = [1000 * (now - r.enqueued_at) for r in requests]
+            self.running_items = items
+            try:
+                outputs = await self.run(requests)
+            except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the replica lives on
+                if not isinstance(exc, MaasError):
+                    logger.exception("model %s: a batch of %d requests failed", self.name, len(requests))
+                    exc = MaasError(f"model {self.name!r} failed")
+                outputs = [exc] * len(requests)
+            finally:
+                self.running_items = 0
+            for (call, pos, _), out in zip(live, outputs):
+                call.results[pos] = out
+        for call in calls:
+            if not call.future.done():
+                call.future.set_result(call.results)
+        if requests:  # metrics after the answers are on their way: they cost ~50 µs each
+            metrics.batch(self.name, items)
+            for ms in waits_ms:
+                metrics.stage(self.name, "queue", ms)
+            if self.after_batch is not None:
+                self.after_batch()

@@ -1,0 +1,171 @@
+"""Whether each model address can answer now, and the model cards built from it.
+
+:meth:`Readiness.model_ready` is what routing asks before it sends a request to a version or an
+``auto`` candidate; :meth:`Readiness.cards` and :meth:`Readiness.report` are what ``/v1/models``,
+``/readyz`` and the v2 ready routes show. Cards are protocol-neutral dicts; each protocol renders
+them (OpenAI adds ``object``, ``created``, ``owned_by``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from maas.dataplane.calls import Calls
+from maas.dataplane.traffic import Traffic
+from maas.dataplane.watch import DeploymentWatch
+from maas.errors import ServiceOverloaded, unwrap
+
+#: A readiness probe's answer is reused this long, seconds (bounds probe calls under frequent checks).
+READY_PROBE_TTL_S = 0.1
+#: A model whose probe takes longer than this, seconds, reads as not ready. Short because a call to
+#: a replica that just died does not fail fast (Serve's router retries it until its replacement
+#: runs); the probe runs on the replica's event loop beside the forward thread, so a busy replica
+#: still answers within it (a full queue answers back-pressure, which counts as ready).
+READY_PROBE_TIMEOUT_S = 0.5
+
+
+class Readiness:
+    """Readiness of the model addresses of one ingress replica.
+
+    Args:
+        calls: The call path (routes, model facts).
+        watch: Running replica counts and Serve's status messages.
+        traffic: Versions and their weights.
+    """
+
+    def __init__(self, calls: Calls, watch: DeploymentWatch, traffic: Traffic):
+        self.calls, self.watch, self.traffic = calls, watch, traffic
+        self._ready: dict[str, tuple[bool, float]] = {}  # address → (ready, monotonic time of the probe)
+
+    async def model_ready(self, address: str) -> bool:
+        """Whether ``address`` can answer now: its router knows a running replica and one of them
+        answered a live probe (a cheap ``info`` call, at most every ``READY_PROBE_TTL_S``).
+
+        The probe is what makes a lost replica visible within a second: the router drops a
+        replica the moment a call finds it dead, before the controller notices. A replica that
+        is merely busy still answers the probe (it runs on the replica's event loop, beside the
+        forward thread); one whose queue is full (back-pressure) counts as ready.
+        """
+        from ray.serve.exceptions import BackPressureError
+
+        route = self.calls.routes[address]
+        dep = route.spec.deployment_name
+        if self.watch.known_for(dep) and not self.watch.running(dep):
+            return False
+        cached = self._ready.get(address)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < READY_PROBE_TTL_S:
+            return cached[0]
+        try:
+            await asyncio.wait_for(self.calls.info(route), timeout=5.0)  # loaded once (static facts kept)
+            info = await self.calls.awaited(route.model.info.remote(), address, READY_PROBE_TIMEOUT_S)
+            self.calls.learn(address, info)
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - any other failure means not ready
+            ok = isinstance(exc, ServiceOverloaded) or isinstance(unwrap(exc), BackPressureError)
+        if ok and self.watch.known_for(dep) and not self.watch.running(dep):
+            ok = False  # the probe itself found the last replica dead
+        self._ready[address] = (ok, time.monotonic())
+        return ok
+
+    async def _all(self) -> dict[str, bool]:
+        keys = list(self.calls.routes)
+        ready = dict(zip(keys, await asyncio.gather(*(self.model_ready(k) for k in keys))))
+        if not all(ready.values()):
+            await self.watch.refresh()
+        return ready
+
+    async def name_ready(self, name: str) -> bool:
+        """Whether some version of ``name`` that takes traffic is ready."""
+        weights = dict(self.traffic.weights(name))
+        keys = [s.key for s in self.traffic.specs[name] if weights[s.resolved_version] > 0]
+        return any(await asyncio.gather(*(self.model_ready(k) for k in keys)))
+
+    async def cards(self) -> list[dict]:
+        """One card per model name, described by its default version (the one with the highest
+        traffic weight): ``id`` (the name), ``family``, ``tasks``, ``weights``, ``demo_weights``,
+        ``ready`` (some version with traffic weight is ready), ``deployment``, ``quality``,
+        ``quality_source``, ``latency_estimate_ms`` (what ``auto`` predicts now, or None),
+        ``version`` (the default), ``versions`` (each version's ``id`` ``name@version``, weight,
+        readiness, whether it is the default) and ``status_message`` when not ready."""
+        ready = await self._all()
+        cards = []
+        for name, specs in self.traffic.specs.items():
+            weights = dict(self.traffic.weights(name))
+            default = self.traffic.default_version(name)
+            spec = next(s for s in specs if s.resolved_version == default)
+            serving = [s for s in specs if weights[s.resolved_version] > 0]
+            name_ready = any(ready[s.key] for s in serving)
+            predicted = self.predict_ms(spec.key)
+            card = {"id": name, "family": spec.family, "tasks": list(spec.tasks), "weights": spec.weights_label(),
+                    "demo_weights": spec.is_demo, "ready": name_ready, "deployment": spec.deployment_name,
+                    "quality": spec.quality, "quality_source": spec.quality_source,
+                    "latency_estimate_ms": None if predicted is None else round(predicted, 1), "version": default}
+            described = self.traffic.describe(name)
+            card["versions"] = [
+                {"id": f"{name}@{s.resolved_version}", "version": s.resolved_version, "deployment": s.deployment_name,
+                 "ready": ready[s.key], "weights": s.weights_label(), "demo_weights": s.is_demo,
+                 **described.get(s.resolved_version, {}),
+                 **({} if ready[s.key] else {"status_message": self.watch.reason(s.deployment_name)})}
+                for s in specs]
+            if not name_ready:
+                card["status_message"] = "; ".join(self.watch.reason(s.deployment_name) for s in serving or specs)
+            cards.append(card)
+        return cards
+
+    async def card(self, model: str) -> dict:
+        """The card of ``name`` (with its ``versions``) or of ``name@version`` (that version's own
+        weights, readiness and traffic weight; ``id`` is ``name@version``).
+
+        Raises:
+            ModelNotFound: no such model or version.
+        """
+        name, version = self.traffic.address(model)
+        card = next(c for c in await self.cards() if c["id"] == name)
+        if version is None:
+            return card
+        entry = next(v for v in card["versions"] if v["version"] == version)
+        return {**{k: v for k, v in card.items() if k != "versions"}, **entry, "id": f"{name}@{version}"}
+
+    def predict_ms(self, address: str) -> float | None:
+        """The latency ``auto`` predicts for ``address`` now, ms (see :mod:`maas.dataplane.auto`)."""
+        spec = self.calls.routes[address].spec
+        return self.calls.latency.predict(address, self.calls.queued_items(address),
+                                          self.calls.settings(address).max_batch_size,
+                                          max(1, self.watch.running(spec.deployment_name)))
+
+    async def report(self) -> dict:
+        """``{"ready", "models": {address: bool}, "reasons"?: {address: message}, "traffic"?, "traffic_error"?}``.
+
+        ``ready`` is true when every model name can serve: some version with traffic weight is ready.
+        A version that is not ready is listed in ``reasons`` (with where its share goes) but does not
+        make the service unready while another version of its name serves; ``traffic`` shows each
+        versioned name's weights, default, rollbacks and shadow counts.
+        """
+        ready = await self._all()
+        reasons: dict[str, str] = {}
+        names_ok = True
+        traffic: dict = {}
+        for name, specs in self.traffic.specs.items():
+            weights = dict(self.traffic.weights(name))
+            up = [s.resolved_version for s in specs if weights[s.resolved_version] > 0 and ready[s.key]]
+            names_ok = names_ok and bool(up)
+            for s in specs:
+                if ready[s.key]:
+                    continue
+                why = self.watch.reason(s.deployment_name)
+                if len(specs) > 1 and weights[s.resolved_version] > 0:
+                    why += (f"; version {s.resolved_version} takes no traffic, its share goes to version(s) {up}"
+                            if up else f"; no version of {name!r} that takes traffic is ready")
+                reasons[s.key] = why
+            if len(specs) > 1 or name in self.traffic.policies:
+                traffic[name] = self.traffic.describe(name)
+        body: dict = {"ready": names_ok, "models": ready}
+        if reasons:
+            body["reasons"] = reasons
+        if traffic:
+            body["traffic"] = traffic
+        if self.traffic.error:
+            body["traffic_error"] = self.traffic.error
+        return body
