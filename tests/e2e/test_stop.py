@@ -3,7 +3,7 @@ second signal while shutting down: nothing of the cluster stays behind (HAProxy 
 the next start gets the same ports. Each start is a cluster of its own (address "local") beside
 the session's, serving one small model."""
 
-import itertools
+import re
 import signal
 import socket
 import subprocess
@@ -44,33 +44,30 @@ def port_free(port: int) -> bool:
             return False
 
 
-_starts = itertools.count()
+def launch(config, ports, env_base, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``python -m maas serve --address local config``: a cluster of its own beside the session's.
 
-
-def start(config, ports, env_base) -> subprocess.Popen:
-    env = {k: v for k, v in env_base.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    Only HAProxy's stats and metrics ports are set here (the session's environment names the
+    session cluster's, which the launcher would refuse); the launcher picks the rest."""
+    env = {k: v for k, v in env_base.items() if k != "RAY_ADDRESS"}
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(ports["stats"]), RAY_SERVE_HAPROXY_METRICS_PORT=str(ports["metrics"]))
-    # Each Ray cluster hands out its replicas' direct-ingress ports from the same default ranges
-    # (HTTP 30000-31000, gRPC 40000-41000) without knowing of the other: this cluster's HAProxy
-    # then forwarded to the session cluster's ingress replica on 30000 (seen as a 200 where keys
-    # were on, and a model list that wasn't this app's). A second cluster on one machine needs
-    # ranges of its own; here every start gets fresh ones too (500 ports each, gRPC 10000 above),
-    # so no start can meet a replica of an earlier one that is still on its way out.
-    port_base = 32000 + 500 * next(_starts)
-    env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port_base),
-               RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port_base + 499),
-               RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(port_base + 10000),
-               RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(port_base + 10499))
-    proc = subprocess.Popen([sys.executable, "-m", "maas", "serve", "--address", "local", str(config)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{ports['http']}/readyz"
+    return subprocess.Popen([sys.executable, "-m", "maas", "serve", "--address", "local", str(config)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, port: int) -> None:
+    url = f"http://127.0.0.1:{port}/readyz"
 
     def ready():
         assert proc.poll() is None, f"maas serve exited with {proc.returncode}"
         return requests.get(url, timeout=5).status_code == 200
 
     wait_for(ready, 240, "maas serve ready", 1.0)
+
+
+def start(config, ports, env_base) -> subprocess.Popen:
+    proc = launch(config, ports, env_base)
+    wait_ready(proc, ports["http"])
     return proc
 
 
@@ -128,8 +125,8 @@ def test_api_keys_in_the_launchers_environment_reach_the_ingress(config_and_port
     cluster's processes inherit the launcher's environment)."""
     config, ports = config_and_ports
     models = f"http://127.0.0.1:{ports['http']}/v1/models"
-    # This test got a 200 without a key in two full-suite runs (not alone), from a server that was
-    # not this start's, before each start had direct-ingress ports of its own (see start()).
+    # This test got a 200 without a key, and another cluster's model list, in full-suite runs:
+    # every cluster's fallback proxy shared 8500 (SO_REUSEPORT) until the launcher gave each its own.
     proc = start(config, ports, {**served_app["env"], "MAAS_API_KEYS": "test-key-1,test-key-2"})
     try:
         listed = requests.get(models, headers={"Authorization": "Bearer test-key-2"}, timeout=30)
@@ -140,3 +137,48 @@ def test_api_keys_in_the_launchers_environment_reach_the_ingress(config_and_port
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
+
+
+def test_two_starts_side_by_side_each_answer_only_for_themselves(served_app, tmp_path):
+    """Two launcher starts at once beside the session cluster, each with its own model name and API
+    key: each port answers with its own app and keys only, through HAProxy and through its
+    fallback proxy (the Serve proxy HAProxy falls back on while no ingress replica is up, on a port
+    of its own per start; Serve's default 8500 was shared by every cluster on the host)."""
+    starts = {}
+    for name in ("a", "b"):
+        cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
+        cfg["http_options"]["port"] = free_port()
+        app = cfg["applications"][0]
+        app["args"]["models"] = [dict(m, name=f"minilm-{name}") for m in app["args"]["models"] if m["name"] == "minilm"]
+        app["deployments"] = [{"name": "Ingress", "num_replicas": 1}]
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        ports = {"http": cfg["http_options"]["port"], "stats": free_port(), "metrics": free_port()}
+        log = tmp_path / f"{name}.stderr"
+        proc = launch(path, ports, {**served_app["env"], "MAAS_API_KEYS": f"key-{name}"}, stderr=log.open("w"))
+        starts[name] = {"proc": proc, "port": ports["http"], "log": log, "model": f"minilm-{name}"}
+    try:
+        for s in starts.values():
+            wait_ready(s["proc"], s["port"])
+            line = re.search(r"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=(\d+)", s["log"].read_text())
+            assert line, "the launcher names the ports it chose on stderr"
+            s["fallback"] = int(line.group(1))
+            fallback = f"http://127.0.0.1:{s['fallback']}/-/healthz"
+            wait_for(lambda: requests.get(fallback, timeout=5), 60, "fallback proxy listening")  # noqa: B023
+        assert starts["a"]["fallback"] != starts["b"]["fallback"]
+        assert 8500 not in (starts["a"]["fallback"], starts["b"]["fallback"])
+        for me, other in (("a", "b"), ("b", "a")):
+            for port in (starts[me]["port"], starts[me]["fallback"]):
+                models = f"http://127.0.0.1:{port}/v1/models"
+                for _ in range(5):  # a new connection each time: a shared port hands them to either listener
+                    mine = requests.get(models, headers={"Authorization": f"Bearer key-{me}"}, timeout=30)
+                    assert mine.status_code == 200, (port, mine.text[:200])
+                    assert [m["id"] for m in mine.json()["data"]] == [starts[me]["model"]], port
+                    theirs = requests.get(models, headers={"Authorization": f"Bearer key-{other}"}, timeout=30)
+                    assert theirs.status_code == 401, (port, theirs.text[:200])
+                    assert requests.get(models, timeout=30).status_code == 401, port
+    finally:
+        for s in starts.values():
+            s["proc"].send_signal(signal.SIGTERM)
+        for s in starts.values():
+            assert s["proc"].wait(timeout=90) == 0
