@@ -73,6 +73,10 @@ def haproxy_ports_env() -> dict:
 
 
 os.environ.update(haproxy_ports_env())
+# Serve's fallback proxy (HAProxy's backup server) binds fixed ports 8500/9500 with SO_REUSEPORT on
+# every cluster: another cluster on the host (a `make serve`, a second session) would share them and
+# answer for this one (maas.launch says more). The session's cluster takes free ones.
+os.environ.update(RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(free_port()), RAY_SERVE_FALLBACK_PROXY_GRPC_PORT=str(free_port()))
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
@@ -141,6 +145,8 @@ def ray_cluster():
     # test apps must fit at once; torch threads still follow each replica's own num_cpus.
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
         "num_cpus": 6, "num_gpus": 0, "include_dashboard": True,
+        # A free dashboard port, not 8265: a second test session or a `make serve` on the host keeps its own.
+        "dashboard_port": free_port(),
         "object_store_memory": 512 * 2**20})  # Cluster's own default is 150 MiB
     os.environ["RAY_ADDRESS"] = cluster.address  # state API and subprocesses find this cluster, not another
     env = dict(os.environ)

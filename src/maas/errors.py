@@ -27,27 +27,33 @@ class MaasError(Exception):
         message: What went wrong and, for 4xx, how to fix the request.
         param: The request field at fault (``"input"``, ``"top_k"``), or None.
         code: A short machine-readable code (``"model_not_found"``), or None.
+        retry_after_s: For 429/503/504: when to retry, seconds (``Retry-After``); None = the default.
     """
 
     status_code: int = HTTPStatus.INTERNAL_SERVER_ERROR
     error_type: str = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
 
     def __reduce__(self):
-        return (_rebuild, (type(self), self.message, self.param, self.code))
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.retry_after_s))
 
     def to_body(self) -> dict[str, Any]:
         """The error body: ``{"error": {"message", "type", "param", "code"}}``."""
         return error_body(self.message, self.error_type, self.param, self.code)
 
 
-def _rebuild(cls: type[MaasError], message: str, param: str | None, code: str | None) -> MaasError:
-    return cls(message, param=param, code=code)
+def _rebuild(cls: type[MaasError], message: str, param: str | None, code: str | None,
+             retry_after_s: int | None = None) -> MaasError:
+    err = cls(message, param=param, code=code)
+    err.retry_after_s = retry_after_s
+    return err
 
 
 class InvalidRequest(MaasError):

@@ -44,7 +44,7 @@ from maas.protocol.maas import (
     TextClassificationRequest,
 )
 from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from maas.security import Guard
+from maas.security import Cors, Guard
 
 logger = logging.getLogger("ray.serve.maas.ingress")
 
@@ -56,7 +56,8 @@ app = FastAPIOffline(
     "A playground page is at /.",
 )
 app.add_middleware(Guard)
-app.add_middleware(http.HttpSemantics)  # outermost: HEAD and content codings before the guard
+app.add_middleware(http.HttpSemantics)  # HEAD and content codings before the guard
+app.add_middleware(Cors)  # outermost: browsers send preflights without credentials, answered before the guard
 http.install(app)
 app.include_router(maas_routes.router)
 app.include_router(openai_routes.router)
@@ -111,6 +112,7 @@ class Ingress:
 
         security.SETTINGS.api_keys = security.load_api_keys(self.config.ingress.api_keys_file)
         security.SETTINGS.max_body_bytes = self.config.ingress.max_body_bytes
+        security.SETTINGS.cors_allowed_origins = security.cors_origins(self.config.ingress.cors_allowed_origins)
         keys = len(security.SETTINGS.api_keys)
         logger.info("API keys %s; body limit %d bytes", f"required ({keys} configured)" if keys else "not configured",
                     self.config.ingress.max_body_bytes)

@@ -200,7 +200,7 @@ def main(out_path: str) -> None:
 
         def image_load():
             while not stop.is_set():
-                handle.classify_images.remote("efficientnet-lite0", [chelsea] * 4, top_k=1).result()
+                handle.classify_images.remote({"model": "efficientnet-lite0", "images": [chelsea] * 4, "top_k": 1}).result()
 
         threads = [threading.Thread(target=image_load) for _ in range(8)]
         for t in threads:

@@ -131,7 +131,7 @@ def test_every_protocol_says_which_model_answered(auto_url, url_main, photos, es
     assert v2.json()["model_name"] == v2.headers["x-maas-routed-model"] == names("efficientnet-lite2")
     emb = requests.post(f"{url_main}/v1/embeddings", json={"model": "auto", "input": "hello"}, timeout=60)
     assert emb.status_code == 200 and emb.json()["model"] == emb.headers["x-maas-routed-model"] == "minilm"
-    via_handle = serve.get_app_handle("auto").classify_images.remote("auto", [photos["chelsea"]], 3).result()
+    via_handle = serve.get_app_handle("auto").classify_images.remote({"model": "auto", "images": [photos["chelsea"]], "top_k": 3}).result()
     assert via_handle["routing"]["model"] == names("efficientnet-lite2")
 
 

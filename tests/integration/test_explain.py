@@ -119,7 +119,7 @@ def test_v2_explain_and_handles(served_app, cat_and_coffee):
     r = requests.post(f"{url}/v2/models/minilm/explain", json=text, timeout=120)
     assert r.status_code == 200 and "similarity" in r.json()["parameters"]
     handle = serve.get_app_handle("maas")
-    got = handle.explain_image.remote("efficientnet-lite0", cat_and_coffee, "tabby", overlay=False).result(timeout_s=120)
+    got = handle.explain_image.remote({"model": "efficientnet-lite0", "image": cat_and_coffee, "target": "tabby", "overlay": False}).result(timeout_s=120)
     assert got["target"]["label"] == "tabby" and left_share(got["heatmap"]["grid"]) >= 0.8
     sim = handle.explain_text.remote({"model": "minilm", "input": ["a fox", "a dog"]}).result(timeout_s=120)
     assert sim["kind"] == "similarity"

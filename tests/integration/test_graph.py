@@ -36,7 +36,7 @@ def test_one_preprocessor_per_key(served_app):
 
 
 def test_classify_through_handle(app, chelsea_jpeg):
-    out = app.classify_images.remote("efficientnet-lite0", [chelsea_jpeg], top_k=3).result()
+    out = app.classify_images.remote({"model": "efficientnet-lite0", "images": [chelsea_jpeg], "top_k": 3}).result()
     assert CAT_CLASSES & {c["index"] for c in out["data"][0]["top_k"]}
     assert out["demo_weights"] is False
 
@@ -47,9 +47,9 @@ def test_errors_arrive_by_type(app, chelsea_jpeg):
     with pytest.raises(TaskNotSupported):
         app.embed.remote({"model": "resnet50", "input": "x"}).result()
     with pytest.raises(InvalidRequest, match="top_k must be an integer from 1 to 1000"):
-        app.classify_images.remote("vgg16", [chelsea_jpeg], top_k=0).result()
+        app.classify_images.remote({"model": "vgg16", "images": [chelsea_jpeg], "top_k": 0}).result()
     with pytest.raises(InvalidRequest, match=r"images\[1\] is not a decodable image"):
-        app.classify_images.remote("vgg16", [chelsea_jpeg, b"not an image"]).result()
+        app.classify_images.remote({"model": "vgg16", "images": [chelsea_jpeg, b"not an image"]}).result()
 
 
 def _largest_batch_seen(model: str) -> int:
@@ -71,7 +71,7 @@ def test_concurrent_requests_form_batches(app, chelsea_jpeg):
     assert all(len(r["data"]) == 1 for r in results)
     assert _largest_batch_seen("minilm") > 1
 
-    responses = [app.classify_images.remote("efficientnet-lite0", [chelsea_jpeg], top_k=1) for _ in range(16)]
+    responses = [app.classify_images.remote({"model": "efficientnet-lite0", "images": [chelsea_jpeg], "top_k": 1}) for _ in range(16)]
     assert all(r.result()["data"][0]["top_k"][0]["index"] in CAT_CLASSES for r in responses)
     assert _largest_batch_seen("efficientnet-lite0") > 1
 
@@ -81,8 +81,9 @@ def test_one_bad_request_in_a_front_batch_fails_alone(app, chelsea_jpeg):
     with an undecodable image gets its own 400 and its batch-mates their answers."""
     before = app.stats.remote().result().get("efficientnet-lite0/image-classification", {"batches": 0})
     bad = {3, 7, 11}
-    responses = [app.classify_images.remote("efficientnet-lite0", [b"not an image" if i in bad else chelsea_jpeg],
-                                            top_k=1) for i in range(16)]
+    responses = [app.classify_images.remote({"model": "efficientnet-lite0", "top_k": 1,
+                                             "images": [b"not an image" if i in bad else chelsea_jpeg]})
+                 for i in range(16)]
     for i, r in enumerate(responses):
         if i in bad:
             with pytest.raises(InvalidRequest, match=r"images\[0\] is not a decodable image"):
@@ -151,7 +152,7 @@ def test_handle_from_inside_an_actor(served_app, chelsea_jpeg):
             self.handle = handle
 
         async def classify(self, image: bytes) -> dict:
-            return await self.handle.classify_images.remote("efficientnet-lite0", [image], top_k=1)
+            return await self.handle.classify_images.remote({"model": "efficientnet-lite0", "images": [image], "top_k": 1})
 
     caller = Caller.remote(serve.get_app_handle("maas"))
     out = ray.get(caller.classify.remote(chelsea_jpeg), timeout=120)

@@ -2,6 +2,8 @@
 model and the path; the rest of the app comes up and serves, and readiness says which model is
 not ready and why."""
 
+import time
+
 import pytest
 import requests
 from ray import serve
@@ -39,5 +41,13 @@ def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
         r = requests.post(f"{url}/v1/classifications/image", data={"model": "effnet-ok", "top_k": "1"}, timeout=60,
                           files=[("file", ("c.jpg", chelsea_jpeg, "image/jpeg"))])
         assert r.status_code == 200
+        # A request for the model without a replica is answered at once, not held in Serve's router
+        # until the call timeout (30 s): 503 with a Retry-After and the reason.
+        started = time.monotonic()
+        r = requests.post(f"{url}/v1/classifications/image", data={"model": "broken-resnet"}, timeout=60,
+                          files=[("file", ("c.jpg", chelsea_jpeg, "image/jpeg"))])
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert "broken-resnet" in r.json()["error"]["message"]
+        assert time.monotonic() - started < 15
     finally:
         serve.delete("partial", _blocking=True)

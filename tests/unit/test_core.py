@@ -136,6 +136,15 @@ class FakeWatch:
     def known_for(self, dep):
         return True
 
+    def serving(self, dep):
+        return self.running(dep) > 0
+
+    def down_for_s(self, dep):
+        return 0.0
+
+    def follow(self):
+        return None
+
     def reason(self, dep):
         return "no running replica"
 
@@ -255,6 +264,29 @@ def test_a_model_that_does_not_answer_times_out_and_its_call_is_cancelled():
         with pytest.raises(ModelTimeout, match="did not answer within 0.2 s"):
             await dp.ops.embed(EmbedRequest("enc", texts=["a"]))
         assert time.monotonic() - started < 5
+    run(go())
+
+
+def test_a_model_without_a_running_replica_is_answered_503_at_once_with_its_load_time():
+    async def go():
+        model = FakeModel(embed_answer)
+        model.hold = asyncio.Event()  # a call would hang: it must never be made
+        dp, _ = plane([spec("enc")], {"enc": model})
+        dp.watch.replicas[dp.routes["enc"].spec.deployment_name] = 0
+        dp.calls.learn("enc", {"load_s": 7.2, "dimensions": 4})
+        with pytest.raises(ModelNotReady, match="no running replica") as e:
+            await dp.ops.embed(EmbedRequest("enc", texts=["a"]))
+        assert e.value.retry_after_s == 8 and not model.calls
+        assert (await dp.readiness.report())["ready"] is False
+    run(go())
+
+
+def test_the_warm_up_latency_is_autos_first_estimate():
+    async def go():
+        dp, _ = plane([spec("enc")], {"enc": FakeModel(embed_answer)})
+        assert dp.readiness.predict_ms("enc") is None
+        dp.calls.learn("enc", {"warmup_ms": 12.5, "dimensions": 4})
+        assert dp.readiness.predict_ms("enc") == 12.5
     run(go())
 
 

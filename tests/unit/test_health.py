@@ -70,3 +70,10 @@ def test_busy_replica_is_not_probed(replica, monkeypatch):
     monkeypatch.setattr(replica, "_last_batch_done", time.monotonic() - 60)
     asyncio.run(replica.check_health())
     assert len(calls) == 1
+
+
+def test_a_replica_warms_up_before_it_reports_ready_and_says_how_long_a_forward_took(replica):
+    info = replica.info()
+    assert info["warmup_ms"] > 0 and info["load_s"] > 0
+    replica.reconfigure({"max_batch_size": 3})  # a serve config's user_config override
+    assert replica.info()["batching"]["max_batch_size"] == 3  # what it runs with, for the ingress to follow

@@ -187,10 +187,13 @@ class ContinuousBatcher:
                     gen.manual_seed(seed)
                 seq = Sequence(job, p * sp.n + j, prompt, max(0, max_new), gen)
                 if seq.reserve > self.kv_cache_tokens:
+                    # OpenAI's words, which client libraries (LiteLLM, LangChain) match to recognise it.
                     raise InvalidRequest(
-                        f"prompt[{p}] has {len(prompt)} tokens and asks for {seq.max_new} more, but model "
-                        f"{self.name!r} holds at most {self.kv_cache_tokens} tokens of KV cache per replica; "
-                        f"lower max_tokens to at most {max(self.kv_cache_tokens - len(prompt), 0)}",
+                        f"This model's maximum context length is {self.kv_cache_tokens} tokens. However, you "
+                        f"requested {seq.reserve} tokens ({len(prompt)} in the messages, {seq.max_new} in the "
+                        f"completion). Please reduce the length of the messages or completion: prompt[{p}] fits "
+                        f"model {self.name!r}'s KV cache per replica if you lower max_tokens to at most "
+                        f"{max(self.kv_cache_tokens - len(prompt), 0)}.",
                         param="max_tokens", code="context_length_exceeded")
                 job.seqs.append(seq)
         if all(s.max_new == 0 for s in job.seqs):  # max_tokens 0: nothing to generate

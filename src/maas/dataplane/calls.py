@@ -190,8 +190,15 @@ class Calls:
             self.learn(address, await self.awaited(route.model.info.remote(), address))
         return self._info[address]
 
+    def known_info(self, address: str) -> dict:
+        """The model's ``info()`` answer if one came already, else ``{}`` (never waits)."""
+        return self._info.get(address, {})
+
     def learn(self, address: str, info: dict) -> None:
-        """Keep a model's ``info()`` answer; its ``batching`` is the settings it runs with now."""
+        """Keep a model's ``info()`` answer; its ``batching`` is the settings it runs with now, its
+        ``warmup_ms`` the first latency ``auto`` knows for it (until requests are measured)."""
+        if address not in self._info and info.get("warmup_ms") is not None and self.latency.recent_ms(address) is None:
+            self.latency.observe(address, float(info["warmup_ms"]))
         self._info.setdefault(address, info)
         if isinstance(info.get("batching"), dict):
             settings = BatchingSpec.model_validate(info["batching"])

@@ -9,15 +9,19 @@ them (OpenAI adds ``object``, ``created``, ``owned_by``).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from maas.dataplane.calls import Calls
 from maas.dataplane.traffic import Traffic
 from maas.dataplane.watch import DeploymentWatch
-from maas.errors import ServiceOverloaded, unwrap
+from maas.errors import ModelNotReady, ServiceOverloaded, unwrap
 
 #: A readiness probe's answer is reused this long, seconds (bounds probe calls under frequent checks).
 READY_PROBE_TTL_S = 0.1
+#: Expected load time of a model replica that never reported one, seconds (the ``Retry-After`` of a
+#: request for a model still loading; a replica that loaded before reports its own ``load_s``).
+DEFAULT_LOAD_S = 10.0
 #: A model whose probe takes longer than this, seconds, reads as not ready. Short because a call to
 #: a replica that just died does not fail fast (Serve's router retries it until its replacement
 #: runs); the probe runs on the replica's event loop beside the forward thread, so a busy replica
@@ -51,14 +55,14 @@ class Readiness:
 
         route = self.calls.routes[address]
         dep = route.spec.deployment_name
-        if self.watch.known_for(dep) and not self.watch.running(dep):
+        if self.watch.serving(dep) is False:
+            self.watch.follow()
             return False
         cached = self._ready.get(address)
         now = time.monotonic()
         if cached is not None and now - cached[1] < READY_PROBE_TTL_S:
             return cached[0]
         try:
-            await asyncio.wait_for(self.calls.info(route), timeout=5.0)  # loaded once (static facts kept)
             info = await self.calls.awaited(route.model.info.remote(), address, READY_PROBE_TIMEOUT_S)
             self.calls.learn(address, info)
             ok = True
@@ -69,11 +73,30 @@ class Readiness:
         self._ready[address] = (ok, time.monotonic())
         return ok
 
+    def check_serving(self, address: str) -> None:
+        """Raise at once for a model without a running replica instead of letting the call wait
+        in Serve's router for one (a model still loading would hold the caller for the whole
+        call timeout).
+
+        Raises:
+            ModelNotReady: 503 with ``Retry-After`` = the expected rest of its load time.
+        """
+        dep = self.calls.routes[address].spec.deployment_name
+        serving = self.watch.serving(dep)
+        if serving is None:
+            self.watch.follow()  # unknown yet (the first moments after start): the call goes ahead
+        elif not serving:
+            self.watch.follow()
+            load_s = float(self.calls.known_info(address).get("load_s") or DEFAULT_LOAD_S)
+            retry_s = max(1, math.ceil(load_s - self.watch.down_for_s(dep)))
+            raise ModelNotReady(f"model {address!r} has no running replica ({self.watch.reason(dep)}); retry after "
+                                f"{retry_s} s", retry_after_s=retry_s)
+
     async def _all(self) -> dict[str, bool]:
         keys = list(self.calls.routes)
         ready = dict(zip(keys, await asyncio.gather(*(self.model_ready(k) for k in keys))))
         if not all(ready.values()):
-            await self.watch.refresh()
+            self.watch.follow()  # reasons come from the last answer; /readyz never waits for the controller
         return ready
 
     async def name_ready(self, name: str) -> bool:

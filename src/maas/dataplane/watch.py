@@ -14,6 +14,11 @@ replicas. Two sources, cheapest first:
   cloudpickle per call, ~150 ms of CPU each) — so it is asked only on demand (a model reads
   as not ready, or no call has gone through its handle yet) and its answer kept ``period_s``.
 
+While some deployment has no running replica (the app is starting, a model failed or is being
+replaced), :meth:`DeploymentWatch.follow` asks ``serve.status()`` every :data:`STARTING_PERIOD_S` in
+the background, so a request for a model that is still loading is answered 503 at once from what
+is known, and readiness answers within a second from the moment the port opens.
+
 Readers of :meth:`DeploymentWatch.running` never wait for the controller.
 """
 
@@ -27,6 +32,8 @@ logger = logging.getLogger("ray.serve.maas.dataplane")
 
 #: How long an answer of ``serve.status()`` is kept, seconds (the router's view is read on every call).
 WATCH_PERIOD_S = 5.0
+#: How often ``serve.status()`` is asked while some deployment has no running replica, seconds.
+STARTING_PERIOD_S = 1.0
 
 
 def router_replicas(handle) -> int | None:
@@ -65,6 +72,41 @@ class DeploymentWatch:
         self.known = False  # True once the controller has answered
         self.updated_at = 0.0
         self._lock = asyncio.Lock()
+        self._follower: asyncio.Task | None = None
+        self._down_since: dict[str, float] = {}  # deployment → monotonic time it was first seen not running
+
+    def serving(self, deployment: str) -> bool | None:
+        """Whether ``deployment`` has a running replica now: the handle router's count when it has
+        one, else the controller's last answer; None before either has answered."""
+        handle = self.handles.get(deployment)
+        seen = router_replicas(handle) if handle is not None else None
+        if seen is None and not self.known:
+            return None
+        up = (seen if seen is not None else self._running.get(deployment, 0)) > 0
+        if up:
+            self._down_since.pop(deployment, None)
+        else:
+            self._down_since.setdefault(deployment, time.monotonic())
+        return up
+
+    def down_for_s(self, deployment: str) -> float:
+        """Seconds since ``deployment`` was first seen without a running replica (0 when serving)."""
+        since = self._down_since.get(deployment)
+        return 0.0 if since is None else time.monotonic() - since
+
+    def follow(self) -> None:
+        """Ask the controller every :data:`STARTING_PERIOD_S` in the background until every
+        deployment runs a replica (started again whenever a request finds one that does not)."""
+        if self._follower is not None and not self._follower.done():
+            return
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await self.refresh(max_age_s=STARTING_PERIOD_S)
+            if self.known and all(self._running.get(d, 0) > 0 for d in self.deployments):
+                return
+            await asyncio.sleep(STARTING_PERIOD_S)
 
     def running(self, deployment: str) -> int:
         """Running replicas of ``deployment``: the handle router's count when it has one, else
@@ -94,13 +136,14 @@ class DeploymentWatch:
         self.known = True
         self.updated_at = time.monotonic()
 
-    async def refresh(self) -> None:
-        """Ask ``serve.status()`` now unless the last answer is younger than ``period_s``; failures
-        keep the last answer (the caller answers from what is known)."""
-        if self.known and time.monotonic() - self.updated_at < self.period_s:
+    async def refresh(self, max_age_s: float | None = None) -> None:
+        """Ask ``serve.status()`` now unless the last answer is younger than ``max_age_s`` (default
+        ``period_s``); failures keep the last answer (the caller answers from what is known)."""
+        max_age_s = self.period_s if max_age_s is None else max_age_s
+        if self.known and time.monotonic() - self.updated_at < max_age_s:
             return
         async with self._lock:
-            if self.known and time.monotonic() - self.updated_at < self.period_s:
+            if self.known and time.monotonic() - self.updated_at < max_age_s:
                 return
             try:
                 self.update(await asyncio.wait_for(asyncio.to_thread(self._fetch), timeout=5.0))

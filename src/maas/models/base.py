@@ -244,6 +244,7 @@ class ModelDeployment:
         self.runner = self.runner_cls(self.spec, self.device)
         self.runner.load()
         self.load_s = time.monotonic() - started
+        self.warmup_ms = self._warm_up()
         self._explaining = 0  # explanations running or waiting on this replica
         self._batch_started: float | None = None
         self._last_batch_done: float | None = None  # monotonic time the last batch succeeded
@@ -252,10 +253,24 @@ class ModelDeployment:
         self.batcher = PullBatcher(self._run_batch, self.spec.key, self.batching.max_batch_size,
                                    self.batching.batch_wait_timeout_s, after_batch=self._record_stages)
         logger.info(
-            "model %s loaded on %s with %d torch threads in %.1f s%s",
-            self.spec.key, self.device, self.threads, self.load_s,
+            "model %s loaded on %s with %d torch threads in %.1f s, warm-up forward %.0f ms%s",
+            self.spec.key, self.device, self.threads, self.load_s, self.warmup_ms,
             " (RANDOM demo weights)" if self.spec.is_demo else "",
         )
+
+    def _warm_up(self) -> float:
+        """One probe batch before the replica reports ready (Triton's ``model_warmup``): the first
+        forwards after a load are several times slower (allocations, kernel choice), and the
+        first user request should not pay for them. The second run's latency, ms, is reported in
+        ``info()`` (``warmup_ms``) so ``auto`` has an estimate for the model before any request.
+
+        Raises:
+            Whatever the forward raises: a model that cannot run its probe must not report ready.
+        """
+        self.runner.run([self.runner.probe()])
+        started = time.perf_counter()
+        self.runner.run([self.runner.probe()])
+        return 1000 * (time.perf_counter() - started)
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply batching settings from ``user_config`` (validated; unknown keys raise, so Serve
@@ -405,6 +420,7 @@ class ModelDeployment:
             "demo_weights": self.spec.is_demo,
             "threads": self.threads,
             "load_s": round(self.load_s, 3),
+            "warmup_ms": round(self.warmup_ms, 2),
             "batching": self.batching.model_dump(),  # what it runs with now (user_config overrides included)
             **self.runner.info(),
         }

@@ -134,7 +134,7 @@ def error_response(request: Request, exc: MaasError) -> Response:
         logger.error("request %s failed: %s", request.headers.get("x-request-id", "-"), exc.message)
         if not isinstance(exc, (ModelNotReady, ModelTimeout, ServiceOverloaded)):
             message = "the service could not answer this request; retry later"
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503, 504) else None
+    headers = {"Retry-After": str(exc.retry_after_s or RETRY_AFTER_S)} if status in (429, 503, 504) else None
     if request.url.path.startswith("/v2"):
         return json_response({"error": message}, status, headers)
     return json_response(error_body(message, exc.error_type, exc.param if status < 500 else None, exc.code),
