@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # Ray Serve's high-throughput mode (HAProxy in front of the ingress replica instead of the Python
 # proxy, user code on the replica's event loop, gRPC between replicas). `make serve SERVE_ENV=`
-# runs with Serve's defaults instead. README "Benchmarks" has the measured difference.
+# runs with Serve's defaults instead. docs/benchmarks.md has the measured difference.
 # One of its settings is turned back (src/maas/manifest.py THROUGHPUT_ENV says why): the router
 # keeps its own loop (synchronous handle calls from jobs).
 # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2: HAProxy on this node needs well under a second
@@ -67,6 +67,7 @@ test-unit: install
 
 # The limit, maas-serve and its peers (LitServe, FastAPI) in one run, ~19 min on 2 cores:
 # bench/results/<date>.{json,md,png}. Not part of `make test` (its smoke test is).
+# `$(PY) -m bench.report bench/results/<date>.json --docs docs/benchmarks.md` refreshes the docs page.
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 

@@ -7,7 +7,7 @@ Ratios:
   size, same torch threads as one served replica).
 * ``× best peer`` = the row's items/s ÷ the higher of LitServe's and FastAPI's items/s for the
   same model: at the same concurrency in the full table (:func:`markdown`), at the peers' best
-  concurrency in the README summary (:func:`summary_table`) and the goals.
+  concurrency in the summary of docs/benchmarks.md (:func:`summary_table`) and the goals.
 * Latency percentiles are wrk's, over every answered request (errors included; the full table
   has an errors column, and items/s counts only 2xx/3xx answers).
 """
@@ -300,7 +300,7 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def summary_table(result: dict) -> str:
-    """A compact markdown table for the README: per model and system/mode, the best items/s
+    """A compact markdown table for docs/benchmarks.md: per model and system/mode, the best items/s
     (and its concurrency), latency at concurrency 1 and at the best point, and the ratios."""
     rows = ["| model | system | best items/s (c) | × limit | × best peer (its best c) | p50 / p99 ms at c=1 | "
             "p50 / p99 ms at best |",
@@ -324,14 +324,22 @@ def summary_table(result: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-README_START = "<!-- bench:start (python -m bench.report RESULT.json --readme README.md) -->"
+#: The generated block lives in docs/benchmarks.md, between these markers (the start marker is
+#: matched by its prefix, so a block written under an older marker is still found and replaced).
+README_START = "<!-- bench:start (python -m bench.report RESULT.json --docs docs/benchmarks.md) -->"
+README_START_PREFIX = "<!-- bench:start"
 README_END = "<!-- bench:end -->"
 
 
-def readme_block(result: dict, result_path: str) -> str:
-    """The README's benchmark block: machine, command, plot, summary table, goals."""
+def readme_block(result: dict, result_path: str, target: str | None = None) -> str:
+    """The benchmark block of ``target`` (docs/benchmarks.md): machine, command, plot, summary
+    table, goals. Links are relative to ``target``'s folder, so they resolve where it renders."""
+    import os
+
     mach, v = result["machine"], result["machine"]["versions"]
     stem = Path(result_path).with_suffix("")
+    if target is not None:
+        stem = Path(os.path.relpath(stem.resolve(), Path(target).resolve().parent))
     goals_rows = ["| goal | measured | met |", "|---|---|---|"] + [
         f"| {g['goal']} | {g['measured']} | {dict([(True, 'yes'), (False, '**no**'), (None, '-')])[g['met']]} |"
         for g in result.get("goals", [])]
@@ -351,16 +359,36 @@ def readme_block(result: dict, result_path: str) -> str:
     ])
 
 
-if __name__ == "__main__":  # python -m bench.report RESULT.json [--readme README.md]
-    import json
-    import sys
+def write_block(result: dict, result_path: str, target: str) -> None:
+    """Replace the block between the bench markers of ``target`` with :func:`readme_block`.
 
-    result_path = sys.argv[1]
-    result = json.loads(Path(result_path).read_text())
-    if "--readme" in sys.argv:
-        readme = Path(sys.argv[sys.argv.index("--readme") + 1])
-        text = readme.read_text()
-        start, end = text.index(README_START), text.index(README_END) + len(README_END)
-        readme.write_text(text[:start] + readme_block(result, result_path) + text[end:])
+    Raises:
+        ValueError: ``target`` has no ``<!-- bench:start … -->`` … ``<!-- bench:end -->`` pair.
+    """
+    doc = Path(target)
+    text = doc.read_text()
+    start = text.find(README_START_PREFIX)
+    end = text.find(README_END, start)
+    if start < 0 or end < 0:
+        raise ValueError(f"{target} has no '{README_START_PREFIX} ... -->' ... '{README_END}' markers")
+    doc.write_text(text[:start] + readme_block(result, result_path, target) + text[end + len(README_END):])
+
+
+if __name__ == "__main__":  # python -m bench.report RESULT.json [--docs docs/benchmarks.md]
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Print a bench result's summary table, or write its generated block (machine, plot, "
+                    "summary table, goals) into the benchmark page.")
+    parser.add_argument("result", help="a result file of `python -m bench`, e.g. bench/results/2026-11-30.json")
+    parser.add_argument("--docs", "--readme", dest="docs", default=None, metavar="PAGE",
+                        help="write the block between PAGE's bench:start/bench:end markers, links relative to "
+                             "PAGE (docs/benchmarks.md; --readme is the old name of this option)")
+    args = parser.parse_args()
+    result = json.loads(Path(args.result).read_text())
+    if args.docs:
+        write_block(result, args.result, args.docs)
     else:
         print(summary_table(result))
