@@ -125,7 +125,7 @@ def test_separate_ray_job_gets_same_answer_as_http(served_app, url, chelsea_jpeg
         h = serve.get_app_handle("maas")
         img = open({str(image)!r}, "rb").read()
         out = {{
-            "image": h.classify_images.remote({"model": "efficientnet-lite0", "images": [img], "top_k": 5}).result(),
+            "image": h.classify_images.remote({{"model": "efficientnet-lite0", "images": [img], "top_k": 5}}).result(),
             "embed": h.embed.remote({{"model": "minilm", "input": ["hello world"]}}).result(),
         }}
         print("RESULT " + json.dumps(out))

@@ -46,8 +46,11 @@ def test_errors_arrive_by_type(app, chelsea_jpeg):
         app.embed.remote({"model": "nope", "input": "x"}).result()
     with pytest.raises(TaskNotSupported):
         app.embed.remote({"model": "resnet50", "input": "x"}).result()
-    with pytest.raises(InvalidRequest, match="top_k must be an integer from 1 to 1000"):
+    with pytest.raises(InvalidRequest, match="top_k: Input should be greater than or equal to 1") as e:
         app.classify_images.remote({"model": "vgg16", "images": [chelsea_jpeg], "top_k": 0}).result()
+    assert e.value.param == "top_k"  # the JSON body's schema, as on HTTP
+    with pytest.raises(InvalidRequest, match="top_k must be an integer from 1 to 1000"):
+        app.classify_images.remote({"model": "vgg16", "images": [chelsea_jpeg], "top_k": 1001}).result()
     with pytest.raises(InvalidRequest, match=r"images\[1\] is not a decodable image"):
         app.classify_images.remote({"model": "vgg16", "images": [chelsea_jpeg, b"not an image"]}).result()
 

@@ -29,7 +29,8 @@ def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
             serve.run(build_app(args), name="partial", route_prefix="/partial")
         def reason():
             r = requests.get(f"{url}/readyz", timeout=30)
-            return r.status_code == 503 and r.json().get("reasons", {}).get("broken-resnet") and r.json()
+            why = r.json().get("reasons", {}).get("broken-resnet", "")
+            return r.status_code == 503 and "model 'broken-resnet'" in why and r.json()
 
         body = wait_for(reason, 240, "readiness naming the broken model", interval_s=2)
         assert body["models"] == {"effnet-ok": True, "broken-resnet": False}

@@ -54,7 +54,7 @@ def answered(spec: ModelSpec, reason: str | None = None) -> Answered:
 def log_hints(req) -> None:
     """One log line naming the optional hint fields a request set (never their values)."""
     if req.hints:
-        logger.info("ignoring optional hint fields %s", req.hints)
+        logger.info("ignoring optional OpenAI hint fields %s", req.hints)
 
 
 def image_size(image) -> tuple[int, int]:

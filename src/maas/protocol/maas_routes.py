@@ -105,7 +105,7 @@ async def classify_image(request: Request, dp=Depends(dataplane)):
         images = [await f.read() for f in files]
         req = ClassifyImagesRequest(str(model), images=images, top_k=top_k, cascade_threshold=threshold,
                                     **routed(request, latency_budget_ms=budget))
-    if media == "application/json" or media.endswith("+json") or not media:
+    elif media == "application/json" or media.endswith("+json") or not media:
         try:
             body = await request.json()
         except ValueError:
