@@ -32,11 +32,12 @@ from pathlib import Path
 from bench import inputs, load, memory, report, systems, workloads
 
 SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
-           "generation", "auto", "explain")
+           "generation", "generation-ab", "auto", "explain")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
 #: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
 #: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`);
-#: ``explain`` the explanation latencies (:mod:`bench.explain`).
+#: ``explain`` the explanation latencies (:mod:`bench.explain`); ``generation-ab`` (not run by default)
+#: only the maas-serve generation point, on this tree and on ``--baseline-ref``, for an A/B of two trees.
 DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto",
                    "explain")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
@@ -195,8 +196,9 @@ def run_maas(system: str, models: list[str], args, workdir: Path, result: dict, 
     elif args.maas_url:
         return
     else:
+        # The release baseline runs with the Serve settings it shipped; another ref with this tree's.
         server = systems.maas(kept, batching=batching, workdir=workdir, mode=mode, throughput_mode=throughput_mode,
-                              src=src)
+                              src=src, release_env=args.baseline_ref == DEFAULT_BASELINE_REF)
         print(f"bench: starting maas-serve ({mode})", flush=True)
         server.start()
         result["servers"][f"maas-serve ({mode})"] = {"ready_s": server.ready_s, "log": str(server.log_path)}
@@ -358,6 +360,15 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import generation
 
         result["generation"] = generation.run(workdir)
+    if "generation-ab" in chosen:
+        from bench import generation
+
+        src = baseline_checkout(args.baseline_ref, workdir)
+        try:
+            result["generation_ab"] = {"ref": args.baseline_ref, "this": generation.run_maas(workdir),
+                                       "baseline": generation.run_maas(workdir, src) if src else None}
+        finally:
+            remove_checkout(src)
     if "auto" in chosen:
         from bench import auto_routing
 

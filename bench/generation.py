@@ -135,16 +135,20 @@ print(json.dumps({{"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": r
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_maas(workdir: Path) -> dict:
+def run_maas(workdir: Path, src: Path | None = None) -> dict:
+    """32 streamed, 32 unstreamed and a few one-at-a-time completions on maas-serve (this tree, or
+    the checkout whose ``src`` is given, with this tree's Serve settings: an A/B of two trees)."""
     port = systems.free_port()
-    config = systems.maas_config([GEN_MODEL], batching=True, port=port)
-    path = workdir / "maas-generation.yaml"
+    source = (src.parent / "serve_configs" / "local.yaml") if src else workloads.LOCAL_CONFIG
+    config = systems.maas_config([GEN_MODEL], batching=True, port=port, source=source)
+    name = "maas-generation-baseline" if src else "maas-generation"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           **systems.THROUGHPUT_ENV}
+           **systems.THROUGHPUT_ENV, **({"PYTHONPATH": str(src)} if src else {})}
     server = systems.Server("maas-serve (generation)", [str(systems.BIN / "serve"), "run", "--address", "local",
                                                         str(path)],
-                            f"http://127.0.0.1:{port}/readyz", workdir / "maas-generation.log", env)
+                            f"http://127.0.0.1:{port}/readyz", workdir / f"{name}.log", env)
     url = f"http://127.0.0.1:{port}/v1/completions"
     server.start()
     try:

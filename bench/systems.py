@@ -191,7 +191,7 @@ def _alive(pid: int) -> bool:
 
 
 def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, throughput_mode: bool = True,
-         src: Path | None = None) -> Server:
+         src: Path | None = None, release_env: bool = True) -> Server:
     """A ``serve run`` server for ``models`` (not started), on :func:`maas_config`.
 
     Args:
@@ -200,6 +200,8 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
         src: Run the maas-serve of another checkout (its ``src`` on ``PYTHONPATH``, ahead of this
             one's editable install; its own ``serve_configs/local.yaml`` and Serve settings), for
             the baseline; None runs this tree.
+        release_env: With ``src``: run it with the Serve settings the batched-request-path release
+            shipped (:data:`BASELINE_ENV`); False runs it with this tree's (an A/B of two recent trees).
     """
     port = free_port()
     source = (src.parent / "serve_configs" / "local.yaml") if src else workloads.LOCAL_CONFIG
@@ -209,7 +211,7 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # Set every variable either way, so the caller's environment does not decide the mode.
-    env.update(BASELINE_ENV if src else THROUGHPUT_ENV if throughput_mode else SERVE_DEFAULT_ENV)
+    env.update(BASELINE_ENV if src and release_env else THROUGHPUT_ENV if throughput_mode else SERVE_DEFAULT_ENV)
     if src:
         env["PYTHONPATH"] = str(src)
     server = Server(f"maas-serve ({mode})", [str(BIN / "serve"), "run", "--address", "local", str(path)],

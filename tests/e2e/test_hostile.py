@@ -146,9 +146,11 @@ def test_corpus_gets_clear_answers_and_nothing_dies(served_app, chelsea_jpeg):
         (app.embed, ({"model": "nope", "input": "x"},), 404),
         (app.complete, ({"model": "gpt2-tiny-demo", "prompt": "hi", "temperature": -1},), 400),
         (app.complete, ({"model": "gpt2-tiny-demo", "prompt": "hi", "seed": 2**70},), 400),
-        (app.classify_images, (IMG, [b""]), 400),
-        (app.classify_images, (IMG, [_png_header_claiming(40_000, 40_000)]), 413),
-        (app.classify_images, (IMG, ["not bytes"]), 400),
+        (app.classify_images, ({"model": IMG, "images": [b""]},), 400),
+        (app.classify_images, ({"model": IMG, "images": [_png_header_claiming(40_000, 40_000)]},), 413),
+        (app.classify_images, ({"model": IMG, "images": ["not base64 (nor bytes)"]},), 400),
+        (app.classify_images, ({"model": IMG, "images": [b"\xff", "mixed"]},), 400),
+        (app.classify_images, ("efficientnet-lite0",), 400),  # the old positional form: told what to send
         (app.text2text, ({"model": "t5-tiny-demo", "input": []},), 400),
     ]
     for method, args, want in handle_cases:

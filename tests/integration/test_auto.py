@@ -84,9 +84,12 @@ def test_a_generous_budget_and_no_budget_route_to_the_best_model(auto_url, photo
 
 
 def test_nothing_fits_answers_with_the_fastest_and_says_so(auto_url, photos, estimates):
+    # The fastest by the router's own estimates right now (on a busy machine Lite0 and Lite1 can swap).
+    cards = requests.get(f"{auto_url}/v1/models", timeout=30).json()["data"]
+    fastest = min((c for c in cards if c["latency_estimate_ms"] is not None), key=lambda c: c["latency_estimate_ms"])
     r = classify(auto_url, "auto", photos["chelsea"], headers={"X-Maas-Latency-Budget-Ms": "0.5"})
     assert r.status_code == 200
-    assert r.headers["x-maas-routed-model"] == names("efficientnet-lite0")
+    assert r.headers["x-maas-routed-model"] == fastest["id"]
     assert "none-fit;fastest" in r.headers["x-maas-route-reason"]
 
 

@@ -333,14 +333,29 @@ def test_a_pinned_version_answers_and_says_so():
 def test_weight_zero_takes_no_traffic_and_a_version_that_is_not_ready_takes_none_either():
     async def go():
         dp, answers = versions({"1": 50, "2": 50})
+        v2 = dp.routes["img@2"].spec.deployment_name
+        dp.watch.replicas[v2] = 0  # lost its replica
         answers["img@2"].info_fail = ModelNotReady("gone")
         for key in range(20):
             res = await dp.ops.classify_images(ClassifyImagesRequest("img", images=[b"x"], routing_key=f"k{key}"))
             assert res.answered.version == "1"
         dp.traffic.apply({"traffic": {"img": {"weights": {"1": 0, "2": 100}}}})
+        with pytest.raises(ModelNotReady, match="no version of model 'img' that takes traffic is ready"):
+            await dp.ops.classify_images(ClassifyImagesRequest("img", images=[b"x"], routing_key="k1"))
+        dp.watch.replicas[v2] = 1
         answers["img@2"].info_fail = None
         dp.readiness._ready.clear()
         res = await dp.ops.classify_images(ClassifyImagesRequest("img", images=[b"x"], routing_key="k1"))
+        assert res.answered.version == "2"
+
+
+def test_a_version_whose_probe_times_out_but_has_a_replica_still_serves():
+    """Under load a readiness probe can time out; refusing the only version with weight then would turn
+    a request that would be served into a 503 (as right after a promote to 0/100)."""
+    async def go():
+        dp, answers = versions({"1": 0, "2": 100})
+        answers["img@2"].info_fail = ModelTimeout("probe took too long")
+        res = await dp.ops.classify_images(ClassifyImagesRequest("img", images=[b"x"], routing_key="k"))
         assert res.answered.version == "2"
     run(go())
 

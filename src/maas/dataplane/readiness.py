@@ -73,6 +73,15 @@ class Readiness:
         self._ready[address] = (ok, time.monotonic())
         return ok
 
+    def has_replica(self, address: str) -> bool:
+        """Whether ``address`` has a running replica as far as anyone knows (True while unknown)."""
+        return self.watch.serving(self.calls.routes[address].spec.deployment_name) is not False
+
+    async def can_take(self, address: str) -> bool:
+        """Whether routing may send to ``address``: its probe answered, or, when the probe did not
+        (a probe can time out on a loaded replica), it still has a running replica."""
+        return await self.model_ready(address) or self.has_replica(address)
+
     def check_serving(self, address: str) -> None:
         """Raise at once for a model without a running replica instead of letting the call wait
         in Serve's router for one (a model still loading would hold the caller for the whole

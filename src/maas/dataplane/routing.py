@@ -115,7 +115,7 @@ class Router:
         name, version = self.traffic.address(model)
         if version is not None:
             key = self.traffic.key_of(name, version)
-            if len(self.traffic.specs[name]) > 1 and not await self.readiness.model_ready(key):
+            if len(self.traffic.specs[name]) > 1 and not await self.readiness.can_take(key):
                 dep = self.calls.routes[key].spec.deployment_name
                 raise ModelNotReady(f"version {version} of model {name!r} is not ready "
                                     f"({self.readiness.watch.reason(dep)}); retry, or address {name!r} to let the "
@@ -123,7 +123,9 @@ class Router:
             return key
         specs = self.traffic.specs[name]
         weighted = [v for v, w in self.traffic.weights(name) if w > 0]
-        checks = await asyncio.gather(*(self.readiness.model_ready(self.traffic.key_of(name, v)) for v in weighted))
+        # A version whose probe failed but that has a running replica still takes its share: a probe
+        # can time out on a loaded replica, and refusing then would fail a request that would be served.
+        checks = await asyncio.gather(*(self.readiness.can_take(self.traffic.key_of(name, v)) for v in weighted))
         assigned = None
         if routing_key is not None and len(weighted) > 1:
             assigned = await self._assigned_version(name, routing_key)
