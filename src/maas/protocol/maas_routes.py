@@ -105,12 +105,8 @@ async def classify_image(request: Request, dp=Depends(dataplane)):
         images = [await f.read() for f in files]
         req = ClassifyImagesRequest(str(model), images=images, top_k=top_k, cascade_threshold=threshold,
                                     **routed(request, latency_budget_ms=budget))
-    elif media == "application/json" or media.endswith("+json") or not media:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
-        req = parse(ImageClassificationRequest, body).to_operation(**routed(request))
+    elif _is_json(media):
+        req = parse(ImageClassificationRequest, await _json(request)).to_operation(**routed(request))
     else:
         raise UnsupportedMediaType(f"content type {ctype!r} is not accepted; send multipart/form-data with 'file' "
                                    "fields or JSON with base64 'images'")
@@ -173,12 +169,8 @@ async def explain_image(request: Request, dp=Depends(dataplane)):
                 raise InvalidRequest(f"overlay must be true or false, got {fields['overlay']!r}", param="overlay")
             fields["overlay"] = flag in ("true", "1")
         req = parse(ExplainImageRequest, fields).to_operation(**routed(request), image=await files[0].read())
-    elif media == "application/json" or media.endswith("+json") or not media:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
-        req = parse(ExplainImageRequest, body).to_operation(**routed(request))
+    elif _is_json(media):
+        req = parse(ExplainImageRequest, await _json(request)).to_operation(**routed(request))
     else:
         raise UnsupportedMediaType(f"content type {media!r} is not accepted; send multipart/form-data with one "
                                    "'file' or JSON with a base64 'image'")
@@ -207,3 +199,16 @@ def _positive(form, field: str, upper: float | None = None) -> float | None:
         bound = f" and at most {upper}" if upper is not None else ""
         raise InvalidRequest(f"{field} must be a number above 0{bound}, got {raw!r}", param=field)
     return value
+
+
+def _is_json(media: str) -> bool:
+    """JSON (``application/json``, any ``+json``) or no content type, which routes read as JSON."""
+    return media == "application/json" or media.endswith("+json") or not media
+
+
+async def _json(request: Request):
+    """The body as JSON. Raises InvalidRequest: it is not."""
+    try:
+        return await request.json()
+    except ValueError:
+        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None

@@ -42,22 +42,21 @@ async def embeddings(body: EmbeddingRequest, request: Request, dp=Depends(datapl
 @router.post("/v1/completions", response_model=render.CompletionResponse, responses=ERROR_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, dp=Depends(dataplane)):
     """Completions; ``stream: true`` answers with server-sent events."""
-    req = body.to_operation(**routed(request, body.user))
-    if body.stream:
-        stream = await dp.ops.stream(req)
-        renderer = render.StreamRenderer(stream.answered, chat=False, include_usage=body.include_usage)
-        return await stream_response(stream, renderer.render, request)
-    res = await dp.ops.generate(req)
-    return answer_response(render.completion(res), res.answered)
+    return await _generate(body, request, dp, chat=False)
 
 
 @router.post("/v1/chat/completions", response_model=render.ChatCompletionResponse, responses=ERROR_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request, dp=Depends(dataplane)):
     """Chat completions; ``stream: true`` answers with server-sent events."""
+    return await _generate(body, request, dp, chat=True)
+
+
+async def _generate(body: CompletionRequest | ChatCompletionRequest, request: Request, dp, chat: bool):
+    """One generation request, whole or streamed; only the rendering differs between the two routes."""
     req = body.to_operation(**routed(request, body.user))
     if body.stream:
         stream = await dp.ops.stream(req)
-        renderer = render.StreamRenderer(stream.answered, chat=True, include_usage=body.include_usage)
+        renderer = render.StreamRenderer(stream.answered, chat=chat, include_usage=body.include_usage)
         return await stream_response(stream, renderer.render, request)
     res = await dp.ops.generate(req)
-    return answer_response(render.chat_completion(res), res.answered)
+    return answer_response(render.chat_completion(res) if chat else render.completion(res), res.answered)
