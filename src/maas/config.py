@@ -17,6 +17,10 @@ one model                    the model's ``name`` itself (``minilm``, ``resnet50
 one tokenizer                ``Tokenizer-<slug of the tokenizer source>``
 one image preprocessor       ``ImagePreprocessor-<resize>-<crop>-<interpolation>``
 ===========================  =====================================================
+
+One module on purpose (~670 lines): it is the app config's one typed schema, every field with
+its description and bounds, which ``/docs``, ``maas plan`` and the validator messages all read;
+split, the schema would be read in pieces.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import torch
 from maas.errors import InvalidRequest, MaasError, ModelTimeout, ServiceOverloaded
 from maas.models.base import ModelRequest
 from maas.batching.continuous import ContinuousBatcher
-from maas.models.text_generator import SamplingParams, TextGeneratorRunner
+from maas.models.sampling import SamplingParams
+from maas.models.text_generator import TextGeneratorRunner
 from maas.preprocess.text import tokenize
 from tests.conftest import wait_for
 from tests.unit.test_models import spec_of

@@ -13,7 +13,7 @@ from maas.config import ModelSpec
 from maas.errors import InvalidRequest
 from maas.models.base import ModelRequest
 from maas.models.image_classifier import ImageClassifierRunner
-from maas.models.text_generator import SamplingParams
+from maas.models.sampling import SamplingParams
 from maas.preprocess.image import decode_image, preprocess_images
 from maas.protocol import parse
 from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest

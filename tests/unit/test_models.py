@@ -13,7 +13,8 @@ from maas.errors import InvalidRequest, WeightsError
 from maas.models.base import ModelRequest
 from maas.models.image_classifier import ImageClassifierRunner
 from maas.models.text_encoder import TextEncoderRunner
-from maas.models.text_generator import SamplingParams, TextGeneratorRunner, apply_stop
+from maas.models.sampling import SamplingParams, apply_stop
+from maas.models.text_generator import TextGeneratorRunner
 from maas.preprocess.image import preprocess_images
 from maas.preprocess.text import load_tokenizer, tokenize
 from maas.weights import hf_location

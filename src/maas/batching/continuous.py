@@ -42,6 +42,9 @@ for one padded ``model.generate`` call; this loop, in the same process, took 10.
 10.2 s for ``generate`` (served through Ray Serve, ``make bench``'s generation section has the
 numbers). It also draws from one global RNG, so seeded requests would not repeat inside a
 shared batch.
+
+One module on purpose (~470 lines): the decoding loop, its admission rule and the KV-cache
+surgery change together; apart they would each be half an algorithm.
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ class ContinuousBatcher:
             InvalidRequest: a sequence needs more KV slots than the whole budget.
             ServiceOverloaded: ``max_waiting_sequences`` are already waiting.
         """
-        from maas.models.text_generator import StreamState
+        from maas.models.sampling import StreamState
 
         runner = self.runner
         prompts = [[int(t) for t in row] for row in request.inputs.token_rows()]

@@ -16,6 +16,9 @@ A call carries a front batch of jobs (:class:`~maas.batching.jobs.Preprocessed` 
 deadlines) and answers one result or one :class:`~maas.errors.MaasError` per job, so one bad
 request never fails its neighbours. Each family module defines ``<Family>Runner`` and a
 ``@serve.deployment`` class that subclasses :class:`ModelDeployment` with ``runner_cls`` set.
+
+Over 400 lines on purpose: the runner contract and the replica's lifecycle (device, threads,
+warm-up, health, explanations, autoscaling stats) are the one base every family shares.
 """
 
 from __future__ import annotations

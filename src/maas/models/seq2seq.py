@@ -13,7 +13,8 @@ from ray import serve
 
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
 from maas.models.hf import collate_right, load_hf_model, probe_tokens
-from maas.models.text_generator import GenerationMixin, SamplingParams
+from maas.models.sampling import SamplingParams
+from maas.models.text_generator import GenerationMixin
 from maas.preprocess.text import load_tokenizer
 
 

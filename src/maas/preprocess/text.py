@@ -20,6 +20,9 @@ Truncation policy (per route, decided by the dataplane and documented in the REA
   the same way: a row that ends in the tokenizer's closing token keeps it.
 * completion and chat: never truncated here; the generator rejects a prompt whose tokens plus
   ``max_tokens`` exceed its context, naming both counts.
+
+Over 400 lines on purpose: the tokenizer deployment and the typed batch it hands over
+(``TokenizedBatch``) are one contract with the text models.
 """
 
 from __future__ import annotations
