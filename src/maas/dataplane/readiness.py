@@ -82,10 +82,11 @@ class Readiness:
         (a probe can time out on a loaded replica), it still has a running replica."""
         return await self.model_ready(address) or self.has_replica(address)
 
-    def check_serving(self, address: str) -> None:
+    async def check_serving(self, address: str) -> None:
         """Raise at once for a model without a running replica instead of letting the call wait
         in Serve's router for one (a model still loading would hold the caller for the whole
-        call timeout).
+        call timeout). Before anything is known (the ingress's first moments), the controller is
+        asked first, for at most :data:`READY_PROBE_TIMEOUT_S` × 2.
 
         Raises:
             ModelNotReady: 503 with ``Retry-After`` = the expected rest of its load time.
@@ -93,8 +94,13 @@ class Readiness:
         dep = self.calls.routes[address].spec.deployment_name
         serving = self.watch.serving(dep)
         if serving is None:
-            self.watch.follow()  # unknown yet (the first moments after start): the call goes ahead
-        elif not serving:
+            self.watch.follow()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.watch.refresh(max_age_s=1.0)), 2 * READY_PROBE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                pass
+            serving = self.watch.serving(dep)  # still unknown: the call goes ahead
+        if serving is False:
             self.watch.follow()
             load_s = float(self.calls.known_info(address).get("load_s") or DEFAULT_LOAD_S)
             retry_s = max(1, math.ceil(load_s - self.watch.down_for_s(dep)))

@@ -70,7 +70,7 @@ class Router:
             return await self._cascade(task, operation, op, threshold, req.latency_budget_ms)
         if req.model != auto.AUTO:
             address = await self.resolve(req.model, req.routing_key)
-            self.readiness.check_serving(address)
+            await self.readiness.check_serving(address)
             out = await self.calls.timed(address, operation, op)
             spec = self.calls.routes[address].spec
             if shadow and spec.version is not None and "@" not in req.model:
@@ -95,7 +95,7 @@ class Router:
         the first ready model of ``auto``'s plan, else the version the traffic policy picks."""
         if req.model != auto.AUTO:
             address = await self.resolve(req.model, req.routing_key)
-            self.readiness.check_serving(address)
+            await self.readiness.check_serving(address)
             return address, None
         choice = (await self.plan(task, req.latency_budget_ms))[0]
         return choice.name, choice.reason

@@ -34,16 +34,21 @@ logger = logging.getLogger("ray.serve.maas.dataplane")
 WATCH_PERIOD_S = 5.0
 #: How often ``serve.status()`` is asked while some deployment has no running replica, seconds.
 STARTING_PERIOD_S = 1.0
+#: How long the watch asks every ``STARTING_PERIOD_S`` before it slows to ``period_s``, seconds.
+FOLLOW_FAST_S = 60.0
 
 
 def router_replicas(handle) -> int | None:
     """Replicas a deployment handle's router can send to now, or None when unknown (no call was
-    made through the handle yet, or Serve's private router layout changed)."""
+    made through the handle yet, its router has not heard of a running replica yet, or Serve's
+    private router layout changed)."""
     try:
         router = handle._router
         if router is None:
             return None
         inner = router._asyncio_router
+        if not getattr(inner, "_running_replicas_populated", True):
+            return None  # no replica list has arrived yet: an empty one would read as "all dead"
         chooser = inner._request_router
         if chooser is not None:
             return len(chooser.curr_replicas)
@@ -102,11 +107,15 @@ class DeploymentWatch:
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
+        started = time.monotonic()
         while True:
-            await self.refresh(max_age_s=STARTING_PERIOD_S)
+            # Every second while starting; after FOLLOW_FAST_S only every period_s (a model that
+            # stays down must not cost the ingress a status call, ~150 ms of CPU, each second).
+            period = STARTING_PERIOD_S if time.monotonic() - started < FOLLOW_FAST_S else self.period_s
+            await self.refresh(max_age_s=period)
             if self.known and all(self._running.get(d, 0) > 0 for d in self.deployments):
                 return
-            await asyncio.sleep(STARTING_PERIOD_S)
+            await asyncio.sleep(period)
 
     def running(self, deployment: str) -> int:
         """Running replicas of ``deployment``: the handle router's count when it has one, else
