@@ -175,13 +175,20 @@ def test_promote_and_rollback_under_load_fail_nothing_and_restart_no_replica(rol
     jpeg = small_jpeg()
     before = replica_actor_ids()
     log: list[tuple[float, int, str | None]] = []
+    failed: list[dict] = []  # every answer that is not a 200: when, status, body, headers
+    events: list[tuple[float, str]] = []  # (time, what) of each serve deploy, for the failure message
     stop = threading.Event()
+    t0 = time.monotonic()
 
     def load(i):
         s = requests.Session()
         while not stop.is_set():
-            r = classify(rollout["url"], "imagenet", jpeg, f"load-{i}-{time.monotonic()}", s)
+            sent = time.monotonic()
+            r = classify(rollout["url"], "imagenet", jpeg, f"load-{i}-{sent}", s)
             log.append((time.monotonic(), r.status_code, r.headers.get("x-maas-model-version")))
+            if r.status_code != 200:
+                failed.append({"sent_s": round(sent - t0, 3), "answered_s": round(time.monotonic() - t0, 3),
+                               "status": r.status_code, "body": r.text[:1000], "headers": dict(r.headers)})
 
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
@@ -190,7 +197,9 @@ def test_promote_and_rollback_under_load_fail_nothing_and_restart_no_replica(rol
         wait_for(lambda: len(log) > 20, 60, "steady load running", interval_s=0.1)
         for label, weights, wanted in [("promote", {"1": 0, "2": 100}, "2"), ("rollback", {"1": 100, "2": 0}, "1")]:
             started = time.monotonic()
+            events.append((round(started - t0, 3), f"{label} deploy starts"))
             deploy_s = rollout["deploy"]({"imagenet": {"weights": weights}})
+            events.append((round(time.monotonic() - t0, 3), f"{label} deploy returned"))
 
             def only_wanted():
                 recent = [v for t, _, v in log if t > time.monotonic() - 0.5]
@@ -205,7 +214,12 @@ def test_promote_and_rollback_under_load_fail_nothing_and_restart_no_replica(rol
         rollout["deploy"]({"imagenet": {"weights": {"1": 90, "2": 10}}})
     print("seconds (serve deploy command, last answer from the old version after it started):", effect_s)
     statuses = collections.Counter(status for _, status, _ in log)
-    assert statuses.keys() == {200}, statuses
+    failures = "\n".join(
+        f"  {f['status']} sent {f['sent_s']} answered {f['answered_s']} x-request-id "
+        f"{f['headers'].get('x-request-id')} content-type {f['headers'].get('content-type')}: {f['body'][:400]}"
+        for f in failed)
+    assert statuses.keys() == {200}, (f"{dict(statuses)}; every failed request (seconds from the load's start):\n"
+                                      f"{failures}\n  deploys: {events}")
     assert replica_actor_ids() == before
 
 
