@@ -163,7 +163,7 @@ def test_pinned_addresses_answer_from_that_version_on_every_protocol(rollout):
     assert requests.post(f"{rollout['url']}/v2/models/imagenet/versions/9/infer", json=body,
                          timeout=30).status_code == 404
     handle = serve.get_app_handle(APP)
-    out = handle.classify_images.remote("imagenet@2", [jpeg]).result(timeout_s=60)
+    out = handle.classify_images.remote({"model": "imagenet@2", "images": [jpeg]}).result(timeout_s=60)
     assert out["model_version"] == "2"
     # Lite0 and Lite2 are different networks: their top-1 scores for one photo differ
     s1 = classify(rollout["url"], "imagenet@1", jpeg).json()["data"][0]["top_k"][0]["score"]
