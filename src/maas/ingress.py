@@ -118,7 +118,7 @@ class Ingress:
                     self.config.ingress.max_body_bytes)
         self._traffic_applied = False
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         """Apply the traffic policy (:class:`maas.config.TrafficConfig`) from the deployment's
         ``user_config``: Serve calls this at start and on every lightweight config update, with no
         restart, so a ``serve deploy`` of an edited policy moves traffic in place.
@@ -128,6 +128,10 @@ class Ingress:
         valid policy stays, the reason is logged as an ERROR and shown as ``traffic_error`` in
         ``/readyz`` (raising here would make Serve replace the replica, whose start would fail on
         the same policy, and the service would go down over a typo).
+
+        ``async`` on purpose: Serve runs a plain ``def reconfigure`` in a thread, where the policy
+        could change between two reads of one request's routing; on the event loop it is applied
+        between requests' steps, atomically for each of them.
 
         Raises:
             ValueError: an invalid policy when the replica starts.

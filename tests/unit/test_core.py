@@ -75,11 +75,14 @@ class FakeModel:
         self.calls: list[list] = []
         self.fail: BaseException | None = None
         self.info_fail: BaseException | None = None
+        self.info_hold: asyncio.Event | None = None
         self.hold: asyncio.Event | None = None
         self.info = Method(self._info)
         self.stream_events: list[dict] = []
 
     async def _info(self):
+        if self.info_hold is not None:
+            await self.info_hold.wait()
         if self.info_fail is not None:
             raise self.info_fail
         out = {"dimensions": self.dimensions, "max_input_tokens": 128}
@@ -347,6 +350,24 @@ def test_weight_zero_takes_no_traffic_and_a_version_that_is_not_ready_takes_none
         dp.readiness._ready.clear()
         res = await dp.ops.classify_images(ClassifyImagesRequest("img", images=[b"x"], routing_key="k1"))
         assert res.answered.version == "2"
+
+
+def test_a_policy_applied_while_a_request_awaits_its_probe_does_not_fail_it():
+    """A rollback landing while a request probes the old policy's version used to make it choose a
+    version it never probed and answer 503 (seen in the rollout test): one snapshot per request."""
+    async def go():
+        dp, answers = versions({"1": 100, "2": 0})
+        dp.readiness._ready.clear()
+        answers["img@1"].info_hold = asyncio.Event()
+        request = asyncio.create_task(dp.ops.classify_images(ClassifyImagesRequest("img", images=[b"x"])))
+        while not answers["img@1"].info_hold._waiters:
+            await asyncio.sleep(0)
+        dp.traffic.apply({"traffic": {"img": {"weights": {"1": 0, "2": 100}}}})  # lands mid-probe
+        answers["img@1"].info_hold.set()
+        assert (await request).answered.version == "1"  # decided under the policy it started with
+        after = await dp.ops.classify_images(ClassifyImagesRequest("img", images=[b"x"]))
+        assert after.answered.version == "2"
+    run(go())
 
 
 def test_a_version_whose_probe_times_out_but_has_a_replica_still_serves():

@@ -122,17 +122,18 @@ class Router:
                                     "traffic policy choose a ready version")
             return key
         specs = self.traffic.specs[name]
-        weighted = [v for v, w in self.traffic.weights(name) if w > 0]
+        weights = self.traffic.weights(name)  # one snapshot: a policy applied while we await doesn't mix in
+        weighted = [v for v, w in weights if w > 0]
         # A version whose probe failed but that has a running replica still takes its share: a probe
         # can time out on a loaded replica, and refusing then would fail a request that would be served.
         checks = await asyncio.gather(*(self.readiness.can_take(self.traffic.key_of(name, v)) for v in weighted))
         assigned = None
         if routing_key is not None and len(weighted) > 1:
             assigned = await self._assigned_version(name, routing_key)
-        chosen = self.traffic.choose(name, routing_key, dict(zip(weighted, checks)), assigned)
+        chosen = self.traffic.choose(name, routing_key, dict(zip(weighted, checks)), assigned, weights)
         if chosen is None:
             raise ModelNotReady(f"no version of model {name!r} that takes traffic is ready (weights "
-                                f"{dict(self.traffic.weights(name))}; versions {[s.resolved_version for s in specs]}); "
+                                f"{dict(weights)}; versions {[s.resolved_version for s in specs]}); "
                                 "retry, or pin a ready one with model 'name@version'")
         return self.traffic.key_of(name, chosen)
 

@@ -249,11 +249,13 @@ class Traffic:
         self.assigned[(name, routing_key)] = version
 
     def choose(self, name: str, routing_key: str | None, ready: dict[str, bool],
-               assigned: str | None = None) -> str | None:
+               assigned: str | None = None, weights: list[tuple[str, float]] | None = None) -> str | None:
         """The version for one request to ``name`` (see the module docstring), or None when no
         ready version has weight. ``assigned``: the KeyTable's version for ``routing_key``; without
-        it the key is hashed."""
-        weighted = [(v, w) for v, w in self.weights(name) if w > 0]
+        it the key is hashed. ``weights``: the policy the request was decided under (default the
+        current one): a policy applied while the request awaited its probes must not switch it to
+        a version that was never probed."""
+        weighted = [(v, w) for v, w in (self.weights(name) if weights is None else weights) if w > 0]
         if not weighted:
             return None
         if assigned is not None and any(v == assigned for v, _ in weighted):
