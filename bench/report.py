@@ -157,6 +157,26 @@ def generation_markdown(gen: dict | None) -> list[str]:
     return lines
 
 
+def generation_ab_markdown(ab: dict | None) -> list[str]:
+    """The generation A/B of two trees (``--systems generation-ab``): the same maas-serve point on each."""
+    if not ab:
+        return []
+    lines = [f"## Generation A/B: this tree against {ab['ref']} (same run, same Serve settings)", "",
+             "| tree | how | wall s | TTFT p50 s | TTFT p99 s | tokens/s |", "|---|---|---|---|---|---|"]
+    for tree in ("this", "baseline"):
+        run = ab.get(tree)
+        if not run:
+            continue
+        label = "this tree" if tree == "this" else ab["ref"]
+        for how in ("streamed", "unstreamed"):
+            r = run[how]
+            lines.append(f"| {label} | {how} | {r['wall_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                         f"{r['tokens_per_s']:.1f} |")
+        lines.append(f"| {label} | one at a time (mean s) | {run['one_at_a_time']['mean_s']:.2f} | - | - | - |")
+    lines.append("")
+    return lines
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -241,6 +261,7 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
                          f"{_gib(z['pss_bytes'])} | {_gib(p['rss_bytes'])} | {idle if idle is not None else '-'} |")
         lines.append("")
     lines += generation_markdown(result.get("generation"))
+    lines += generation_ab_markdown(result.get("generation_ab"))
     from bench import auto_routing
 
     lines += auto_routing.markdown(result.get("auto"))
