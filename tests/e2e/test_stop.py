@@ -48,8 +48,10 @@ def launch(config, ports, env_base, stderr=subprocess.DEVNULL) -> subprocess.Pop
     """``python -m maas serve --address local config``: a cluster of its own beside the session's.
 
     Only HAProxy's stats and metrics ports are set here (the session's environment names the
-    session cluster's, which the launcher would refuse); the launcher picks the rest."""
-    env = {k: v for k, v in env_base.items() if k != "RAY_ADDRESS"}
+    session cluster's, which the launcher would refuse); the launcher picks the rest, fallback-proxy
+    ports included (the session's are dropped from the environment for the same reason)."""
+    env = {k: v for k, v in env_base.items()
+           if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_FALLBACK_PROXY_")}
     env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(ports["stats"]), RAY_SERVE_HAPROXY_METRICS_PORT=str(ports["metrics"]))
     return subprocess.Popen([sys.executable, "-m", "maas", "serve", "--address", "local", str(config)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
