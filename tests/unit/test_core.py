@@ -276,7 +276,7 @@ def test_a_model_without_a_running_replica_is_answered_503_at_once_with_its_load
         model.hold = asyncio.Event()  # a call would hang: it must never be made
         dp, _ = plane([spec("enc")], {"enc": model})
         dp.watch.replicas[dp.routes["enc"].spec.deployment_name] = 0
-        dp.calls.learn("enc", {"load_s": 7.2, "dimensions": 4})
+        dp.calls.learn("enc", {"load_s": 1.1, "start_s": 7.2, "dimensions": 4})  # the whole start-up counts
         with pytest.raises(ModelNotReady, match="no running replica") as e:
             await dp.ops.embed(EmbedRequest("enc", texts=["a"]))
         assert e.value.retry_after_s == 8 and not model.calls

@@ -92,6 +92,17 @@ def as_tensor(array) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None elsewhere: a replica's whole
+    start-up (process, imports, weights, warm-up), which is what a caller waits after losing one."""
+    try:
+        ticks = __import__("os").sysconf("SC_CLK_TCK")
+        start = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / ticks
+        return float(open("/proc/uptime").read().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def select_device() -> torch.device:
     """CUDA when Ray assigned this replica a GPU and CUDA is usable, else CPU.
 
@@ -248,6 +259,7 @@ class ModelDeployment:
         self.runner.load()
         self.load_s = time.monotonic() - started
         self.warmup_ms = self._warm_up()
+        self.start_s = process_age_s() or self.load_s  # the whole start-up, for Retry-After
         self._explaining = 0  # explanations running or waiting on this replica
         self._batch_started: float | None = None
         self._last_batch_done: float | None = None  # monotonic time the last batch succeeded
@@ -424,6 +436,7 @@ class ModelDeployment:
             "threads": self.threads,
             "load_s": round(self.load_s, 3),
             "warmup_ms": round(self.warmup_ms, 2),
+            "start_s": round(self.start_s, 1),
             "batching": self.batching.model_dump(),  # what it runs with now (user_config overrides included)
             **self.runner.info(),
         }
