@@ -61,6 +61,15 @@ LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
 BIN = Path(sys.executable).parent
 
 
+def pytest_collection_modifyitems(items):
+    """Markers by folder: every test under tests/unit, tests/integration or tests/e2e carries that
+    rung's marker (``pytest -m unit`` is the fast loop), whatever its module declares."""
+    for item in items:
+        rung = item.path.parent.name
+        if rung in ("unit", "integration", "e2e"):
+            item.add_marker(rung)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
