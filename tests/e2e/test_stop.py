@@ -5,7 +5,6 @@ the session's, serving one small model."""
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from maas.launch import session_pids
+from maas.launch import port_free, session_pids
 from tests.conftest import LOCAL_CONFIG, ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -32,16 +31,6 @@ def config_and_ports(tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     ports = {"http": port, "stats": free_port(), "metrics": free_port()}
     return path, ports
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
 
 
 def launch(config, ports, env_base, stderr=subprocess.DEVNULL) -> subprocess.Popen:
