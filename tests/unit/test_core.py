@@ -394,6 +394,23 @@ def test_auto_fails_over_from_a_model_at_capacity_and_says_why():
     run(go())
 
 
+def test_auto_keeps_a_model_whose_probe_timed_out_while_it_has_a_replica():
+    """Under load the best model's probe can time out; it stays auto's choice (a CPU hog made auto
+    skip EfficientNet-Lite2 for a 60 s budget in an integration run)."""
+    async def go():
+        specs = [spec("a", quality=80.0, quality_source="test"), spec("b", quality=70.0, quality_source="test")]
+        a, b = FakeModel(embed_answer), FakeModel(embed_answer)
+        dp, _ = plane(specs, {"a": a, "b": b})
+        dp.calls.learn("a", {"dimensions": 4, "max_input_tokens": 128})  # its static facts came earlier
+        a.info_fail = ModelTimeout("probe took too long")  # now only its probes fail
+        res = await dp.ops.embed(EmbedRequest("auto", texts=["x"], latency_budget_ms=60000))
+        assert res.answered.address == "a"
+        dp.watch.replicas[dp.routes["a"].spec.deployment_name] = 0  # and gone for real: the next one answers
+        res = await dp.ops.embed(EmbedRequest("auto", texts=["x"], latency_budget_ms=60000))
+        assert res.answered.address == "b"
+    run(go())
+
+
 def test_a_cascade_escalates_below_the_threshold_and_its_answer_names_its_version():
     async def go():
         specs = [spec("fast", "image-classifier", ("image-classification",), quality=70.0, quality_source="test"),

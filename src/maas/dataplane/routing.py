@@ -197,7 +197,9 @@ class Router:
             raise TaskNotSupported(f"no served model offers {task}, so model 'auto' cannot choose one")
         real = [n for n in names if not routes[n].spec.is_demo]
         names = real or names  # demo weights only when nothing real serves the task
-        ready = await asyncio.gather(*(self.readiness.model_ready(n) for n in names))
+        # As for versions, a probe is a preference: a model whose probe timed out on a loaded replica
+        # but that has a running replica stays a candidate (failover covers one that then fails).
+        ready = await asyncio.gather(*(self.readiness.can_take(n) for n in names))
         live = [(n, self.readiness.predict_ms(n), routes[n].spec.quality) for n, ok in zip(names, ready) if ok]
         if not live:
             raise ModelNotReady(f"none of the models serving {task} ({', '.join(names)}) is ready; retry")
