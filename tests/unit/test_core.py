@@ -136,9 +136,6 @@ class FakeWatch:
     def running(self, dep):
         return self.replicas.get(dep, 1)
 
-    def known_for(self, dep):
-        return True
-
     def serving(self, dep):
         return self.running(dep) > 0
 

@@ -70,7 +70,7 @@ class Readiness:
             ok = True
         except Exception as exc:  # noqa: BLE001 - any other failure means not ready
             ok = isinstance(exc, ServiceOverloaded) or isinstance(unwrap(exc), BackPressureError)
-        if ok and self.watch.known_for(dep) and not self.watch.running(dep):
+        if ok and self.watch.serving(dep) is False:
             ok = False  # the probe itself found the last replica dead
         self._ready[address] = (ok, time.monotonic())
         return ok

@@ -124,11 +124,6 @@ class DeploymentWatch:
         seen = router_replicas(handle) if handle is not None else None
         return seen if seen is not None else self._running.get(deployment, 0)
 
-    def known_for(self, deployment: str) -> bool:
-        """Whether :meth:`running` rests on an answer (the router's or the controller's)."""
-        handle = self.handles.get(deployment)
-        return self.known or (handle is not None and router_replicas(handle) is not None)
-
     def reason(self, deployment: str) -> str:
         """Why a deployment is not serving: the last line of Serve's status message, or its status."""
         lines = [ln.strip() for ln in self._message.get(deployment, "").splitlines() if ln.strip()]
