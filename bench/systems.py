@@ -221,8 +221,8 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
 
 
 def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: int = 1,
-         batch_wait_timeout_s: float = 0.0, workers: int = 1, api_servers: int = 1, fast_queue: bool = True
-         ) -> Server:
+         batch_wait_timeout_s: float = 0.0, workers: int = 1, api_servers: int = 1, fast_queue: bool = True,
+         null_forward: dict | None = None) -> Server:
     """A peer server (``kind`` ``litserve`` or ``fastapi``) for one model (not started).
 
     Args:
@@ -230,6 +230,8 @@ def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: 
         api_servers: LitServe API-server processes.
         fast_queue: LitServe's ZeroMQ queue between API servers and workers (its docs recommend
             it above ~100 requests/s).
+        null_forward: ``{"hold_ms", "per_item_ms"}``: serve the null model
+            (:class:`bench.workloads.NullModel`) instead of the real one.
     """
     port = free_port()
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -243,6 +245,8 @@ def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: 
         cmd = [sys.executable, "-m", "bench.peers.fastapi_server", "--model", model, "--port", str(port),
                "--threads", str(threads), "--workers", str(workers)]
         name = "FastAPI"
+    if null_forward is not None:
+        cmd += ["--null-forward", f"{null_forward['hold_ms']},{null_forward['per_item_ms']}"]
     server = Server(name, cmd, f"http://127.0.0.1:{port}/health", workdir / f"{kind}-{model}.log", env)
     server.base_url = f"http://127.0.0.1:{port}"
     return server

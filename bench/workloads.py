@@ -117,12 +117,60 @@ class TextWork:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def load(name: str, threads: int, config_path: Path = LOCAL_CONFIG) -> ImageWork | TextWork:
+class NullModel(torch.nn.Module):
+    """The peers' null forward, the same as maas-serve's (:class:`maas.config.NullForwardSpec`):
+    correctly shaped outputs without computing, after holding the caller ``hold_ms + per_item_ms ×
+    items`` (``time.sleep``: no CPU).
+
+    Image: ``pixels`` (N, 3, H, W) → zero logits ``float32`` (N, classes). Text: ``input_ids``
+    (N, L) → an object whose ``last_hidden_state`` (N, L, D) is e₀ at every position (pooled and
+    normalised: the unit vector e₀, as maas-serve's null answer).
+    """
+
+    def __init__(self, classes: int = 0, dim: int = 0, hold_ms: float = 0.0, per_item_ms: float = 0.0):
+        super().__init__()
+        self.classes, self.dim, self.hold_ms, self.per_item_ms = classes, dim, hold_ms, per_item_ms
+
+    def forward(self, pixels: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
+        import time
+        from types import SimpleNamespace
+
+        x = pixels if pixels is not None else input_ids
+        n = int(x.shape[0])
+        hold_s = (self.hold_ms + self.per_item_ms * n) / 1000
+        if hold_s > 0:
+            time.sleep(hold_s)
+        if pixels is not None:
+            return torch.zeros(n, self.classes)
+        hidden = torch.zeros(n, int(x.shape[1]), self.dim)
+        hidden[..., 0] = 1.0
+        return SimpleNamespace(last_hidden_state=hidden)
+
+
+def load(name: str, threads: int, config_path: Path = LOCAL_CONFIG, null_forward: dict | None = None
+         ) -> ImageWork | TextWork:
     """Load ``name`` from the serve config for in-process use with ``threads`` torch threads.
+
+    Args:
+        null_forward: ``{"hold_ms", "per_item_ms"}``: replace the model's forward with
+            :class:`NullModel` (the serving-path benchmark, :mod:`bench.null`); None = the real model.
 
     Raises:
         KeyError: ``name`` is not a benchmarked model.
     """
+    work = _load(name, threads, config_path)
+    if null_forward is not None:
+        if isinstance(work, ImageWork):
+            labels = model_spec(name, config_path).labels
+            classes = len(labels) if isinstance(labels, list) else 1000  # "imagenet": ImageNet-1k
+            work.model = NullModel(classes=classes, **null_forward)
+        else:
+            work.model = NullModel(dim=int(work.model.config.hidden_size), **null_forward)
+    return work
+
+
+def _load(name: str, threads: int, config_path: Path) -> ImageWork | TextWork:
     torch.set_num_threads(threads)
     spec = model_spec(name, config_path)
     kind = KINDS[name]

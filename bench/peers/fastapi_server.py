@@ -24,9 +24,10 @@ class EmbeddingBody(BaseModel):
     input: str | list[str]
 
 
-def make_app(model: str, threads: int) -> FastAPI:
-    """The FastAPI app serving ``model`` (an image classifier or the sentence encoder)."""
-    work = workloads.load(model, threads)
+def make_app(model: str, threads: int, null_forward: dict | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (an image classifier or the sentence encoder; its null
+    model with ``null_forward``, see :class:`bench.workloads.NullModel`)."""
+    work = workloads.load(model, threads, null_forward=null_forward)
     app = FastAPI()
 
     @app.get("/health")
@@ -56,7 +57,10 @@ def app_from_env() -> FastAPI:
     """App factory for uvicorn's worker processes (model and threads from the environment)."""
     import os
 
-    return make_app(os.environ["MAAS_BENCH_MODEL"], int(os.environ["MAAS_BENCH_THREADS"]))
+    from bench.peers.litserve_server import null_arg
+
+    return make_app(os.environ["MAAS_BENCH_MODEL"], int(os.environ["MAAS_BENCH_THREADS"]),
+                    null_arg(os.environ.get("MAAS_BENCH_NULL") or None))
 
 
 def main() -> None:
@@ -67,11 +71,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--null-forward", default=None, metavar="HOLD_MS,PER_ITEM_MS",
+                        help="serve the null model (bench.workloads.NullModel) instead of the real one")
     args = parser.parse_args()
     if args.workers == 1:
-        uvicorn.run(make_app(args.model, args.threads), host="127.0.0.1", port=args.port, log_level="warning")
+        from bench.peers.litserve_server import null_arg
+
+        uvicorn.run(make_app(args.model, args.threads, null_arg(args.null_forward)), host="127.0.0.1", port=args.port, log_level="warning")
         return
-    os.environ.update(MAAS_BENCH_MODEL=args.model, MAAS_BENCH_THREADS=str(args.threads))  # before any worker starts
+    os.environ.update(MAAS_BENCH_MODEL=args.model, MAAS_BENCH_THREADS=str(args.threads),
+                      MAAS_BENCH_NULL=args.null_forward or "")  # before any worker starts
     uvicorn.run("bench.peers.fastapi_server:app_from_env", factory=True, workers=args.workers, host="127.0.0.1",
                 port=args.port, log_level="warning")
 

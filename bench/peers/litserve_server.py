@@ -23,12 +23,12 @@ from bench import workloads
 class ImageAPI(ls.LitAPI):
     """Image classification: multipart ``file`` → top-5."""
 
-    def __init__(self, model: str, threads: int, **kwargs):
+    def __init__(self, model: str, threads: int, null_forward: dict | None = None, **kwargs):
         super().__init__(api_path="/v1/classifications/image", **kwargs)
-        self.model_name, self.threads = model, threads
+        self.model_name, self.threads, self.null_forward = model, threads, null_forward
 
     def setup(self, device):
-        self.work = workloads.load(self.model_name, self.threads)
+        self.work = workloads.load(self.model_name, self.threads, null_forward=self.null_forward)
 
     def decode_request(self, request):
         return self.work.decode(request["file"].file.read())
@@ -49,12 +49,12 @@ class ImageAPI(ls.LitAPI):
 class EmbeddingAPI(ls.LitAPI):
     """Embeddings: JSON ``{"model", "input": str}`` → one unit vector."""
 
-    def __init__(self, model: str, threads: int, **kwargs):
+    def __init__(self, model: str, threads: int, null_forward: dict | None = None, **kwargs):
         super().__init__(api_path="/v1/embeddings", **kwargs)
-        self.model_name, self.threads = model, threads
+        self.model_name, self.threads, self.null_forward = model, threads, null_forward
 
     def setup(self, device):
-        self.work = workloads.load(self.model_name, self.threads)
+        self.work = workloads.load(self.model_name, self.threads, null_forward=self.null_forward)
 
     def decode_request(self, request):
         text = request["input"]
@@ -76,6 +76,14 @@ class EmbeddingAPI(ls.LitAPI):
                 "data": [{"object": "embedding", "index": 0, "embedding": vector.tolist()}]}
 
 
+def null_arg(value: str | None) -> dict | None:
+    """``"HOLD_MS,PER_ITEM_MS"`` → ``{"hold_ms", "per_item_ms"}`` (None stays None)."""
+    if value is None:
+        return None
+    hold, per_item = (float(v) for v in value.split(","))
+    return {"hold_ms": hold, "per_item_ms": per_item}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, choices=sorted(workloads.KINDS))
@@ -86,9 +94,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="LitServe workers_per_device")
     parser.add_argument("--api-servers", type=int, default=1, help="LitServe num_api_servers")
     parser.add_argument("--fast-queue", action="store_true", help="LitServe fast_queue (ZeroMQ)")
+    parser.add_argument("--null-forward", default=None, metavar="HOLD_MS,PER_ITEM_MS",
+                        help="serve the null model (bench.workloads.NullModel) instead of the real one")
     args = parser.parse_args()
     cls = ImageAPI if workloads.KINDS[args.model] == "image" else EmbeddingAPI
-    api = cls(args.model, args.threads, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_s)
+    api = cls(args.model, args.threads, null_forward=null_arg(args.null_forward), max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_s)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=120,
                           fast_queue=args.fast_queue)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False,

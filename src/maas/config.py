@@ -225,6 +225,21 @@ class ResourcesSpec(_Strict):
     )
 
 
+class NullForwardSpec(_Strict):
+    """Benchmarking only (``python -m bench --systems null``): the replica answers correctly shaped
+    outputs without running its model, so a benchmark measures the serving path alone.
+
+    The forward thread sleeps ``hold_ms + per_item_ms × items`` per batch: the replica is held as a
+    GPU forward would hold it, without using a CPU (0 and 0 = an instant forward). Everything else
+    (HTTP, protocols, routing, front and pull batching, the preprocessor, collation, rendering) runs
+    as in serving. Answers: embeddings are the unit vector e₀ (D = the model's hidden size), logits
+    are zeros (every class scores 1/C).
+    """
+
+    hold_ms: float = Field(default=0.0, ge=0, le=10_000, description="Per batch, milliseconds.")
+    per_item_ms: float = Field(default=0.0, ge=0, le=10_000, description="Per item of the batch, milliseconds.")
+
+
 # ---------------------------------------------------------------------------- models
 
 
@@ -311,6 +326,12 @@ class ModelSpec(_Strict):
         "one name whose spaces differ (declared, or by dimension) may not share traffic.",
     )
 
+    null_forward: NullForwardSpec | None = Field(
+        default=None,
+        description="Benchmarking only: answer correctly shaped outputs without running the model (see "
+        "NullForwardSpec). Text encoders and image classifiers.",
+    )
+
     @field_validator("version", mode="before")
     @classmethod
     def _version_text(cls, value: Any) -> Any:
@@ -323,6 +344,9 @@ class ModelSpec(_Strict):
             raise ValueError("model name 'auto' is reserved: `model: auto` asks the router to choose")
         if self.embedding_space is not None and self.family != "text-encoder":
             raise ValueError(f"model {self.name!r}: embedding_space applies to text-encoder models only")
+        if self.null_forward is not None and self.family not in ("text-encoder", "image-classifier"):
+            raise ValueError(f"model {self.name!r}: null_forward is for text-encoder and image-classifier models; "
+                             f"{self.family} has none")
         if self.quality is not None and not self.quality_source:
             raise ValueError(f"model {self.name!r}: quality needs quality_source (say where the number comes from)")
         allowed = FAMILY_TASKS[self.family]

@@ -69,6 +69,40 @@ def test_long_input_truncated_to_model_limit(minilm):
     assert batch.input_ids[0, 255].item() == tok.sep_token_id  # closing [SEP] kept
 
 
+def test_null_forward_answers_shaped_outputs_and_holds_the_thread(minilm, efficientnet, chelsea_jpeg, local_args):
+    """The benchmark's null forward (NullForwardSpec): e₀ embeddings of the model's width and zero
+    logits, after a hold of hold_ms + per_item_ms × items; the real runners are untouched."""
+    import time
+
+    _, tok = minilm
+    text = ModelSpec.model_validate({**spec_of(local_args, "minilm").model_dump(),
+                                     "null_forward": {"hold_ms": 30.0, "per_item_ms": 5.0}})
+    runner = TextEncoderRunner(text)
+    runner.load()
+    batch = tokenize(tok, ["one", "two words", "three short words"], max_length=256, truncate=True)
+    started = time.perf_counter()
+    [out] = runner.run([ModelRequest(batch, {"task": "embeddings"})])
+    assert time.perf_counter() - started >= 0.045  # 30 + 3 × 5 ms held (a lower bound only)
+    assert out["embeddings"].shape == (3, 384) and np.allclose(out["embeddings"][:, 0], 1.0)
+    assert np.allclose(np.linalg.norm(out["embeddings"], axis=1), 1.0)
+
+    image = ModelSpec.model_validate({**spec_of(local_args, "efficientnet-lite0").model_dump(),
+                                      "null_forward": {}})
+    null = ImageClassifierRunner(image)
+    null.load()
+    pixels = preprocess_images([chelsea_jpeg], null.pre, max_pixels=10**8)
+    [res] = null.run([ModelRequest(pixels, {"top_k": 2})])
+    assert [c["score"] for c in res["results"][0]["top_k"]] == pytest.approx([1e-3, 1e-3])
+    real = efficientnet.run([ModelRequest(pixels, {"top_k": 1})])[0]["results"][0]["top_k"][0]
+    assert real["index"] in CAT_CLASSES
+
+
+def test_null_forward_is_refused_for_generators(local_args):
+    gen = next(m for m in local_args["models"] if m["family"] == "text-generator")
+    with pytest.raises(ValueError, match="null_forward is for text-encoder and image-classifier"):
+        ModelSpec.model_validate({**gen, "null_forward": {}})
+
+
 @pytest.fixture(scope="module")
 def efficientnet(local_args):
     runner = ImageClassifierRunner(spec_of(local_args, "efficientnet-lite0"))

@@ -214,11 +214,26 @@ class ModelRunner(ABC):
         with torch.inference_mode():
             t0 = time.perf_counter()
             batch = self.preprocess(requests)
-            outputs = self.forward(batch)
+            outputs = self.forward(batch) if self.spec.null_forward is None else self._null_forward(batch)
             t1 = time.perf_counter()
             results = self.postprocess(outputs, requests)
             self.last_timings_ms = {"forward": 1000 * (t1 - t0), "postprocess": 1000 * (time.perf_counter() - t1)}
             return results
+
+    def null_outputs(self, batch: Any) -> tuple[Any, int]:
+        """``(outputs shaped as forward's, items in the batch)`` without computing (see
+        :class:`~maas.config.NullForwardSpec`). Raises NotImplementedError for families without one."""
+        raise NotImplementedError(f"{type(self).__name__} has no null forward")
+
+    def _null_forward(self, batch: Any) -> Any:
+        """The benchmark's null forward: the family's null outputs after holding the thread for
+        ``hold_ms + per_item_ms × items`` (``time.sleep`` releases the GIL and uses no CPU)."""
+        outputs, items = self.null_outputs(batch)
+        spec = self.spec.null_forward
+        hold_s = (spec.hold_ms + spec.per_item_ms * items) / 1000
+        if hold_s > 0:
+            time.sleep(hold_s)
+        return outputs
 
     def info(self) -> dict:
         """Static facts for ``/v1/models`` and the ingress (limits, device, labels)."""

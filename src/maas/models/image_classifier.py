@@ -220,6 +220,10 @@ class ImageClassifierRunner(ModelRunner):
         """Returns logits, ``float32`` (N_total, num_classes)."""
         return self.model(batch)
 
+    def null_outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Benchmark null forward: zero logits, ``float32`` (N, num_classes)."""
+        return torch.zeros(int(batch.shape[0]), len(self.labels)), int(batch.shape[0])
+
     def postprocess(self, logits: torch.Tensor, requests: list[ModelRequest]) -> list[dict]:
         """Per request: ``{"results": [{"top_k": [{"index", "label", "score"}], "logits"?}]}``."""
         logits = logits.float().cpu()

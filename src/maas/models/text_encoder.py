@@ -137,6 +137,15 @@ class TextEncoderRunner(ModelRunner):
             emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
         return {"embeddings": emb, "logits": logits}
 
+    def null_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[dict, int]:
+        """Benchmark null forward: ``embeddings`` float32 (N, D) all e₀ (unit vectors), ``logits``
+        zeros (N, num_labels) for classifiers; N = rows of ``input_ids``."""
+        n = int(batch["input_ids"].shape[0])
+        emb = torch.zeros(n, self.dimensions)
+        emb[:, 0] = 1.0
+        logits = torch.zeros(n, len(self.labels)) if self.classifies else None
+        return {"embeddings": emb, "logits": logits}, n
+
     def postprocess(self, outputs: dict, requests: list[ModelRequest]) -> list[dict]:
         """Per request: ``{"embeddings": float32 ndarray (n, D), "num_tokens": [...]}`` or
         ``{"results": [{"top_k": [{"index", "label", "score"}]}], "num_tokens": [...]}``."""
