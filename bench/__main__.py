@@ -32,14 +32,15 @@ from pathlib import Path
 from bench import inputs, load, memory, report, systems, workloads
 
 SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
-           "generation", "generation-ab", "auto", "explain")
+           "generation", "generation-ab", "auto", "explain", "null")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
 #: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
 #: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`);
-#: ``explain`` the explanation latencies (:mod:`bench.explain`); ``generation-ab`` (not run by default)
+#: ``explain`` the explanation latencies (:mod:`bench.explain`); ``null`` the serving path alone
+#: (:mod:`bench.null`: every system with a null forward, CPU per request by process); ``generation-ab`` (not run by default)
 #: only the maas-serve generation point, on this tree and on ``--baseline-ref``, for an A/B of two trees.
 DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto",
-                   "explain")
+                   "explain", "null")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
@@ -377,6 +378,10 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import explain
 
         result["explain"] = explain.run(workdir)
+    if "null" in chosen:
+        from bench import null
+
+        result["null"] = null.run(workdir, args.duration_s, sweep=not args.no_sweep)
 
     for model, by_system in result["overhead"].items():
         single = result["limit"].get(model, {}).get("smallest")
@@ -391,6 +396,10 @@ def main(argv: list[str] | None = None) -> Path:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(report.markdown(result, plot_name=f"{stem}.png"))
     report.plot(result, out_dir / f"{stem}.png")
+    if result.get("null"):
+        from bench import null
+
+        null.plot(result["null"], out_dir / f"{stem}-null.png")
     print(f"bench: wrote {json_path}, {stem}.md and {stem}.png in {result['elapsed_s']} s", flush=True)
     return json_path
 

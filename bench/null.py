@@ -175,12 +175,18 @@ def maas_null_config(models: list[str], port: int, forward: dict) -> dict:
 
 
 def run(workdir: Path, duration_s: float = 8.0, systems_: tuple[str, ...] = ("maas", "litserve", "fastapi"),
-        workloads_: tuple[str, ...] = tuple(WORKLOADS), forwards: tuple[str, ...] = ("null", "gpu-like")) -> dict:
-    """Every (forward, system, workload) point; returns ``{"points": [...], "settings": {...}}``."""
+        workloads_: tuple[str, ...] = tuple(WORKLOADS), forwards: tuple[str, ...] = ("null", "gpu-like"),
+        sweep: bool = True) -> dict:
+    """Every (forward, system, workload) point; returns ``{"points": [...], "settings": {...}}``.
+
+    Peers are swept over their knobs (:func:`_peer_settings`, 3 s per setting) on the first
+    forward, per workload; the best settings are kept for the other forwards.
+    """
     import yaml
 
     points: list[dict] = []
     models = sorted({WORKLOADS[w][0] for w in workloads_})
+    kept: dict[tuple[str, str], dict] = {}
     for forward in forwards:
         spec = {"hold_ms": 0.0, "per_item_ms": 0.0} if forward == "null" else GPU_LIKE
         if "maas" in systems_:
@@ -203,31 +209,117 @@ def run(workdir: Path, duration_s: float = 8.0, systems_: tuple[str, ...] = ("ma
                 continue
             for w in workloads_:
                 model = WORKLOADS[w][0]
-                best = None
-                for settings in _peer_settings(kind, w):
-                    server = systems.peer(kind, model, threads=1, workdir=workdir, null_forward=spec, **settings)
-                    server.start()
-                    try:
-                        p = measure(server, w, duration_s)
-                    finally:
-                        server.stop()
-                    p.update(system="LitServe" if kind == "litserve" else "FastAPI", forward=forward,
-                             settings=settings)
-                    print(f"  sweep {kind} {w} {settings}: {p['requests_per_s']} req/s", flush=True)
-                    if best is None or p["requests_per_s"] > best["requests_per_s"]:
-                        best = p
-                points.append(best)
-                _print(best)
+                if (kind, w) not in kept:
+                    tried = []
+                    for settings in (_peer_settings(kind, w) if sweep else _peer_settings(kind, w)[:1]):
+                        server = systems.peer(kind, model, threads=1, workdir=workdir, null_forward=spec, **settings)
+                        server.start()
+                        try:
+                            p = measure(server, w, 3.0, warmup_s=1.0)
+                        finally:
+                            server.stop()
+                        tried.append((p["requests_per_s"], settings))
+                        print(f"  sweep {kind} {forward} {w} {settings}: {p['requests_per_s']} req/s", flush=True)
+                    kept[(kind, w)] = max(tried, key=lambda t: t[0])[1]
+                settings = kept[(kind, w)]
+                server = systems.peer(kind, model, threads=1, workdir=workdir, null_forward=spec, **settings)
+                server.start()
+                try:
+                    p = measure(server, w, duration_s)
+                finally:
+                    server.stop()
+                p.update(system="LitServe" if kind == "litserve" else "FastAPI", forward=forward, settings=settings)
+                points.append(p)
+                _print(p)
     return {"points": points, "settings": {"concurrency": CONCURRENCY, "duration_s": duration_s,
                                            "gpu_like": GPU_LIKE, "jpeg_bytes": len(jpeg_150kb())}}
+
+
+#: Issue 28's goals on the null forward: one-sentence embeddings ≥ this × LitServe's requests/s ...
+NULL_X_LITSERVE = 1.5
+#: ... with at most this much CPU per request across every process, ms.
+NULL_CPU_MS = 1.5
+
+
+def goals(res: dict | None) -> list[dict]:
+    """The null-forward goals, ``[{"goal", "measured", "met"}]`` (none without the data)."""
+    if not res:
+        return []
+    pts = {(p["system"], p["forward"], p["workload"]): p for p in res["points"]}
+    ours, lit = pts.get(("maas-serve", "null", "embed-1")), pts.get(("LitServe", "null", "embed-1"))
+    out = []
+    if ours and lit:
+        x = ours["requests_per_s"] / max(lit["requests_per_s"], 1e-9)
+        out.append({"goal": f"null forward, one-sentence embeddings: requests/s ≥ {NULL_X_LITSERVE} × LitServe's",
+                    "measured": f"{ours['requests_per_s']:.0f} / {lit['requests_per_s']:.0f} = {x:.2f} ×",
+                    "met": x >= NULL_X_LITSERVE})
+    if ours:
+        cpu = ours["cpu_ms_per_request"]["total"]
+        out.append({"goal": f"null forward, one-sentence embeddings: CPU per request (all processes) ≤ {NULL_CPU_MS} ms",
+                    "measured": f"{cpu:.2f} ms", "met": cpu <= NULL_CPU_MS})
+    return out
+
+
+def markdown(res: dict | None) -> list[str]:
+    """The null-forward section: requests/s and CPU per request by process role, per point."""
+    if not res:
+        return []
+    roles = list(dict.fromkeys(r for p in res["points"] for r in p["cpu_ms_per_request"] if r != "total"))
+    st = res["settings"]
+    lines = [f"## The serving path alone (null forward; c={st['concurrency']}, {st['duration_s']} s per point)", "",
+             f"`null`: instant forward; `gpu-like`: the replica held {st['gpu_like']['hold_ms']} ms + "
+             f"{st['gpu_like']['per_item_ms']} ms per item per batch without CPU. Image: one "
+             f"{st['jpeg_bytes'] / 1000:.0f} KB JPEG per request. CPU = user + system seconds of each process "
+             "role over the run ÷ requests answered (ms).", "",
+             "| forward | workload | system | requests/s | items/s | p50 ms | p99 ms | errors | cores used | "
+             "CPU ms/request | " + " | ".join(roles) + " |",
+             "|" + "---|" * (10 + len(roles))]
+    for p in sorted(res["points"], key=lambda p: (p["forward"], p["workload"], p["system"])):
+        cpu = p["cpu_ms_per_request"]
+        lines.append(f"| {p['forward']} | {p['workload']} | {p['system']} | {p['requests_per_s']:.0f} | "
+                     f"{p['items_per_s']:.0f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['errors']} | "
+                     f"{p['cores_used']} | {cpu['total']:.2f} | " + " | ".join(
+                         f"{cpu[r]:.2f}" if r in cpu else "-" for r in roles) + " |")
+    lines.append("")
+    return lines
+
+
+def plot(res: dict | None, path: Path) -> Path | None:
+    """A PNG: requests/s per workload and system (bars), one panel per forward."""
+    if not res:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    forwards = list(dict.fromkeys(p["forward"] for p in res["points"]))
+    fig, axes = plt.subplots(1, len(forwards), figsize=(5.5 * len(forwards), 3.6), squeeze=False)
+    for ax, fwd in zip(axes[0], forwards):
+        pts = [p for p in res["points"] if p["forward"] == fwd]
+        works = list(dict.fromkeys(p["workload"] for p in pts))
+        names = list(dict.fromkeys(p["system"] for p in pts))
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            ys = [next((p["requests_per_s"] for p in pts if p["system"] == name and p["workload"] == w), 0)
+                  for w in works]
+            ax.bar([j + i * width for j in range(len(works))], ys, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(works))], works)
+        ax.set(title=f"{fwd} forward: requests/s at saturation", ylabel="requests/s")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _peer_settings(kind: str, workload: str) -> list[dict]:
     if kind == "fastapi":
         return [{"workers": w} for w in (1, 2)]
-    sizes = (8, 32) if workload.startswith("image") else (32, 64)
-    return [{"workers": w, "api_servers": a, "max_batch_size": b, "batch_wait_timeout_s": 0.001, "fast_queue": True}
-            for w in (1, 2) for a in (1, 2) for b in sizes]
+    size = 8 if workload.startswith("image") else 32
+    return [{"workers": w, "api_servers": a, "max_batch_size": size, "batch_wait_timeout_s": 0.001, "fast_queue": True}
+            for w in (1, 2) for a in (1, 2)]
 
 
 def _print(p: dict) -> None:

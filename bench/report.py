@@ -96,6 +96,9 @@ def goals(result: dict) -> list[dict]:
             f"{_gib(ours)} GiB (all {len(result['settings']['models'])} models) / {_gib(total)} GiB "
             f"(LitServe: {', '.join(m for m, _ in peers)}) = {ours / total:.2f} ×", ours <= 2 * total)
     out.extend(generation_goals(result.get("generation")))
+    from bench import null
+
+    out.extend(null.goals(result.get("null")))
     for label, r in ((result.get("auto") or {}).get("auto") or {}).items():
         out.append({"goal": f"auto ({label} budget {r['budget_ms']:.0f} ms): ≥ 95 % of requests within budget",
                     "measured": f"{r['within_budget']:.1%} (p99 {r['p99_ms']} ms; answered by "
@@ -268,6 +271,12 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
     from bench import explain
 
     lines += explain.markdown(result.get("explain"))
+    from bench import null
+
+    if result.get("null"):
+        lines += null.markdown(result["null"])
+        if plot_name:
+            lines += [f"![requests/s with a null forward]({plot_name.replace('.png', '-null.png')})", ""]
     if result.get("servers"):
         lines += ["Start-up (to ready): " + ", ".join(f"{k} {s['ready_s']} s" for k, s in result["servers"].items()), ""]
         swept = {k: v for k, v in result["servers"].items() if v.get("sweep")}
