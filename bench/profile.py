@@ -3,7 +3,7 @@
 ``python -m bench.profile --workload embed-1 --forward null --seconds 15``: starts maas-serve with
 the null forward (:mod:`bench.null`), drives the workload at saturation with wrk, and records each
 Python process of the graph (ingress, preprocessor and model replicas; HAProxy is C) with py-spy
-(``--idle`` off: on-CPU samples only; ``--native`` off). Prints, per role, the functions with the
+(``--gil``: only the thread holding the GIL is sampled, so a thread blocked in C does not count). Prints, per role, the functions with the
 most samples — self time and inclusive time — and writes py-spy's collapsed stacks
 (``<out>/<role>-<pid>.txt``) for a flame graph (``flamegraph.pl`` or speedscope.app read them).
 """
@@ -23,7 +23,8 @@ import yaml
 from bench import load, null, systems
 
 
-def profile(server: systems.Server, workload: str, seconds: float, out: Path, rate: int = 250) -> dict:
+def profile(server: systems.Server, workload: str, seconds: float, out: Path, rate: int = 250,
+            concurrency: int = null.CONCURRENCY) -> dict:
     """py-spy every Python process of ``server`` while wrk drives ``workload``; returns
     ``{role: {"samples", "self": [(fn, share)], "inclusive": [(fn, share)]}}``."""
     pid = server.proc.pid
@@ -34,7 +35,7 @@ def profile(server: systems.Server, workload: str, seconds: float, out: Path, ra
     load_done = threading.Event()
 
     def drive():
-        load.run(server.base_url, null.bodies(workload), concurrency=null.CONCURRENCY, duration_s=seconds + 4,
+        load.run(server.base_url, null.bodies(workload), concurrency=concurrency, duration_s=seconds + 4,
                  threads=2)
         load_done.set()
 
@@ -45,7 +46,7 @@ def profile(server: systems.Server, workload: str, seconds: float, out: Path, ra
         path = out / f"{role}-{p}.txt"
         spies.append((role, path, subprocess.Popen(
             [str(systems.BIN / "py-spy"), "record", "--pid", str(p), "--duration", str(int(seconds)), "--rate", str(rate),
-             "--format", "raw", "--nonblocking", "--output", str(path)],
+             "--format", "raw", "--nonblocking", "--gil", "--output", str(path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
     for _, _, sp in spies:
         sp.wait()
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--forward", default="null", choices=("null", "gpu-like", "real"))
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--concurrency", type=int, default=null.CONCURRENCY, help="wrk connections")
     parser.add_argument("--out", default=None)
     a = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="maas-profile-"))
@@ -99,7 +101,7 @@ def main() -> None:
     server.start()
     try:
         null.measure(server, a.workload, 3.0)  # warm
-        rep = profile(server, a.workload, a.seconds, out)
+        rep = profile(server, a.workload, a.seconds, out, concurrency=a.concurrency)
     finally:
         server.stop()
     for role, r in rep.items():
