@@ -55,6 +55,7 @@ app = FastAPIOffline(
     description="Model-as-a-Service on Ray Serve: embeddings, completion, chat, text2text and classification. "
     "A playground page is at /.",
 )
+app.add_middleware(http.FastJson)  # innermost: the hot JSON routes without FastAPI's per-request work
 app.add_middleware(Guard)
 app.add_middleware(http.HttpSemantics)  # HEAD and content codings before the guard
 app.add_middleware(Cors)  # outermost: browsers send preflights without credentials, answered before the guard

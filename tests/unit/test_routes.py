@@ -5,6 +5,7 @@ answered. The Ray suites run the same routes over the real graph."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -96,3 +97,40 @@ def test_models_list_renders_through_its_schema(client):
     assert r.status_code == 200
     listed = ModelList.model_validate(r.json())
     assert {m.id for m in listed.data} == {"enc", "img", "gen"} and all(m.version == "1" for m in listed.data)
+
+
+@pytest.mark.parametrize("path, body, headers", [
+    ("/v1/embeddings", b'{"model": "enc", "input": ["a", "b"]}', {}),
+    ("/v1/embeddings", b'{"model": "enc", "input": ["a"], "encoding_format": "base64"}', {}),
+    ("/v1/embeddings", b'{"model": "missing", "input": "a"}', {}),  # 404 from the operation
+    ("/v1/embeddings", b'{"model": "enc", "input": []}', {}),  # 400 from the operation
+    ("/v1/embeddings", b'{"model": "enc"}', {}),  # validation error: FastAPI answers
+    ("/v1/embeddings", b'{"model": "enc", "input": [NaN]}', {}),  # orjson refuses, json accepts
+    ("/v1/embeddings", b'{"model": "enc", "input": "a"', {}),  # truncated JSON
+    ("/v1/embeddings", b'[1, 2]', {}),
+    ("/v1/embeddings", b'{"model": "auto", "input": ["a"]}', {"X-Maas-Latency-Budget-Ms": "50"}),
+    ("/v1/embeddings", b'{"model": "auto", "input": ["a"]}', {"X-Maas-Latency-Budget-Ms": "soon"}),
+    ("/v1/chat/completions", b'{"model": "gen", "messages": [{"role": "user", "content": "Capital?"}]}', {}),
+    ("/v1/chat/completions", b'{"model": "gen", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}', {}),
+    ("/v1/completions", b'{"model": "gen", "prompt": "The capital of France is", "max_tokens": 0}', {}),
+])
+def test_the_fast_json_path_answers_exactly_as_fastapi_does(client, monkeypatch, path, body, headers):
+    """FastJson (the hot JSON routes without FastAPI's router) changes no answer: status, body
+    and routing headers are the ones the FastAPI endpoint gives, for good and bad requests."""
+    from maas.protocol import http
+
+    def call():
+        r = client.post(path, content=body, headers={"content-type": "application/json", **headers})
+        keep = {k: v for k, v in r.headers.items() if k.startswith("x-maas") or k in ("content-type", "retry-after")}
+        if "x-maas-route-reason" in keep:  # auto's prediction learns from the first call
+            keep["x-maas-route-reason"] = re.sub(r"predicted=[^;]*", "predicted=_",
+                                                              keep["x-maas-route-reason"])
+        text = r.text
+        for field in ("id", "created"):  # per-response values
+            text = re.sub(rf'"{field}":\s*("[^"]*"|\d+)', f'"{field}":_', text)
+        text = re.sub(r"predicted=[^;]*", "predicted=_", text)
+        return r.status_code, keep, text
+
+    fast = call()
+    monkeypatch.setattr(http, "FAST_JSON", {})
+    assert call() == fast

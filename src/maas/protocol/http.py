@@ -212,6 +212,93 @@ async def stream_response(stream, render, request: Request) -> StreamingResponse
                              headers={"Cache-Control": "no-cache", **answer_headers(stream.answered)})
 
 
+#: JSON routes that :class:`FastJson` answers without FastAPI's router: path → (body schema,
+#: ``handler(body, request, dataplane) -> Response``), registered with :func:`fast_json`.
+FAST_JSON: dict[str, tuple[Any, Any]] = {}
+
+
+def fast_json(path: str, schema):
+    """Register ``handler(body, request, dp) -> Response`` as the fast path of the JSON route
+    ``POST path`` whose FastAPI endpoint calls the same handler (see :class:`FastJson`)."""
+    def register(handler):
+        FAST_JSON[path] = (schema, handler)
+        return handler
+    return register
+
+
+class FastJson:
+    """Pure ASGI middleware, innermost: the hot JSON routes without FastAPI's per-request work.
+
+    For ``POST`` to a path in :data:`FAST_JSON` with a JSON content type it reads the body,
+    parses it with orjson and validates it with the route's own schema, then calls the route's
+    own handler (the one its FastAPI endpoint calls) and sends its response; a
+    :class:`~maas.errors.MaasError` becomes :func:`error_response`, as the app's handler would.
+    That skips the router's linear route match, dependency solving, the second JSON decode and the
+    exception-middleware layers: the ingress's CPU per request is what bounds a node's requests/s
+    when the forward is cheap (``bench.null``; issue 28's profile has the numbers).
+
+    Anything else goes to FastAPI unchanged — including a body that does not parse or validate,
+    replayed as it came, so every error keeps FastAPI's exact wording and status: the fast path
+    changes no answer, only its cost.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        route = FAST_JSON.get(path)
+        if route is None:
+            return await self.app(scope, receive, send)
+        ctype = next((v for k, v in scope.get("headers") or () if k == b"content-type"), b"")
+        ctype = ctype.split(b";")[0].strip().lower()
+        if ctype != b"application/json" and not ctype.endswith(b"+json"):
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        chunks: list[bytes] = []
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left before sending the body
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        except MaasError as exc:  # the body limit (security.Guard), as FastAPI's body read would report it
+            return await error_response(request, exc)(scope, receive, send)
+        raw = b"".join(chunks)
+        schema, handler = route
+        try:
+            body = schema.model_validate(orjson.loads(raw))
+        except Exception:  # noqa: BLE001 - any parse or validation error: FastAPI answers it, in its words
+            return await self.app(scope, _replay(raw, receive), send)
+        from maas.dataplane import current
+
+        try:
+            response = await handler(body, request, current())
+        except MaasError as exc:
+            response = error_response(request, exc)
+        await response(scope, receive, send)
+
+
+def _replay(raw: bytes, receive):
+    """A ``receive`` that gives ``raw`` as the whole body once, then defers to ``receive``."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+    return replayed
+
+
 class HttpSemantics:
     """Pure ASGI middleware for request semantics RFC 9110 asks of every route.
 

@@ -13,7 +13,7 @@ from maas.dataplane.types import ClassifyImagesRequest
 from maas.errors import InvalidRequest, UnsupportedMediaType
 from maas.protocol import maas as render
 from maas.protocol import parse
-from maas.protocol.http import ERROR_RESPONSES, answer_response, dataplane, json_response, routed
+from maas.protocol.http import ERROR_RESPONSES, answer_response, dataplane, fast_json, json_response, routed
 from maas.protocol.maas import (
     ClassificationResponse,
     ExplainImageRequest,
@@ -40,17 +40,29 @@ async def readyz(dp=Depends(dataplane)):
     return json_response(body, 200 if body["ready"] else 503)
 
 
-@router.post("/v1/text2text", response_model=Text2TextResponse, responses=ERROR_RESPONSES, tags=["maas"])
-async def text2text(body: Text2TextRequest, request: Request, dp=Depends(dataplane)):
+@fast_json("/v1/text2text", Text2TextRequest)
+async def _text2text(body: Text2TextRequest, request: Request, dp):
     res = await dp.ops.generate(body.to_operation(**routed(request)))
     return answer_response(render.text2text(res), res.answered)
+
+
+@fast_json("/v1/classifications/text", TextClassificationRequest)
+async def _classify_text(body: TextClassificationRequest, request: Request, dp):
+    res = await dp.ops.classify_texts(body.to_operation(**routed(request)))
+    return answer_response(render.classifications(res), res.answered)
+
+
+@router.post("/v1/text2text", response_model=Text2TextResponse, responses=ERROR_RESPONSES, tags=["maas"])
+async def text2text(body: Text2TextRequest, request: Request, dp=Depends(dataplane)):
+    """Encoder–decoder generation (T5/BART style)."""
+    return await _text2text(body, request, dp)
 
 
 @router.post("/v1/classifications/text", response_model=ClassificationResponse, responses=ERROR_RESPONSES,
              tags=["maas"])
 async def classify_text(body: TextClassificationRequest, request: Request, dp=Depends(dataplane)):
-    res = await dp.ops.classify_texts(body.to_operation(**routed(request)))
-    return answer_response(render.classifications(res), res.answered)
+    """Text classification with a sequence-classification head."""
+    return await _classify_text(body, request, dp)
 
 
 _IMAGE_REQUEST_BODY = {

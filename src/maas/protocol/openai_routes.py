@@ -10,7 +10,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from maas.protocol import openai_render as render
-from maas.protocol.http import ERROR_RESPONSES, answer_response, dataplane, json_response, routed, stream_response
+from maas.protocol.http import (
+    ERROR_RESPONSES,
+    answer_response,
+    dataplane,
+    fast_json,
+    json_response,
+    routed,
+    stream_response,
+)
 from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter(tags=["openai"])
@@ -33,22 +41,39 @@ async def model(model: str, dp=Depends(dataplane)):
     return json_response(render.model_card(await dp.readiness.card(model), dp.created))
 
 
-@router.post("/v1/embeddings", response_model=render.EmbeddingResponse, responses=ERROR_RESPONSES)
-async def embeddings(body: EmbeddingRequest, request: Request, dp=Depends(dataplane)):
+@fast_json("/v1/embeddings", EmbeddingRequest)
+async def embed(body: EmbeddingRequest, request: Request, dp):
     res = await dp.ops.embed(body.to_operation(**routed(request, body.user)))
     return answer_response(render.embeddings(res, body.encoding_format), res.answered)
+
+
+@fast_json("/v1/completions", CompletionRequest)
+async def complete(body: CompletionRequest, request: Request, dp):
+    return await _generate(body, request, dp, chat=False)
+
+
+@fast_json("/v1/chat/completions", ChatCompletionRequest)
+async def chat(body: ChatCompletionRequest, request: Request, dp):
+    return await _generate(body, request, dp, chat=True)
+
+
+# The FastAPI endpoints (OpenAPI, and every request the fast path hands over) call the same handlers.
+@router.post("/v1/embeddings", response_model=render.EmbeddingResponse, responses=ERROR_RESPONSES)
+async def embeddings(body: EmbeddingRequest, request: Request, dp=Depends(dataplane)):
+    """Embeddings of one text, a list of texts, or token arrays."""
+    return await embed(body, request, dp)
 
 
 @router.post("/v1/completions", response_model=render.CompletionResponse, responses=ERROR_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, dp=Depends(dataplane)):
     """Completions; ``stream: true`` answers with server-sent events."""
-    return await _generate(body, request, dp, chat=False)
+    return await complete(body, request, dp)
 
 
 @router.post("/v1/chat/completions", response_model=render.ChatCompletionResponse, responses=ERROR_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request, dp=Depends(dataplane)):
     """Chat completions; ``stream: true`` answers with server-sent events."""
-    return await _generate(body, request, dp, chat=True)
+    return await chat(body, request, dp)
 
 
 async def _generate(body: CompletionRequest | ChatCompletionRequest, request: Request, dp, chat: bool):
