@@ -72,8 +72,10 @@ def bodies(workload: str) -> list[load.Body]:
 def role(proc: psutil.Process) -> str:
     """The role of one server process, from its name and command line: ``haproxy``, ``ingress``,
     ``preprocessor`` (tokenizer / image preprocessor replicas), ``model``, ``serve-controller``,
-    ``serve-proxy``, ``ray-core`` (GCS, raylet), ``ray-other`` (dashboard, log monitor, other Ray
-    workers), ``litserve-api``/``litserve-worker``, ``uvicorn``, ``other``."""
+    ``serve-proxy``, ``ray-core`` (GCS, raylet), ``ray-other`` (dashboard, its agent, log monitor,
+    other Ray workers), ``other`` (``serve run`` itself). Peers are metered as ``main`` (the server
+    program) and ``children`` (the processes it spawned: LitServe's API servers and workers,
+    uvicorn's workers)."""
     try:
         name = proc.name()
         cmd = " ".join(proc.cmdline())
@@ -97,12 +99,6 @@ def role(proc: psutil.Process) -> str:
         return "ray-core"
     if "ray" in title:
         return "ray-other"
-    if "litserve" in title:
-        return "litserve-main"
-    if "multiprocessing" in title or "spawn_main" in title:
-        return "litserve-worker"  # LitServe's API servers and inference workers (spawned)
-    if "uvicorn" in title or "fastapi_server" in title:
-        return "uvicorn"
     return "other"
 
 
@@ -116,6 +112,8 @@ class CpuMeter:
 
     def __init__(self, server: systems.Server):
         self.server = server
+        # Peers (one Python program and the processes it spawns) have no Ray roles: main / children.
+        self.peer = not server.name.startswith("maas-serve")
 
     def _snapshot(self) -> dict[int, tuple[str, float]]:
         pid = self.server.proc.pid
@@ -125,7 +123,8 @@ class CpuMeter:
             try:
                 proc = psutil.Process(p)
                 t = proc.cpu_times()
-                out[p] = (role(proc), t.user + t.system)
+                r = ("main" if p == pid else "children") if self.peer else role(proc)
+                out[p] = (r, t.user + t.system)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return out
@@ -166,12 +165,49 @@ def measure(server: systems.Server, workload: str, duration_s: float, warmup_s: 
             "cpu_ms_per_request": meter.per_request_ms(r["ok"])}
 
 
-def maas_null_config(models: list[str], port: int, forward: dict) -> dict:
-    """The shipped local config for ``models`` with ``null_forward: forward`` on each."""
+def maas_null_config(models: list[str], port: int, forward: dict, ingress_replicas: int | None = None) -> dict:
+    """The shipped local config for ``models`` with ``null_forward: forward`` on each (and
+    ``ingress_replicas`` Ingress replicas when given)."""
     config = systems.maas_config(models, batching=True, port=port)
-    for m in config["applications"][0]["args"]["models"]:
+    app = config["applications"][0]
+    for m in app["args"]["models"]:
         m["null_forward"] = dict(forward)
+    if ingress_replicas is not None:
+        deps = app.setdefault("deployments", [])
+        entry = next((d for d in deps if d["name"] == "Ingress"), None)
+        if entry is None:
+            entry = {"name": "Ingress"}
+            deps.append(entry)
+        entry["num_replicas"] = ingress_replicas
     return config
+
+
+#: Ingress replicas of the front-scaling points (one-sentence embeddings, null forward).
+FRONT_REPLICAS = (1, 2, 3)
+
+
+def scale_front(workdir: Path, duration_s: float, replicas: tuple[int, ...] = FRONT_REPLICAS) -> list[dict]:
+    """Requests/s and CPU per request of one-sentence embeddings (null forward) with 1, 2, …
+    Ingress replicas behind HAProxy: how far more CPU for the front takes the graph here."""
+    import yaml
+
+    out = []
+    for n in replicas:
+        server = systems.maas(["minilm"], batching=True, workdir=workdir, mode=f"null ingress x{n}")
+        port = int(server.base_url.rsplit(":", 1)[1])
+        Path(server.cmd[-1]).write_text(yaml.safe_dump(
+            maas_null_config(["minilm"], port, {"hold_ms": 0.0, "per_item_ms": 0.0}, ingress_replicas=n),
+            sort_keys=False))
+        print(f"bench null: starting maas-serve with {n} ingress replica(s)", flush=True)
+        server.start()
+        try:
+            p = measure(server, "embed-1", duration_s)
+        finally:
+            server.stop()
+        p.update(system="maas-serve", forward="null", ingress_replicas=n)
+        out.append(p)
+        _print(p)
+    return out
 
 
 def run(workdir: Path, duration_s: float = 8.0, systems_: tuple[str, ...] = ("maas", "litserve", "fastapi"),
@@ -231,7 +267,8 @@ def run(workdir: Path, duration_s: float = 8.0, systems_: tuple[str, ...] = ("ma
                 p.update(system="LitServe" if kind == "litserve" else "FastAPI", forward=forward, settings=settings)
                 points.append(p)
                 _print(p)
-    return {"points": points, "settings": {"concurrency": CONCURRENCY, "duration_s": duration_s,
+    front = scale_front(workdir, duration_s) if "maas" in systems_ and "embed-1" in workloads_ else []
+    return {"points": points, "front": front, "settings": {"concurrency": CONCURRENCY, "duration_s": duration_s,
                                            "gpu_like": GPU_LIKE, "jpeg_bytes": len(jpeg_150kb())}}
 
 
@@ -281,6 +318,16 @@ def markdown(res: dict | None) -> list[str]:
                      f"{p['cores_used']} | {cpu['total']:.2f} | " + " | ".join(
                          f"{cpu[r]:.2f}" if r in cpu else "-" for r in roles) + " |")
     lines.append("")
+    if res.get("front"):
+        lines += ["### Scaling the front: Ingress replicas (one-sentence embeddings, null forward)", "",
+                  "| Ingress replicas | requests/s | p50 ms | p99 ms | cores used | CPU ms/request | ingress | haproxy |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in res["front"]:
+            cpu = p["cpu_ms_per_request"]
+            lines.append(f"| {p['ingress_replicas']} | {p['requests_per_s']:.0f} | {p['p50_ms']:.1f} | "
+                         f"{p['p99_ms']:.1f} | {p['cores_used']} | {cpu['total']:.2f} | {cpu.get('ingress', 0):.2f} | "
+                         f"{cpu.get('haproxy', 0):.2f} |")
+        lines.append("")
     return lines
 
 
