@@ -14,7 +14,6 @@ import io
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -70,10 +69,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(rung)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server a test starts: free now, never handed out before in this session, and
+    drawn from the launcher's band (``maas.launch.PORT_BAND``), below the kernel's ephemeral range.
+
+    Not a kernel-assigned ephemeral port: between the pick and the server's bind, a starting Ray
+    cluster opens dozens of outgoing connections on ephemeral ports, and one took a test's HAProxy
+    stats port ("cannot bind socket (Address already in use)"), failing the start.
+    """
+    from maas.launch import pick_free_ports
+
+    port = pick_free_ports(1, exclude=frozenset(_HANDED_OUT))[0]
+    _HANDED_OUT.add(port)
+    return port
 
 
 def haproxy_ports_env() -> dict:
