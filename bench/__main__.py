@@ -381,7 +381,14 @@ def main(argv: list[str] | None = None) -> Path:
     if "null" in chosen:
         from bench import null
 
-        result["null"] = null.run(workdir, args.duration_s, sweep=not args.no_sweep)
+        # With maas-baseline chosen, the baseline tree's maas-serve runs the null points too (a tree
+        # from before the null forward has no null_forward: choose a later --baseline-ref).
+        src = baseline_checkout(args.baseline_ref, workdir) if "maas-baseline" in chosen else None
+        try:
+            result["null"] = null.run(workdir, args.duration_s, sweep=not args.no_sweep,
+                                      baseline=(args.baseline_ref, src) if src else None)
+        finally:
+            remove_checkout(src)
 
     for model, by_system in result["overhead"].items():
         single = result["limit"].get(model, {}).get("smallest")

@@ -212,11 +212,13 @@ def scale_front(workdir: Path, duration_s: float, replicas: tuple[int, ...] = FR
 
 def run(workdir: Path, duration_s: float = 8.0, systems_: tuple[str, ...] = ("maas", "litserve", "fastapi"),
         workloads_: tuple[str, ...] = tuple(WORKLOADS), forwards: tuple[str, ...] = ("null", "gpu-like"),
-        sweep: bool = True) -> dict:
+        sweep: bool = True, baseline: tuple[str, Path] | None = None) -> dict:
     """Every (forward, system, workload) point; returns ``{"points": [...], "settings": {...}}``.
 
     Peers are swept over their knobs (:func:`_peer_settings`, 3 s per setting) on the first
-    forward, per workload; the best settings are kept for the other forwards.
+    forward, per workload; the best settings are kept for the other forwards. ``baseline``
+    (``(git ref, its src)``, a tree that has ``null_forward``) adds the same maas-serve points on
+    that tree, as ``maas-serve @<ref>``: a before/after of the serving path in one run.
     """
     import yaml
 
@@ -225,17 +227,19 @@ def run(workdir: Path, duration_s: float = 8.0, systems_: tuple[str, ...] = ("ma
     kept: dict[tuple[str, str], dict] = {}
     for forward in forwards:
         spec = {"hold_ms": 0.0, "per_item_ms": 0.0} if forward == "null" else GPU_LIKE
-        if "maas" in systems_:
-            server = systems.maas(models, batching=True, workdir=workdir, mode=f"null {forward}")
+        trees = [("maas-serve", None)] + ([(f"maas-serve @{baseline[0]}", baseline[1])] if baseline else [])
+        for name, src in (trees if "maas" in systems_ else []):
+            server = systems.maas(models, batching=True, workdir=workdir, mode=f"null {forward} {name[-8:]}",
+                                  src=src, release_env=False)
             path = Path(server.cmd[-1])
             port = int(server.base_url.rsplit(":", 1)[1])
             path.write_text(yaml.safe_dump(maas_null_config(models, port, spec), sort_keys=False))
-            print(f"bench null: starting maas-serve ({forward})", flush=True)
+            print(f"bench null: starting {name} ({forward})", flush=True)
             server.start()
             try:
                 for w in workloads_:
                     p = measure(server, w, duration_s)
-                    p.update(system="maas-serve", forward=forward)
+                    p.update(system=name, forward=forward)
                     points.append(p)
                     _print(p)
             finally:
