@@ -36,6 +36,10 @@ CONCURRENCY = 64
 GPU_LIKE = {"hold_ms": 2.0, "per_item_ms": 0.05}
 #: Workload → (model, items per request).
 WORKLOADS = {"embed-1": ("minilm", 1), "embed-16": ("minilm", 16), "image-150kb": ("efficientnet-lite0", 1)}
+#: Connections per workload where it differs from :data:`CONCURRENCY`: 16-sentence requests at 64
+#: connections hold 1024 sentences in flight, past the front queue's bound (``max_queued_items``), so
+#: most would be 503s; 16 connections (256 sentences in flight) saturate without shedding.
+WORKLOAD_CONCURRENCY = {"embed-16": 16}
 #: Target size of the image workload's JPEG, bytes.
 JPEG_BYTES = 150_000
 
@@ -152,14 +156,16 @@ class CpuMeter:
 
 
 def measure(server: systems.Server, workload: str, duration_s: float, warmup_s: float = 2.0,
-            concurrency: int = CONCURRENCY) -> dict:
-    """One saturation point: warm-up, then ``duration_s`` of closed-loop load with CPU metered."""
+            concurrency: int | None = None) -> dict:
+    """One saturation point: warm-up, then ``duration_s`` of closed-loop load with CPU metered
+    (``concurrency`` default: :data:`WORKLOAD_CONCURRENCY`, else :data:`CONCURRENCY`)."""
+    concurrency = concurrency or WORKLOAD_CONCURRENCY.get(workload, CONCURRENCY)
     b = bodies(workload)
     load.run(server.base_url, b, concurrency=8, duration_s=warmup_s)
     with CpuMeter(server) as meter:
         r = load.run(server.base_url, b, concurrency=concurrency, duration_s=duration_s, threads=2)
     items = WORKLOADS[workload][1]
-    return {"workload": workload, "requests_per_s": r["ok_per_s"], "items_per_s": round(r["ok_per_s"] * items, 1),
+    return {"workload": workload, "concurrency": concurrency, "requests_per_s": r["ok_per_s"], "items_per_s": round(r["ok_per_s"] * items, 1),
             "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "errors": r["errors"], "requests": r["ok"],
             "cores_used": round(sum(meter.by_role.values()) / meter.wall_s, 2),
             "cpu_ms_per_request": meter.per_request_ms(r["ok"])}
@@ -307,7 +313,8 @@ def markdown(res: dict | None) -> list[str]:
         return []
     roles = list(dict.fromkeys(r for p in res["points"] for r in p["cpu_ms_per_request"] if r != "total"))
     st = res["settings"]
-    lines = [f"## The serving path alone (null forward; c={st['concurrency']}, {st['duration_s']} s per point)", "",
+    lines = [f"## The serving path alone (null forward; c={st['concurrency']} (16-sentence requests: "
+             f"c={WORKLOAD_CONCURRENCY['embed-16']}), {st['duration_s']} s per point)", "",
              f"`null`: instant forward; `gpu-like`: the replica held {st['gpu_like']['hold_ms']} ms + "
              f"{st['gpu_like']['per_item_ms']} ms per item per batch without CPU. Image: one "
              f"{st['jpeg_bytes'] / 1000:.0f} KB JPEG per request. CPU = user + system seconds of each process "
