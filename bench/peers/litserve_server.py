@@ -47,7 +47,11 @@ class ImageAPI(ls.LitAPI):
 
 
 class EmbeddingAPI(ls.LitAPI):
-    """Embeddings: JSON ``{"model", "input": str}`` → one unit vector."""
+    """Embeddings: JSON ``{"model", "input": str | [str]}`` → one unit vector per text.
+
+    LitServe batches requests, not items: ``batch`` flattens the batch's texts and keeps each
+    request's count, ``unbatch`` gives each request its own rows (a 16-sentence request gets 16).
+    """
 
     def __init__(self, model: str, threads: int, null_forward: dict | None = None, **kwargs):
         super().__init__(api_path="/v1/embeddings", **kwargs)
@@ -58,22 +62,28 @@ class EmbeddingAPI(ls.LitAPI):
 
     def decode_request(self, request):
         text = request["input"]
-        return text if isinstance(text, str) else text[0]
+        return [text] if isinstance(text, str) else list(text)
 
     def batch(self, inputs):
-        return list(inputs)
+        return [t for texts in inputs for t in texts], [len(texts) for texts in inputs]
 
-    def predict(self, texts):
-        return self.work.run(texts if isinstance(texts, list) else [texts])
+    def predict(self, batch):
+        if isinstance(batch, tuple):  # batched: (flat texts, texts per request)
+            texts, counts = batch
+            return self.work.run(texts), counts
+        return self.work.run(batch)  # unbatched mode: one request's texts
 
     def unbatch(self, output):
-        return list(output)
+        vectors, counts = output
+        out, start = [], 0
+        for n in counts:
+            out.append(vectors[start:start + n])
+            start += n
+        return out
 
-    def encode_response(self, vector):
-        if vector.dim() == 2:  # unbatched mode: a (1, D) result
-            vector = vector[0]
+    def encode_response(self, vectors):
         return {"object": "list", "model": self.model_name,
-                "data": [{"object": "embedding", "index": 0, "embedding": vector.tolist()}]}
+                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
 
 
 def null_arg(value: str | None) -> dict | None:
