@@ -318,7 +318,7 @@ def markdown(res: dict | None) -> list[str]:
              f"`null`: instant forward; `gpu-like`: the replica held {st['gpu_like']['hold_ms']} ms + "
              f"{st['gpu_like']['per_item_ms']} ms per item per batch without CPU. Image: one "
              f"{st['jpeg_bytes'] / 1000:.0f} KB JPEG per request. CPU = user + system seconds of each process "
-             "role over the run ÷ requests answered (ms).", "",
+             "role over the run ÷ requests answered (ms).", ""] + ([f"Note: {res['notes']}.", ""] if res.get("notes") else []) + [
              "| forward | workload | system | requests/s | items/s | p50 ms | p99 ms | errors | cores used | "
              "CPU ms/request | " + " | ".join(roles) + " |",
              "|" + "---|" * (10 + len(roles))]
