@@ -115,7 +115,11 @@ class Calls:
             return ModelNotReady(f"model {address!r} lost its replica; retry")
         if isinstance(cause, asyncio.CancelledError):
             return ModelNotReady(f"the call to model {address!r} was cancelled; retry")
-        logger.error("model %s call failed with %s", address, type(cause).__name__)
+        # A bug: its type, a short message and where it was raised, so the log finds it (one 500 in a
+        # full suite run said only "ValueError"). Inputs never reach this branch: bad input is a
+        # MaasError (4xx) from the replica or the preprocessor, returned above.
+        logger.error("model %s call failed with %s: %.200s", address, type(cause).__name__, cause,
+                     exc_info=(type(cause), cause, cause.__traceback__))
         return MaasError(f"model {address!r} failed")  # 500: a bug, logged; the body hides the detail
 
     async def awaited(self, call: Awaitable, address: str, timeout_s: float | None = None,
