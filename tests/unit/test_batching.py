@@ -153,17 +153,45 @@ def test_a_caller_who_leaves_is_withdrawn_and_a_batch_everyone_left_is_cancelled
 
 
 def test_a_failed_call_fails_each_of_its_jobs_with_the_mapped_error_and_the_queue_goes_on():
+    """An unexpected failure is sent once more (forwards are pure); failing again, each job gets
+    the mapped error and the next request is served."""
     async def scenario():
         batcher, calls = front(max_inflight=1)
         a = asyncio.create_task(batcher.submit("a", {}, 1, None))
         await until(lambda: len(calls) == 1)
         calls[0].future.set_exception(ConnectionError("replica died"))
+        await until(lambda: len(calls) == 2)
+        assert [j.payload for j in calls[1].jobs] == ["a"]  # the same batch, once more
+        calls[1].future.set_exception(ConnectionError("replica died"))
         with pytest.raises(MaasError, match="mapped ConnectionError"):
             await a
         b = asyncio.create_task(batcher.submit("b", {}, 1, None))
+        await until(lambda: len(calls) == 3)
+        calls[2].answer()
+        assert await b == "answer:b"
+
+    asyncio.run(scenario())
+
+
+def test_a_transient_failure_is_answered_by_the_second_send_and_overload_is_not_resent():
+    async def scenario():
+        batcher, calls = front(max_inflight=1)
+        a = asyncio.create_task(batcher.submit("a", {}, 1, None))
+        await until(lambda: len(calls) == 1)
+        calls[0].future.set_exception(ValueError("transport hiccup"))
         await until(lambda: len(calls) == 2)
         calls[1].answer()
-        assert await b == "answer:b"
+        assert await a == "answer:a"
+
+        overloaded = FrontBatcher("m", lambda jobs: calls.append(FakeCall(jobs)) or calls[-1],
+                                  lambda exc: ServiceOverloaded("at capacity"), max_batch_items=8,
+                                  max_queued_items=64, max_inflight=lambda: 1)
+        b = asyncio.create_task(overloaded.submit("b", {}, 1, None))
+        await until(lambda: len(calls) == 3)
+        calls[2].future.set_exception(RuntimeError("back pressure"))
+        with pytest.raises(ServiceOverloaded):
+            await b
+        assert len(calls) == 3  # a 503 is the caller's to retry (Retry-After), not sent again here
 
     asyncio.run(scenario())
 

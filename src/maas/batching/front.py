@@ -158,14 +158,34 @@ class FrontBatcher:
             self.jobs_per_batch[len(jobs)] += 1
             asyncio.get_running_loop().create_task(self._send(batch))
 
+    async def _call(self, batch: _Batch) -> list:
+        """Dispatch ``batch`` and await its answers; a call that fails with an unexpected error
+        (one that maps to a plain 500: not a MaasError, not overload, not a lost replica) is sent
+        once more. Forwards are pure (embeddings, classifications), so a second send costs compute
+        only, and it turns a transient fault of the transport into an answer: one such 500 came
+        from inside Serve's handle call, before the request reached the replica. A bug fails twice
+        and is answered 500, logged both times."""
+        for attempt in (1, 2):
+            batch.response = self.dispatch(batch.jobs)
+            if all(j.cancelled for j in batch.jobs):  # every caller left while it was being sent
+                batch.response.cancel()
+            try:
+                return await batch.response
+            except (MaasError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - sorted by what it maps to
+                err = self.map_error(exc)
+                if attempt == 2 or int(err.status_code) != 500 or all(j.cancelled for j in batch.jobs):
+                    raise
+                logger.warning("model %s: a batch call failed with %s; sending it once more", self.name,
+                               type(exc).__name__)
+        raise AssertionError("unreachable")
+
     async def _send(self, batch: _Batch) -> None:
         now = time.perf_counter()
         waits_ms = [1000 * (now - j.enqueued_at) for j in batch.jobs]
         try:
-            batch.response = self.dispatch(batch.jobs)
-            if all(j.cancelled for j in batch.jobs):  # every caller left while it was being sent
-                batch.response.cancel()
-            results = await batch.response
+            results = await self._call(batch)
         except BaseException as exc:  # noqa: BLE001 - each job gets the mapped error; nothing is lost
             err = exc if isinstance(exc, MaasError) else self.map_error(exc)
             for j in batch.jobs:
