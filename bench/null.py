@@ -32,7 +32,7 @@ from bench import inputs, load, systems
 
 #: Closed-loop connections of the saturation point.
 CONCURRENCY = 64
-#: The GPU-like forward: per batch, ms, and per item, ms (issue 28's figures).
+#: The GPU-like forward: per batch, ms, and per item, ms (the figures the serving-path goals were set with).
 GPU_LIKE = {"hold_ms": 2.0, "per_item_ms": 0.05}
 #: Workload → (model, items per request).
 WORKLOADS = {"embed-1": ("minilm", 1), "embed-16": ("minilm", 16), "image-150kb": ("efficientnet-lite0", 1)}

@@ -235,7 +235,7 @@ class FastJson:
     :class:`~maas.errors.MaasError` becomes :func:`error_response`, as the app's handler would.
     That skips the router's linear route match, dependency solving, the second JSON decode and the
     exception-middleware layers: the ingress's CPU per request is what bounds a node's requests/s
-    when the forward is cheap (``bench.null``; issue 28's profile has the numbers).
+    when the forward is cheap (``bench.null``; docs/benchmarks.md has the numbers and the profile).
 
     Anything else goes to FastAPI unchanged — including a body that does not parse or validate,
     replayed as it came, so every error keeps FastAPI's exact wording and status: the fast path
