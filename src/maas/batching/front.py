@@ -174,9 +174,9 @@ class FrontBatcher:
             except (MaasError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - sorted by what it maps to
-                err = self.map_error(exc)
+                err = self.map_error(exc)  # logs an unexpected error once per attempt
                 if attempt == 2 or int(err.status_code) != 500 or all(j.cancelled for j in batch.jobs):
-                    raise
+                    raise err from None  # mapped already: the caller does not map (and log) it again
                 logger.warning("model %s: a batch call failed with %s; sending it once more", self.name,
                                type(exc).__name__)
         raise AssertionError("unreachable")
