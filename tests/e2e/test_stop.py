@@ -77,21 +77,14 @@ def serve_run_sid(launcher: subprocess.Popen) -> int:
     return child.pid
 
 
-@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGTERM, signal.SIGTERM)],
-                         ids=["sigterm", "sigint", "second-signal"])
-def test_stop_leaves_nothing_and_the_ports_come_back(config_and_ports, served_app, signals):
-    """Each case starts on the module's ports, which the case before it freed: a start after a stop
-    gets the same ports and serves (an embeddings answer), then stops leaving nothing behind."""
-    config, ports = config_and_ports
-    proc = start(config, ports, served_app["env"])
-    answer = requests.post(f"http://127.0.0.1:{ports['http']}/v1/embeddings", json={"model": "minilm", "input": "again"},
-                           timeout=60)
-    assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384
+def stop_and_check(proc: subprocess.Popen, ports: dict, signals: tuple) -> None:
+    """Send ``signals`` (the second lands while the first shutdown is under way); the launcher
+    exits 0 within 20 s leaving no process of its cluster (HAProxy included) and every port free."""
     sid = serve_run_sid(proc)
     assert session_pids(sid), "the cluster's processes run in serve run's session"
     started = time.monotonic()
     proc.send_signal(signals[0])
-    if len(signals) > 1:  # the second signal lands while the first shutdown is under way
+    if len(signals) > 1:
         wait_for(lambda: not _answers(ports["http"]), 30, "shutdown under way", 0.1)
         proc.send_signal(signals[1])
     code = proc.wait(timeout=90)
@@ -103,12 +96,26 @@ def test_stop_leaves_nothing_and_the_ports_come_back(config_and_ports, served_ap
     assert took < 20, f"stopping took {took:.1f} s"
 
 
+def embeds(port: int, model: str, headers: dict | None = None) -> None:
+    answer = requests.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": model, "input": "again"},
+                           headers=headers or {}, timeout=60)
+    assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384, answer.text[:300]
+
+
+# Ports a start of this module freed when it stopped, for the next start to take again.
+FREED: dict = {}
+
+
 def test_two_starts_side_by_side_each_answer_only_for_themselves(served_app, tmp_path):
     """Two launcher starts at once beside the session cluster, each with its own model name and API
     keys in the launcher's environment (MAAS_API_KEYS, as README's `make serve` takes them: the local
     cluster's processes inherit it): each port answers with its own app and keys only, through HAProxy and through its
     fallback proxy (the Serve proxy HAProxy falls back on while no ingress replica is up, on a port
-    of its own per start; Serve's default 8500 was shared by every cluster on the host)."""
+    of its own per start; Serve's default 8500 was shared by every cluster on the host).
+
+    Then each stops: ``a`` on Ctrl-C (SIGINT), ``b`` on SIGTERM with a second SIGTERM while the
+    first shutdown is under way; both leave nothing behind (each start is a whole cluster, the
+    suite's costliest setup on a busy machine, so the stop cases ride on these two starts)."""
     starts = {}
     for name in ("a", "b"):
         cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
@@ -121,7 +128,9 @@ def test_two_starts_side_by_side_each_answer_only_for_themselves(served_app, tmp
         ports = {"http": cfg["http_options"]["port"], "stats": free_port(), "metrics": free_port()}
         log = tmp_path / f"{name}.stderr"
         proc = launch(path, ports, {**served_app["env"], "MAAS_API_KEYS": f"spare-{name},key-{name}"}, stderr=log.open("w"))
-        starts[name] = {"proc": proc, "port": ports["http"], "log": log, "model": f"minilm-{name}"}
+        starts[name] = {"proc": proc, "port": ports["http"], "ports": ports, "config": path, "log": log,
+                        "model": f"minilm-{name}"}
+    stopped = set()
     try:
         for s in starts.values():
             wait_ready(s["proc"], s["port"])
@@ -133,6 +142,7 @@ def test_two_starts_side_by_side_each_answer_only_for_themselves(served_app, tmp
         assert starts["a"]["fallback"] != starts["b"]["fallback"]
         assert 8500 not in (starts["a"]["fallback"], starts["b"]["fallback"])
         for me, other in (("a", "b"), ("b", "a")):
+            embeds(starts[me]["port"], starts[me]["model"], {"Authorization": f"Bearer key-{me}"})
             for port in (starts[me]["port"], starts[me]["fallback"]):
                 models = f"http://127.0.0.1:{port}/v1/models"
                 for _ in range(5):  # a new connection each time: a shared port hands them to either listener
@@ -142,8 +152,28 @@ def test_two_starts_side_by_side_each_answer_only_for_themselves(served_app, tmp
                     theirs = requests.get(models, headers={"Authorization": f"Bearer key-{other}"}, timeout=30)
                     assert theirs.status_code == 401, (port, theirs.text[:200])
                     assert requests.get(models, timeout=30).status_code == 401, port
+        for name, signals in (("a", (signal.SIGINT,)), ("b", (signal.SIGTERM, signal.SIGTERM))):
+            stopped.add(name)
+            stop_and_check(starts[name]["proc"], starts[name]["ports"], signals)
+        FREED.update(config=starts["a"]["config"], ports=starts["a"]["ports"], keys="spare-a,key-a")
     finally:
+        for name, s in starts.items():
+            if name not in stopped:
+                s["proc"].send_signal(signal.SIGTERM)
         for s in starts.values():
-            s["proc"].send_signal(signal.SIGTERM)
-        for s in starts.values():
-            assert s["proc"].wait(timeout=90) == 0
+            s["proc"].wait(timeout=90)
+
+
+def test_a_start_after_a_stop_gets_the_same_ports_and_stops_on_sigterm(config_and_ports, served_app):
+    """A start on the ports the previous test's stop freed serves on them (an embeddings answer),
+    then stops on SIGTERM leaving nothing behind. Run alone, it takes the module's own ports."""
+    config, ports = (FREED["config"], FREED["ports"]) if FREED else config_and_ports
+    env = {**served_app["env"], "MAAS_API_KEYS": FREED["keys"]} if FREED else served_app["env"]
+    proc = start(config, ports, env)
+    try:
+        embeds(ports["http"], "minilm-a" if FREED else "minilm", {"Authorization": "Bearer key-a"} if FREED else {})
+        stop_and_check(proc, ports, (signal.SIGTERM,))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=90)
