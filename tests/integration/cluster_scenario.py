@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import encode, free_port, wait_for  # noqa: E402
 
 RESULT: dict = {}
+T0 = time.monotonic()
 
 
 def config(port: int) -> dict:
@@ -35,7 +36,9 @@ def config(port: int) -> dict:
     keep = {"minilm", "efficientnet-lite0", "gpt2-tiny-demo"}
     app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] in keep]
     for m in app["args"]["models"]:
-        m["resources"] = {"num_cpus": 0.25, "num_gpus": 0.25}
+        # 0.2 GPU each: the three models plus one extra replica of each autoscaled model (both scale
+        # at once below) fill the node's one logical GPU exactly.
+        m["resources"] = {"num_cpus": 0.25, "num_gpus": 0.2}
         if m["name"] == "efficientnet-lite0":
             m["dtype"] = "float16"  # half precision on CUDA; here the replica logs that it keeps float32
         if m["name"] == "minilm":  # a tight queue for the handle flood: 1 running + 2 waiting
@@ -61,6 +64,80 @@ def replicas_running(deployment: str) -> int:
 
     dep = serve.status().applications["maas"].deployments[deployment]
     return dep.replica_states.get("RUNNING", 0)
+
+
+def phase(name: str) -> None:
+    """Record when a phase of the scenario ended (s since start), for a slow run's log."""
+    RESULT.setdefault("phase_s", {})[name] = round(time.monotonic() - T0, 1)
+
+
+def handle_for_load():
+    from ray import serve
+
+    return serve.get_app_handle("maas")
+
+
+def autoscale_calls(handle) -> tuple[list, float]:
+    """Load on gpt2-tiny-demo (6 callers) raises its replicas above min (it scales on ongoing
+    requests); once the load stops they fall back to 1. Returns the (s, replicas) timeline and
+    when it scaled up."""
+    timeline: list[tuple[float, int]] = []
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            handle.complete.remote({"model": "gpt2-tiny-demo", "prompt": "scale", "max_tokens": 64,
+                                    "temperature": 0}).result()
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+
+    def sample():
+        n = replicas_running("gpt2-tiny-demo")
+        timeline.append((round(time.monotonic() - started, 1), n))
+        return n
+
+    try:
+        wait_for(lambda: sample() >= 2, 150, "scale up", 0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    scaled_up_at_s = timeline[-1][0]
+    wait_for(lambda: sample() == 1, 180, "scale down", 0.5)
+    return timeline, scaled_up_at_s
+
+
+def autoscale_items(handle, jpeg: bytes) -> list:
+    """The same for a front-batched model: requests become few calls with many images each, so the
+    replicas report items (running, queued, the ingress's backlog) and the policy scales on them."""
+    items_timeline: list[tuple[float, int]] = []
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def image_load():
+        while not stop.is_set():
+            handle.classify_images.remote({"model": "efficientnet-lite0", "images": [jpeg] * 4, "top_k": 1}).result()
+
+    threads = [threading.Thread(target=image_load) for _ in range(8)]
+    for t in threads:
+        t.start()
+
+    def sample_images():
+        n = replicas_running("efficientnet-lite0")
+        items_timeline.append((round(time.monotonic() - started, 1), n))
+        return n
+
+    try:
+        wait_for(lambda: sample_images() >= 2, 150, "scale up on queued items", 0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    wait_for(lambda: sample_images() == 1, 180, "scale down on queued items", 0.5)
+    return items_timeline
 
 
 def main(out_path: str) -> None:
@@ -92,6 +169,7 @@ def main(out_path: str) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).json()["ready"], 300, "scenario app ready", 1)
+        phase("cluster and app ready")
 
         # Placement: GPU-requesting model replicas on the GPU node.
         nodes = {n.node_id: n for n in list_nodes()}
@@ -107,6 +185,7 @@ def main(out_path: str) -> None:
 
         RESULT["placement"] = wait_for(read_placement, 120, "every replica listed by the state API", 2)
         RESULT["nodes"] = len(nodes)
+        phase("placement read")
 
         # Answers over HTTP (torch falls back to CPU on the logical GPU).
         from skimage import data
@@ -152,7 +231,18 @@ def main(out_path: str) -> None:
         # The job agent may still be starting on a fresh cluster ("No available agent"): retry.
         job_id = wait_for(lambda: client.submit_job(entrypoint=f"{sys.executable} {job_script}"), 120,
                           "job submitted", 2)
+        phase("job submitted")
+
+        # Autoscaling, while the job runs: both autoscaled models at once (independent deployments;
+        # one after the other was the scenario's longest stretch on a busy machine).
+        with ThreadPoolExecutor(2) as pool:
+            scaled = [pool.submit(autoscale_calls, handle_for_load()), pool.submit(autoscale_items, handle_for_load(), chelsea)]
+            RESULT["autoscale_timeline"], RESULT["scaled_up_at_s"] = scaled[0].result()
+            RESULT["items_autoscale_timeline"] = scaled[1].result()
+        phase("autoscaling up and back")
+
         wait_for(lambda: client.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED), 180, "job", 1)
+        phase("job finished")
         logs = client.get_job_logs(job_id)
         line = next((ln for ln in logs.splitlines() if ln.startswith("JOBRESULT ")), None)
         RESULT["job_status"] = str(client.get_job_status(job_id))
@@ -162,63 +252,6 @@ def main(out_path: str) -> None:
         if not line:
             RESULT["job_logs_tail"] = logs[-2000:]
 
-        # Autoscaling: load on gpt2-tiny-demo raises replicas above min, then they fall back.
-        handle = serve.get_app_handle("maas")
-        timeline: list[tuple[float, int]] = []
-        started = time.monotonic()
-        stop = threading.Event()
-
-        def load():
-            while not stop.is_set():
-                handle.complete.remote({"model": "gpt2-tiny-demo", "prompt": "scale", "max_tokens": 64,
-                                        "temperature": 0}).result()
-
-        threads = [threading.Thread(target=load) for _ in range(6)]
-        for t in threads:
-            t.start()
-
-        def sample():
-            n = replicas_running("gpt2-tiny-demo")
-            timeline.append((round(time.monotonic() - started, 1), n))
-            return n
-
-        try:
-            wait_for(lambda: sample() >= 2, 120, "scale up", 0.5)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=120)
-        RESULT["scaled_up_at_s"] = timeline[-1][0]
-        wait_for(lambda: sample() == 1, 180, "scale down", 0.5)
-        RESULT["autoscale_timeline"] = timeline
-
-        # The same for a front-batched model: requests become few calls with many images each, so
-        # the replicas report items (running, queued, the ingress's backlog) and the policy scales on them.
-        items_timeline: list[tuple[float, int]] = []
-        started = time.monotonic()
-        stop.clear()
-
-        def image_load():
-            while not stop.is_set():
-                handle.classify_images.remote({"model": "efficientnet-lite0", "images": [chelsea] * 4, "top_k": 1}).result()
-
-        threads = [threading.Thread(target=image_load) for _ in range(8)]
-        for t in threads:
-            t.start()
-
-        def sample_images():
-            n = replicas_running("efficientnet-lite0")
-            items_timeline.append((round(time.monotonic() - started, 1), n))
-            return n
-
-        try:
-            wait_for(lambda: sample_images() >= 2, 150, "scale up on queued items", 0.5)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=120)
-        wait_for(lambda: sample_images() == 1, 180, "scale down on queued items", 0.5)
-        RESULT["items_autoscale_timeline"] = items_timeline
 
         # Backpressure over HTTP: the ingress takes 2 ongoing + 2 queued; a flood gets fast 503s from the
         # proxy with Retry-After, and admitted requests succeed.
@@ -238,6 +271,7 @@ def main(out_path: str) -> None:
             "max_ok_s": max((d for s, d, _ in flood if s == 200), default=None),
             "retry_after": sorted({ra for s, _, ra in flood if s == 503}),
         }
+        phase("HTTP flood")
 
         # Backpressure over handles: minilm takes 1 ongoing + 2 queued per caller; the excess gets
         # BackPressureError at once.
@@ -273,6 +307,7 @@ def main(out_path: str) -> None:
             return found if all(found.values()) and any('stage="queue"' in ln for ln in found[wanted[1]]) else None
 
         found = wait_for(scrape, 90, "metrics exported", 2)
+        phase("metrics scraped")
         RESULT["metrics"] = {k: v[:3] for k, v in found.items()}
         RESULT["metric_stages"] = sorted({ln.split('stage="')[1].split('"')[0]
                                           for ln in found["ray_maas_stage_latency_ms_bucket"]})
