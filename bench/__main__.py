@@ -208,7 +208,7 @@ def run_maas(system: str, models: list[str], args, workdir: Path, result: dict, 
         if server.proc:
             for model in kept:
                 check(server.base_url, model)
-            mem["idle_cpu_cores"] = idle_cpu(server)
+            mem["idle_cpu_cores"] = idle_cpu(server, args.idle_window_s)
         with memory.PeakSampler(server.proc.pid) if server.proc else _Nothing() as sampler:
             for model in kept:
                 sweep(server, "maas-serve", mode, model, args, result["runs"])
@@ -274,7 +274,7 @@ def run_peer(system: str, model: str, args, workdir: Path, result: dict) -> None
     try:
         mem = {"after_start": server.memory()}
         check(server.base_url, model)
-        mem["idle_cpu_cores"] = idle_cpu(server)
+        mem["idle_cpu_cores"] = idle_cpu(server, args.idle_window_s)
         mode = "batching on" if system == "litserve" else "no batching"
         with memory.PeakSampler(server.proc.pid) as sampler:
             sweep(server, server.name, mode, model, args, result["runs"])
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--concurrency", default="1,4,16,32,64", help="comma-separated concurrency levels")
     parser.add_argument("--duration-s", type=float, default=8.0, help="seconds per measured point")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds of warm-up per server and model")
+    parser.add_argument("--idle-window-s", type=float, default=10.0,
+                        help="seconds over which a started server's idle CPU is measured")
     parser.add_argument("--baseline-ref", default=DEFAULT_BASELINE_REF,
                         help="git ref of the maas-serve that maas-baseline runs (default: the release before "
                         "the batched request path)")

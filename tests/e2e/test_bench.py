@@ -18,7 +18,7 @@ def test_bench_harness_end_to_end(served_app, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--models", "minilm", "--systems", "limit,maas,fastapi",
-         "--concurrency", "1", "--duration-s", "1", "--warmup-s", "1", "--maas-url", served_app["url"],
+         "--concurrency", "1", "--duration-s", "1", "--warmup-s", "1", "--idle-window-s", "1", "--maas-url", served_app["url"],
          "--out", str(out), "--name", "smoke", "--no-sweep"],
         cwd=ROOT, env={**os.environ, **served_app["env"]}, capture_output=True, text=True, timeout=300,
     )

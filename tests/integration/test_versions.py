@@ -117,12 +117,13 @@ def test_models_list_each_version_and_the_default(rollout):
         assert r.status_code == 404, (bad, r.text)
 
 
-def test_400_requests_over_100_keys_split_90_10_and_each_key_sticks(rollout):
-    """The split is per key (a hash of it): 100 keys decide the share, 4 requests per key show each
-    key sticks to its version."""
+def test_200_requests_over_100_keys_split_90_10_and_each_key_sticks(rollout):
+    """The split is per key (a hash of it): 100 keys decide the share, 2 requests per key show each
+    key sticks to its version (were each request split at random, all 100 keys would agree with
+    probability 0.82^100 ≈ 2e-9)."""
     jpeg = small_jpeg()
     keys = [f"user-{i}" for i in range(100)]
-    order = [keys[i % 100] for i in range(400)]
+    order = [keys[i % 100] for i in range(200)]
     random.Random(0).shuffle(order)
     seen: dict[str, set] = collections.defaultdict(set)
     statuses = collections.Counter()
@@ -139,7 +140,7 @@ def test_400_requests_over_100_keys_split_90_10_and_each_key_sticks(rollout):
     threads = [threading.Thread(target=worker, args=(order[i::8],)) for i in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert statuses == {200: 400}, statuses
+    assert statuses == {200: 200}, statuses
     assert all(len(v) == 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
     share = sum(1 for k in keys if seen[k] == {"2"}) / len(keys)
     assert 0.07 <= share <= 0.13, share
