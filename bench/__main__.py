@@ -180,6 +180,22 @@ def ceiling(model: str, limit: dict, config: dict) -> dict | None:
     return {"threads": threads, "items_per_s": round(lim["items_per_s"] * threads / limit[model]["threads"], 2)}
 
 
+def parse_runtimes(text: str) -> dict[str, tuple[str, str]]:
+    """``--runtime minilm=onnxruntime:int8,…`` as ``{"minilm": ("onnxruntime", "int8")}``.
+
+    Raises:
+        SystemExit: a malformed entry (the message shows the expected form).
+    """
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        model, _, variant = part.partition("=")
+        runtime, _, precision = variant.partition(":")
+        if not (model and runtime and precision):
+            raise SystemExit(f"--runtime: {part!r} is not MODEL=RUNTIME:PRECISION (e.g. minilm=onnxruntime:int8)")
+        out[model] = (runtime, precision)
+    return out
+
+
 def idle_cpu(server: systems.Server, seconds: float = 10.0) -> float:
     """Cores the server's whole process tree used while idle (ready, no load), over ``seconds``."""
     if server.proc is None:
@@ -199,7 +215,8 @@ def run_maas(system: str, models: list[str], args, workdir: Path, result: dict, 
     else:
         # The release baseline runs with the Serve settings it shipped; another ref with this tree's.
         server = systems.maas(kept, batching=batching, workdir=workdir, mode=mode, throughput_mode=throughput_mode,
-                              src=src, release_env=args.baseline_ref == DEFAULT_BASELINE_REF)
+                              src=src, release_env=args.baseline_ref == DEFAULT_BASELINE_REF,
+                              runtimes=parse_runtimes(args.runtime))
         print(f"bench: starting maas-serve ({mode})", flush=True)
         server.start()
         result["servers"][f"maas-serve ({mode})"] = {"ready_s": server.ready_s, "log": str(server.log_path)}
@@ -292,6 +309,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--concurrency", default="1,4,16,32,64", help="comma-separated concurrency levels")
     parser.add_argument("--duration-s", type=float, default=8.0, help="seconds per measured point")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds of warm-up per server and model")
+    parser.add_argument("--runtime", default="",
+                        help="maas-serve's runtime and precision per model, e.g. minilm=onnxruntime:int8,"
+                        "efficientnet-lite0=onnxruntime:fp32 (default: each model's own, torch fp32); the limit and "
+                        "the peers stay torch fp32")
     parser.add_argument("--idle-window-s", type=float, default=10.0,
                         help="seconds over which a started server's idle CPU is measured")
     parser.add_argument("--baseline-ref", default=DEFAULT_BASELINE_REF,
@@ -330,7 +351,8 @@ def main(argv: list[str] | None = None) -> Path:
                      "items_per_request": 1, "multi": {"items_per_request": MULTI_ITEMS,
                                                        "concurrency": MULTI_CONCURRENCY},
                      "sweep_concurrency": SWEEP_CONCURRENCY,
-                     "baseline_ref": args.baseline_ref if "maas-baseline" in chosen else None},
+                     "baseline_ref": args.baseline_ref if "maas-baseline" in chosen else None,
+                     "maas_runtimes": {m: "/".join(v) for m, v in parse_runtimes(args.runtime).items()}},
         "limit": {}, "runs": [], "multi": [], "overhead": {}, "memory": {}, "servers": {},
     }
     print(f"bench: logs in {workdir}", flush=True)

@@ -58,8 +58,10 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def maas_config(models: list[str], *, batching: bool, port: int, source: Path = workloads.LOCAL_CONFIG) -> dict:
-    """The serve config for a maas-serve run: ``source`` with only ``models`` kept.
+def maas_config(models: list[str], *, batching: bool, port: int, source: Path = workloads.LOCAL_CONFIG,
+                runtimes: dict[str, tuple[str, str]] | None = None) -> dict:
+    """The serve config for a maas-serve run: ``source`` with only ``models`` kept (and, per model
+    in ``runtimes``, its ``(runtime, precision)`` set, e.g. ``{"minilm": ("onnxruntime", "int8")}``).
 
     With ``batching=False`` every kept model gets ``max_batch_size: 1`` (no wait) and
     ``max_queued_requests: 1024``, so the highest concurrency (64) waits in a queue instead of
@@ -74,6 +76,8 @@ def maas_config(models: list[str], *, batching: bool, port: int, source: Path = 
     if missing:
         raise KeyError(f"{source} has no model(s) {sorted(missing)}")
     for m in kept:
+        if runtimes and m["name"] in runtimes:
+            m["runtime"], m["precision"] = runtimes[m["name"]]
         if not batching:
             m["batching"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
             m["max_queued_requests"] = 1024
@@ -191,7 +195,7 @@ def _alive(pid: int) -> bool:
 
 
 def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, throughput_mode: bool = True,
-         src: Path | None = None, release_env: bool = True) -> Server:
+         src: Path | None = None, release_env: bool = True, runtimes: dict[str, tuple[str, str]] | None = None) -> Server:
     """A ``serve run`` server for ``models`` (not started), on :func:`maas_config`.
 
     Args:
@@ -202,10 +206,12 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
             the baseline; None runs this tree.
         release_env: With ``src``: run it with the Serve settings the batched-request-path release
             shipped (:data:`BASELINE_ENV`); False runs it with this tree's (an A/B of two recent trees).
+        runtimes: per model, ``(runtime, precision)`` for this tree's run (see :func:`maas_config`;
+            a baseline ref runs its own config).
     """
     port = free_port()
     source = (src.parent / "serve_configs" / "local.yaml") if src else workloads.LOCAL_CONFIG
-    config = maas_config(models, batching=batching, port=port, source=source)
+    config = maas_config(models, batching=batching, port=port, source=source, runtimes=None if src else runtimes)
     slug = mode.replace(" ", "-").replace(",", "")
     path = workdir / f"maas-{slug}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

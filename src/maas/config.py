@@ -240,6 +240,28 @@ class NullForwardSpec(_Strict):
     per_item_ms: float = Field(default=0.0, ge=0, le=10_000, description="Per item of the batch, milliseconds.")
 
 
+class FidelitySpec(_Strict):
+    """The fidelity guard of a runtime/precision variant (see :mod:`maas.models.runtimes`).
+
+    Before a replica whose ``runtime``/``precision`` is not torch fp32 reports ready, it runs a fixed
+    probe set (32 sentences; 16 views of scikit-image's sample photos) through the fp32 torch model
+    and through the variant and compares: embeddings by cosine, classifiers by top-1 agreement and
+    top-5 overlap. Defaults: published int8 results for MiniLM and ResNet-50 lose 0.2–0.3 points of
+    accuracy, which is a mean cosine above 0.99 and top-1 agreement above 0.97 on natural inputs.
+    """
+
+    min_cosine: float = Field(default=0.99, ge=-1, le=1,
+                              description="Embeddings: least mean cosine to the fp32 reference.")
+    min_top1_agreement: float = Field(default=0.97, ge=0, le=1,
+                                      description="Classifiers: least share of probe items whose top-1 class is the fp32 one.")
+    min_top5_overlap: float = Field(default=0.9, ge=0, le=1,
+                                    description="Image classifiers: least mean share of the fp32 top-5 in the variant's top-5.")
+    on_failure: Literal["refuse", "fp32"] = Field(
+        default="refuse",
+        description="Below a threshold: 'refuse' = the replica does not start (the message says the numbers and "
+        "what to change); 'fp32' = it serves the fp32 torch model instead and says so in /v1/models and its log.")
+
+
 # ---------------------------------------------------------------------------- models
 
 
@@ -326,6 +348,16 @@ class ModelSpec(_Strict):
         "one name whose spaces differ (declared, or by dimension) may not share traffic.",
     )
 
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        default="torch",
+        description="What runs the forward on the replica: torch, or ONNX Runtime (exported from the spec's "
+        "weights at first start into the cache directory and reused). Text encoders and image classifiers.")
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        description="fp32; bf16 (torch: weights and compute in bfloat16, on CPU too); int8 (onnxruntime: dynamic "
+        "for text encoders, static with calibration for image classifiers). Guarded by `fidelity`.")
+    fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
+
     null_forward: NullForwardSpec | None = Field(
         default=None,
         description="Benchmarking only: answer correctly shaped outputs without running the model (see "
@@ -347,6 +379,14 @@ class ModelSpec(_Strict):
         if self.null_forward is not None and self.family not in ("text-encoder", "image-classifier"):
             raise ValueError(f"model {self.name!r}: null_forward is for text-encoder and image-classifier models; "
                              f"{self.family} has none")
+        if (self.runtime, self.precision) != ("torch", "fp32"):
+            if self.family not in ("text-encoder", "image-classifier"):
+                raise ValueError(f"model {self.name!r}: runtime {self.runtime} / precision {self.precision} is for "
+                                 f"text-encoder and image-classifier models; {self.family} runs on torch fp32")
+            if self.runtime == "torch" and self.precision == "int8":
+                raise ValueError(f"model {self.name!r}: int8 runs on runtime: onnxruntime (torch takes fp32 or bf16)")
+            if self.runtime == "onnxruntime" and self.precision == "bf16":
+                raise ValueError(f"model {self.name!r}: bf16 runs on runtime: torch (onnxruntime takes fp32 or int8)")
         if self.quality is not None and not self.quality_source:
             raise ValueError(f"model {self.name!r}: quality needs quality_source (say where the number comes from)")
         allowed = FAMILY_TASKS[self.family]

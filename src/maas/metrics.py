@@ -27,6 +27,9 @@ metric                          type       tags                        meaning
 ``maas_version_rollbacks``      counter    model, version, reason      automatic rollbacks (``errors`` or ``latency``)
 ``maas_shadow_results``         counter    model, version, result      shadow copies: ``agree``, ``disagree``,
                                                                        ``error``, ``dropped`` (over max_in_flight)
+``maas_fidelity``               gauge      model, metric               a runtime/precision variant's fidelity to fp32 torch
+                                                                       on its probe set (``mean_cosine``, ``min_cosine``,
+                                                                       ``top1_agreement``, ``top5_overlap``), set at start
 ==============================  =========  ==========================  =========================================
 
 Every function here is a no-op when metrics can't be created (outside a Serve replica), and
@@ -74,6 +77,8 @@ def _get() -> dict | None:
                                              tag_keys=("model", "version", "reason")),
                 "shadow": metrics.Counter("maas_shadow_results", description="Shadow comparisons by result.",
                                           tag_keys=("model", "version", "result")),
+                "fidelity": metrics.Gauge("maas_fidelity", description="Fidelity of a runtime variant to fp32 torch.",
+                                          tag_keys=("model", "metric")),
             }
         except Exception:  # noqa: BLE001
             logger.debug("serve metrics unavailable", exc_info=True)
@@ -139,3 +144,9 @@ def shadow(model: str, version: str, result: str) -> None:
     m = _get()
     if m:
         m["shadow"].inc(1, tags={"model": model, "version": version, "result": result})
+
+
+def fidelity(model: str, metric: str, value: float) -> None:
+    m = _get()
+    if m:
+        m["fidelity"].set(value, tags={"model": model, "metric": metric})

@@ -129,7 +129,8 @@ class Readiness:
         ``ready`` (some version with traffic weight is ready), ``deployment``, ``quality``,
         ``quality_source``, ``latency_estimate_ms`` (what ``auto`` predicts now, or None),
         ``version`` (the default), ``versions`` (each version's ``id`` ``name@version``, weight,
-        readiness, whether it is the default) and ``status_message`` when not ready."""
+        readiness, whether it is the default), ``runtime`` (:meth:`runtime`) and ``status_message``
+        when not ready."""
         ready = await self._all()
         cards = []
         for name, specs in self.traffic.specs.items():
@@ -142,18 +143,29 @@ class Readiness:
             card = {"id": name, "family": spec.family, "tasks": list(spec.tasks), "weights": spec.weights_label(),
                     "demo_weights": spec.is_demo, "ready": name_ready, "deployment": spec.deployment_name,
                     "quality": spec.quality, "quality_source": spec.quality_source,
-                    "latency_estimate_ms": None if predicted is None else round(predicted, 1), "version": default}
+                    "latency_estimate_ms": None if predicted is None else round(predicted, 1), "version": default,
+                    "runtime": self.runtime(spec)}
             described = self.traffic.describe(name)
             card["versions"] = [
                 {"id": f"{name}@{s.resolved_version}", "version": s.resolved_version, "deployment": s.deployment_name,
                  "ready": ready[s.key], "weights": s.weights_label(), "demo_weights": s.is_demo,
-                 **described.get(s.resolved_version, {}),
+                 "runtime": self.runtime(s), **described.get(s.resolved_version, {}),
                  **({} if ready[s.key] else {"status_message": self.watch.reason(s.deployment_name)})}
                 for s in specs]
             if not name_ready:
                 card["status_message"] = "; ".join(self.watch.reason(s.deployment_name) for s in serving or specs)
             cards.append(card)
         return cards
+
+    def runtime(self, spec) -> dict:
+        """What runs the model's forward: ``name`` (torch, onnxruntime), ``precision`` and, once a
+        replica has reported (``info()``), the ``fidelity`` it measured against fp32 torch at start
+        (and ``fallback`` when it serves fp32 because its variant missed the guard)."""
+        reported = self.calls.known_info(spec.key).get("runtime")
+        if reported:
+            return {k: v for k, v in reported.items() if k in ("name", "precision", "fidelity", "fallback", "threads")}
+        self.calls.settings(spec.key)  # not asked yet: asks a replica in the background, for the next card
+        return {"name": spec.runtime, "precision": spec.precision}
 
     async def card(self, model: str) -> dict:
         """The card of ``name`` (with its ``versions``) or of ``name@version`` (that version's own

@@ -168,10 +168,16 @@ class ModelRunner(ABC):
         self.device = torch.device(device)
         self.loaded = False
         self.last_timings_ms: dict[str, float] = {}
+        self.variant_dtype: torch.dtype | None = None  # torch bf16 when the spec's precision says so
+        self.ort = None  # maas.models.runtimes.OrtModel when the forward runs on ONNX Runtime
+        self.runtime_info: dict = {"name": "torch", "precision": "fp32"}
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The spec's ``dtype`` on CUDA; float32 on CPU (half precision there is slow or unsupported)."""
+        """bfloat16 when the spec's ``precision`` is bf16 (and its fidelity held); else the spec's
+        ``dtype`` on CUDA; float32 on CPU (float16 there is slow or unsupported)."""
+        if self.variant_dtype is not None:
+            return self.variant_dtype
         if self.device.type != "cuda":
             return torch.float32
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.spec.dtype]
@@ -185,6 +191,60 @@ class ModelRunner(ABC):
     @abstractmethod
     def load(self) -> None:
         """Load weights (safely) and move the model to ``self.device``. Raises WeightsError."""
+
+    # ------------------------------------------------------------------ runtime and precision (maas.models.runtimes)
+
+    def fidelity_probe(self):
+        """The fidelity guard's fixed inputs (:class:`maas.models.runtimes.Probe`). Families with
+        runtime variants implement it, with :meth:`onnx_export` and :meth:`measure_fidelity`."""
+        raise NotImplementedError(f"{type(self).__name__} has no runtime variants")
+
+    def onnx_export(self):
+        """How this family's forward exports to ONNX (:class:`maas.models.runtimes.Export`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ONNX export")
+
+    def measure_fidelity(self, reference: Any, variant: Any) -> dict[str, float]:
+        """Compare two outputs of :meth:`forward` on the probe (fp32 torch against the variant)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fidelity measure")
+
+    def prepare_runtime(self) -> None:
+        """After :meth:`load`: switch the forward to the spec's ``runtime``/``precision`` when it is
+        not torch fp32, guarded by ``spec.fidelity`` (see :func:`maas.models.runtimes.prepare`).
+        Leaves ``runtime_info`` for ``info()``.
+
+        Raises:
+            WeightsError: the variant fails its fidelity guard (``on_failure: refuse``), or its
+                export failed.
+        """
+        spec = self.spec
+        if (spec.runtime, spec.precision) == ("torch", "fp32"):
+            return
+        import copy
+
+        from maas.models import runtimes
+
+        probe = self.fidelity_probe()
+
+        def outputs():
+            with torch.inference_mode():
+                return self.forward(probe.batch)
+
+        fp32_model = self.model
+        if spec.runtime == "torch":  # bf16: a cast copy, so the fp32 weights stay for a fallback
+            def setup():
+                self.model = copy.deepcopy(fp32_model).to(torch.bfloat16)
+                self.variant_dtype = torch.bfloat16
+                return {"threads": torch.get_num_threads()}
+        else:
+            def setup():
+                self.ort, artifact = runtimes.onnx_model(spec, self.onnx_export(), probe, torch.get_num_threads())
+                return {"threads": self.ort.threads, "artifact": artifact}
+
+        def fallback():
+            self.model, self.variant_dtype, self.ort = fp32_model, None, None
+
+        self.runtime_info = runtimes.prepare(spec, reference=outputs, variant_setup=setup, variant=outputs,
+                                             measure=self.measure_fidelity, items=probe.items, fallback=fallback)
 
     def validate(self, request: ModelRequest) -> None:
         """Reject a request before it joins a batch (so one bad request never fails others).
@@ -272,6 +332,7 @@ class ModelDeployment:
         started = time.monotonic()
         self.runner = self.runner_cls(self.spec, self.device)
         self.runner.load()
+        self.runner.prepare_runtime()
         self.load_s = time.monotonic() - started
         self.warmup_ms = self._warm_up()
         self.start_s = process_age_s() or self.load_s  # the whole start-up, for Retry-After
@@ -453,6 +514,7 @@ class ModelDeployment:
             "warmup_ms": round(self.warmup_ms, 2),
             "start_s": round(self.start_s, 1),
             "batching": self.batching.model_dump(),  # what it runs with now (user_config overrides included)
+            "runtime": self.runner.runtime_info,  # runtime, precision, measured fidelity, export artifact
             **self.runner.info(),
         }
 

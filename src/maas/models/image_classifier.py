@@ -217,8 +217,41 @@ class ImageClassifierRunner(ModelRunner):
         return normalize(pixels, self.pre.mean, self.pre.std, self.compute_dtype)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Returns logits, ``float32`` (N_total, num_classes)."""
-        return self.model(batch)
+        """Returns logits, ``float32`` (N_total, num_classes) (bfloat16 with ``precision: bf16``), from
+        torch or, with ``runtime: onnxruntime``, from the exported model."""
+        if self.ort is not None:
+            return torch.from_numpy(self.ort({"pixels": batch.float().cpu().contiguous().numpy()})[0])
+        return self.model(batch if batch.dtype == self.compute_dtype else batch.to(self.compute_dtype))
+
+    def fidelity_probe(self):
+        """Sixteen views of four sample photos (:func:`maas.models.runtimes.probe_images`) through
+        the model's preprocessing; their mirror images calibrate int8."""
+        from maas.models.runtimes import Probe, probe_images
+
+        def batch_of(pixels):
+            x = nchw(pixels).to(self.device).contiguous(memory_format=torch.channels_last)
+            return normalize(x, self.pre.mean, self.pre.std)
+
+        args = (self.pre.crop_px, self.pre.resize_px, self.pre.interpolation)
+        pixels = probe_images(*args, flipped=False)
+        calibration = [{"pixels": batch_of(p[None]).cpu().contiguous().numpy()}
+                       for p in probe_images(*args, flipped=True)]
+        batch = batch_of(pixels)
+        return Probe(batch=batch, feeds={"pixels": batch.cpu().contiguous().numpy()},
+                     calibration=calibration, items=len(pixels))
+
+    def onnx_export(self):
+        from maas.models.runtimes import Export
+
+        return Export(module=self.model, inputs=["pixels"], outputs=["logits"],
+                      dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+                      recipe={"crop_px": self.pre.crop_px})
+
+    def measure_fidelity(self, reference: torch.Tensor, variant: torch.Tensor) -> dict[str, float]:
+        """Top-1 agreement and top-5 overlap of the logits."""
+        from maas.models.runtimes import logit_fidelity
+
+        return logit_fidelity(reference.float().cpu().numpy(), variant.float().cpu().numpy())
 
     def null_outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Benchmark null forward: zero logits, ``float32`` (N, num_classes)."""

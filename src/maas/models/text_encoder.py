@@ -79,6 +79,34 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
 
 
+def encode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, pooling: str,
+           normalize: bool, classifies: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoder's forward: ``(embeddings float32 (N, D), logits (N, num_labels) or None)`` from
+    ``int64`` (N, L) ids and mask. Shared by the torch forward and the ONNX export."""
+    if classifies:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden, logits = out.hidden_states[-1], out.logits
+    else:
+        hidden, logits = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, None
+    emb = pool(hidden, attention_mask, pooling).float()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
+    return emb, None if logits is None else logits.float()
+
+
+class _ExportedEncoder(torch.nn.Module):
+    """:func:`encode` as a module with tensor outputs only, for ``torch.onnx.export``."""
+
+    def __init__(self, model: torch.nn.Module, pooling: str, normalize: bool, classifies: bool):
+        super().__init__()
+        self.model, self.pooling, self.normalize, self.classifies = model, pooling, normalize, classifies
+
+    def forward(self, input_ids, attention_mask):
+        emb, logits = encode(self.model, input_ids, attention_mask, pooling=self.pooling, normalize=self.normalize,
+                             classifies=self.classifies)
+        return (emb, logits) if self.classifies else emb
+
+
 class TextEncoderRunner(ModelRunner):
     """Lifecycle of a BERT-style encoder.
 
@@ -126,16 +154,48 @@ class TextEncoderRunner(ModelRunner):
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Returns ``embeddings`` float32 (N, D) and, for classifiers, ``logits`` (N, num_labels)."""
-        if self.classifies:
-            out = self.model(**batch, output_hidden_states=True)
-            hidden, logits = out.hidden_states[-1], out.logits
-        else:
-            hidden, logits = self.model(**batch).last_hidden_state, None
-        emb = pool(hidden, batch["attention_mask"], self.pooling).float()
-        if self.normalize:
-            emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
+        """Returns ``embeddings`` float32 (N, D) and, for classifiers, ``logits`` float32 (N, num_labels),
+        from torch or, with ``runtime: onnxruntime``, from the exported model."""
+        if self.ort is not None:
+            outs = self.ort({k: v.cpu().numpy() for k, v in batch.items()})
+            return {"embeddings": torch.from_numpy(outs[0]),
+                    "logits": torch.from_numpy(outs[1]) if self.classifies else None}
+        emb, logits = encode(self.model, batch["input_ids"], batch["attention_mask"], pooling=self.pooling,
+                             normalize=self.normalize, classifies=self.classifies)
         return {"embeddings": emb, "logits": logits}
+
+    def fidelity_probe(self):
+        """:data:`maas.models.runtimes.PROBE_SENTENCES`, tokenised by the model's own tokenizer."""
+        from maas.models.runtimes import PROBE_SENTENCES, Probe
+        from maas.preprocess.text import load_text_tokenizer, pad_right
+
+        tok = load_text_tokenizer(self.spec.tokenizer_source, self.spec.name)
+        rows, _ = tok.encode(PROBE_SENTENCES, max_length=self.max_input_tokens, truncate=True)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids, mask = pad_right(rows, pad)
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+        batch = {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
+        return Probe(batch=batch, feeds=feeds, calibration=None, items=len(rows))
+
+    def onnx_export(self):
+        from maas.models.runtimes import Export
+
+        outputs = ["embeddings", "logits"] if self.classifies else ["embeddings"]
+        axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                **{o: {0: "batch"} for o in outputs}}
+        module = _ExportedEncoder(self.model, self.pooling, self.normalize, self.classifies).eval()
+        return Export(module=module, inputs=["input_ids", "attention_mask"], outputs=outputs, dynamic_axes=axes,
+                      recipe={"pooling": self.pooling, "normalize": self.normalize, "classifies": self.classifies})
+
+    def measure_fidelity(self, reference: dict, variant: dict) -> dict[str, float]:
+        """Embeddings' cosine; for classifiers also the logits' top-1 agreement."""
+        from maas.models.runtimes import embedding_fidelity, logit_fidelity
+
+        out = embedding_fidelity(reference["embeddings"].float().cpu().numpy(), variant["embeddings"].float().cpu().numpy())
+        if self.classifies:
+            top = logit_fidelity(reference["logits"].float().cpu().numpy(), variant["logits"].float().cpu().numpy())
+            out["top1_agreement"] = top["top1_agreement"]
+        return out
 
     def null_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[dict, int]:
         """Benchmark null forward: ``embeddings`` float32 (N, D) all e₀ (unit vectors), ``logits``

@@ -47,11 +47,24 @@ class VersionCard(BaseModel):
     ready: bool
     weights: str
     demo_weights: bool
+    runtime: "RuntimeCard | None" = None
     weight: float | None = Field(default=None, description="Traffic weight (relative).")
     default: bool | None = None
     rolled_back: Any = None
     shadow: dict | None = None
     status_message: str | None = None
+
+
+class RuntimeCard(BaseModel):
+    """What runs a model's forward (``runtime``/``precision`` of its spec; see ``maas.models.runtimes``)."""
+
+    name: str = Field(description="torch or onnxruntime.")
+    precision: str = Field(description="fp32, bf16 or int8.")
+    fidelity: dict | None = Field(default=None, description="Measured against fp32 torch on the probe set at start: "
+                                  "mean_cosine/min_cosine (embeddings), top1_agreement/top5_overlap (classifiers), "
+                                  "probe_items.")
+    fallback: str | None = Field(default=None, description="Why fp32 torch serves instead of the spec's variant.")
+    threads: int | None = Field(default=None, description="Intra-op threads of the forward.")
 
 
 class ModelCard(BaseModel):
@@ -71,6 +84,7 @@ class ModelCard(BaseModel):
     quality_source: str | None = None
     latency_estimate_ms: float | None = Field(default=None, description="What model 'auto' predicts now, ms.")
     version: str = Field(description="The default version (highest traffic weight).")
+    runtime: RuntimeCard | None = None
     versions: list[VersionCard] | None = None
     status_message: str | None = Field(default=None, description="Why a model is not ready (from Serve).")
     # A version's card (GET /v1/models/name@version) also carries that version's traffic facts.

@@ -1,0 +1,254 @@
+"""Runtimes and precisions of the forward, in process: speed and fidelity to fp32 torch on
+held-out inputs (``python -m bench.runtimes``).
+
+For each model (MiniLM, EfficientNet-Lite0, ResNet-50 with its demo weights: speed only matters
+there) and each variant the project serves (torch fp32, torch bf16, onnxruntime fp32,
+onnxruntime int8), the replica's own runner (``maas.models``) is loaded as a replica loads it —
+export to the cache, fidelity guard and all — and measured:
+
+* items/s at a fixed batch (MiniLM 32 sentences, images 16) with 1 and 2 intra-op threads;
+* fidelity to the fp32 torch runner on **held-out** inputs, none of them in the guard's probe set:
+  sentences (default 1,000) taken from the docstrings of Python's standard library (first
+  sentences of its public functions and classes, 6–40 words; reproducible offline, and everyday
+  technical English), and for images every photo scikit-image ships (those of the probe set
+  included, at other crops) in 5 crops × 2 flips × 3 scales.
+
+The served comparison (the graph with a variant against LitServe's best) is ``python -m bench
+--runtime minilm=onnxruntime:int8,...`` (see bench.__main__). Results go to
+``bench/results/<name>.{json,md}`` with the CPU's model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+STDLIB_MODULES = ("argparse", "asyncio", "calendar", "collections", "configparser", "csv", "dataclasses", "datetime",
+                  "decimal", "difflib", "email.message", "email.utils", "fractions", "ftplib", "functools", "gzip",
+                  "http.client", "http.cookiejar", "imaplib", "inspect", "ipaddress", "json", "logging",
+                  "logging.handlers", "mailbox", "multiprocessing.pool", "os", "pathlib", "pickle", "poplib", "pprint",
+                  "queue", "random", "sched", "shutil", "smtplib", "socket", "socketserver", "sqlite3", "statistics",
+                  "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tkinter", "turtle",
+                  "typing", "unittest.case", "unittest.mock", "urllib.parse", "urllib.request", "uuid", "wave",
+                  "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile")
+NOT_PHOTOS = ("chessboard", "logo", "text", "page", "phantom", "cell", "clock_motion", "color")
+
+
+def held_out_sentences(n: int = 1000) -> list[str]:
+    """``n`` distinct sentences from the standard library's docstrings (see the module docstring);
+    the guard's probe sentences are excluded."""
+    import importlib
+
+    from maas.models.runtimes import PROBE_SENTENCES
+
+    seen: set[str] = set(PROBE_SENTENCES)
+    out: list[str] = []
+    for name in STDLIB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        objects = [module] + [v for k, v in sorted(vars(module).items()) if not k.startswith("_")
+                              and (inspect.isfunction(v) or inspect.isclass(v))]
+        for obj in objects:
+            doc = inspect.getdoc(obj) or ""
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                words = sentence.split()
+                if 6 <= len(words) <= 40 and sentence[0].isupper() and sentence not in seen and ">>>" not in sentence:
+                    seen.add(sentence)
+                    out.append(sentence)
+                    if len(out) == n:
+                        return out
+    return out
+
+
+def held_out_images(crop_px: int, resize_px: int, interpolation: str) -> np.ndarray:
+    """Every scikit-image photo in 5 crops × 2 flips × 3 scales, preprocessed as the model's
+    preprocessing does: ``uint8`` (N, crop_px, crop_px, 3)."""
+    import skimage
+    from PIL import Image
+
+    from maas.config import ImagePreprocessingSpec
+    from maas.preprocess.image import transform
+
+    folder = Path(skimage.__file__).parent / "data"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg")
+                   and not any(p.stem.startswith(bad) for bad in NOT_PHOTOS))
+    crops = ((0, 0, 1, 1), (0, 0, 0.6, 0.6), (0.4, 0.4, 1, 1), (0.4, 0, 1, 0.6), (0.2, 0.2, 0.8, 0.8))
+    out = []
+    for path in files:
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        for left, top, right, bottom in crops:
+            view = img.crop((int(w * left), int(h * top), int(w * right), int(h * bottom)))
+            for flip in (False, True):
+                v = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else view
+                for scale in (1.0, 1.25, 0.875):
+                    spec = ImagePreprocessingSpec(resize_px=max(crop_px, round(resize_px * scale)), crop_px=crop_px,
+                                                  interpolation=interpolation)
+                    out.append(transform(v, spec))
+    return np.stack(out)
+
+
+def spec_of(name: str, runtime: str, precision: str):
+    import yaml
+
+    from bench import workloads
+    from maas.config import ModelSpec
+
+    models = yaml.safe_load(workloads.LOCAL_CONFIG.read_text())["applications"][0]["args"]["models"]
+    raw = next(m for m in models if m["name"] == name)
+    return ModelSpec.model_validate({**raw, "runtime": runtime, "precision": precision,
+                                     "fidelity": {"on_failure": "fp32"}})  # measured here, not refused
+
+
+def load(name: str, runtime: str, precision: str, threads: int):
+    import torch
+
+    from maas.models.image_classifier import ImageClassifierRunner
+    from maas.models.text_encoder import TextEncoderRunner
+
+    torch.set_num_threads(threads)
+    spec = spec_of(name, runtime, precision)
+    runner = (TextEncoderRunner if spec.family == "text-encoder" else ImageClassifierRunner)(spec)
+    started = time.perf_counter()
+    runner.load()
+    runner.prepare_runtime()
+    return runner, time.perf_counter() - started
+
+
+def text_requests(runner, texts: list[str]):
+    from maas.models.base import ModelRequest
+    from maas.preprocess.text import TokenizedBatch, load_text_tokenizer, pad_right
+
+    tok = load_text_tokenizer(runner.spec.tokenizer_source, runner.spec.name)
+    rows, counts = tok.encode(texts, max_length=runner.max_input_tokens, truncate=True)
+    pad = tok.pad_token_id or 0
+    ids, mask = pad_right(rows, pad)
+    return [ModelRequest(TokenizedBatch(ids, mask, counts, pad), {"task": "embeddings"})]
+
+
+def image_requests(pixels: np.ndarray):
+    from maas.models.base import ModelRequest
+    from maas.preprocess.image import ImageBatch
+
+    return [ModelRequest(ImageBatch(np.ascontiguousarray(pixels)), {"top_k": 5, "return_logits": True})]
+
+
+def outputs(runner, inputs, batch: int) -> np.ndarray:
+    """The runner's embeddings (N, D) or logits (N, C) for every input, ``batch`` at a time."""
+    rows = []
+    for start in range(0, len(inputs), batch):
+        part = inputs[start:start + batch]
+        if runner.spec.family == "text-encoder":
+            rows.append(runner.run(text_requests(runner, part))[0]["embeddings"])
+        else:
+            rows.append(np.array([r["logits"] for r in runner.run(image_requests(part))[0]["results"]]))
+    return np.concatenate(rows)
+
+
+def speed(runner, inputs, batch: int, seconds: float) -> float:
+    """Items per second of ``runner.run`` on one batch of ``batch`` inputs, over ``seconds``."""
+    reqs = text_requests(runner, inputs[:batch]) if runner.spec.family == "text-encoder" else image_requests(inputs[:batch])
+    runner.run(reqs)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        runner.run(reqs)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def cpu() -> dict:
+    """The CPU's model name and the flags that decide int8/bf16 speed."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {"model": model, "flags": [f for f in wanted if f in flags]}
+
+
+def run(models: list[str], threads: list[int], seconds: float, sentences: int, max_images: int | None) -> dict:
+    from maas.models import runtimes
+
+    result = {"cpu": cpu(), "models": {}}
+    for name in models:
+        reference, _ = load(name, "torch", "fp32", 1)
+        family = reference.spec.family
+        if family == "text-encoder":
+            inputs, batch = held_out_sentences(sentences), 32
+        else:
+            pre = reference.pre
+            inputs, batch = held_out_images(pre.crop_px, pre.resize_px, pre.interpolation), 16
+            if max_images:
+                inputs = inputs[np.random.default_rng(0).permutation(len(inputs))[:max_images]]
+        ref_out = outputs(reference, inputs, batch)
+        rows = []
+        for runtime, precision in VARIANTS:
+            row = {"runtime": runtime, "precision": precision}
+            for t in threads:
+                runner, load_s = load(name, runtime, precision, t)
+                info = runner.runtime_info
+                row[f"items_per_s_{t}t"] = round(speed(runner, inputs, batch, seconds), 1)
+                if t == threads[0]:
+                    row.update(load_s=round(load_s, 1), served_as=f"{info['name']} {info['precision']}",
+                               probe_fidelity=info.get("fidelity"), artifact_bytes=info.get("artifact", {}).get("bytes"))
+                    out = outputs(runner, inputs, batch)
+                    row["held_out"] = (runtimes.embedding_fidelity(ref_out, out) if family == "text-encoder"
+                                       else runtimes.logit_fidelity(ref_out, out))
+                    row["held_out_items"] = len(inputs)
+            print(name, json.dumps(row), flush=True)
+            rows.append(row)
+        base = {t: rows[0][f"items_per_s_{t}t"] for t in threads}
+        for row in rows:
+            row["speedup"] = {f"{t}t": round(row[f"items_per_s_{t}t"] / base[t], 2) for t in threads}
+        result["models"][name] = {"batch": batch, "demo_weights": reference.spec.is_demo, "variants": rows}
+    return result
+
+
+def markdown(result: dict, threads: list[int]) -> str:
+    lines = [f"CPU: {result['cpu']['model']} (flags: {', '.join(result['cpu']['flags'])})", ""]
+    for name, m in result["models"].items():
+        lines += [f"### {name}{' (demo weights)' if m['demo_weights'] else ''}, batch {m['batch']}", "",
+                  "| runtime | precision | served as | " + " | ".join(f"items/s {t} thr" for t in threads)
+                  + " | speed-up | held-out fidelity | probe fidelity | file MB |",
+                  "|---|---|---|" + "---|" * len(threads) + "---|---|---|---|"]
+        for r in m["variants"]:
+            held = ", ".join(f"{k} {v}" for k, v in r["held_out"].items()) + f" ({r['held_out_items']} items)"
+            probe = ", ".join(f"{k} {v}" for k, v in (r["probe_fidelity"] or {}).items() if k != "probe_items") or "-"
+            size = f"{r['artifact_bytes'] / 1e6:.1f}" if r.get("artifact_bytes") else "-"
+            lines.append(f"| {r['runtime']} | {r['precision']} | {r['served_as']} | "
+                         + " | ".join(str(r[f"items_per_s_{t}t"]) for t in threads)
+                         + f" | {' / '.join(f'{v}×' for v in r['speedup'].values())} | {held} | {probe} | {size} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="minilm,efficientnet-lite0,resnet50")
+    parser.add_argument("--threads", default="1,2", help="intra-op threads to measure (comma-separated)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per variant and thread count")
+    parser.add_argument("--sentences", type=int, default=1000, help="held-out sentences for text encoders")
+    parser.add_argument("--max-images", type=int, default=None, help="held-out image views at most (random subset)")
+    parser.add_argument("--name", default=time.strftime("%Y-%m-%d") + "-runtimes")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    result = run(args.models.split(","), threads, args.seconds, args.sentences, args.max_images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(result, threads))
+    print(markdown(result, threads))
+
+
+if __name__ == "__main__":
+    main()

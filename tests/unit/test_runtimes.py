@@ -1,0 +1,164 @@
+"""Runtimes and precisions (maas.models.runtimes): export once and reuse, a corrupt cache file
+rebuilt, the fidelity guard refusing a broken variant (or falling back to fp32), threads as
+configured, and int8 / ONNX Runtime answers close to fp32 torch on real weights (MiniLM,
+EfficientNet-Lite0) for inputs that are not the guard's probe set."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from maas.config import ModelSpec
+from maas.errors import WeightsError
+from maas.models import runtimes
+from maas.models.image_classifier import ImageClassifierRunner
+from maas.models.text_encoder import TextEncoderRunner
+from tests.conftest import LOCAL_CONFIG
+
+MODELS = {m["name"]: m for m in yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]["models"]}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAAS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def runner(name: str, **fields):
+    spec = ModelSpec.model_validate({**MODELS[name], **fields})
+    r = (TextEncoderRunner if spec.family == "text-encoder" else ImageClassifierRunner)(spec)
+    r.load()
+    r.prepare_runtime()
+    return r
+
+
+def tiny(**fields):
+    """The random 2-layer BERT classifier of local.yaml (exports in about a second)."""
+    return runner("sentiment-tiny-demo", runtime="onnxruntime", **fields)
+
+
+def embed(r, texts):
+    from maas.models.base import ModelRequest
+    from maas.preprocess.text import TokenizedBatch, load_text_tokenizer, pad_right
+
+    tok = load_text_tokenizer(r.spec.tokenizer_source, r.spec.name)
+    rows, counts = tok.encode(texts, max_length=r.max_input_tokens, truncate=True)
+    ids, mask = pad_right(rows, tok.pad_token_id or 0)
+    return r.run([ModelRequest(TokenizedBatch(ids, mask, counts, tok.pad_token_id or 0), {"task": "embeddings"})])[0]["embeddings"]
+
+
+def test_runtime_and_precision_pairs_that_do_not_exist_are_refused_by_the_config():
+    for fields, words in [({"runtime": "torch", "precision": "int8"}, "int8 runs on runtime: onnxruntime"),
+                          ({"runtime": "onnxruntime", "precision": "bf16"}, "bf16 runs on runtime: torch")]:
+        with pytest.raises(ValidationError, match=words):
+            ModelSpec.model_validate({**MODELS["minilm"], **fields})
+    with pytest.raises(ValidationError, match="gpt2-tiny-demo.*runs on torch fp32"):
+        ModelSpec.model_validate({**MODELS["gpt2-tiny-demo"], "runtime": "onnxruntime"})
+
+
+def test_export_once_reuse_it_and_rebuild_a_corrupt_file(cache, monkeypatch):
+    first = tiny()
+    art = first.runtime_info["artifact"]
+    assert (art["reused"], art["rebuilt"]) == (False, False)
+    assert first.runtime_info["name"] == "onnxruntime" and first.runtime_info["fidelity"]["mean_cosine"] > 0.9999
+
+    exports = []
+    real_export = runtimes._export
+    monkeypatch.setattr(runtimes, "_export", lambda *a: (exports.append(1), real_export(*a))[1])
+    second = tiny()  # another replica, or the next start: the file is loaded, not exported
+    assert second.runtime_info["artifact"]["reused"] is True and exports == []
+    assert second.runtime_info["artifact"]["path"] == art["path"]
+
+    model_file = cache / "runtimes" / art["path"].rsplit("/", 1)[1] / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])  # a copy cut short
+    third = tiny()
+    assert third.runtime_info["artifact"] == {**art, "reused": False, "rebuilt": True}
+    assert exports == [1]
+    texts = ["a corrupt cache file is rebuilt", "not loaded"]
+    np.testing.assert_allclose(embed(third, texts), embed(runner("sentiment-tiny-demo"), texts), atol=1e-5)
+
+
+def stale_variant(cache, art_path: str) -> None:
+    """Replace the cached file by the export of other weights (seed 1), with a matching checksum:
+    a variant that loads and runs but is not this model."""
+    other = runner("sentiment-tiny-demo", weights={"source": "random", "seed": 1})
+    probe = other.fidelity_probe()
+    folder = cache / "runtimes" / art_path.rsplit("/", 1)[1]
+    for f in folder.iterdir():
+        f.unlink()
+    runtimes._export(other.spec.model_copy(update={"runtime": "onnxruntime"}), other.onnx_export(), probe, folder)
+
+
+def test_the_fidelity_guard_refuses_a_broken_variant_and_says_the_numbers(cache):
+    art = tiny().runtime_info["artifact"]
+    stale_variant(cache, art["path"])
+    with pytest.raises(WeightsError) as refused:
+        tiny()
+    message = str(refused.value)
+    assert "onnxruntime fp32 fails its fidelity guard against torch fp32 on 32 probe items" in message
+    assert "mean_cosine" in message and "< fidelity.min_cosine 0.99" in message
+    assert "fidelity.on_failure: fp32" in message  # what to change
+
+    fallback = tiny(fidelity={"on_failure": "fp32"})
+    info = fallback.runtime_info
+    assert (info["name"], info["precision"]) == ("torch", "fp32") and "mean_cosine" in info["fallback"]
+    assert info["fidelity"]["mean_cosine"] < 0.99 and fallback.ort is None
+    texts = ["served by fp32 torch after the refusal"]
+    np.testing.assert_allclose(embed(fallback, texts), embed(runner("sentiment-tiny-demo"), texts), atol=1e-6)
+
+
+def test_onnxruntime_threads_are_the_replicas():
+    torch.set_num_threads(2)
+    r = tiny()
+    assert r.runtime_info["threads"] == 2
+    opts = r.ort.session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+
+
+def test_bf16_on_torch_is_guarded_and_close():
+    r = runner("sentiment-tiny-demo", precision="bf16")
+    assert r.runtime_info["precision"] == "bf16" and r.runtime_info["fidelity"]["mean_cosine"] >= 0.999
+    assert next(r.model.parameters()).dtype == torch.bfloat16
+
+
+def held_out_sentences() -> list[str]:
+    """bench.inputs' sentences: written for the benchmarks, none of them in the guard's probe set."""
+    from bench.inputs import SENTENCES
+
+    assert not set(SENTENCES) & set(runtimes.PROBE_SENTENCES)
+    return list(SENTENCES)
+
+
+def test_int8_minilm_on_onnxruntime_is_close_to_fp32_on_sentences_it_was_not_probed_with():
+    int8 = runner("minilm", runtime="onnxruntime", precision="int8")
+    assert int8.runtime_info["fidelity"]["mean_cosine"] >= 0.99
+    texts = held_out_sentences()
+    ref, out = embed(runner("minilm"), texts), embed(int8, texts)
+    assert runtimes.embedding_fidelity(ref, out)["mean_cosine"] >= 0.99
+    assert json.loads((Path(int8.runtime_info["artifact"]["path"]) / "meta.json").read_text())["precision"] == "int8"
+
+
+def test_efficientnet_on_onnxruntime_classifies_other_views_as_torch_does():
+    from maas.models.base import ModelRequest
+    from maas.preprocess.image import ImageBatch
+
+    ort_runner = runner("efficientnet-lite0", runtime="onnxruntime")
+    assert ort_runner.runtime_info["fidelity"]["top1_agreement"] >= 0.97
+    pre = ort_runner.pre
+    views = runtimes.probe_images(pre.crop_px, pre.resize_px + 64, pre.interpolation, flipped=True)  # other scale
+    ask = [ModelRequest(ImageBatch(views), {"top_k": 5})]
+    ours = [item["top_k"][0]["index"] for item in ort_runner.run(ask)[0]["results"]]
+    reference = [item["top_k"][0]["index"] for item in runner("efficientnet-lite0").run(ask)[0]["results"]]
+    assert np.mean(np.array(ours) == np.array(reference)) >= 0.97
