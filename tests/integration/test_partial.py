@@ -1,6 +1,8 @@
-"""A model whose weights path does not exist fails its own deployment with a message naming the
-model and the path; the rest of the app comes up and serves, and readiness says which model is
-not ready and why."""
+"""A model whose weights path does not exist, and one whose int8 variant misses its fidelity guard,
+each fail their own deployment with a message naming the model and the cause (the path; the
+measured numbers); the rest of the app — here EfficientNet-Lite0 on ONNX Runtime — comes up and
+serves, and readiness and /v1/models say which model is not ready and why, and what the served
+variant's fidelity is."""
 
 import time
 
@@ -16,24 +18,29 @@ pytestmark = pytest.mark.integration
 
 def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
     args = one_model_args("efficientnet-lite0", "effnet-ok")
-    good = args["models"][0]
+    good = dict(args["models"][0], runtime="onnxruntime")  # exported at start, guarded, served
+    strict = dict(good, name="strict-int8", precision="int8",
+                  fidelity={"min_top1_agreement": 1.0, "min_top5_overlap": 1.0})  # int8's top-5 overlap is 0.9
     bad = {"name": "broken-resnet", "family": "image-classifier", "tasks": ["image-classification"],
            "library": "torchvision", "architecture": "resnet18", "resources": {"num_cpus": 0.1},
            "weights": {"source": "torchvision", "path": "/nonexistent/resnet18.pth"},
            "preprocessing": {"resize_px": 256, "crop_px": 224}}
-    args["models"] = [good, bad]
+    args["models"] = [good, bad, strict]
     url = f"{served_app['url']}/partial"
     try:
         # Serve reports the failed deployment by name; the other deployments keep running.
-        with pytest.raises(RuntimeError, match=r"Deploying application partial failed.*broken-resnet"):
+        with pytest.raises(RuntimeError, match=r"Deploying application partial failed"):
             serve.run(build_app(args), name="partial", route_prefix="/partial")
         def reason():
             r = requests.get(f"{url}/readyz", timeout=30)
             why = r.json().get("reasons", {}).get("broken-resnet", "")
-            return r.status_code == 503 and "model 'broken-resnet'" in why and r.json()
+            guard = r.json().get("reasons", {}).get("strict-int8", "")
+            return r.status_code == 503 and "model 'broken-resnet'" in why and "fidelity guard" in guard and r.json()
 
         body = wait_for(reason, 240, "readiness naming the broken model", interval_s=2)
-        assert body["models"] == {"effnet-ok": True, "broken-resnet": False}
+        assert body["models"] == {"effnet-ok": True, "broken-resnet": False, "strict-int8": False}
+        assert "onnxruntime int8 fails its fidelity guard" in body["reasons"]["strict-int8"]
+        assert "top5_overlap" in body["reasons"]["strict-int8"] and "< fidelity.min_top5_overlap 1.0" in body["reasons"]["strict-int8"]
         assert "model 'broken-resnet'" in body["reasons"]["broken-resnet"]
         assert "/nonexistent/resnet18.pth" in body["reasons"]["broken-resnet"]
         cards = {m["id"]: m for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
@@ -42,6 +49,11 @@ def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
         r = requests.post(f"{url}/v1/classifications/image", data={"model": "effnet-ok", "top_k": "1"}, timeout=60,
                           files=[("file", ("c.jpg", chelsea_jpeg, "image/jpeg"))])
         assert r.status_code == 200
+        runtime = wait_for(lambda: requests.get(f"{url}/v1/models/effnet-ok", timeout=30).json()["runtime"].get("fidelity")
+                           and requests.get(f"{url}/v1/models/effnet-ok", timeout=30).json()["runtime"], 30,
+                           "the served variant's fidelity in its card")
+        assert (runtime["name"], runtime["precision"]) == ("onnxruntime", "fp32")
+        assert runtime["fidelity"]["top1_agreement"] >= 0.97 and runtime["fidelity"]["probe_items"] == 16
         # A request for the model without a replica is answered at once, not held in Serve's router
         # until the call timeout (30 s): 503 with a Retry-After and the reason.
         started = time.monotonic()
