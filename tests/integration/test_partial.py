@@ -20,7 +20,7 @@ def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
     args = one_model_args("efficientnet-lite0", "effnet-ok")
     good = dict(args["models"][0], runtime="onnxruntime")  # exported at start, guarded, served
     strict = dict(good, name="strict-int8", precision="int8",
-                  fidelity={"min_top1_agreement": 1.0, "min_top5_overlap": 1.0})  # int8's top-5 overlap is 0.9
+                  fidelity={"min_top1_agreement": 1.0, "min_top5_overlap": 1.0})  # int8 loses some top-5 classes
     bad = {"name": "broken-resnet", "family": "image-classifier", "tasks": ["image-classification"],
            "library": "torchvision", "architecture": "resnet18", "resources": {"num_cpus": 0.1},
            "weights": {"source": "torchvision", "path": "/nonexistent/resnet18.pth"},
@@ -53,7 +53,7 @@ def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
                            and requests.get(f"{url}/v1/models/effnet-ok", timeout=30).json()["runtime"], 30,
                            "the served variant's fidelity in its card")
         assert (runtime["name"], runtime["precision"]) == ("onnxruntime", "fp32")
-        assert runtime["fidelity"]["top1_agreement"] >= 0.97 and runtime["fidelity"]["probe_items"] == 16
+        assert runtime["fidelity"]["top1_agreement"] >= 0.97 and runtime["fidelity"]["probe_items"] == 32
         # A request for the model without a replica is answered at once, not held in Serve's router
         # until the call timeout (30 s): 503 with a Retry-After and the reason.
         started = time.monotonic()

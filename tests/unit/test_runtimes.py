@@ -157,7 +157,7 @@ def test_efficientnet_on_onnxruntime_classifies_other_views_as_torch_does():
     ort_runner = runner("efficientnet-lite0", runtime="onnxruntime")
     assert ort_runner.runtime_info["fidelity"]["top1_agreement"] >= 0.97
     pre = ort_runner.pre
-    views = runtimes.probe_images(pre.crop_px, pre.resize_px + 64, pre.interpolation, flipped=True)  # other scale
+    views = runtimes.probe_images(pre.crop_px, pre.resize_px + 64, pre.interpolation)  # another scale
     ask = [ModelRequest(ImageBatch(views), {"top_k": 5})]
     ours = [item["top_k"][0]["index"] for item in ort_runner.run(ask)[0]["results"]]
     reference = [item["top_k"][0]["index"] for item in runner("efficientnet-lite0").run(ask)[0]["results"]]

@@ -224,8 +224,8 @@ class ImageClassifierRunner(ModelRunner):
         return self.model(batch if batch.dtype == self.compute_dtype else batch.to(self.compute_dtype))
 
     def fidelity_probe(self):
-        """Sixteen views of four sample photos (:func:`maas.models.runtimes.probe_images`) through
-        the model's preprocessing; their mirror images calibrate int8."""
+        """32 views of four sample photos (:func:`maas.models.runtimes.probe_images`) through the
+        model's preprocessing; the same views at another scale calibrate int8."""
         from maas.models.runtimes import Probe, probe_images
 
         def batch_of(pixels):
@@ -233,9 +233,9 @@ class ImageClassifierRunner(ModelRunner):
             return normalize(x, self.pre.mean, self.pre.std)
 
         args = (self.pre.crop_px, self.pre.resize_px, self.pre.interpolation)
-        pixels = probe_images(*args, flipped=False)
+        pixels = probe_images(*args)
         calibration = [{"pixels": batch_of(p[None]).cpu().contiguous().numpy()}
-                       for p in probe_images(*args, flipped=True)]
+                       for p in probe_images(*args, calibration=True)]
         batch = batch_of(pixels)
         return Probe(batch=batch, feeds={"pixels": batch.cpu().contiguous().numpy()},
                      calibration=calibration, items=len(pixels))
