@@ -246,8 +246,10 @@ class FidelitySpec(_Strict):
     Before a replica whose ``runtime``/``precision`` is not torch fp32 reports ready, it runs a fixed
     probe set (32 sentences; 32 views of scikit-image's sample photos) through the fp32 torch model
     and through the variant and compares: embeddings by cosine, classifiers by top-1 agreement and
-    top-5 overlap. Defaults: published int8 results for MiniLM and ResNet-50 lose 0.2–0.3 points of
-    accuracy, which is a mean cosine above 0.99 and top-1 agreement above 0.97 on natural inputs.
+    top-5 overlap. Defaults: the quality bars the project set for its runtime variants (mean cosine
+    0.99 for embeddings, 97 % top-1 agreement for classifiers); published int8 results for MiniLM and
+    ResNet-50 lose 0.2–0.3 points of task accuracy. ``min_top5_overlap`` 0.95: EfficientNet-Lite0 int8
+    scored 0.90 on the probe while agreeing on top-1 for only 87 % of 240 held-out views.
     """
 
     min_cosine: float = Field(default=0.99, ge=-1, le=1,
