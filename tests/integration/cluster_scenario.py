@@ -69,73 +69,45 @@ def phase(name: str) -> None:
     RESULT.setdefault("phase_s", {})[name] = round(time.monotonic() - T0, 1)
 
 
-def handle_for_load():
+def scale_up_and_back(deployment: str, call, callers: int) -> tuple[list, float]:
+    """Load ``deployment`` with ``callers`` threads each repeating ``call(handle)`` (a handle call
+    through the app) until it runs ≥ 2 replicas, stop, and wait until it is back to 1.
+
+    Returns:
+        The ``(s, running replicas)`` timeline and the time it scaled up, s.
+
+    Raises:
+        TimeoutError: no scale-up within 150 s, or no scale-down within 180 s after the load.
+    """
     from ray import serve
 
-    return serve.get_app_handle("maas")
-
-
-def autoscale_calls(handle) -> tuple[list, float]:
-    """Load on gpt2-tiny-demo (6 callers) raises its replicas above min (it scales on ongoing
-    requests); once the load stops they fall back to 1. Returns the (s, replicas) timeline and
-    when it scaled up."""
+    handle = serve.get_app_handle("maas")
     timeline: list[tuple[float, int]] = []
     started = time.monotonic()
     stop = threading.Event()
 
     def load():
         while not stop.is_set():
-            handle.complete.remote({"model": "gpt2-tiny-demo", "prompt": "scale", "max_tokens": 64,
-                                    "temperature": 0}).result()
+            call(handle).result()
 
-    threads = [threading.Thread(target=load) for _ in range(6)]
+    threads = [threading.Thread(target=load) for _ in range(callers)]
     for t in threads:
         t.start()
 
     def sample():
-        n = replicas_running("gpt2-tiny-demo")
+        n = replicas_running(deployment)
         timeline.append((round(time.monotonic() - started, 1), n))
         return n
 
     try:
-        wait_for(lambda: sample() >= 2, 150, "scale up", 0.5)
+        wait_for(lambda: sample() >= 2, 150, f"{deployment} scale up", 0.5)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=120)
     scaled_up_at_s = timeline[-1][0]
-    wait_for(lambda: sample() == 1, 180, "scale down", 0.5)
+    wait_for(lambda: sample() == 1, 180, f"{deployment} scale down", 0.5)
     return timeline, scaled_up_at_s
-
-
-def autoscale_items(handle, jpeg: bytes) -> list:
-    """The same for a front-batched model: requests become few calls with many images each, so the
-    replicas report items (running, queued, the ingress's backlog) and the policy scales on them."""
-    items_timeline: list[tuple[float, int]] = []
-    started = time.monotonic()
-    stop = threading.Event()
-
-    def image_load():
-        while not stop.is_set():
-            handle.classify_images.remote({"model": "efficientnet-lite0", "images": [jpeg] * 4, "top_k": 1}).result()
-
-    threads = [threading.Thread(target=image_load) for _ in range(8)]
-    for t in threads:
-        t.start()
-
-    def sample_images():
-        n = replicas_running("efficientnet-lite0")
-        items_timeline.append((round(time.monotonic() - started, 1), n))
-        return n
-
-    try:
-        wait_for(lambda: sample_images() >= 2, 150, "scale up on queued items", 0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
-    wait_for(lambda: sample_images() == 1, 180, "scale down on queued items", 0.5)
-    return items_timeline
 
 
 def main(out_path: str) -> None:
@@ -234,9 +206,16 @@ def main(out_path: str) -> None:
         # Autoscaling, while the job runs, one model after the other: both at once made a busy
         # machine's run flaky (under a CPU hog the image model's second replica took so long to start
         # that the policy had scaled it back before it ran).
-        RESULT["autoscale_timeline"], RESULT["scaled_up_at_s"] = autoscale_calls(handle_for_load())
+        # gpt2-tiny-demo scales on ongoing requests (6 callers).
+        RESULT["autoscale_timeline"], RESULT["scaled_up_at_s"] = scale_up_and_back(
+            "gpt2-tiny-demo", lambda h: h.complete.remote({"model": "gpt2-tiny-demo", "prompt": "scale",
+                                                           "max_tokens": 64, "temperature": 0}), 6)
         phase("autoscaling on ongoing requests")
-        RESULT["items_autoscale_timeline"] = autoscale_items(handle_for_load(), chelsea)
+        # A front-batched model: requests become few calls with many images each, so the replicas
+        # report items (running, queued, the ingress's backlog) and the policy scales on them.
+        RESULT["items_autoscale_timeline"], _ = scale_up_and_back(
+            "efficientnet-lite0", lambda h: h.classify_images.remote(
+                {"model": "efficientnet-lite0", "images": [chelsea] * 4, "top_k": 1}), 8)
         phase("autoscaling on queued items")
 
         wait_for(lambda: client.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED), 180, "job", 1)
