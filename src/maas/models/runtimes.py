@@ -189,7 +189,7 @@ def logit_fidelity(reference: np.ndarray, variant: np.ndarray, k: int = 5) -> di
     return {"top1_agreement": round(top1, 4), f"top{k}_overlap": round(overlap, 4)}
 
 
-def guard(spec: ModelSpec, measured: dict[str, float], items: int) -> list[str]:
+def guard(spec: ModelSpec, measured: dict[str, float]) -> list[str]:
     """The thresholds of ``spec.fidelity`` that ``measured`` misses, as readable phrases (empty
     when the variant holds)."""
     f = spec.fidelity
@@ -423,7 +423,7 @@ def prepare(spec: ModelSpec, *, reference: Callable[[], np.ndarray | dict], vari
     facts = variant_setup()
     measured = measure(ref, variant())
     entry = {"name": spec.runtime, "precision": spec.precision, "fidelity": {**measured, "probe_items": items}, **facts}
-    misses = guard(spec, measured, items)
+    misses = guard(spec, measured)
     if misses:
         message = refusal(spec, misses, items)
         if spec.fidelity.on_failure == "refuse":
