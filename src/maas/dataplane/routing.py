@@ -200,7 +200,9 @@ class Router:
         # As for versions, a probe is a preference: a model whose probe timed out on a loaded replica
         # but that has a running replica stays a candidate (failover covers one that then fails).
         ready = await asyncio.gather(*(self.readiness.can_take(n) for n in names))
-        live = [(n, self.readiness.predict_ms(n), routes[n].spec.quality) for n, ok in zip(names, ready) if ok]
+        live = [(n, self.readiness.predict_ms(n),
+                 auto.variant_quality(routes[n].spec, task, self.readiness.runtime(routes[n].spec)))
+                for n, ok in zip(names, ready) if ok]
         if not live:
             raise ModelNotReady(f"none of the models serving {task} ({', '.join(names)}) is ready; retry")
         return auto.plan(live, budget_ms, self.limits.auto_policy)

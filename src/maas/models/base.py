@@ -203,8 +203,20 @@ class ModelRunner(ABC):
         """How this family's forward exports to ONNX (:class:`maas.models.runtimes.Export`)."""
         raise NotImplementedError(f"{type(self).__name__} has no ONNX export")
 
+    def bf16_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype | None]:
+        """``precision: bf16`` on torch: ``(a bfloat16 copy of model, the dtype its inputs take)``.
+        ``model`` itself is left as it is (the fallback)."""
+        import copy
+
+        return copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16
+
+    def fidelity_outputs(self, probe) -> Any:
+        """The outputs the guard compares: :meth:`forward` of the probe's batch (generators: their
+        greedy continuations)."""
+        return self.forward(probe.batch)
+
     def measure_fidelity(self, reference: Any, variant: Any) -> dict[str, float]:
-        """Compare two outputs of :meth:`forward` on the probe (fp32 torch against the variant)."""
+        """Compare two :meth:`fidelity_outputs` of the probe (fp32 torch against the variant)."""
         raise NotImplementedError(f"{type(self).__name__} has no fidelity measure")
 
     def prepare_runtime(self) -> None:
@@ -219,21 +231,18 @@ class ModelRunner(ABC):
         spec = self.spec
         if (spec.runtime, spec.precision) == ("torch", "fp32"):
             return
-        import copy
-
         from maas.models import runtimes
 
         probe = self.fidelity_probe()
 
         def outputs():
             with torch.inference_mode():
-                return self.forward(probe.batch)
+                return self.fidelity_outputs(probe)
 
         fp32_model = self.model
-        if spec.runtime == "torch":  # bf16: a cast copy, so the fp32 weights stay for a fallback
+        if spec.runtime == "torch":  # bf16: a copy, so the fp32 weights stay for a fallback
             def setup():
-                self.model = copy.deepcopy(fp32_model).to(torch.bfloat16)
-                self.variant_dtype = torch.bfloat16
+                self.model, self.variant_dtype = self.bf16_model(fp32_model)
                 return {"threads": torch.get_num_threads()}
         else:
             def setup():

@@ -264,6 +264,44 @@ class TextGeneratorRunner(GenerationMixin, ModelRunner):
     def probe(self) -> ModelRequest:
         return ModelRequest(probe_tokens(self.pad_token_id), {"max_tokens": 1, "temperature": 0})
 
+    # ------------------------------------------------------------------ bf16 variant (maas.models.runtimes)
+
+    #: New tokens of each probe prompt's greedy continuation in the fidelity guard.
+    GUARD_TOKENS = 32
+
+    def fidelity_probe(self, prompts: list[str] | None = None):
+        """:data:`maas.models.runtimes.PROBE_SENTENCES` (or ``prompts``) as completion prompts,
+        left-padded in one batch."""
+        from maas.models.runtimes import PROBE_SENTENCES, Probe
+
+        rows = [torch.tensor(self.tokenizer(s)["input_ids"], dtype=torch.int64) for s in prompts or PROBE_SENTENCES]
+        ids, mask = collate_left(rows, self.pad_token_id)
+        batch = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return Probe(batch=batch, feeds={}, calibration=None, items=len(rows))
+
+    def bf16_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, None]:
+        """bf16 linear layers around an fp32 residual stream, the head rescored in fp32
+        (:func:`maas.models.runtimes.bf16_generator`); inputs stay int64 token ids."""
+        from maas.models.runtimes import bf16_generator
+
+        return bf16_generator(model), None
+
+    def fidelity_outputs(self, probe) -> list[list[int]]:
+        """Greedy continuations of the probe prompts, :attr:`GUARD_TOKENS` new tokens each (token
+        ids up to the first end-of-sequence)."""
+        new, _ = self.forward_sampling(probe.batch, SamplingParams(temperature=0.0), self.GUARD_TOKENS)
+        out = []
+        for row in new.tolist():
+            end = next((i for i, t in enumerate(row) if t in self.eos_set), len(row))
+            out.append(row[:end])
+        return out
+
+    def measure_fidelity(self, reference: list[list[int]], variant: list[list[int]]) -> dict[str, float]:
+        """Share of prompts with the same greedy text (see :func:`maas.models.runtimes.greedy_fidelity`)."""
+        from maas.models.runtimes import greedy_fidelity
+
+        return greedy_fidelity(reference, variant)
+
     def info(self) -> dict:
         return {"device": str(self.device), "context_tokens": self.context_tokens}
 
