@@ -23,12 +23,13 @@ from maas.config import (
     TorchvisionSource,
 )
 from maas.errors import InvalidRequest, WeightsError
+from maas.models.answers import DEFAULT_IMAGE_TOP_K, check_top_k, image_results
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner, as_tensor
 from maas.weights import apply_state_dict, file_source_path, load_state_dict
 
 logger = logging.getLogger("ray.serve.maas.models.image")
 
-DEFAULT_TOP_K = 5
+DEFAULT_TOP_K = DEFAULT_IMAGE_TOP_K
 
 
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype=torch.float32) -> torch.Tensor:
@@ -194,12 +195,7 @@ class ImageClassifierRunner(ModelRunner):
         return cached
 
     def validate(self, request: ModelRequest) -> None:
-        top_k = request.params.get("top_k", DEFAULT_TOP_K)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.labels):
-            raise InvalidRequest(
-                f"top_k must be an integer from 1 to {len(self.labels)} (the model's class count), got {top_k!r}",
-                param="top_k",
-            )
+        check_top_k(request.params.get("top_k", DEFAULT_TOP_K), len(self.labels), "class count")
 
     def preprocess(self, requests: list[ModelRequest]) -> torch.Tensor:
         """Concatenate the requests' ``uint8`` NHWC pixels and normalise on the device.
@@ -240,6 +236,9 @@ class ImageClassifierRunner(ModelRunner):
         return Probe(batch=batch, feeds={"pixels": batch.cpu().contiguous().numpy()},
                      calibration=calibration, items=len(pixels))
 
+    def replica_facts(self) -> dict:
+        return {"labels": self.labels}
+
     def onnx_export(self):
         from maas.models.runtimes import Export
 
@@ -259,27 +258,7 @@ class ImageClassifierRunner(ModelRunner):
 
     def postprocess(self, logits: torch.Tensor, requests: list[ModelRequest]) -> list[dict]:
         """Per request: ``{"results": [{"top_k": [{"index", "label", "score"}], "logits"?}]}``."""
-        logits = logits.float().cpu()
-        probs = torch.softmax(logits, dim=-1)
-        out, start = [], 0
-        for r in requests:
-            n = len(r.inputs)
-            k = r.params.get("top_k", DEFAULT_TOP_K)
-            scores, idx = probs[start : start + n].topk(k, dim=-1)
-            items = []
-            for row in range(n):
-                item = {
-                    "top_k": [
-                        {"index": int(i), "label": self.labels[int(i)], "score": float(s)}
-                        for s, i in zip(scores[row], idx[row])
-                    ]
-                }
-                if r.params.get("return_logits"):
-                    item["logits"] = logits[start + row].tolist()
-                items.append(item)
-            out.append({"results": items})
-            start += n
-        return out
+        return image_results(logits.float().cpu().numpy(), requests, self.labels)
 
     # ------------------------------------------------------------------ explanations (maas.models.explain)
 

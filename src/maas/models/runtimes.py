@@ -11,7 +11,12 @@ temporary directory and renamed into place (as the GGUF unpacking in :mod:`maas.
 its ``meta.json`` holds the SHA-256 of the model file: a file that does not match (a crash
 mid-copy, a disk error, a hand edit) is rebuilt, never loaded.
 
-Recipes (measured on a 2-core Xeon with AVX-512 VNNI and bf16, no AMX, 1 thread):
+A replica that serves ONNX Runtime does not import torch (:mod:`maas.models.onnx_serving`): it
+runs :func:`main` (``python -m maas.models.runtimes``) in a child process when the machine has no
+export yet, which loads the torch model, exports, guards, and leaves beside the model file what
+the replica needs (:mod:`maas.models.ort`).
+
+Recipes (measured on a 2-vCPU AMD EPYC with AVX-512 VNNI and bf16, no AMX, 1 thread):
 
 * text encoders, int8: dynamic quantisation of MatMul weights only, per output channel
   (``quantize_dynamic(op_types_to_quantize=["MatMul"], per_channel=True)``). MiniLM-L6: mean
@@ -21,8 +26,9 @@ Recipes (measured on a 2-core Xeon with AVX-512 VNNI and bf16, no AMX, 1 thread)
   the probe photos at another scale. EfficientNet-Lite0: 0.87 top-1 agreement on 240 held-out
   views, far below the default guard (depthwise convolutions quantise badly); its ONNX Runtime
   fp32 was 2.25× torch's speed with identical top-1, so ``onnxruntime fp32`` is its variant.
-* bf16 (torch) for generators: weights, KV cache and compute in bfloat16; guarded by the greedy
-  text of the probe sentences as prompts (32 new tokens each, one batch).
+* bf16 (torch) for generators: bf16 linear layers around an fp32 residual stream, the head
+  rescored in fp32 (:func:`bf16_generator`); guarded by the greedy text of the probe sentences as
+  prompts (32 new tokens each, one batch).
 * bf16 (torch): MiniLM 1.8× fp32 at cosine ≥ 0.9999; EfficientNet-Lite0 2.25× but 0.946 top-1
   agreement on held-out views (bench/results/2026-12-06-runtimes.md).
 
@@ -48,11 +54,21 @@ import torch
 
 from maas.config import ModelSpec
 from maas.errors import WeightsError
+from maas.models.ort import (  # noqa: F401
+    RECIPE_VERSION,
+    OrtModel,
+    embedding_fidelity,
+    file_digest,
+    greedy_fidelity,
+    guard,
+    logit_fidelity,
+    refusal,
+    valid,
+    versions,
+)
 
 logger = logging.getLogger("ray.serve.maas.models.runtimes")
 
-#: Bumped when an export or quantisation recipe changes, so cached files of the old recipe are not reused.
-RECIPE_VERSION = "2"
 
 #: Fixed probe sentences of the fidelity guard (written for it: everyday topics, 5–25 words, some
 #: questions, numbers and names). Held-out checks (bench.runtimes) use other sentences.
@@ -168,65 +184,6 @@ def probe_images(crop_px: int, resize_px: int, interpolation: str, *, calibratio
     return np.stack(out)
 
 
-# ---------------------------------------------------------------------------- fidelity
-
-
-def embedding_fidelity(reference: np.ndarray, variant: np.ndarray) -> dict[str, float]:
-    """``mean_cosine`` and ``min_cosine`` of each row of ``variant`` to its row of ``reference``
-    (both float (N, D))."""
-    ref, var = reference.astype(np.float64), variant.astype(np.float64)
-    cos = (ref * var).sum(-1) / np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(var, axis=-1), 1e-12)
-    return {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5)}
-
-
-def logit_fidelity(reference: np.ndarray, variant: np.ndarray, k: int = 5) -> dict[str, float]:
-    """``top1_agreement`` (share of rows whose arg-max class is the reference's) and
-    ``top5_overlap`` (mean share of the reference's top-k classes in the variant's top-k; k is
-    at most the class count) of float logits (N, C)."""
-    k = min(k, reference.shape[-1])
-    top1 = float((reference.argmax(-1) == variant.argmax(-1)).mean())
-    ref_k = np.argsort(-reference, axis=-1)[:, :k]
-    var_k = np.argsort(-variant, axis=-1)[:, :k]
-    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_k, var_k)]))
-    return {"top1_agreement": round(top1, 4), f"top{k}_overlap": round(overlap, 4)}
-
-
-def greedy_fidelity(reference: list[list[int]], variant: list[list[int]]) -> dict[str, float]:
-    """``greedy_match``: share of prompts whose greedy continuation (token ids, one list per
-    prompt) is the reference's, token for token; ``mean_matching_tokens``: mean length of the
-    common prefix (how far the texts agree before they part)."""
-    same = [a == b for a, b in zip(reference, variant)]
-    prefix = []
-    for a, b in zip(reference, variant):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        prefix.append(n)
-    return {"greedy_match": round(sum(same) / max(1, len(same)), 4),
-            "mean_matching_tokens": round(float(np.mean(prefix)) if prefix else 0.0, 2)}
-
-
-def guard(spec: ModelSpec, measured: dict[str, float]) -> list[str]:
-    """The thresholds of ``spec.fidelity`` that ``measured`` misses, as readable phrases (empty
-    when the variant holds)."""
-    f = spec.fidelity
-    checks = [("mean_cosine", f.min_cosine, "fidelity.min_cosine"),
-              ("top1_agreement", f.min_top1_agreement, "fidelity.min_top1_agreement"),
-              ("top5_overlap", f.min_top5_overlap, "fidelity.min_top5_overlap"),
-              ("greedy_match", f.min_greedy_match, "fidelity.min_greedy_match")]
-    return [f"{metric} {measured[metric]} < {name} {limit}" for metric, limit, name in checks
-            if metric in measured and measured[metric] < limit]
-
-
-def refusal(spec: ModelSpec, misses: list[str], items: int) -> str:
-    """The message of a replica that refuses its variant: the numbers and what to change."""
-    other = ("precision: fp32 with runtime: onnxruntime" if spec.precision == "int8"
-             else "precision: fp32")
-    return (f"model {spec.name!r}: {spec.runtime} {spec.precision} fails its fidelity guard against torch fp32 on "
-            f"{items} probe items: {'; '.join(misses)}. Use {other}, lower the threshold in `fidelity`, or set "
-            "fidelity.on_failure: fp32 to serve fp32 torch instead")
-
-
 # ---------------------------------------------------------------------------- torch bf16 for generators
 
 
@@ -308,48 +265,6 @@ def bf16_generator(model: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------------------- ONNX Runtime
 
 
-class OrtModel:
-    """An ONNX Runtime CPU session with the replica's threads.
-
-    Args:
-        path: the ``.onnx`` file.
-        threads: intra-op threads (the replica's CPUs); inter-op is 1.
-
-    Raises:
-        WeightsError: onnxruntime is not installed.
-        Whatever ONNX Runtime raises for a file it cannot load (the caller rebuilds it).
-    """
-
-    def __init__(self, path: Path, threads: int):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise WeightsError("runtime onnxruntime needs the onnxruntime package: pip install 'maas-serve[runtimes]' "
-                               "(`make install` installs it)") from None
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3  # errors only: its optimiser's notes are not the operator's business
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.threads = threads
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the model: ``feeds`` by input name (int64 token ids / float32 pixels); returns the
-        outputs in the export's order."""
-        return self.session.run(None, {name: feeds[name] for name in self.input_names})
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries an exported file depends on."""
-    import onnx
-    import onnxruntime
-
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 over every parameter's and buffer's name, dtype, shape and bytes (the weights as
     loaded, whatever their source)."""
@@ -357,14 +272,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -431,14 +338,6 @@ def _export_quiet(spec: ModelSpec, export: Export, probe: Probe, out_dir: Path) 
                                                    "bytes": target.stat().st_size, **versions()}, indent=1))
 
 
-def _valid(path: Path) -> bool:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        return meta["sha256"] == file_digest(path / "model.onnx")
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def onnx_model(spec: ModelSpec, export: Export, probe: Probe, threads: int) -> tuple[OrtModel, dict]:
     """The ONNX Runtime model of ``spec``: loaded from the cache, else exported (once per machine).
 
@@ -460,7 +359,7 @@ def onnx_model(spec: ModelSpec, export: Export, probe: Probe, threads: int) -> t
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one export per machine: other replicas wait and reuse it
         if target.exists():
-            if _valid(target):
+            if valid(target):
                 try:
                     model = OrtModel(target / "model.onnx", threads)
                     return model, _artifact(target, reused=True, rebuilt=False)
@@ -534,3 +433,72 @@ def prepare(spec: ModelSpec, *, reference: Callable[[], np.ndarray | dict], vari
     for metric, value in measured.items():
         metrics.fidelity(spec.key, metric, value)
     return entry
+
+
+# ---------------------------------------------------------------------------- the export child process
+
+
+def export_for_replica(spec: ModelSpec, threads: int) -> dict:
+    """What a torch-free replica asks of its child process: load the torch runner, prepare its
+    runtime (export or reuse, quantise, guard against fp32 torch), and leave in the artifact
+    directory ``replica.json`` (the runner's facts) and ``probe.npz`` (probe feeds and fp32 torch
+    outputs, named ``feed:<input>`` and ``ref:<output>``), then point the spec's source key at it.
+
+    Returns:
+        ``{"artifact": path, "runtime": runtime_info}``; ``artifact`` is None when the variant
+        missed its guard and ``fidelity.on_failure`` is fp32 (the replica then serves torch).
+
+    Raises:
+        WeightsError: the variant fails its guard (``on_failure: refuse``) or cannot be exported.
+    """
+    from maas.models import ort
+    from maas.models.image_classifier import ImageClassifierRunner
+    from maas.models.text_encoder import TextEncoderRunner
+
+    torch.set_num_threads(threads)
+    runner = {"text-encoder": TextEncoderRunner, "image-classifier": ImageClassifierRunner}[spec.family](spec)
+    runner.load()
+    runner.prepare_runtime()
+    info = runner.runtime_info
+    if info["name"] != "onnxruntime":
+        return {"artifact": None, "runtime": info}
+    artifact = Path(info["artifact"]["path"])
+    probe, reference = runner.fidelity_reference
+    outputs = reference if isinstance(reference, dict) else {"logits": reference}
+    arrays = {f"feed:{k}": v for k, v in probe.feeds.items()}
+    arrays.update({f"ref:{k}": v.float().cpu().numpy() for k, v in outputs.items() if v is not None})
+    facts = {"info": {k: v for k, v in runner.info().items() if k != "device"}, **runner.replica_facts()}
+    import fcntl
+
+    with open(artifact.parent / f".{artifact.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = artifact / f".probe.{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, artifact / "probe.npz")
+        tmp = artifact / f".replica.{os.getpid()}.json"
+        tmp.write_text(json.dumps(facts))
+        os.replace(tmp, artifact / "replica.json")
+    ort.write_pointer(spec, artifact)
+    return {"artifact": str(artifact), "runtime": info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m maas.models.runtimes THREADS`` with the model spec as JSON on stdin: runs
+    :func:`export_for_replica` and prints its result as one JSON line on stdout (``{"error":
+    message}`` for a WeightsError, exit status 2). Logs go to stderr."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    args = argv if argv is not None else sys.argv[1:]
+    spec = ModelSpec.model_validate_json(sys.stdin.read())
+    try:
+        result = export_for_replica(spec, int(args[0]) if args else 1)
+    except WeightsError as exc:
+        print(json.dumps({"error": str(exc)}), flush=True)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

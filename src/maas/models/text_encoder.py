@@ -19,6 +19,7 @@ from ray import serve
 
 from maas.config import RandomSource
 from maas.errors import InvalidRequest, WeightsError
+from maas.models.answers import check_top_k, encoder_results
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner
 from maas.models.hf import collate_right, load_hf_model, probe_tokens
 from maas.weights import hf_location
@@ -139,14 +140,8 @@ class TextEncoderRunner(ModelRunner):
         self.loaded = True
 
     def validate(self, request: ModelRequest) -> None:
-        task = request.params.get("task", "embeddings")
-        if task == "text-classification":
-            top_k = request.params.get("top_k", 1)
-            if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.labels):
-                raise InvalidRequest(
-                    f"top_k must be an integer from 1 to {len(self.labels)} (the model's label count), got {top_k!r}",
-                    param="top_k",
-                )
+        if request.params.get("task", "embeddings") == "text-classification":
+            check_top_k(request.params.get("top_k", 1), len(self.labels), "label count")
 
     def preprocess(self, requests: list[ModelRequest]) -> dict[str, torch.Tensor]:
         """Collate requests into ``input_ids``/``attention_mask`` int64 (N_total, L_max) on device."""
@@ -176,6 +171,10 @@ class TextEncoderRunner(ModelRunner):
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
         batch = {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
         return Probe(batch=batch, feeds=feeds, calibration=None, items=len(rows))
+
+    def replica_facts(self) -> dict:
+        return {"classifies": self.classifies, "labels": getattr(self, "labels", None),
+                "multi_label": getattr(self, "multi_label", False)}
 
     def onnx_export(self):
         from maas.models.runtimes import Export
@@ -209,26 +208,10 @@ class TextEncoderRunner(ModelRunner):
     def postprocess(self, outputs: dict, requests: list[ModelRequest]) -> list[dict]:
         """Per request: ``{"embeddings": float32 ndarray (n, D), "num_tokens": [...]}`` or
         ``{"results": [{"top_k": [{"index", "label", "score"}]}], "num_tokens": [...]}``."""
-        emb = outputs["embeddings"].cpu().numpy().astype(np.float32, copy=False)
         logits = outputs["logits"]
-        results, start = [], 0
-        for r in requests:
-            n = len(r.inputs)
-            used = r.inputs.lengths
-            if r.params.get("task", "embeddings") == "text-classification":
-                part = logits[start : start + n].float().cpu()
-                probs = torch.sigmoid(part) if self.multi_label else torch.softmax(part, dim=-1)
-                scores, idx = probs.topk(r.params.get("top_k", 1), dim=-1)
-                items = [
-                    {"top_k": [{"index": int(i), "label": self.labels[int(i)], "score": float(s)}
-                               for s, i in zip(scores[row], idx[row])]}
-                    for row in range(n)
-                ]
-                results.append({"results": items, "num_tokens": used})
-            else:
-                results.append({"embeddings": emb[start : start + n], "num_tokens": used})
-            start += n
-        return results
+        return encoder_results(outputs["embeddings"].float().cpu().numpy(),
+                               None if logits is None else logits.float().cpu().numpy(), requests,
+                               getattr(self, "labels", None), getattr(self, "multi_label", False))
 
     # ------------------------------------------------------------------ explanations (maas.models.explain)
 
