@@ -41,6 +41,7 @@ from maas.config import (
 )
 from maas.ingress import Ingress
 from maas.models.image_classifier import ImageClassifier, resolve_image_preprocessing
+from maas.models.onnx_serving import OnnxImageClassifier, OnnxTextEncoder
 from maas.models.seq2seq import Seq2SeqGenerator
 from maas.models.text_encoder import TextEncoder
 from maas.models.text_generator import TextGenerator
@@ -54,6 +55,8 @@ FAMILY_DEPLOYMENTS = {
     "seq2seq": Seq2SeqGenerator,
     "image-classifier": ImageClassifier,
 }
+#: Deployments of ``runtime: onnxruntime`` models: replicas that do not import torch.
+ONNX_DEPLOYMENTS = {"text-encoder": OnnxTextEncoder, "image-classifier": OnnxImageClassifier}
 
 
 #: Queue bounds (Serve's ``max_ongoing_requests`` / ``max_queued_requests``). Every queue is bounded;
@@ -114,7 +117,8 @@ def plan_graph(config: AppConfig) -> dict[str, dict[str, str]]:
 
 
 def _model_deployment(spec: ModelSpec):
-    return FAMILY_DEPLOYMENTS[spec.family].options(
+    classes = ONNX_DEPLOYMENTS if spec.runtime == "onnxruntime" else FAMILY_DEPLOYMENTS
+    return classes[spec.family].options(
         name=spec.deployment_name,
         ray_actor_options={"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus},
         max_ongoing_requests=spec.resolved_max_ongoing_requests,

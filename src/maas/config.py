@@ -387,6 +387,8 @@ class ModelSpec(_Strict):
         if self.null_forward is not None and self.family not in ("text-encoder", "image-classifier"):
             raise ValueError(f"model {self.name!r}: null_forward is for text-encoder and image-classifier models; "
                              f"{self.family} has none")
+        if self.null_forward is not None and self.runtime != "torch":
+            raise ValueError(f"model {self.name!r}: null_forward replaces the torch forward; set runtime: torch")
         if (self.runtime, self.precision) != ("torch", "fp32"):
             if self.family == "text-generator" and (self.runtime, self.precision) == ("torch", "bf16"):
                 pass  # the generator's variant: bf16 weights, KV cache and compute, guarded by its greedy text

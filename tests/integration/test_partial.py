@@ -12,6 +12,7 @@ from ray import serve
 
 from maas.app import build_app
 from tests.conftest import one_model_args, wait_for
+from tests.unit.test_models import CAT_CLASSES
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +47,16 @@ def test_missing_weights_fail_one_model_only(served_app, chelsea_jpeg):
         cards = {m["id"]: m for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
         assert cards["effnet-ok"]["ready"] and not cards["broken-resnet"]["ready"]
         assert "/nonexistent/resnet18.pth" in cards["broken-resnet"]["status_message"]
-        r = requests.post(f"{url}/v1/classifications/image", data={"model": "effnet-ok", "top_k": "1"}, timeout=60,
+        r = requests.post(f"{url}/v1/classifications/image", data={"model": "effnet-ok", "top_k": "3"}, timeout=60,
                           files=[("file", ("c.jpg", chelsea_jpeg, "image/jpeg"))])
         assert r.status_code == 200
+        assert CAT_CLASSES & {c["index"] for c in r.json()["data"][0]["top_k"]}  # the torch-free replica sees a cat
         runtime = wait_for(lambda: requests.get(f"{url}/v1/models/effnet-ok", timeout=30).json()["runtime"].get("fidelity")
                            and requests.get(f"{url}/v1/models/effnet-ok", timeout=30).json()["runtime"], 30,
                            "the served variant's fidelity in its card")
         assert (runtime["name"], runtime["precision"]) == ("onnxruntime", "fp32")
         assert runtime["fidelity"]["top1_agreement"] >= 0.97 and runtime["fidelity"]["probe_items"] == 32
+        assert runtime["torch_imported"] is False  # an onnxruntime replica runs without torch
         # A request for the model without a replica is answered at once, not held in Serve's router
         # until the call timeout (30 s): 503 with a Retry-After and the reason.
         started = time.monotonic()

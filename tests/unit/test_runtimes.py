@@ -219,3 +219,51 @@ def test_bf16_generator_is_guarded_by_its_greedy_text_and_refuses_a_broken_varia
     with pytest.raises(WeightsError, match=r"torch bf16 fails its fidelity guard.*greedy_match .* < "
                                            r"fidelity.min_greedy_match 0.9"):
         generator()
+
+
+ORT_REPLICA = """
+import json, sys
+import yaml
+from maas.config import ModelSpec
+from maas.models import onnx_serving
+
+models = {m["name"]: m for m in yaml.safe_load(open(sys.argv[1]).read())["applications"][0]["args"]["models"]}
+spec = ModelSpec.model_validate({**models["sentiment-tiny-demo"], "runtime": "onnxruntime"})
+first = onnx_serving.OrtTextEncoderRunner(spec)
+first.load()  # no export on this machine yet: a child process makes it
+answer = first.run([first.probe()])[0]
+
+
+def exported_again(*args):
+    raise AssertionError("the second start exported again")
+
+
+onnx_serving.export_in_child = exported_again
+second = onnx_serving.OrtTextEncoderRunner(spec)
+second.load()
+print(json.dumps({"torch": "torch" in sys.modules, "first": first.runtime_info, "second": second.runtime_info,
+                  "embeddings": answer["embeddings"].tolist(), "info": second.info()}))
+"""
+
+
+def test_an_onnxruntime_replica_never_imports_torch_and_its_next_start_reuses_the_export(cache):
+    """The torch-free runner (maas.models.onnx_serving) in a fresh interpreter: the export runs in
+    a child process, this process never imports torch, the next start finds the export through its
+    pointer, and the answers are the torch runner's."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ORT_REPLICA, str(LOCAL_CONFIG)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "MAAS_CACHE_DIR": str(cache)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    first, second = out["first"], out["second"]
+    assert first["artifact"]["reused"] is False and second["artifact"]["reused"] is True
+    assert first["artifact"]["path"] == second["artifact"]["path"] and second["torch_imported"] is False
+    assert second["fidelity"]["mean_cosine"] > 0.9999 and second["fidelity"]["probe_items"] == 32
+    reference = runner("sentiment-tiny-demo")
+    assert out["info"]["labels"] == reference.info()["labels"] and out["info"]["dimensions"] == reference.dimensions
+    expected = reference.run([reference.probe()])[0]["embeddings"]
+    np.testing.assert_allclose(np.array(out["embeddings"]), expected, atol=1e-5)

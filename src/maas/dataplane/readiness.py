@@ -163,7 +163,8 @@ class Readiness:
         (and ``fallback`` when it serves fp32 because its variant missed the guard)."""
         reported = self.calls.known_info(spec.key).get("runtime")
         if reported:
-            return {k: v for k, v in reported.items() if k in ("name", "precision", "fidelity", "fallback", "threads")}
+            return {k: v for k, v in reported.items() if k in ("name", "precision", "fidelity", "fallback", "threads",
+                                                           "torch_imported")}
         self.calls.settings(spec.key)  # not asked yet: asks a replica in the background, for the next card
         return {"name": spec.runtime, "precision": spec.precision}
 

@@ -1,7 +1,7 @@
 """ONNX Runtime on a replica without torch: the session, the exported artifact's checks, and the
 fidelity measures — numpy only, so a replica that serves ``runtime: onnxruntime`` never imports
-torch (about 0.4 GB less per replica, see docs/benchmarks.md). Exporting needs torch; it runs in
-a child process (:mod:`maas.models.runtimes`), once per machine.
+torch (see :mod:`maas.models.onnx_serving` for the memory it saves). Exporting needs torch; it
+runs in a child process (:mod:`maas.models.runtimes`), once per machine.
 
 An artifact directory (``cache_dir()/runtimes/<name>-<precision>-<key>/``) holds:
 

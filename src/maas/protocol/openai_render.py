@@ -62,9 +62,11 @@ class RuntimeCard(BaseModel):
     precision: str = Field(description="fp32, bf16 or int8.")
     fidelity: dict | None = Field(default=None, description="Measured against fp32 torch on the probe set at start: "
                                   "mean_cosine/min_cosine (embeddings), top1_agreement/top5_overlap (classifiers), "
-                                  "probe_items.")
+                                  "greedy_match/mean_matching_tokens (generators), probe_items.")
     fallback: str | None = Field(default=None, description="Why fp32 torch serves instead of the spec's variant.")
     threads: int | None = Field(default=None, description="Intra-op threads of the forward.")
+    torch_imported: bool | None = Field(default=None, description="onnxruntime replicas: whether the replica "
+                                        "loaded torch (only to serve fp32 torch after a missed guard).")
 
 
 class ModelCard(BaseModel):
