@@ -26,8 +26,8 @@ Recipes (measured on a 2-vCPU AMD EPYC with AVX-512 VNNI and bf16, no AMX, 1 thr
   the probe photos at another scale. EfficientNet-Lite0: 0.87 top-1 agreement on 240 held-out
   views, far below the default guard (depthwise convolutions quantise badly); its ONNX Runtime
   fp32 was 2.25× torch's speed with identical top-1, so ``onnxruntime fp32`` is its variant.
-* bf16 (torch) for generators: bf16 linear layers around an fp32 residual stream, the head
-  rescored in fp32 (:func:`bf16_generator`); guarded by the greedy text of the probe sentences as
+* bf16 (torch) for generators: bf16 linear layers (but attention's value and output
+  projections) around an fp32 residual stream, the head rescored in fp32 (:func:`bf16_generator`); guarded by the greedy text of the probe sentences as
   prompts (32 new tokens each, one batch).
 * bf16 (torch): MiniLM 1.8× fp32 at cosine ≥ 0.9999; EfficientNet-Lite0 2.25× but 0.946 top-1
   agreement on held-out views (bench/results/2026-12-06-runtimes.md).
@@ -210,9 +210,10 @@ class RescoredHead(torch.nn.Module):
     """A language-model head that scores the vocabulary in bfloat16 and then its ``k`` best tokens
     again in fp32: ``float32 (..., D) -> float32 (..., V)`` logits whose top-``k`` entries are the
     fp32 values. Greedy decoding then picks fp32's token whenever that token is among bf16's top
-    ``k``; sampling sees bf16 logits elsewhere (relative error 2⁻⁸). Measured on SmolLM2-135M: a
-    bf16 head alone changed the greedy text of 10 of 32 probe prompts; rescored, the head changed
-    none of them (1.7× fp32's tokens/s at 32 rows with :class:`Bf16Linear` elsewhere).
+    ``k``; sampling sees bf16 logits elsewhere (relative error 2⁻⁸). Measured on SmolLM2-135M with
+    :class:`Bf16Linear` everywhere else: a bf16 head left 22 of 32 probe prompts with fp32's greedy
+    text, an fp32 head 29 and this head 29 too, at 1.6–1.7× fp32's tokens/s (32 rows) against
+    1.46× with the fp32 head.
 
     Args:
         linear: the fp32 head; its weight is kept as is (often tied to the input embeddings, so
@@ -236,27 +237,39 @@ class RescoredHead(torch.nn.Module):
         return logits.scatter_(-1, top, exact)
 
 
+#: Linear layers of a generator kept fp32 in its bf16 variant (Llama-family names: attention's value
+#: and output projections). See :func:`bf16_generator`.
+FP32_PROJECTIONS = ("v_proj", "o_proj")
+
+
 def bf16_generator(model: torch.nn.Module) -> torch.nn.Module:
     """The generator's bf16 variant: a copy of ``model`` whose linear layers (and GPT-2's ``Conv1D``
-    projections) hold bfloat16 weights (:class:`Bf16Linear`) and whose output head is :class:`RescoredHead`; embeddings, norms and
-    the residual stream stay fp32. Casting the whole model instead (residual stream and head in
-    bf16 too) was 2.0× fp32 at 32 rows but kept the greedy text of only 21 of 32 probe prompts
-    (SmolLM2-135M, this module's guard); this recipe kept 29 at 1.6–1.7×.
+    projections) hold bfloat16 weights (:class:`Bf16Linear`), except attention's value and output
+    projections (:data:`FP32_PROJECTIONS`), and whose output head is :class:`RescoredHead`;
+    embeddings, norms and the residual stream stay fp32.
+
+    Measured on SmolLM2-135M (2 threads; greedy text of 32 probe and 32 held-out prompts, 32 new
+    tokens; tokens/s at 8 rows and 1 row against fp32): the whole model cast to bf16 kept 21/32 probe
+    texts; every linear bf16 with this head 29/32 probe, 23/32 held-out at 1.49× / 1.41×; keeping
+    ``v_proj`` and ``o_proj`` fp32, 30/32 and 29/32 at 1.45× / 1.47× (keeping all of attention fp32
+    lost the speed, 1.03× at 8 rows; keeping the first and last two layers, 27/32 and 28/32).
 
     Returns:
-        The new module (``model`` is left unchanged, as the fallback). Weights shared with ``model``:
-        the embeddings and the fp32 head weight.
+        The new module (``model`` is left unchanged, as the fallback). It shares every fp32 tensor
+        with ``model`` (embeddings, norms, the kept projections, the head's fp32 weight).
     """
     import copy
 
-    # The copy shares every fp32 tensor with ``model`` (no second copy of embeddings and norms);
-    # its linear layers are then swapped for bf16 ones.
+    # The copy shares every fp32 tensor with ``model`` (no second copy); its linear layers are
+    # then swapped for bf16 ones.
     out = copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})
     head = out.get_output_embeddings()
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if child is head:
                 setattr(module, name, RescoredHead(child))
+            elif name in FP32_PROJECTIONS:
+                continue
             elif isinstance(child, torch.nn.Linear) or type(child).__name__ == "Conv1D":
                 setattr(module, name, Bf16Linear(child))
     return out
