@@ -362,8 +362,9 @@ class ModelSpec(_Strict):
         "generators run on torch (fp32 or bf16).")
     precision: Literal["fp32", "bf16", "int8"] = Field(
         default="fp32",
-        description="fp32; bf16 (torch: weights and compute in bfloat16, on CPU too); int8 (onnxruntime: dynamic "
-        "for text encoders, static with calibration for image classifiers). Guarded by `fidelity`.")
+        description="fp32; bf16 (torch, on CPU too: encoders and classifiers in bfloat16; generators with bfloat16 "
+        "linear layers around an fp32 residual stream and KV cache); int8 (onnxruntime: dynamic for text encoders, "
+        "static with calibration for image classifiers). Guarded by `fidelity`.")
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
 
     null_forward: NullForwardSpec | None = Field(
@@ -391,7 +392,7 @@ class ModelSpec(_Strict):
             raise ValueError(f"model {self.name!r}: null_forward replaces the torch forward; set runtime: torch")
         if (self.runtime, self.precision) != ("torch", "fp32"):
             if self.family == "text-generator" and (self.runtime, self.precision) == ("torch", "bf16"):
-                pass  # the generator's variant: bf16 weights, KV cache and compute, guarded by its greedy text
+                pass  # the generator's variant (maas.models.runtimes.bf16_generator), guarded by its greedy text
             elif self.family not in ("text-encoder", "image-classifier"):
                 raise ValueError(f"model {self.name!r}: runtime {self.runtime} / precision {self.precision} is for "
                                  f"text-encoder and image-classifier models; {self.family} runs on torch fp32"

@@ -229,6 +229,7 @@ from maas.models import onnx_serving
 
 models = {m["name"]: m for m in yaml.safe_load(open(sys.argv[1]).read())["applications"][0]["args"]["models"]}
 spec = ModelSpec.model_validate({**models["sentiment-tiny-demo"], "runtime": "onnxruntime"})
+real_export = onnx_serving.export_in_child
 first = onnx_serving.OrtTextEncoderRunner(spec)
 first.load()  # no export on this machine yet: a child process makes it
 answer = first.run([first.probe()])[0]
@@ -241,8 +242,14 @@ def exported_again(*args):
 onnx_serving.export_in_child = exported_again
 second = onnx_serving.OrtTextEncoderRunner(spec)
 second.load()
+classified = second.run([onnx_serving.ModelRequest(first.probe().inputs, {"task": "text-classification", "top_k": 2})])
+onnx_serving.export_in_child = real_export
+# Same weights, another limit: the model file is shared, the facts are this spec's own.
+short = onnx_serving.OrtTextEncoderRunner(spec.model_copy(update={"max_input_tokens": 16}))
+short.load()
 print(json.dumps({"torch": "torch" in sys.modules, "first": first.runtime_info, "second": second.runtime_info,
-                  "embeddings": answer["embeddings"].tolist(), "info": second.info()}))
+                  "embeddings": answer["embeddings"].tolist(), "info": second.info(), "classified": classified,
+                  "short": {"info": short.info(), "runtime": short.runtime_info}}))
 """
 
 
@@ -267,3 +274,42 @@ def test_an_onnxruntime_replica_never_imports_torch_and_its_next_start_reuses_th
     assert out["info"]["labels"] == reference.info()["labels"] and out["info"]["dimensions"] == reference.dimensions
     expected = reference.run([reference.probe()])[0]["embeddings"]
     np.testing.assert_allclose(np.array(out["embeddings"]), expected, atol=1e-5)
+    from maas.models.base import ModelRequest
+
+    torch_classified = reference.run([ModelRequest(reference.probe().inputs, {"task": "text-classification",
+                                                                              "top_k": 2})])
+    got, want = out["classified"][0]["results"][0]["top_k"], torch_classified[0]["results"][0]["top_k"]
+    assert [c["label"] for c in got] == [c["label"] for c in want]
+    np.testing.assert_allclose([c["score"] for c in got], [c["score"] for c in want], atol=1e-5)
+    short = out["short"]
+    assert short["runtime"]["artifact"]["path"] == first["artifact"]["path"] and short["runtime"]["artifact"]["reused"]
+    assert short["info"]["max_input_tokens"] == 16 and out["info"]["max_input_tokens"] != 16
+
+
+def test_the_numpy_answers_rank_as_torch_topk_and_the_onnx_image_input_is_torchs_normalisation():
+    from maas.config import ImagePreprocessingSpec
+    from maas.models import answers
+    from maas.models.image_classifier import nchw, normalize
+    from maas.models.onnx_serving import OrtImageClassifierRunner
+    from maas.preprocess.image import ImageBatch
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 1000)).astype(np.float32)
+    values, idx = answers.top_k(answers.softmax(logits), 5)
+    t_values, t_idx = torch.softmax(torch.from_numpy(logits), -1).topk(5, dim=-1)
+    np.testing.assert_array_equal(idx, t_idx.numpy())
+    np.testing.assert_allclose(values, t_values.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(answers.sigmoid(np.array([-200.0, 0.0, 3.0])), torch.sigmoid(torch.tensor(
+        [-200.0, 0.0, 3.0])).numpy(), rtol=1e-6)
+
+    pre = ImagePreprocessingSpec(resize_px=256, crop_px=224)
+    ort_runner = OrtImageClassifierRunner(ModelSpec.model_validate({**MODELS["efficientnet-lite0"],
+                                                                    "runtime": "onnxruntime"}))
+    ort_runner.facts = {"info": {"preprocessing": pre.model_dump()}, "labels": [str(i) for i in range(1000)]}
+    from maas.models.base import ModelRequest
+
+    pixels = rng.integers(0, 256, size=(3, 224, 224, 3), dtype=np.uint8)
+    feeds = ort_runner.feeds([ModelRequest(ImageBatch(pixels[:1])), ModelRequest(ImageBatch(pixels[1:]))])
+    expected = normalize(nchw(pixels), pre.mean, pre.std).contiguous().numpy()
+    assert feeds["pixels"].flags["C_CONTIGUOUS"] and feeds["pixels"].shape == (3, 3, 224, 224)
+    np.testing.assert_allclose(feeds["pixels"], expected, atol=1e-5)

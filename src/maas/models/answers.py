@@ -26,7 +26,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Element-wise logistic function of float logits → float32 (multi-label scores)."""
-    return (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)
+    with np.errstate(over="ignore"):  # exp overflows to inf for logits below about -88: the score is 0
+        return (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -234,7 +234,7 @@ class ImageClassifierRunner(ModelRunner):
                        for p in probe_images(*args, calibration=True)]
         batch = batch_of(pixels)
         return Probe(batch=batch, feeds={"pixels": batch.cpu().contiguous().numpy()},
-                     calibration=calibration, items=len(pixels))
+                     calibration=calibration, items=len(pixels), raw={"pixels": pixels})
 
     def replica_facts(self) -> dict:
         return {"labels": self.labels}

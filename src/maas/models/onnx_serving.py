@@ -16,8 +16,14 @@ Start-up (:meth:`OrtRunner.load`):
    outputs. Its refusal (the guard missed, ``on_failure: refuse``) becomes this replica's
    :class:`~maas.errors.WeightsError`, message unchanged;
 2. open the ONNX Runtime session with the replica's threads;
-3. run the guard again in this replica: the stored probe feeds through this session against the
-   stored fp32 torch outputs (numpy), so a replica never serves a file it has not checked.
+3. run the guard again in this replica: the stored probe inputs (photos as uint8 pixels, token
+   rows) through this replica's own input path and session, against the stored fp32 torch
+   outputs (numpy). A damaged facts or probe file makes the child export again.
+
+Replicas of one spec start one at a time on a machine (a file lock): the first makes the export,
+the others find its pointer instead of each loading torch in a child. A child left running by a
+replica killed mid-export finishes or fails on its own; the export's own lock and atomic rename
+keep the cache consistent either way.
 
 With ``fidelity.on_failure: fp32`` and a variant below its guard, the replica serves the fp32 torch
 runner instead (it then imports torch; ``runtime.fallback`` in ``/v1/models`` says why).
@@ -75,8 +81,13 @@ def export_in_child(spec, threads: int) -> dict:
                               input=spec.model_dump_json(), capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise WeightsError(f"model {spec.name!r}: exporting to ONNX took over {EXPORT_TIMEOUT_S:.0f} s") from None
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    result = json.loads(lines[-1]) if lines else {}
+    result: dict = {}
+    for line in reversed(done.stdout.splitlines()):
+        try:
+            result = json.loads(line)
+            break
+        except ValueError:
+            continue
     if "error" in result:
         raise WeightsError(result["error"])
     if done.returncode != 0 or "runtime" not in result:
@@ -117,24 +128,39 @@ class OrtRunner:
             FallbackToTorch: it fails with ``on_failure: fp32``.
         """
         spec = self.spec
-        artifact, reused = ort.find_artifact(spec), True
-        if artifact is None:
-            result = export_in_child(spec, self.threads)
-            if result["artifact"] is None:
-                raise FallbackToTorch(result["runtime"])
-            artifact, reused = Path(result["artifact"]), result["runtime"]["artifact"]["reused"]
-        self.ort = ort.OrtModel(artifact / "model.onnx", self.threads)
-        self.facts = json.loads((artifact / "replica.json").read_text())
-        with np.load(artifact / "probe.npz") as stored:
-            feeds = {k.removeprefix("feed:"): stored[k] for k in stored.files if k.startswith("feed:")}
-            reference = {k.removeprefix("ref:"): stored[k] for k in stored.files if k.startswith("ref:")}
-        variant = dict(zip(self.output_names(), self.ort(feeds)))
+        import fcntl
+
+        # One start at a time per spec on this machine: the first makes the export (a child that
+        # loads torch), the others wait here and find its pointer, instead of each loading torch.
+        lock_path = ort.runtimes_dir() / f".{spec.name}-{spec.precision}.start.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            artifact, reused, rebuilt = ort.find_artifact(spec), True, False
+            if artifact is not None:
+                try:
+                    probe = self._open(artifact)
+                except Exception as exc:  # noqa: BLE001 - unreadable facts, probe or model: make them again
+                    logger.warning("model %s: cached %s does not load (%s: %s); exporting it again", spec.name,
+                                   artifact, type(exc).__name__, str(exc)[:200])
+                    artifact = None
+            if artifact is None:
+                result = export_in_child(spec, self.threads)
+                if result["artifact"] is None:
+                    raise FallbackToTorch(result["runtime"])
+                artifact = Path(result["artifact"])
+                reused, rebuilt = result["runtime"]["artifact"]["reused"], result["runtime"]["artifact"]["rebuilt"]
+                try:
+                    probe = self._open(artifact)
+                except Exception as exc:  # noqa: BLE001 - the child's own files do not load: say so, do not crash
+                    raise WeightsError(f"model {spec.name!r}: the export in {artifact} does not load "
+                                       f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        reference, variant, items = probe
         measured = self.measure(reference, variant)
-        items = len(next(iter(feeds.values())))
         self.runtime_info = {"name": "onnxruntime", "precision": spec.precision,
                              "fidelity": {**measured, "probe_items": items}, "threads": self.threads,
                              "artifact": {"path": str(artifact), "bytes": (artifact / "model.onnx").stat().st_size,
-                                          "reused": reused, "rebuilt": False},
+                                          "reused": reused, "rebuilt": rebuilt},
                              "torch_imported": "torch" in sys.modules}
         for metric, value in measured.items():
             metrics.fidelity(spec.key, metric, value)
@@ -149,6 +175,26 @@ class OrtRunner:
         logger.info("model %s: onnxruntime %s holds its fidelity guard in this replica: %s", spec.name,
                     spec.precision, measured)
         self.loaded = True
+
+    def _open(self, artifact: Path) -> tuple[dict, dict, int]:
+        """Open ``artifact``'s session and this spec's facts, and run the stored probe through this
+        replica's own input path and session.
+
+        Returns:
+            ``(reference outputs, this session's outputs, probe items)``, numpy by output name.
+
+        Raises:
+            Whatever a missing or damaged file raises.
+        """
+        facts_path, probe_path = ort.facts_paths(self.spec, artifact)
+        self.ort = ort.OrtModel(artifact / "model.onnx", self.threads)
+        self.facts = json.loads(facts_path.read_text())
+        with np.load(probe_path) as stored:
+            raw = {k.removeprefix("raw:"): stored[k] for k in stored.files if k.startswith("raw:")}
+            reference = {k.removeprefix("ref:"): stored[k] for k in stored.files if k.startswith("ref:")}
+        requests = self.probe_requests(raw)
+        variant = dict(zip(self.output_names(), self.ort(self.feeds(requests))))
+        return reference, variant, sum(len(r.inputs) for r in requests)
 
     def prepare_runtime(self) -> None:
         """Nothing: :meth:`load` opened and guarded the variant."""
@@ -186,12 +232,21 @@ class OrtTextEncoderRunner(OrtRunner):
         from maas.preprocess.text import pad_right
 
         batches = [r.inputs for r in requests]
-        if len(batches) == 1:
-            b = batches[0]
+        b = batches[0]
+        if len(batches) == 1 and b.input_ids.shape[1] and int(b.attention_mask[:, -1].max()) == 1:
+            # one job, already padded to its own longest row (as maas.models.hf.collate_right)
             return {"input_ids": np.ascontiguousarray(b.input_ids, dtype=np.int64),
                     "attention_mask": np.ascontiguousarray(b.attention_mask, dtype=np.int64)}
         ids, mask = pad_right([row for b in batches for row in b.token_rows()], batches[0].pad_token_id)
         return {"input_ids": ids.astype(np.int64, copy=False), "attention_mask": mask.astype(np.int64, copy=False)}
+
+    def probe_requests(self, raw: dict[str, np.ndarray]) -> list[ModelRequest]:
+        """The stored probe (right-padded ids and mask) as one request."""
+        from maas.preprocess.text import TokenizedBatch
+
+        mask = raw["attention_mask"].astype(np.int64)
+        return [ModelRequest(TokenizedBatch(raw["input_ids"].astype(np.int64), mask,
+                                            [int(n) for n in mask.sum(-1)], 0), {"task": "embeddings"})]
 
     def measure(self, reference: dict, variant: dict) -> dict[str, float]:
         """As :meth:`maas.models.text_encoder.TextEncoderRunner.measure_fidelity`: cosine of the
@@ -235,6 +290,12 @@ class OrtImageClassifierRunner(OrtRunner):
         x -= np.asarray(pre["mean"], dtype=np.float32)
         x /= np.asarray(pre["std"], dtype=np.float32)
         return {"pixels": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
+
+    def probe_requests(self, raw: dict[str, np.ndarray]) -> list[ModelRequest]:
+        """The stored probe photos (uint8 NHWC) as one request."""
+        from maas.preprocess.image import ImageBatch
+
+        return [ModelRequest(ImageBatch(np.ascontiguousarray(raw["pixels"])), {"top_k": 1})]
 
     def measure(self, reference: dict, variant: dict) -> dict[str, float]:
         """Top-1 agreement and top-5 overlap of the logits."""
@@ -283,7 +344,7 @@ class OrtDeployment(ModelDeployment):
             from maas.models.image_classifier import ImageClassifierRunner as torch_cls
         runner = torch_cls(self.spec.model_copy(update={"runtime": "torch", "precision": "fp32"}), self.device)
         runner.load()
-        runner.runtime_info = {**runtime_info, "torch_imported": True}
+        runner.runtime_info = {**runtime_info, "threads": self.threads, "torch_imported": True}
         return runner
 
 

@@ -6,16 +6,20 @@ runs in a child process (:mod:`maas.models.runtimes`), once per machine.
 An artifact directory (``cache_dir()/runtimes/<name>-<precision>-<key>/``) holds:
 
 * ``model.onnx`` and ``meta.json`` (its SHA-256, recipe, library versions);
-* ``replica.json``: what the serving replica needs to know without loading the torch model (the
-  runner's ``info()``: labels, dimensions, pooling, preprocessing, …);
-* ``probe.npz``: the fidelity guard's probe inputs (the ONNX feeds) and the fp32 torch outputs
-  for them, so each replica re-measures its own session against fp32 torch without torch.
+* ``replica-<spec key>.json``: what the serving replica needs to know without loading the torch
+  model (the runner's ``info()``: labels, dimensions, pooling, preprocessing, …);
+* ``probe-<spec key>.npz``: the fidelity guard's probe inputs before the runner's collation and
+  the fp32 torch outputs for them, so each replica re-measures its own input path and session
+  against fp32 torch without torch.
 
-A *pointer* ``<name>-<precision>-<source key>.json`` beside it names the artifact for a spec
-whose weights can be located without their library (package, local files, random seeds): the
-source key hashes the spec's model fields, the weight files' paths, sizes and modification times,
-the recipe version and the library versions (read from package metadata, no import). A replica
-that finds a valid pointer starts without the child process.
+Both are per spec (:func:`spec_key`): two specs with the same weights share the model file but
+not their labels, preprocessing or limits. A *pointer* ``<name>-<precision>-<source key>.json``
+beside the artifact names it for a spec whose weights can be located without their library
+(package, local files, random seeds): the source key hashes the spec key, the weight files'
+paths, sizes, inodes and change times, the recipe version and the library versions (read from
+package metadata, no import). A replica that finds a valid pointer starts without the child
+process; a file replaced in place, even with its modification time kept, changes its inode or
+change time and so the key.
 """
 
 from __future__ import annotations
@@ -197,17 +201,28 @@ def weight_files(spec) -> list[Path] | None:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
 
 
+def spec_key(spec) -> str:
+    """The spec's model fields (not its serving settings, :data:`NOT_IN_SOURCE_KEY`), hashed (16 hex)."""
+    fields = spec.model_dump(mode="json", exclude=set(NOT_IN_SOURCE_KEY))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def source_key(spec) -> str | None:
-    """The pointer's key (16 hex): the spec's model fields, its weight files' paths, sizes and
-    modification times, the recipe version and the library versions. None when the weights'
-    files cannot be located without their library (see :func:`weight_files`)."""
+    """The pointer's key (16 hex): :func:`spec_key`, the weight files' paths, sizes, inodes,
+    modification and change times, the recipe version and the library versions. None when the
+    weights' files cannot be located without their library (see :func:`weight_files`)."""
     files = weight_files(spec)
     if files is None:
         return None
-    fields = spec.model_dump(mode="json", exclude=set(NOT_IN_SOURCE_KEY))
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    parts = {"spec": fields, "files": stats, "recipe_version": RECIPE_VERSION, **versions()}
+    stats = [(str(p), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) for p in files for st in [p.stat()]]
+    parts = {"spec": spec_key(spec), "files": stats, "recipe_version": RECIPE_VERSION, **versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def facts_paths(spec, artifact: Path) -> tuple[Path, Path]:
+    """``(replica facts .json, probe .npz)`` of ``spec`` in ``artifact``."""
+    key = spec_key(spec)
+    return artifact / f"replica-{key}.json", artifact / f"probe-{key}.npz"
 
 
 def pointer_path(spec) -> Path | None:
@@ -226,7 +241,7 @@ def write_pointer(spec, artifact: Path) -> None:
 
 
 def find_artifact(spec) -> Path | None:
-    """The valid artifact the spec's pointer names (with its ``replica.json`` and ``probe.npz``), or None."""
+    """The valid artifact the spec's pointer names (with the spec's facts and probe files), or None."""
     path = pointer_path(spec)
     if path is None or not path.exists():
         return None
@@ -234,6 +249,6 @@ def find_artifact(spec) -> Path | None:
         artifact = Path(json.loads(path.read_text())["artifact"])
     except (OSError, ValueError, KeyError):
         return None
-    if valid(artifact) and (artifact / "replica.json").exists() and (artifact / "probe.npz").exists():
+    if valid(artifact) and all(p.exists() for p in facts_paths(spec, artifact)):
         return artifact
     return None

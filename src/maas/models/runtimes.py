@@ -122,12 +122,16 @@ class Probe:
         feeds: the same as numpy arrays by ONNX input name (export and ONNX Runtime).
         calibration: int8 static quantisation's calibration feeds (other views), or None.
         items: texts or images in the probe.
+        raw: the inputs before the runner's own collation (``pixels`` uint8 NHWC for images;
+            ``input_ids``/``attention_mask`` for texts), so a torch-free replica can run them
+            through its own input path.
     """
 
     batch: object
     feeds: dict[str, np.ndarray]
     calibration: list[dict[str, np.ndarray]] | None
     items: int
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -454,8 +458,9 @@ def prepare(spec: ModelSpec, *, reference: Callable[[], np.ndarray | dict], vari
 def export_for_replica(spec: ModelSpec, threads: int) -> dict:
     """What a torch-free replica asks of its child process: load the torch runner, prepare its
     runtime (export or reuse, quantise, guard against fp32 torch), and leave in the artifact
-    directory ``replica.json`` (the runner's facts) and ``probe.npz`` (probe feeds and fp32 torch
-    outputs, named ``feed:<input>`` and ``ref:<output>``), then point the spec's source key at it.
+    directory ``replica-<spec key>.json`` (the runner's facts) and ``probe-<spec key>.npz`` (the
+    probe's raw inputs and fp32 torch outputs, named ``raw:<input>`` and ``ref:<output>``), then
+    point the spec's source key at it.
 
     Returns:
         ``{"artifact": path, "runtime": runtime_info}``; ``artifact`` is None when the variant
@@ -478,19 +483,22 @@ def export_for_replica(spec: ModelSpec, threads: int) -> dict:
     artifact = Path(info["artifact"]["path"])
     probe, reference = runner.fidelity_reference
     outputs = reference if isinstance(reference, dict) else {"logits": reference}
-    arrays = {f"feed:{k}": v for k, v in probe.feeds.items()}
+    arrays = {f"raw:{k}": v for k, v in (probe.raw or probe.feeds).items()}
     arrays.update({f"ref:{k}": v.float().cpu().numpy() for k, v in outputs.items() if v is not None})
     facts = {"info": {k: v for k, v in runner.info().items() if k != "device"}, **runner.replica_facts()}
+    # Several specs may share one export (same weights, other labels, preprocessing or limits):
+    # each gets its own facts and probe files, named by its spec key.
+    key = ort.spec_key(spec)
     import fcntl
 
     with open(artifact.parent / f".{artifact.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         tmp = artifact / f".probe.{os.getpid()}.npz"
         np.savez(tmp, **arrays)
-        os.replace(tmp, artifact / "probe.npz")
+        os.replace(tmp, artifact / f"probe-{key}.npz")
         tmp = artifact / f".replica.{os.getpid()}.json"
         tmp.write_text(json.dumps(facts))
-        os.replace(tmp, artifact / "replica.json")
+        os.replace(tmp, artifact / f"replica-{key}.json")
     ort.write_pointer(spec, artifact)
     return {"artifact": str(artifact), "runtime": info}
 
