@@ -268,8 +268,12 @@ def run_peer(system: str, model: str, args, workdir: Path, result: dict) -> None
     candidates = peer_settings(system, model)
     if args.no_sweep:
         candidates, best = [], (candidates[0], 0.0)
+    # FastAPI serves the model's runtime variant when --runtime names one (the plain FastAPI + ONNX
+    # Runtime server a careful user would write); LitServe stays torch fp32 (the peer).
+    runtime = ":".join(parse_runtimes(args.runtime)[model]) if system == "fastapi" and model in \
+        parse_runtimes(args.runtime) else None
     for settings in candidates:
-        server = systems.peer(system, model, threads=threads, workdir=workdir, **settings)
+        server = systems.peer(system, model, threads=threads, workdir=workdir, runtime=runtime, **settings)
         server.start()
         try:
             check(server.base_url, model)
@@ -282,7 +286,7 @@ def run_peer(system: str, model: str, args, workdir: Path, result: dict) -> None
         if best is None or r["ok_per_s"] > best[1]:
             best = (settings, r["ok_per_s"])
     settings = best[0]
-    server = systems.peer(system, model, threads=threads, workdir=workdir, **settings)
+    server = systems.peer(system, model, threads=threads, workdir=workdir, runtime=runtime, **settings)
     print(f"bench: starting {server.name} for {model} with {settings}", flush=True)
     server.start()
     name = f"{server.name} ({model})"

@@ -89,11 +89,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--concurrency", type=int, default=null.CONCURRENCY, help="wrk connections")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--runtime", default="", help="with --forward real: MODEL=RUNTIME:PRECISION (see python -m bench)")
     a = parser.parse_args()
+    from bench.__main__ import parse_runtimes
+
     workdir = Path(tempfile.mkdtemp(prefix="maas-profile-"))
     out = Path(a.out) if a.out else workdir / "stacks"
     model = null.WORKLOADS[a.workload][0]
-    server = systems.maas([model], batching=True, workdir=workdir, mode=f"profile {a.forward}")
+    server = systems.maas([model], batching=True, workdir=workdir, mode=f"profile {a.forward}",
+                          runtimes=parse_runtimes(a.runtime))
     if a.forward != "real":
         spec = {"hold_ms": 0.0, "per_item_ms": 0.0} if a.forward == "null" else null.GPU_LIKE
         port = int(server.base_url.rsplit(":", 1)[1])

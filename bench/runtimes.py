@@ -327,6 +327,45 @@ def markdown(result: dict, threads: list[int]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path, threads: int = 2) -> None:
+    """One panel per model: each variant's speed-up over torch fp32 at ``threads`` threads (the
+    generator: at 8 rows), bars hatched where the default guard refuses the variant, labelled with
+    its held-out fidelity (cosine, top-1 agreement, or greedy-text match)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"].items())
+    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.6), squeeze=False)
+    for ax, (name, m) in zip(axes[0], models):
+        rows = m["variants"]
+        key = f"8rows_{threads}t" if m.get("generator") else f"{threads}t"
+        speeds = [r["speedup"].get(key, 0) for r in rows]
+        labels = [f"{r['runtime'].replace('onnxruntime', 'ort')}\n{r['precision']}" for r in rows]
+        refused = [not str(r.get("default_guard", "pass")).startswith("pass") for r in rows]
+        bars = ax.bar(labels, speeds, color=["#bbbbbb" if x else "#4c72b0" for x in refused],
+                      hatch=None)
+        for bar, x in zip(bars, refused):
+            if x:
+                bar.set_hatch("//")
+        for bar, r in zip(bars, rows):
+            held = r["held_out"]
+            fid = held.get("mean_cosine", held.get("top1_agreement", held.get("greedy_match")))
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{fid:.3g}", ha="center", va="bottom",
+                    fontsize=8)
+        ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_title(f"{name}{' (demo)' if m['demo_weights'] else ''}", fontsize=10)
+        ax.set_ylabel(f"speed-up vs torch fp32 ({'tokens' if m.get('generator') else 'items'}/s, {threads} thr)",
+                      fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"{result['cpu']['model']}: numbers = held-out fidelity; hatched = refused by the default guard",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="minilm,efficientnet-lite0,resnet50,smollm2-135m")
@@ -336,13 +375,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-images", type=int, default=None, help="held-out image views at most (random subset)")
     parser.add_argument("--name", default=time.strftime("%Y-%m-%d") + "-runtimes")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--plot", default=None, help="only plot: result JSON files (comma-separated) into one "
+                        "figure named --name")
     args = parser.parse_args(argv)
+    if args.plot:
+        merged: dict = {"models": {}}
+        for f in args.plot.split(","):
+            part = json.loads(Path(f).read_text())
+            merged["cpu"] = part["cpu"]
+            merged["models"].update(part["models"])
+        plot(merged, Path(args.out) / f"{args.name}.png")
+        return
     threads = [int(t) for t in args.threads.split(",")]
     result = run(args.models.split(","), threads, args.seconds, args.sentences, args.max_images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{args.name}.md").write_text(markdown(result, threads))
+    plot(result, out / f"{args.name}.png", threads[-1])
     print(markdown(result, threads))
 
 

@@ -228,7 +228,7 @@ def maas(models: list[str], *, batching: bool, workdir: Path, mode: str, through
 
 def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: int = 1,
          batch_wait_timeout_s: float = 0.0, workers: int = 1, api_servers: int = 1, fast_queue: bool = True,
-         null_forward: dict | None = None) -> Server:
+         null_forward: dict | None = None, runtime: str | None = None) -> Server:
     """A peer server (``kind`` ``litserve`` or ``fastapi``) for one model (not started).
 
     Args:
@@ -238,6 +238,8 @@ def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: 
             it above ~100 requests/s).
         null_forward: ``{"hold_ms", "per_item_ms"}``: serve the null model
             (:class:`bench.workloads.NullModel`) instead of the real one.
+        runtime: FastAPI only: ``onnxruntime:<precision>`` serves maas-serve's ONNX export of the
+            model (the plain FastAPI + ONNX Runtime server).
     """
     port = free_port()
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -249,8 +251,8 @@ def peer(kind: str, model: str, *, threads: int, workdir: Path, max_batch_size: 
         name = "LitServe"
     else:
         cmd = [sys.executable, "-m", "bench.peers.fastapi_server", "--model", model, "--port", str(port),
-               "--threads", str(threads), "--workers", str(workers)]
-        name = "FastAPI"
+               "--threads", str(threads), "--workers", str(workers)] + (["--runtime", runtime] if runtime else [])
+        name = "FastAPI" if not runtime else f"FastAPI+{runtime.replace('onnxruntime:', 'ORT-')}"
     if null_forward is not None:
         cmd += ["--null-forward", f"{null_forward['hold_ms']},{null_forward['per_item_ms']}"]
     server = Server(name, cmd, f"http://127.0.0.1:{port}/health", workdir / f"{kind}-{model}.log", env)

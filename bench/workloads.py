@@ -148,17 +148,73 @@ class NullModel(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=hidden)
 
 
-def load(name: str, threads: int, config_path: Path = LOCAL_CONFIG, null_forward: dict | None = None
-         ) -> ImageWork | TextWork:
+class OrtTextWork:
+    """A sentence encoder on ONNX Runtime: the tokenizer and the exported session, nothing else —
+    the plain server a careful user writes around an ONNX model. The session is the file
+    maas-serve's replica serves (the same cache, exported by the same code), so a peer and
+    maas-serve run the same int8 model.
+
+    ``run(texts)`` → ``float32`` (len(texts), D) pooled, normalised embeddings.
+    """
+
+    def __init__(self, name: str, spec, threads: int, max_length: int):
+        from transformers import AutoTokenizer
+
+        from maas.models import ort
+        from maas.models.onnx_serving import export_in_child
+        from maas.preprocess.text import _tokenizer_dir
+
+        artifact = ort.find_artifact(spec)
+        if artifact is None:
+            artifact = Path(export_in_child(spec, threads)["artifact"])
+        self.name, self.max_length = name, max_length
+        self.session = ort.OrtModel(artifact / "model.onnx", threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(spec.tokenizer_source, name))
+
+    def run(self, texts: list[str]):
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        return self.session({"input_ids": enc["input_ids"].astype("int64"),
+                             "attention_mask": enc["attention_mask"].astype("int64")})[0]
+
+
+class OrtImageModule(torch.nn.Module):
+    """An exported image classifier's ONNX Runtime session as ``pixels float32 (N, 3, H, W) →
+    logits (N, C)``, in :class:`ImageWork`'s place of the torch model."""
+
+    def __init__(self, spec, threads: int):
+        super().__init__()
+        from maas.models import ort
+        from maas.models.onnx_serving import export_in_child
+
+        artifact = ort.find_artifact(spec) or Path(export_in_child(spec, threads)["artifact"])
+        self.session = ort.OrtModel(artifact / "model.onnx", threads)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session({"pixels": pixels.contiguous().numpy()})[0])
+
+
+def load(name: str, threads: int, config_path: Path = LOCAL_CONFIG, null_forward: dict | None = None,
+         runtime: str | None = None) -> ImageWork | TextWork | OrtTextWork:
     """Load ``name`` from the serve config for in-process use with ``threads`` torch threads.
 
     Args:
         null_forward: ``{"hold_ms", "per_item_ms"}``: replace the model's forward with
             :class:`NullModel` (the serving-path benchmark, :mod:`bench.null`); None = the real model.
+        runtime: ``"onnxruntime:<precision>"``: run the model's ONNX export (:class:`OrtTextWork`,
+            :class:`OrtImageModule`) instead of torch.
 
     Raises:
         KeyError: ``name`` is not a benchmarked model.
     """
+    if runtime:
+        kind, precision = runtime.split(":")
+        spec = model_spec(name, config_path).model_copy(update={"runtime": kind, "precision": precision})
+        torch.set_num_threads(threads)
+        if KINDS[name] == "image":
+            work = _load(name, threads, config_path)
+            work.model = OrtImageModule(spec, threads)
+            return work
+        return OrtTextWork(name, spec, threads, _load(name, threads, config_path).max_length)
     work = _load(name, threads, config_path)
     if null_forward is not None:
         if isinstance(work, ImageWork):

@@ -24,10 +24,11 @@ class EmbeddingBody(BaseModel):
     input: str | list[str]
 
 
-def make_app(model: str, threads: int, null_forward: dict | None = None) -> FastAPI:
+def make_app(model: str, threads: int, null_forward: dict | None = None, runtime: str | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` (an image classifier or the sentence encoder; its null
-    model with ``null_forward``, see :class:`bench.workloads.NullModel`)."""
-    work = workloads.load(model, threads, null_forward=null_forward)
+    model with ``null_forward``, see :class:`bench.workloads.NullModel`; its ONNX Runtime export
+    with ``runtime`` ``onnxruntime:<precision>``)."""
+    work = workloads.load(model, threads, null_forward=null_forward, runtime=runtime)
     app = FastAPI()
 
     @app.get("/health")
@@ -60,7 +61,7 @@ def app_from_env() -> FastAPI:
     from bench.peers.litserve_server import null_arg
 
     return make_app(os.environ["MAAS_BENCH_MODEL"], int(os.environ["MAAS_BENCH_THREADS"]),
-                    null_arg(os.environ.get("MAAS_BENCH_NULL") or None))
+                    null_arg(os.environ.get("MAAS_BENCH_NULL") or None), os.environ.get("MAAS_BENCH_RUNTIME") or None)
 
 
 def main() -> None:
@@ -71,16 +72,19 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--runtime", default=None, metavar="onnxruntime:PRECISION",
+                        help="serve the model's ONNX Runtime export (maas-serve's, from the same cache)")
     parser.add_argument("--null-forward", default=None, metavar="HOLD_MS,PER_ITEM_MS",
                         help="serve the null model (bench.workloads.NullModel) instead of the real one")
     args = parser.parse_args()
     if args.workers == 1:
         from bench.peers.litserve_server import null_arg
 
-        uvicorn.run(make_app(args.model, args.threads, null_arg(args.null_forward)), host="127.0.0.1", port=args.port, log_level="warning")
+        uvicorn.run(make_app(args.model, args.threads, null_arg(args.null_forward), args.runtime), host="127.0.0.1",
+                    port=args.port, log_level="warning")
         return
     os.environ.update(MAAS_BENCH_MODEL=args.model, MAAS_BENCH_THREADS=str(args.threads),
-                      MAAS_BENCH_NULL=args.null_forward or "")  # before any worker starts
+                      MAAS_BENCH_NULL=args.null_forward or "", MAAS_BENCH_RUNTIME=args.runtime or "")
     uvicorn.run("bench.peers.fastapi_server:app_from_env", factory=True, workers=args.workers, host="127.0.0.1",
                 port=args.port, log_level="warning")
 
