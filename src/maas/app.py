@@ -55,7 +55,7 @@ FAMILY_DEPLOYMENTS = {
     "seq2seq": Seq2SeqGenerator,
     "image-classifier": ImageClassifier,
 }
-#: Deployments of ``runtime: onnxruntime`` models: replicas that do not import torch.
+#: Deployments of ``runtime: onnxruntime`` and ``openvino`` models: replicas that do not import torch.
 ONNX_DEPLOYMENTS = {"text-encoder": OnnxTextEncoder, "image-classifier": OnnxImageClassifier}
 
 
@@ -117,7 +117,7 @@ def plan_graph(config: AppConfig) -> dict[str, dict[str, str]]:
 
 
 def _model_deployment(spec: ModelSpec):
-    classes = ONNX_DEPLOYMENTS if spec.runtime == "onnxruntime" else FAMILY_DEPLOYMENTS
+    classes = FAMILY_DEPLOYMENTS if spec.runtime == "torch" else ONNX_DEPLOYMENTS
     return classes[spec.family].options(
         name=spec.deployment_name,
         ray_actor_options={"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus},

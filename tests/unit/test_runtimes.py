@@ -46,7 +46,7 @@ def runner(name: str, **fields):
 
 def tiny(**fields):
     """The random 2-layer BERT classifier of local.yaml (exports in about a second)."""
-    return runner("sentiment-tiny-demo", runtime="onnxruntime", **fields)
+    return runner("sentiment-tiny-demo", **{"runtime": "onnxruntime", **fields})
 
 
 def embed(r, texts):
@@ -125,6 +125,17 @@ def test_onnxruntime_threads_are_the_replicas():
     assert r.runtime_info["threads"] == 2
     opts = r.ort.session.get_session_options()
     assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+
+
+def test_openvino_serves_the_same_export_with_the_replicas_threads():
+    r = tiny(runtime="openvino")
+    assert (r.runtime_info["name"], r.runtime_info["threads"]) == ("openvino", 1)
+    assert int(r.ort.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert r.runtime_info["fidelity"]["mean_cosine"] > 0.9999
+    texts = ["OpenVINO answers as torch does"]
+    np.testing.assert_allclose(embed(r, texts), embed(runner("sentiment-tiny-demo"), texts), atol=1e-5)
+    with pytest.raises(ValidationError, match="int8 text encoders run on runtime: onnxruntime"):
+        ModelSpec.model_validate({**MODELS["minilm"], "runtime": "openvino", "precision": "int8"})
 
 
 def test_bf16_on_torch_is_guarded_and_close():

@@ -116,7 +116,7 @@ class OrtRunner:
         self.loaded = False
         self.last_timings_ms: dict[str, float] = {}
         self.runtime_info: dict = {"name": spec.runtime, "precision": spec.precision}
-        self.ort: ort.OrtModel | None = None
+        self.ort: ort.OrtModel | ort.OvModel | None = None
         self.facts: dict = {}
         self.threads = spec.resources.torch_threads or torch_threads_for(replica_num_cpus())
 
@@ -157,7 +157,7 @@ class OrtRunner:
                                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
         reference, variant, items = probe
         measured = self.measure(reference, variant)
-        self.runtime_info = {"name": "onnxruntime", "precision": spec.precision,
+        self.runtime_info = {"name": spec.runtime, "precision": spec.precision,
                              "fidelity": {**measured, "probe_items": items}, "threads": self.threads,
                              "artifact": {"path": str(artifact), "bytes": (artifact / "model.onnx").stat().st_size,
                                           "reused": reused, "rebuilt": rebuilt},
@@ -172,7 +172,7 @@ class OrtRunner:
             logger.warning("%s; serving torch fp32 (fidelity.on_failure: fp32)", message)
             raise FallbackToTorch({**self.runtime_info, "name": "torch", "precision": "fp32",
                                    "fallback": f"{spec.runtime} {spec.precision}: {'; '.join(misses)}"})
-        logger.info("model %s: onnxruntime %s holds its fidelity guard in this replica: %s", spec.name,
+        logger.info("model %s: %s %s holds its fidelity guard in this replica: %s", spec.name, spec.runtime,
                     spec.precision, measured)
         self.loaded = True
 
@@ -187,7 +187,7 @@ class OrtRunner:
             Whatever a missing or damaged file raises.
         """
         facts_path, probe_path = ort.facts_paths(self.spec, artifact)
-        self.ort = ort.OrtModel(artifact / "model.onnx", self.threads)
+        self.ort = ort.open_model(self.spec.runtime, artifact / "model.onnx", self.threads)
         self.facts = json.loads(facts_path.read_text())
         with np.load(probe_path) as stored:
             raw = {k.removeprefix("raw:"): stored[k] for k in stored.files if k.startswith("raw:")}

@@ -98,7 +98,7 @@ def guard(spec, measured: dict[str, float]) -> list[str]:
 
 def refusal(spec, misses: list[str], items: int) -> str:
     """The message of a replica that refuses its variant: the numbers and what to change."""
-    other = ("precision: fp32 with runtime: onnxruntime" if spec.precision == "int8"
+    other = (f"precision: fp32 with runtime: {spec.runtime}" if spec.precision == "int8"
              else "precision: fp32")
     return (f"model {spec.name!r}: {spec.runtime} {spec.precision} fails its fidelity guard against torch fp32 on "
             f"{items} probe items: {'; '.join(misses)}. Use {other}, lower the threshold in `fidelity`, or set "
@@ -142,13 +142,57 @@ class OrtModel:
         return self.session.run(None, {name: feeds[name] for name in self.input_names})
 
 
+class OvModel:
+    """An OpenVINO CPU model compiled from the exported ONNX file, with the replica's threads.
+
+    fp32 files run with ``INFERENCE_PRECISION_HINT`` f32 (OpenVINO would otherwise pick bf16 on
+    CPUs with AMX, a precision the guard did not see); int8 files (quantised by the same recipes
+    as ONNX Runtime's) run their quantised layers in int8 and the rest in f32. Latency mode, one
+    stream, ``INFERENCE_NUM_THREADS`` = the replica's CPUs: one request at a time per replica, as
+    the forward thread calls it.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: inference threads (the replica's CPUs).
+
+    Raises:
+        WeightsError: openvino is not installed.
+    """
+
+    def __init__(self, path: Path, threads: int):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise WeightsError("runtime openvino needs the openvino package: pip install 'maas-serve[runtimes]' "
+                               "(`make install` installs it)") from None
+        core = ov.Core()
+        model = core.read_model(str(path))
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                          "INFERENCE_PRECISION_HINT": "f32",
+                                                          "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+        self.request = self.compiled.create_infer_request()
+        self.threads = threads
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the model: ``feeds`` by input name; returns the outputs in the export's order (copies:
+        the request's buffers are reused by the next call)."""
+        out = self.request.infer({name: feeds[name] for name in self.input_names})
+        return [np.array(out[o], copy=True) for o in self.compiled.outputs]
+
+
+def open_model(runtime: str, path: Path, threads: int) -> OrtModel | OvModel:
+    """The exported file under ``runtime`` (``onnxruntime`` or ``openvino``)."""
+    return OvModel(path, threads) if runtime == "openvino" else OrtModel(path, threads)
+
+
 # ---------------------------------------------------------------------------- artifacts
 
 
 def versions() -> dict[str, str]:
     """Versions of the libraries an exported file depends on (package metadata; nothing imported)."""
     out = {}
-    for name in ("torch", "onnx", "onnxruntime"):
+    for name in ("torch", "onnx", "onnxruntime", "openvino"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -57,6 +57,7 @@ from maas.errors import WeightsError
 from maas.models.ort import (  # noqa: F401
     RECIPE_VERSION,
     OrtModel,
+    open_model,
     embedding_fidelity,
     file_digest,
     greedy_fidelity,
@@ -378,7 +379,7 @@ def onnx_model(spec: ModelSpec, export: Export, probe: Probe, threads: int) -> t
         if target.exists():
             if valid(target):
                 try:
-                    model = OrtModel(target / "model.onnx", threads)
+                    model = open_model(spec.runtime, target / "model.onnx", threads)
                     return model, _artifact(target, reused=True, rebuilt=False)
                 except WeightsError:
                     raise
@@ -399,7 +400,7 @@ def onnx_model(spec: ModelSpec, export: Export, probe: Probe, threads: int) -> t
             shutil.rmtree(tmp, ignore_errors=True)
             raise WeightsError(f"model {spec.name!r}: could not export to ONNX ({spec.precision}): "
                                f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    return OrtModel(target / "model.onnx", threads), _artifact(target, reused=False, rebuilt=rebuilt)
+    return open_model(spec.runtime, target / "model.onnx", threads), _artifact(target, reused=False, rebuilt=rebuilt)
 
 
 def _artifact(path: Path, *, reused: bool, rebuilt: bool) -> dict:
@@ -478,7 +479,7 @@ def export_for_replica(spec: ModelSpec, threads: int) -> dict:
     runner.load()
     runner.prepare_runtime()
     info = runner.runtime_info
-    if info["name"] != "onnxruntime":
+    if info["name"] != spec.runtime:
         return {"artifact": None, "runtime": info}
     artifact = Path(info["artifact"]["path"])
     probe, reference = runner.fidelity_reference
