@@ -158,7 +158,7 @@ class Readiness:
         return cards
 
     def runtime(self, spec) -> dict:
-        """What runs the model's forward: ``name`` (torch, onnxruntime), ``precision`` and, once a
+        """What runs the model's forward: ``name`` (torch, onnxruntime, openvino), ``precision`` and, once a
         replica has reported (``info()``), the ``fidelity`` it measured against fp32 torch at start
         (and ``fallback`` when it serves fp32 because its variant missed the guard)."""
         reported = self.calls.known_info(spec.key).get("runtime")

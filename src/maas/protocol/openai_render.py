@@ -58,14 +58,14 @@ class VersionCard(BaseModel):
 class RuntimeCard(BaseModel):
     """What runs a model's forward (``runtime``/``precision`` of its spec; see ``maas.models.runtimes``)."""
 
-    name: str = Field(description="torch or onnxruntime.")
+    name: str = Field(description="torch, onnxruntime or openvino.")
     precision: str = Field(description="fp32, bf16 or int8.")
     fidelity: dict | None = Field(default=None, description="Measured against fp32 torch on the probe set at start: "
                                   "mean_cosine/min_cosine (embeddings), top1_agreement/top5_overlap (classifiers), "
                                   "greedy_match/mean_matching_tokens (generators), probe_items.")
     fallback: str | None = Field(default=None, description="Why fp32 torch serves instead of the spec's variant.")
     threads: int | None = Field(default=None, description="Intra-op threads of the forward.")
-    torch_imported: bool | None = Field(default=None, description="onnxruntime replicas: whether the replica "
+    torch_imported: bool | None = Field(default=None, description="onnxruntime and openvino replicas: whether the replica "
                                         "loaded torch (only to serve fp32 torch after a missed guard).")
 
 
