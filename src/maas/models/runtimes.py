@@ -513,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     args = argv if argv is not None else sys.argv[1:]
     spec = ModelSpec.model_validate_json(sys.stdin.read())
+    # ONNX Runtime's shape inference writes a temporary file into the working directory when it
+    # cannot finish; keep it in the cache, not wherever the replica was started.
+    from maas.models import ort
+
+    ort.runtimes_dir().mkdir(parents=True, exist_ok=True)
+    os.chdir(ort.runtimes_dir())
     try:
         result = export_for_replica(spec, int(args[0]) if args else 1)
     except WeightsError as exc:
