@@ -254,7 +254,9 @@ def run_generator(name: str, threads: list[int], seconds: float) -> dict:
             "demo_weights": reference.spec.is_demo, "generator": True, "variants": rows}
 
 
-def run(models: list[str], threads: list[int], seconds: float, sentences: int, max_images: int | None) -> dict:
+def run(models: list[str], threads: list[int], seconds: float, sentences: int, max_images: int | None,
+        variants: tuple[tuple[str, str], ...] = VARIANTS) -> dict:
+    """Every model × variant (torch fp32 always first: the speed-ups' base); see the module docstring."""
     from maas.models import runtimes
 
     result = {"cpu": cpu(), "models": {}}
@@ -273,7 +275,7 @@ def run(models: list[str], threads: list[int], seconds: float, sentences: int, m
                 inputs = inputs[np.random.default_rng(0).permutation(len(inputs))[:max_images]]
         ref_out = outputs(reference, inputs, batch)
         rows = []
-        for runtime, precision in VARIANTS:
+        for runtime, precision in (("torch", "fp32"), *(v for v in variants if v != ("torch", "fp32"))):
             if (runtime, precision, family) == ("openvino", "int8", "text-encoder"):
                 continue  # refused by the config (see maas.config.ModelSpec)
             row = {"runtime": runtime, "precision": precision}
@@ -372,6 +374,7 @@ def plot(result: dict, path: Path, threads: int = 2) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="minilm,efficientnet-lite0,resnet50,smollm2-135m")
+    parser.add_argument("--variants", default="", help="RUNTIME:PRECISION,… (default: all; torch:fp32 always runs)")
     parser.add_argument("--threads", default="1,2", help="intra-op threads to measure (comma-separated)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per variant and thread count")
     parser.add_argument("--sentences", type=int, default=1000, help="held-out sentences for text encoders")
@@ -390,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         plot(merged, Path(args.out) / f"{args.name}.png")
         return
     threads = [int(t) for t in args.threads.split(",")]
-    result = run(args.models.split(","), threads, args.seconds, args.sentences, args.max_images)
+    variants = tuple(tuple(v.split(":")) for v in args.variants.split(",")) if args.variants else VARIANTS
+    result = run(args.models.split(","), threads, args.seconds, args.sentences, args.max_images, variants)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
