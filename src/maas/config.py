@@ -400,6 +400,9 @@ class ModelSpec(_Strict):
             if self.runtime == "torch" and self.precision == "int8":
                 raise ValueError(f"model {self.name!r}: int8 runs on runtime: onnxruntime or openvino (torch takes fp32 "
                                  "or bf16)")
+            if self.runtime != "torch" and self.resources.num_gpus > 0:
+                raise ValueError(f"model {self.name!r}: runtime {self.runtime} runs on the CPU here (its CPU provider); "
+                                 "set resources.num_gpus: 0, or use runtime: torch on a GPU")
             if (self.runtime, self.precision, self.family) == ("openvino", "int8", "text-encoder"):
                 # Measured (MiniLM, 1 thread): the text int8 recipe (dynamic quantisation) runs at 46 items/s on
                 # OpenVINO against 70 for its fp32 and 150 on ONNX Runtime; a static int8 recipe OpenVINO runs fast

@@ -1,5 +1,6 @@
-"""Replicas whose forward runs on ONNX Runtime, without torch: text encoders and image classifiers
-with ``runtime: onnxruntime`` (see :mod:`maas.models.runtimes` for the recipes and the guard).
+"""Replicas whose forward runs on ONNX Runtime or OpenVINO, without torch: text encoders and image
+classifiers with ``runtime: onnxruntime`` or ``openvino`` (see :mod:`maas.models.runtimes` for the
+recipes and the guard).
 
 Why without torch: resident memory after load and three probe forwards, one process, measured on
 this project's 2-vCPU machine — MiniLM int8 232 MB here against 1,045 MB for the same ONNX model
@@ -84,10 +85,12 @@ def export_in_child(spec, threads: int) -> dict:
     result: dict = {}
     for line in reversed(done.stdout.splitlines()):
         try:
-            result = json.loads(line)
-            break
+            parsed = json.loads(line)
         except ValueError:
             continue
+        if isinstance(parsed, dict):
+            result = parsed
+            break
     if "error" in result:
         raise WeightsError(result["error"])
     if done.returncode != 0 or "runtime" not in result:
@@ -98,14 +101,14 @@ def export_in_child(spec, threads: int) -> dict:
 
 
 class OrtRunner:
-    """The runner contract of :class:`maas.models.base.ModelRunner` on ONNX Runtime, numpy only.
+    """The runner contract of :class:`maas.models.base.ModelRunner` on ONNX Runtime or OpenVINO, numpy only.
 
     Subclasses set :attr:`family` and implement ``feeds``, ``outputs``, ``measure``,
     ``validate``, ``postprocess``, ``probe`` and ``info``.
 
     Args:
-        spec: The model's spec (``runtime: onnxruntime``).
-        device: Ignored: ONNX Runtime runs on the CPU here.
+        spec: The model's spec (``runtime: onnxruntime`` or ``openvino``).
+        device: Ignored: both run on the CPU here (the config refuses ``num_gpus`` for them).
     """
 
     family: str
