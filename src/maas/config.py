@@ -400,6 +400,9 @@ class ModelSpec(_Strict):
             if self.runtime == "torch" and self.precision == "int8":
                 raise ValueError(f"model {self.name!r}: int8 runs on runtime: onnxruntime or openvino (torch takes fp32 "
                                  "or bf16)")
+            if self.dtype != "float32":
+                raise ValueError(f"model {self.name!r}: dtype {self.dtype} (CUDA's compute type) and precision "
+                                 f"{self.precision} both set the compute type; keep one (precision applies on CPU too)")
             if self.runtime != "torch" and self.resources.num_gpus > 0:
                 raise ValueError(f"model {self.name!r}: runtime {self.runtime} runs on the CPU here (its CPU provider); "
                                  "set resources.num_gpus: 0, or use runtime: torch on a GPU")

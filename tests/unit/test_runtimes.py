@@ -66,6 +66,8 @@ def test_runtime_and_precision_pairs_that_do_not_exist_are_refused_by_the_config
             ModelSpec.model_validate({**MODELS["minilm"], **fields})
     with pytest.raises(ValidationError, match="gpt2-tiny-demo.*runs on torch fp32"):
         ModelSpec.model_validate({**MODELS["gpt2-tiny-demo"], "runtime": "onnxruntime"})
+    with pytest.raises(ValidationError, match="dtype float16 .* and precision bf16 both set the compute type"):
+        ModelSpec.model_validate({**MODELS["minilm"], "precision": "bf16", "dtype": "float16"})
     with pytest.raises(ValidationError, match="runs on the CPU here.*num_gpus: 0"):
         ModelSpec.model_validate({**MODELS["minilm"], "runtime": "onnxruntime", "resources": {"num_gpus": 1}})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class ModelDeployment:
         self.batcher = PullBatcher(self._run_batch, self.spec.key, self.batching.max_batch_size,
                                    self.batching.batch_wait_timeout_s, after_batch=self._record_stages)
         logger.info(
-            "model %s loaded on %s with %d torch threads in %.1f s, warm-up forward %.0f ms%s",
+            "model %s loaded on %s with %d intra-op threads in %.1f s, warm-up forward %.0f ms%s",
             self.spec.key, self.device, self.threads, self.load_s, self.warmup_ms,
             " (RANDOM demo weights)" if self.spec.is_demo else "",
         )
@@ -309,7 +310,8 @@ class ModelDeployment:
             "warmup_ms": round(self.warmup_ms, 2),
             "start_s": round(self.start_s, 1),
             "batching": self.batching.model_dump(),  # what it runs with now (user_config overrides included)
-            "runtime": self.runner.runtime_info,  # runtime, precision, measured fidelity, export artifact
+            # runtime, precision, measured fidelity, export artifact; whether this process loaded torch
+            "runtime": {**self.runner.runtime_info, "torch_imported": "torch" in sys.modules},
             **self.runner.info(),
         }
 
