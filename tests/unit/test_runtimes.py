@@ -146,6 +146,7 @@ def test_bf16_on_torch_is_guarded_and_close():
     r = runner("sentiment-tiny-demo", precision="bf16")
     assert r.runtime_info["precision"] == "bf16" and r.runtime_info["fidelity"]["mean_cosine"] >= 0.999
     assert next(r.model.parameters()).dtype == torch.bfloat16
+    assert not hasattr(r, "fidelity_reference")  # a serving replica does not hold the probe after its guard
 
 
 def held_out_sentences() -> list[str]:

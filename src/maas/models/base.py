@@ -163,10 +163,12 @@ class ModelRunner(ABC):
         """Compare two :meth:`fidelity_outputs` of the probe (fp32 torch against the variant)."""
         raise NotImplementedError(f"{type(self).__name__} has no fidelity measure")
 
-    def prepare_runtime(self) -> None:
+    def prepare_runtime(self, keep_reference: bool = False) -> None:
         """After :meth:`load`: switch the forward to the spec's ``runtime``/``precision`` when it is
         not torch fp32, guarded by ``spec.fidelity`` (see :func:`maas.models.runtimes.prepare`).
-        Leaves ``runtime_info`` for ``info()``.
+        Leaves ``runtime_info`` for ``info()``; with ``keep_reference`` also ``fidelity_reference``
+        = ``(probe, fp32 outputs)`` (the export child keeps them for a torch-free replica; a serving
+        replica does not hold the probe — ~40 MB of pixels for an image model — for its life).
 
         Raises:
             WeightsError: the variant fails its fidelity guard (``on_failure: refuse``), or its
@@ -197,8 +199,10 @@ class ModelRunner(ABC):
             self.model, self.variant_dtype, self.ort = fp32_model, None, None
 
         def reference():
-            self.fidelity_reference = (probe, outputs())  # kept for a torch-free replica (maas.models.onnx_serving)
-            return self.fidelity_reference[1]
+            ref = outputs()
+            if keep_reference:
+                self.fidelity_reference = (probe, ref)
+            return ref
 
         self.runtime_info = runtimes.prepare(spec, reference=reference, variant_setup=setup, variant=outputs,
                                              measure=self.measure_fidelity, items=probe.items, fallback=fallback)

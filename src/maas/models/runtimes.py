@@ -477,7 +477,7 @@ def export_for_replica(spec: ModelSpec, threads: int) -> dict:
     torch.set_num_threads(threads)
     runner = {"text-encoder": TextEncoderRunner, "image-classifier": ImageClassifierRunner}[spec.family](spec)
     runner.load()
-    runner.prepare_runtime()
+    runner.prepare_runtime(keep_reference=True)
     info = runner.runtime_info
     if info["name"] != spec.runtime:
         return {"artifact": None, "runtime": info}
