@@ -155,10 +155,41 @@ def build_app(args: dict[str, Any]) -> Application:
         preprocessors[spec.key] = bound_pre[dep]
     versioned = any(len(specs) > 1 for specs in config.versions().values())
     keys = RoutingKeys.options(name=ROUTING_KEYS_DEPLOYMENT).bind() if versioned else None
+    index, pools, pool_tokenizers = _pools(config, bound_pre)
     return Ingress.options(
         name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": config.ingress.num_cpus}, **INGRESS_QUEUES,
         user_config={"traffic": {}},  # the traffic policy (maas.config.TrafficConfig); serve configs override it
-    ).bind(config.model_dump(mode="json"), models, preprocessors, keys)
+    ).bind(config.model_dump(mode="json"), models, preprocessors, keys, index, pools, pool_tokenizers)
+
+
+def _pools(config: AppConfig, bound_pre: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The ``RepositoryIndex`` and one ``Pool-<name>`` deployment per pool with its tokenizer (shared
+    with the config's models of the same tokenizer): ``(index or None, {pool: app}, {pool: tokenizer app})``."""
+    if not config.pools:
+        return None, {}, {}
+    from maas.models.pool import TextEncoderPool
+    from maas.repository import INDEX_DEPLOYMENT, index_deployment
+
+    index = index_deployment().options(name=INDEX_DEPLOYMENT).bind(
+        [r.model_dump(mode="json") for r in config.repositories], [p.model_dump(mode="json") for p in config.pools],
+        sorted(config.versions()))
+    poll_s = min(r.poll_interval_s for r in config.repositories)
+    pools, tokenizers = {}, {}
+    for p in config.pools:
+        dep = tokenizer_deployment_name(p)
+        if dep not in bound_pre:
+            bound_pre[dep] = Tokenizer.options(
+                name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}, **PREPROCESSOR_QUEUES,
+            ).bind(p.tokenizer.model_dump(mode="json"), dep)
+        tokenizers[p.name] = bound_pre[dep]
+        pools[p.name] = TextEncoderPool.options(
+            name=p.deployment_name,
+            ray_actor_options={"num_cpus": p.resources.num_cpus, "num_gpus": p.resources.num_gpus},
+            max_ongoing_requests=p.max_ongoing_requests or max(32, 2 * p.batching.max_batch_size),
+            max_queued_requests=8 * (p.max_ongoing_requests or max(32, 2 * p.batching.max_batch_size)),
+            user_config=p.batching.model_dump(),
+        ).bind(p.model_dump(mode="json"), index, poll_s)
+    return index, pools, tokenizers
 
 
 __all__ = ["build_app", "parse_config", "plan_graph", "ConfigError"]

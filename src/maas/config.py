@@ -16,6 +16,8 @@ the ingress                  ``Ingress``
 one model                    the model's ``name`` itself (``minilm``, ``resnet50``)
 one tokenizer                ``Tokenizer-<slug of the tokenizer source>``
 one image preprocessor       ``ImagePreprocessor-<resize>-<crop>-<interpolation>``
+one pool                     ``Pool-<pool name>`` (repository models, see ``PoolSpec``)
+the repository index         ``RepositoryIndex`` (apps with repositories)
 ===========================  =====================================================
 
 One module on purpose (~670 lines): it is the app config's one typed schema, every field with
@@ -584,10 +586,118 @@ class IngressSpec(_Strict):
     )
 
 
+# ---------------------------------------------------------------------------- repositories and pools
+
+
+class RepositorySpec(_Strict):
+    """A model repository: a directory (local disk, or anything mounted: NFS, a volume, a bucket
+    through a FUSE driver) whose folders are models, each with a ``maas-model.yaml`` (see
+    :class:`FolderSpec`). Its models join the pool of their kind (:class:`PoolSpec`) without a
+    redeploy: found by a poll every ``poll_interval_s`` and by the Open Inference Protocol's
+    repository extension (``POST /v2/repository/index``, ``…/models/{name}/load``, ``…/unload``)."""
+
+    path: str = Field(description="The repository directory; every node running a pool or the ingress sees it.")
+    poll_interval_s: float = Field(
+        default=2.0, gt=0, le=3600,
+        description="How often the repository is scanned, seconds (a copied model answers within about this). "
+        "Triton's --repository-poll-secs defaults to 15; 2 s costs one listdir and a stat per folder.")
+
+
+class PoolSpec(_Strict):
+    """A multiplexed pool: one deployment (``Pool-<name>``) whose replicas serve every repository
+    model of one kind (family ``text-encoder``, base architecture ``base``, the pool's tokenizer),
+    loading a model when a request asks for it and evicting the least recently used ones to stay
+    under ``memory_budget_bytes`` (see :mod:`maas.models.pool`)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="The pool's name; its deployment is Pool-<name>.")
+    family: Literal["text-encoder"] = Field(
+        description="The family of its models. text-encoder (embeddings, text classification) only for now.")
+    base: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="The base architecture its models declare (maas-model.yaml's `base`), e.g. minilm-l6.")
+    tokenizer: TokenizerSource = Field(description="The tokenizer every model of the pool uses (its preprocessing key).")
+    base_weights: Annotated[Union[HuggingFaceSource, PackageSource], Field(discriminator="source")] | None = Field(
+        default=None,
+        description="The frozen base encoder that head-only repository models (maas-model.yaml `head:`) run on: one "
+        "base forward serves a mixed batch of them. Without it the pool serves full checkpoints only.")
+    memory_budget_bytes: int = Field(
+        default=2 * 1024**3, ge=1,
+        description="Bytes of repository models (parameters and buffers) one replica holds at most; least recently "
+        "used ones are evicted to stay under it. The frozen base and the process itself are not counted.")
+    load_timeout_s: float = Field(
+        default=30.0, gt=0, le=600,
+        description="A request for a model that is not loaded waits for its load this long at most, seconds; then "
+        "503 + Retry-After.")
+    max_input_tokens: int | None = Field(default=None, ge=1, description="Longest input in tokens; default the "
+                                         "checkpoint's own limit.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_ongoing_requests: int | None = Field(default=None, ge=1, description="As ModelSpec's.")
+    max_queued_items: int | None = Field(default=None, ge=1, description="As ModelSpec's, per repository model.")
+    health: HealthSpec = Field(default_factory=HealthSpec)
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Pool-{self.name}"
+
+
+class FolderSpec(_Strict):
+    """A repository model's ``maas-model.yaml``: what it is and which pool serves it.
+
+    A full checkpoint is the folder itself in Hugging Face layout (``config.json``,
+    ``model.safetensors``; a sequence-classification head for ``text-classification``, its labels
+    from ``config.json``'s ``id2label``). A head-only model (``head:``) is a linear classifier over
+    the pool's frozen base embeddings: a safetensors file with ``weight`` float32 (C, D) and
+    ``bias`` float32 (C,), and ``labels`` (C names); it needs a pool with ``base_weights``.
+    """
+
+    family: Literal["text-encoder"]
+    base: str = Field(description="The base architecture; the pool whose `base` is this serves the model.")
+    tasks: list[Task] = Field(min_length=1)
+    head: str | None = Field(default=None, description="Head-only model: its safetensors file in the folder.")
+    labels: list[str] | None = Field(default=None, description="Head-only models: class names, in the head's order.")
+    quality: float | None = Field(default=None, description="As ModelSpec's (for `model: auto`).")
+    quality_source: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FolderSpec":
+        bad = [t for t in self.tasks if t not in FAMILY_TASKS[self.family]]
+        if bad:
+            raise ValueError(f"tasks: family {self.family} offers {sorted(FAMILY_TASKS[self.family])}, not {bad}")
+        if self.head is not None:
+            if self.tasks != ["text-classification"]:
+                raise ValueError("a head-only model offers tasks: [text-classification] (its base gives the embeddings)")
+            if not self.labels:
+                raise ValueError("a head-only model needs labels (one per row of the head's weight)")
+            if "/" in self.head or self.head.startswith("."):
+                raise ValueError("head names a file inside the model's folder")
+        elif self.labels is not None:
+            raise ValueError("labels apply to head-only models; a full checkpoint's come from its config.json id2label")
+        if self.quality is not None and not self.quality_source:
+            raise ValueError("quality needs quality_source")
+        return self
+
+
+class PoolModelSpec(ModelSpec):
+    """A repository model as the ingress routes it: a :class:`ModelSpec` whose deployment is its pool's."""
+
+    pool: str
+    pool_deployment: str
+    path: str
+    head: str | None = None
+
+    @property
+    def deployment_name(self) -> str:
+        return self.pool_deployment
+
+
 class AppConfig(_Strict):
     """The serve config's ``args:`` for ``maas.app:build_app``."""
 
-    models: list[ModelSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(default_factory=list)
+    repositories: list[RepositorySpec] = Field(
+        default_factory=list, description="Model repositories whose models join the pools (maas.repository).")
+    pools: list[PoolSpec] = Field(default_factory=list, description="Multiplexed pools serving repository models.")
     ingress: IngressSpec = Field(default_factory=IngressSpec)
     tokenizers: TokenizerDeploymentSpec = Field(default_factory=TokenizerDeploymentSpec)
     image_preprocessors: ImagePreprocessorDeploymentSpec = Field(default_factory=ImagePreprocessorDeploymentSpec)
@@ -620,6 +730,26 @@ class AppConfig(_Strict):
                 raise ValueError(f"models {deployments[m.deployment_name]!r} and {m.key!r} map to one deployment "
                                  f"name {m.deployment_name!r}; rename one")
         return models
+
+    @model_validator(mode="after")
+    def _something_served(self) -> "AppConfig":
+        if not self.models and not self.pools:
+            raise ValueError("the app serves nothing: list at least one model (models:) or a pool (pools:)")
+        if self.pools and not self.repositories:
+            raise ValueError("pools serve repository models: list a repository (repositories: [{path: ...}])")
+        if self.repositories and not self.pools:
+            raise ValueError("repository models are served by pools: list a pool (pools:) for their kind")
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique: {names}")
+        kinds = [(p.family, p.base) for p in self.pools]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"two pools serve one (family, base): {kinds}; a repository model's kind picks one pool")
+        taken = {m.deployment_name for m in self.models}
+        for p in self.pools:
+            if p.deployment_name in taken:
+                raise ValueError(f"pool {p.name!r}: deployment name {p.deployment_name!r} is a model's")
+        return self
 
     def model(self, name: str) -> ModelSpec | None:
         """The spec at address ``name`` (``name`` or ``name@version``)."""
@@ -757,8 +887,9 @@ def tokenizer_key(spec: ModelSpec) -> str:
     return source_identity(spec.tokenizer_source)
 
 
-def tokenizer_deployment_name(spec: ModelSpec) -> str:
-    src = spec.tokenizer_source
+def tokenizer_deployment_name(spec: ModelSpec | PoolSpec) -> str:
+    """``Tokenizer-<slug of the tokenizer source>`` of a model or a pool (equal sources share it)."""
+    src = spec.tokenizer if isinstance(spec, PoolSpec) else spec.tokenizer_source
     base = src.package if isinstance(src, PackageSource) else src.id.rstrip("/").split("/")[-1]
     if isinstance(src, PackageSource) and src.path:
         base += "_" + src.path

@@ -100,12 +100,17 @@ class Ingress:
         models: model name → model deployment handle.
         preprocessors: model name → its (shared) preprocessor deployment handle.
         keys: the ``RoutingKeys`` deployment (apps where a model has several versions), else None.
+        index: the ``RepositoryIndex`` deployment (apps with repositories), else None.
+        pools: pool name → its ``Pool-<name>`` deployment handle. pool_tokenizers: pool name → its tokenizer's.
     """
 
     def __init__(self, config: dict, models: dict[str, DeploymentHandle], preprocessors: dict[str, DeploymentHandle],
-                 keys: DeploymentHandle | None = None):
+                 keys: DeploymentHandle | None = None, index: DeploymentHandle | None = None,
+                 pools: dict[str, DeploymentHandle] | None = None,
+                 pool_tokenizers: dict[str, DeploymentHandle] | None = None):
         self.config = AppConfig.model_validate(config)
-        self.dataplane = Dataplane(self.config, models, preprocessors, keys=keys)
+        self.dataplane = Dataplane(self.config, models, preprocessors, keys=keys, index=index, pools=pools,
+                                   pool_tokenizers=pool_tokenizers)
         set_current(self.dataplane)
         # Imported here, not at module level: Serve ships this class by value, and the middleware
         # reads the replica's own module object.
@@ -160,6 +165,19 @@ class Ingress:
     async def stats(self) -> dict:
         """Front batching records of this ingress replica (see ``Calls.stats``)."""
         return self.dataplane.calls.stats()
+
+    async def repository_index(self, ready: bool = False) -> list[dict]:
+        """``POST /v2/repository/index``: every repository model with its state (``READY`` /
+        ``UNAVAILABLE``), reason, pool and the replicas that hold it."""
+        return await self.dataplane.repository_api().index_list(ready)
+
+    async def load_model(self, name: str) -> dict:
+        """``POST /v2/repository/models/{name}/load``: serve it (again) and load it on a pool replica now."""
+        return await self.dataplane.repository_api().load(name)
+
+    async def unload_model(self, name: str) -> dict:
+        """``POST /v2/repository/models/{name}/unload``: stop serving it; pool replicas drain and evict it."""
+        return await self.dataplane.repository_api().unload(name)
 
     async def embed(self, request: dict, routing_key: str | None = None) -> dict:
         """``POST /v1/embeddings``: an OpenAI embeddings request dict → its body (vectors as lists)."""

@@ -79,6 +79,18 @@ def _get() -> dict | None:
                                           tag_keys=("model", "version", "result")),
                 "fidelity": metrics.Gauge("maas_fidelity", description="Fidelity of a runtime variant to fp32 torch.",
                                           tag_keys=("model", "metric")),
+                # Pools (maas.models.pool): labelled by pool, never by repository model (its count is unbounded).
+                "pool_loads": metrics.Counter("maas_pool_loads", description="Repository model loads by outcome.",
+                                              tag_keys=("pool", "outcome")),
+                "pool_load_s": metrics.Histogram("maas_pool_load_seconds", description="Repository model load time, s.",
+                                                 boundaries=[0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60],
+                                                 tag_keys=("pool",)),
+                "pool_evictions": metrics.Counter("maas_pool_evictions", description="Models evicted, by reason.",
+                                                  tag_keys=("pool", "reason")),
+                "pool_bytes": metrics.Gauge("maas_pool_model_bytes", description="Bytes of models a replica holds.",
+                                            tag_keys=("pool",)),
+                "pool_models": metrics.Gauge("maas_pool_models", description="Models a replica holds.",
+                                             tag_keys=("pool",)),
             }
         except Exception:  # noqa: BLE001
             logger.debug("serve metrics unavailable", exc_info=True)
@@ -150,3 +162,26 @@ def fidelity(model: str, metric: str, value: float) -> None:
     m = _get()
     if m:
         m["fidelity"].set(value, tags={"model": model, "metric": metric})
+
+
+def pool_load(pool: str, outcome: str, seconds: float | None = None) -> None:
+    """One repository model load on a pool replica (``outcome``: ok, failed)."""
+    m = _get()
+    if m:
+        m["pool_loads"].inc(1, tags={"pool": pool, "outcome": outcome})
+        if seconds is not None:
+            m["pool_load_s"].observe(seconds, tags={"pool": pool})
+
+
+def pool_eviction(pool: str, reason: str) -> None:
+    """One model evicted (``reason``: budget, removed, unloaded)."""
+    m = _get()
+    if m:
+        m["pool_evictions"].inc(1, tags={"pool": pool, "reason": reason})
+
+
+def pool_held(pool: str, models: int, nbytes: int) -> None:
+    m = _get()
+    if m:
+        m["pool_bytes"].set(nbytes, tags={"pool": pool})
+        m["pool_models"].set(models, tags={"pool": pool})

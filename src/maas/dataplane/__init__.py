@@ -74,18 +74,42 @@ class Dataplane:
 
     def __init__(self, config: AppConfig, models: dict[str, DeploymentHandle],
                  preprocessors: dict[str, DeploymentHandle], watch: DeploymentWatch | None = None,
-                 keys: DeploymentHandle | None = None):
+                 keys: DeploymentHandle | None = None, index: DeploymentHandle | None = None,
+                 pools: dict[str, DeploymentHandle] | None = None,
+                 pool_tokenizers: dict[str, DeploymentHandle] | None = None):
         self.config = config
         self.limits = config.ingress
         self.created = int(time.time())  # the models' ``created`` (OpenAI cards): when this replica started
         routes = {s.key: Route(s, models[s.key], preprocessors[s.key]) for s in config.models}
-        self.watch = watch or DeploymentWatch([s.deployment_name for s in config.models],
-                                              handles={s.deployment_name: models[s.key] for s in config.models})
+        pools = pools or {}
+        by_pool = {p.name: p.deployment_name for p in config.pools}
+        self.watch = watch or DeploymentWatch(
+            [s.deployment_name for s in config.models] + [by_pool[n] for n in pools],
+            handles={**{s.deployment_name: models[s.key] for s in config.models},
+                     **{by_pool[n]: h for n, h in pools.items()}})
         self.traffic = Traffic(config)
         self.calls = Calls(self.limits, routes, self.watch, self.traffic)
-        self.readiness = Readiness(self.calls, self.watch, self.traffic)
-        self.router = Router(self.limits, self.calls, self.readiness, self.traffic, keys)
+        self.repository = None
+        if index is not None:
+            from maas.dataplane.repository import RepositoryRoutes
+
+            self.repository = RepositoryRoutes(config, index, pools, pool_tokenizers or {}, self.calls, self.traffic)
+        self.readiness = Readiness(self.calls, self.watch, self.traffic, self.repository)
+        self.router = Router(self.limits, self.calls, self.readiness, self.traffic, keys, self.repository)
         self.ops = Operations(self.limits, self.calls, self.router)
+
+    def repository_api(self):
+        """The repository models' routes and API (:class:`~maas.dataplane.repository.RepositoryRoutes`).
+
+        Raises:
+            NotFoundRoute: the app has no repositories (404 that says how to add one).
+        """
+        if self.repository is None:
+            from maas.errors import NotFoundRoute
+
+            raise NotFoundRoute("this app has no model repository; add `repositories:` and `pools:` to its config "
+                                "(docs/repository.md)")
+        return self.repository
 
     @property
     def routes(self) -> dict[str, Route]:

@@ -272,6 +272,14 @@ class Calls:
         b = self.batcher(route, operation)
         return await self.awaited(b.submit(payload, params, items, self.deadline_s()), route.spec.key)
 
+    def forget(self, address: str) -> None:
+        """Drop what is known about ``address`` (a repository model that left): its facts, settings
+        and front batchers (requests already queued there still run)."""
+        self._info.pop(address, None)
+        self._settings.pop(address, None)
+        for key in [k for k in self._batchers if k[0] == address]:
+            del self._batchers[key]
+
     def queued_items(self, address: str) -> int:
         """Items waiting in the front batchers of ``address``."""
         return sum(b.queued_items for (a, _), b in self._batchers.items() if a == address)

@@ -40,8 +40,9 @@ class Readiness:
         traffic: Versions and their weights.
     """
 
-    def __init__(self, calls: Calls, watch: DeploymentWatch, traffic: Traffic):
+    def __init__(self, calls: Calls, watch: DeploymentWatch, traffic: Traffic, repository=None):
         self.calls, self.watch, self.traffic = calls, watch, traffic
+        self.repository = repository  # maas.dataplane.repository.RepositoryRoutes, or None
         self._ready: dict[str, tuple[bool, float]] = {}  # address → (ready, monotonic time of the probe)
 
     async def model_ready(self, address: str) -> bool:
@@ -60,7 +61,9 @@ class Readiness:
         if self.watch.serving(dep) is False:
             self.watch.follow()
             return False
-        cached = self._ready.get(address)
+        # Repository models share their pool's probe: one per pool, not one per model of it.
+        probe_key = dep if getattr(route.spec, "pool", None) else address
+        cached = self._ready.get(probe_key)
         now = time.monotonic()
         if cached is not None and now - cached[1] < READY_PROBE_TTL_S:
             return cached[0]
@@ -72,7 +75,7 @@ class Readiness:
             ok = isinstance(exc, ServiceOverloaded) or isinstance(unwrap(exc), BackPressureError)
         if ok and self.watch.serving(dep) is False:
             ok = False  # the probe itself found the last replica dead
-        self._ready[address] = (ok, time.monotonic())
+        self._ready[probe_key] = (ok, time.monotonic())
         return ok
 
     def has_replica(self, address: str) -> bool:
@@ -111,6 +114,8 @@ class Readiness:
                                 f"{retry_s} s", retry_after_s=retry_s)
 
     async def _all(self) -> dict[str, bool]:
+        if self.repository is not None:
+            await self.repository.ready()
         keys = list(self.calls.routes)
         ready = dict(zip(keys, await asyncio.gather(*(self.model_ready(k) for k in keys))))
         if not all(ready.values()):
@@ -154,6 +159,8 @@ class Readiness:
                 for s in specs]
             if not name_ready:
                 card["status_message"] = "; ".join(self.watch.reason(s.deployment_name) for s in serving or specs)
+            if self.repository is not None:
+                card.update(self.repository.card_extra(name))
             cards.append(card)
         return cards
 

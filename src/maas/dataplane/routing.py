@@ -51,8 +51,9 @@ class Router:
     """
 
     def __init__(self, limits: IngressSpec, calls: Calls, readiness: Readiness, traffic: Traffic,
-                 keys: DeploymentHandle | None = None):
+                 keys: DeploymentHandle | None = None, repository=None):
         self.limits, self.calls, self.readiness, self.traffic, self.keys = limits, calls, readiness, traffic, keys
+        self.repository = repository  # maas.dataplane.repository.RepositoryRoutes, or None
         self._shadows: set[asyncio.Task] = set()
 
     async def run(self, req, task: str, operation: str, op: Op, shadow: bool = True) -> Any:
@@ -107,8 +108,11 @@ class Router:
         chosen by the name's traffic policy.
 
         Raises:
-            ModelNotFound: unknown name or version. ModelNotReady: no version with traffic weight is ready.
+            ModelNotFound: unknown name or version. ModelNotReady: no version with traffic weight is ready
+                (or a repository model that is unavailable, with the reason).
         """
+        if self.repository is not None:
+            await self.repository.ensure_known(model)  # a model copied into a repository since the last poll
         route = self.calls.routes.get(model)
         if route is not None and route.spec.version is None:
             return model  # an unversioned model: nothing to choose
@@ -192,7 +196,11 @@ class Router:
             TaskNotSupported: no model serves ``task``. ModelNotReady: none is ready.
         """
         routes = self.calls.routes
-        names = [n for n, r in routes.items() if task in r.spec.tasks and self.takes_traffic(n)]
+        # Repository models are candidates once some pool replica holds them: auto never picks one that
+        # would first have to load (a cold load costs seconds, which no latency prediction covers).
+        names = [n for n, r in routes.items() if task in r.spec.tasks and self.takes_traffic(n)
+                 and (self.repository is None or r.spec.key not in self.repository.entries
+                      or self.repository.loaded_on(n))]
         if not names:
             raise TaskNotSupported(f"no served model offers {task}, so model 'auto' cannot choose one")
         real = [n for n in names if not routes[n].spec.is_demo]

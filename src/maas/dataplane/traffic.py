@@ -355,7 +355,7 @@ class Traffic:
         return out
 
     def _publish(self) -> None:
-        for name in self.specs:
+        for name in self.config.versions():  # the config's names: repository models have no versions
             for v, w in self.weights(name):
                 metrics.traffic_weight(name, v, w)
 

@@ -23,10 +23,11 @@ router = APIRouter(tags=["v2"])
 
 
 @router.get("/v2")
-async def server_metadata():
+async def server_metadata(dp=Depends(dataplane)):
     from maas import __version__
 
-    return json_response({"name": "maas-serve", "version": __version__, "extensions": ["binary_tensor_data"]})
+    extensions = ["binary_tensor_data"] + (["model_repository"] if dp.repository is not None else [])
+    return json_response({"name": "maas-serve", "version": __version__, "extensions": extensions})
 
 
 @router.get("/v2/health/live")
@@ -38,6 +39,67 @@ async def live():
 async def ready(dp=Depends(dataplane)):
     ok = (await dp.readiness.report())["ready"]
     return json_response({"ready": ok}, 200 if ok else 503)
+
+
+async def _known(dp, name: str) -> None:
+    """A repository model copied in since this replica's last look gets its route before the lookup."""
+    if dp.repository is not None:
+        await dp.repository.ensure_known(name)
+
+
+# ---------------------------------------------------------------------------- repository extension
+# The Open Inference Protocol's model repository extension as KServe and Triton expose it (tritonclient's
+# get_model_repository_index / load_model / unload_model speak it), behind the API keys like every route.
+
+
+async def _optional_json(request: Request) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        import orjson
+
+        body = orjson.loads(raw)
+    except ValueError:
+        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+@router.post("/v2/repository/index")
+async def repository_index(request: Request, dp=Depends(dataplane)):
+    """``[{"name", "version", "state", "reason", "pool", "loaded_on"}]``; body ``{"ready": true}`` lists
+    only the models that can serve."""
+    body = await _optional_json(request)
+    ready = body.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidRequest(f"ready must be true or false, got {ready!r}", param="ready")
+    return json_response(await dp.repository_api().index_list(ready))
+
+
+@router.post("/v2/repository/models/{name}/load")
+async def repository_load(name: str, request: Request, dp=Depends(dataplane)):
+    """Serve ``name`` (again) and load it on a pool replica; answers ``{}`` once it is loaded. A model
+    config or files sent in ``parameters`` (Triton's override) are refused: models come from the
+    repository's folders."""
+    params = (await _optional_json(request)).get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("parameters must be an object", param="parameters")
+    extra = sorted(k for k in params if k == "config" or k.startswith("file:"))
+    if extra:
+        raise InvalidRequest(f"load parameters {extra} (a model config or files in the request) are not supported; "
+                             "copy the model's folder into the repository instead", param="parameters")
+    await dp.repository_api().load(name)
+    return json_response({})
+
+
+@router.post("/v2/repository/models/{name}/unload")
+async def repository_unload(name: str, request: Request, dp=Depends(dataplane)):
+    """Stop serving ``name``; requests in flight finish, then pool replicas evict it. Answers ``{}``."""
+    await _optional_json(request)
+    await dp.repository_api().unload(name)
+    return json_response({})
 
 
 def _address(dp, name: str, version: str | None) -> tuple[str, object]:
@@ -58,6 +120,7 @@ def _address(dp, name: str, version: str | None) -> tuple[str, object]:
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_metadata(name: str, version: str | None = None, dp=Depends(dataplane)):
+    await _known(dp, name)
     _, spec = _address(dp, name, version)
     info = await dp.calls.info(dp.routes[spec.key])
     versions = [s.resolved_version for s in dp.traffic.specs[spec.name]]
@@ -69,6 +132,7 @@ async def model_metadata(name: str, version: str | None = None, dp=Depends(datap
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(name: str, version: str | None = None, dp=Depends(dataplane)):
+    await _known(dp, name)
     _, spec = _address(dp, name, version)
     if version is None:  # the name: some version that takes traffic is ready
         ok = await dp.readiness.name_ready(spec.name)
@@ -84,6 +148,7 @@ async def infer(name: str, request: Request, version: str | None = None, dp=Depe
     version; without it the traffic policy chooses, and ``model_version`` says which answered."""
     if name == AUTO:
         return await _infer_auto(request, version, dp)
+    await _known(dp, name)
     address, spec = _address(dp, name, version)
     req = await _parse_infer(request)
     outputs, answered = await run(dp, spec, req, address, routed(request))

@@ -1,0 +1,562 @@
+"""Multiplexed pools: one deployment serves every repository model of one kind under a byte budget.
+
+A :class:`TextEncoderPool` replica (deployment ``Pool-<name>``, see :class:`~maas.config.PoolSpec`)
+serves the repository's text encoders of its ``base``. The ingress calls it with the model's name as
+Serve's multiplexed model id (``handle.options(multiplexed_model_id=name)``), so Serve's router sends
+a model's requests to a replica that holds it, and a model no replica holds to the replica with the
+fewest models, which loads it (Ray Serve's multiplexing routing, used as it is).
+
+What this module replaces, and why: ``@serve.multiplexed`` bounds a replica by a model *count* and
+evicts by count; models of one pool range from a 3 KB head to a 90 MB checkpoint, so a replica here
+holds models under a *byte* budget (:class:`~maas.models.cache.ModelCache`) and reports the models it
+holds to Serve's router itself, with the same call the decorator makes (:func:`report_model_ids`).
+
+* **Loads** run one at a time on a loader thread (a forward of a loaded model is never blocked by a
+  load). Before a load, least recently used idle models are evicted until the model's weight files
+  fit; after it, its measured bytes (parameters and buffers) are what counts. A model in use
+  (requests queued or running) is never evicted: a load that cannot make room waits for one to
+  finish, up to ``load_timeout_s``. The budget counts repository models only; the process, torch
+  and the frozen base are not in it (measured in the benchmark).
+* **A request for a model being loaded** waits for the load up to ``load_timeout_s``, then gets 503
+  with ``Retry-After``; the load goes on. **A load that fails** answers that model's requests with
+  the reason and is reported to the index (the model reads ``UNAVAILABLE`` there), never the
+  replica: the next request tries again only when the model's files change or the repository API
+  loads it again.
+* **Batches are grouped by model**: each full checkpoint has its own pull batcher (one forward per
+  model and batch); head-only models share one batcher whose batch runs one base forward for every
+  item and then each item's own head (a ``(C, D)`` linear layer on the base's pooled embeddings).
+* **Removed or unloaded** models (the index says so) are drained: evicted once no request of theirs
+  is queued or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from maas import metrics
+from maas.batching.jobs import Preprocessed
+from maas.batching.pull import PullBatcher
+from maas.config import BatchingSpec, HuggingFaceSource, ModelSpec, PoolSpec
+from maas.errors import InvalidRequest, MaasError, ModelNotFound, ModelNotReady, WeightsError
+from maas.models.cache import ModelCache
+from maas.models.replica import ModelRequest, process_age_s, replica_num_cpus
+
+logger = logging.getLogger("ray.serve.maas.models.pool")
+
+#: How often a replica asks the index for removals and unloads and reports what it holds, seconds
+#: (the repositories' smallest ``poll_interval_s`` is used when it is smaller).
+INDEX_POLL_S = 2.0
+
+
+def report_model_ids(model_ids: list[str]) -> None:
+    """Tell Serve's router which multiplexed model ids this replica holds or is loading, as
+    ``@serve.multiplexed`` does (Ray 2.60's ``_ModelMultiplexWrapper._push_model_ids_info``; a
+    private call, so guarded: without it routing still works, only without affinity)."""
+    try:
+        from ray.serve._private.common import RequestRoutingInfo
+        from ray.serve.context import _get_global_client, _get_internal_replica_context
+
+        ctx = _get_internal_replica_context()
+        if ctx is None:
+            return
+        _get_global_client().record_request_routing_info(
+            RequestRoutingInfo(replica_id=ctx.replica_id, multiplexed_model_ids=list(model_ids)))
+    except Exception as exc:  # noqa: BLE001 - affinity is an optimisation
+        logger.warning("could not report multiplexed model ids to Serve: %s", exc)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc ``malloc_trim``), so an eviction shows in the replica's
+    RSS; a no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Head:
+    """A head-only model: ``logits = embeddings @ weight.T + bias`` on the pool's base embeddings.
+
+    Attributes:
+        weight: float32 (C, D). bias: float32 (C,). labels: C class names.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    labels: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.nbytes + self.bias.nbytes)
+
+
+def load_head(path: str, labels: list[str], dim: int) -> Head:
+    """Read a head file (safetensors: ``weight`` (C, D), ``bias`` (C,)).
+
+    Raises:
+        WeightsError: missing tensors, or shapes that do not match ``labels`` and the base's ``dim``.
+    """
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - any read failure names the file
+        raise WeightsError(f"head file {path} cannot be read as safetensors: {exc}") from None
+    if "weight" not in tensors or "bias" not in tensors:
+        raise WeightsError(f"head file {path} needs tensors 'weight' (C, D) and 'bias' (C,); it has {sorted(tensors)}")
+    w, b = tensors["weight"].astype(np.float32), tensors["bias"].astype(np.float32)
+    if w.shape != (len(labels), dim) or b.shape != (len(labels),):
+        raise WeightsError(f"head file {path}: weight {w.shape} and bias {b.shape} do not match {len(labels)} labels "
+                           f"over the base's {dim}-dimensional embeddings (weight ({len(labels)}, {dim}), bias "
+                           f"({len(labels)},))")
+    return Head(np.ascontiguousarray(w), b, list(labels))
+
+
+def module_bytes(model) -> int:
+    """Bytes of a torch module's parameters and buffers."""
+    return int(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class TextEncoderPool:
+    """A pool replica of text encoders (see the module docstring).
+
+    Constructor args (from ``bind``): the :class:`~maas.config.PoolSpec` as a dict, the index's
+    handle and the repositories' smallest poll interval, seconds.
+
+    Handle methods: ``__call__(pre, params, deadlines_s, backlog_items)`` (a front batch for the
+    model named by the multiplexed model id), ``info(model=None)``, ``load(model)`` (the repository
+    API's load), ``held()``, ``record_autoscaling_stats()``.
+    """
+
+    def __init__(self, pool: dict, index: Any, poll_s: float = INDEX_POLL_S):
+        from maas.models.base import select_device, set_torch_threads
+
+        self.pool = PoolSpec.model_validate(pool)
+        self.index, self.poll_s = index, min(poll_s, INDEX_POLL_S)
+        self.threads = set_torch_threads(replica_num_cpus(), self.pool.resources.torch_threads)
+        self.device = select_device()
+        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maas-forward-{self.pool.name}")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maas-load-{self.pool.name}")
+        self._load_lock: asyncio.Lock | None = None
+        self.inflight: dict[str, int] = {}
+        self.cache = ModelCache(self.pool.memory_budget_bytes, in_use=lambda n: self.inflight.get(n, 0) > 0)
+        self.loading: dict[str, asyncio.Future] = {}
+        self.load_s: dict[str, float] = {}
+        self.failed: dict[str, tuple[str, str]] = {}  # name → (fingerprint, reason)
+        self.entries: dict[str, dict] = {}
+        self.version = -1
+        self.batching = self.pool.batching
+        self.batchers: dict[str, PullBatcher] = {}
+        self._batch_started: float | None = None
+        self._backlog = (0.0, 0.0)
+        self._tasks: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
+        started = time.monotonic()
+        self.base = self._load_base()
+        self.heads = PullBatcher(self._run_heads, f"{self.pool.name}/heads", self.batching.max_batch_size,
+                                 self.batching.batch_wait_timeout_s)
+        self.start_s = process_age_s() or (time.monotonic() - started)
+        logger.info("pool %s ready on %s with %d threads, budget %d bytes%s", self.pool.name, self.device,
+                    self.threads, self.pool.memory_budget_bytes, ", frozen base loaded" if self.base else "")
+
+    # ------------------------------------------------------------------ loading
+
+    def _runner_spec(self, name: str, path: str, tasks: list[str]) -> ModelSpec:
+        return ModelSpec(name=name, family="text-encoder", tasks=tasks, weights=HuggingFaceSource(id=path),
+                         tokenizer=self.pool.tokenizer, max_input_tokens=self.pool.max_input_tokens,
+                         batching=self.pool.batching)
+
+    def _load_base(self):
+        """The frozen base encoder head-only models run on (None without ``base_weights``), warmed up."""
+        if self.pool.base_weights is None:
+            return None
+        from maas.models.text_encoder import TextEncoderRunner
+
+        spec = ModelSpec(name=f"{self.pool.name}-base", family="text-encoder", tasks=["embeddings"],
+                         weights=self.pool.base_weights, tokenizer=self.pool.tokenizer,
+                         max_input_tokens=self.pool.max_input_tokens)
+        runner = TextEncoderRunner(spec, self.device)
+        runner.load()
+        runner.run([runner.probe()])
+        return runner
+
+    def _load_model(self, entry: dict):
+        """On the loader thread: ``(model, bytes)`` — a warm :class:`TextEncoderRunner` for a full
+        checkpoint, a :class:`Head` for a head-only model.
+
+        Raises:
+            WeightsError (or anything transformers raises): the load failed.
+        """
+        spec = entry["spec"]
+        if spec.get("head"):
+            import os
+
+            head = load_head(os.path.join(entry["path"], spec["head"]), spec["labels"], self.base.dimensions)
+            return head, head.nbytes
+        from maas.models.text_encoder import TextEncoderRunner
+
+        runner = TextEncoderRunner(self._runner_spec(entry["name"], entry["path"], spec["tasks"]), self.device)
+        runner.load()
+        return runner, module_bytes(runner.model)
+
+    async def _ensure(self, name: str) -> Any:
+        """The loaded model ``name``, loading it when needed (waits at most ``load_timeout_s``).
+
+        Raises:
+            ModelNotFound: not in the index. ModelNotReady: unavailable there, or still loading
+                after ``load_timeout_s`` (503 + Retry-After). WeightsError: its load failed.
+        """
+        if name in self.cache:
+            return self.cache.get(name)
+        entry = await self._entry(name)
+        fp = entry["fingerprint"]
+        if name in self.failed and self.failed[name][0] == fp:
+            raise WeightsError(f"model {name!r} failed to load: {self.failed[name][1]}; fix its folder "
+                               f"({entry['path']}), or POST /v2/repository/models/{name}/load to try again")
+        fut = self.loading.get(name)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_task(self._load(entry))
+            self.loading[name] = fut
+            report_model_ids(self._model_ids())
+            fut.add_done_callback(lambda _f: self._loaded(name))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=self.pool.load_timeout_s)
+        except asyncio.TimeoutError:
+            raise ModelNotReady(f"model {name!r} is still loading after {self.pool.load_timeout_s} s; retry after 5 s",
+                                retry_after_s=5) from None
+
+    def _loaded(self, name: str) -> None:
+        self.loading.pop(name, None)
+        report_model_ids(self._model_ids())
+        self._spawn(self._report())
+
+    async def _load(self, entry: dict) -> Any:
+        name = entry["name"]
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        async with self._load_lock:
+            if name in self.cache:
+                return self.cache.get(name)
+            await self._make_room(entry["size_bytes"], name)
+            started = time.monotonic()
+            try:
+                model, nbytes = await asyncio.get_running_loop().run_in_executor(self._loader, self._load_model, entry)
+            except Exception as exc:  # noqa: BLE001 - a failed load marks the model, never the replica
+                reason = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+                self.failed[name] = (entry["fingerprint"], reason)
+                metrics.pool_load(self.pool.name, "failed")
+                logger.warning("pool %s: model %s failed to load: %s", self.pool.name, name, reason)
+                raise WeightsError(f"model {name!r} failed to load: {reason}") from None
+            load_s = time.monotonic() - started
+            if nbytes > self.pool.memory_budget_bytes:
+                raise WeightsError(f"model {name!r} takes {nbytes} bytes loaded, over pool {self.pool.name!r}'s budget "
+                                   f"of {self.pool.memory_budget_bytes} bytes")
+            await self._make_room(nbytes, name)  # its measured bytes may exceed its files' estimate
+            self.cache.add(name, model, nbytes)
+            self.load_s[name] = load_s
+            metrics.pool_load(self.pool.name, "ok", load_s)
+            metrics.pool_held(self.pool.name, len(self.cache), self.cache.bytes)
+            logger.info("pool %s: loaded %s (%d bytes) in %.2f s; holding %d models, %d bytes", self.pool.name, name,
+                        nbytes, load_s, len(self.cache), self.cache.bytes)
+            return model
+
+    async def _make_room(self, nbytes: int, for_name: str) -> None:
+        """Evict least recently used idle models until ``nbytes`` fit; waits for busy ones to
+        finish, up to ``load_timeout_s``.
+
+        Raises:
+            ModelNotReady: no room within ``load_timeout_s`` (every held model is busy).
+        """
+        deadline = time.monotonic() + self.pool.load_timeout_s
+        while True:
+            victims = self.cache.victims(nbytes)
+            if victims is not None:
+                for v in victims:
+                    self._evict(v, "budget")
+                return
+            if time.monotonic() > deadline:
+                raise ModelNotReady(f"pool {self.pool.name!r} has no room for model {for_name!r}: every model it holds "
+                                    "is busy; retry after 1 s", retry_after_s=1)
+            await asyncio.sleep(0.02)
+
+    def _evict(self, name: str, reason: str) -> None:
+        model = self.cache.pop(name)
+        if model is None:
+            return
+        self.batchers.pop(name, None)
+        self.load_s.pop(name, None)
+        del model
+        release_memory()
+        metrics.pool_eviction(self.pool.name, reason)
+        metrics.pool_held(self.pool.name, len(self.cache), self.cache.bytes)
+        report_model_ids(self._model_ids())
+        logger.info("pool %s: evicted %s (%s); holding %d models, %d bytes", self.pool.name, name, reason,
+                    len(self.cache), self.cache.bytes)
+
+    def _model_ids(self) -> list[str]:
+        return sorted(set(self.cache.held()) | set(self.loading))
+
+    # ------------------------------------------------------------------ the index
+
+    async def _entry(self, name: str) -> dict:
+        entry = self.entries.get(name)
+        if entry is None or entry["state"] != "READY":
+            await self._refresh(rescan=entry is None)
+            entry = self.entries.get(name)
+        if entry is None or entry.get("pool") != self.pool.name:
+            raise ModelNotFound(f"model {name!r} is not a model of pool {self.pool.name!r}'s repositories; "
+                                "POST /v2/repository/index lists them")
+        if entry["state"] != "READY" and not (name in self.failed and self.failed[name][0] == entry["fingerprint"]):
+            raise ModelNotReady(f"model {name!r} is unavailable: {entry['reason']}", retry_after_s=None)
+        return entry
+
+    async def _refresh(self, rescan: bool = False) -> None:
+        snap = await self.index.snapshot.remote(self.version, rescan)
+        if "models" in snap:
+            self.entries, self.version = snap["models"], snap["version"]
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        """Every ``poll_s``: drop models the index no longer serves (once drained) and report."""
+        while True:
+            try:
+                await self._refresh()
+                for name in list(self.cache.held()):
+                    entry = self.entries.get(name)
+                    gone = entry is None or entry["state"] != "READY" or entry["pool"] != self.pool.name
+                    if gone and self.inflight.get(name, 0) == 0:
+                        self._evict(name, "removed" if entry is None else "unloaded")
+                await self._report()
+            except Exception as exc:  # noqa: BLE001 - the index may be restarting; try again next round
+                logger.debug("pool %s: index poll failed: %s", self.pool.name, exc)
+            await asyncio.sleep(self.poll_s)
+
+    async def _report(self) -> None:
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a Serve replica
+            replica = "local"
+        version = await self.index.report.remote(replica, self.pool.name, self.cache.held(),
+                                                  {k: list(v) for k, v in self.failed.items()})
+        if version != self.version:
+            await self._refresh()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ serving
+
+    async def __call__(self, pre: Any, params: list[dict] | dict | None = None,
+                       deadlines_s: list[float | None] | None = None, backlog_items: float | None = None) -> list[Any]:
+        """A front batch of jobs for the model named by the multiplexed model id; one result or one
+        :class:`~maas.errors.MaasError` per job (see :meth:`maas.models.replica.ModelDeployment.__call__`)."""
+        self._ensure_poller()
+        if backlog_items is not None:
+            self._backlog = (float(backlog_items), time.monotonic())
+        name = serve.get_multiplexed_model_id()
+        if not name:
+            raise InvalidRequest(f"pool {self.pool.name!r} serves repository models: call it with "
+                                 "handle.options(multiplexed_model_id=<model name>)")
+        self.inflight[name] = self.inflight.get(name, 0) + 1
+        try:
+            model = await self._ensure(name)
+            results, requests, pending = self._jobs(model, pre, params, deadlines_s)
+            if not requests:
+                return results
+            if isinstance(model, Head):
+                for r in requests:
+                    r.params = {**r.params, "_head": model}
+                return await self.heads.submit(requests, results, pending)
+            batcher = self.batchers.get(name)
+            if batcher is None:
+                batcher = self.batchers[name] = PullBatcher(
+                    lambda reqs, runner=model: self._in_forward(runner.run, reqs), name,
+                    self.batching.max_batch_size, self.batching.batch_wait_timeout_s)
+            return await batcher.submit(requests, results, pending)
+        finally:
+            self.inflight[name] -= 1
+            if not self.inflight[name]:
+                del self.inflight[name]
+
+    def _jobs(self, model: Any, pre: Any, params, deadlines_s) -> tuple[list, list[ModelRequest], list[int]]:
+        from maas.models.answers import check_top_k
+
+        if not isinstance(pre, Preprocessed):
+            pre = Preprocessed.single(pre)
+        n = len(pre)
+        params_list = [params or {}] * n if not isinstance(params, list) else params
+        deadlines = deadlines_s if deadlines_s is not None else [None] * n
+        results: list[Any] = [None] * n
+        requests, pending = [], []
+        for i, (inputs, err) in enumerate(pre.jobs()):
+            if err is not None:
+                results[i] = err
+                continue
+            request = ModelRequest(inputs=inputs, params=params_list[i], deadline_s=deadlines[i])
+            try:
+                if isinstance(model, Head):
+                    if request.params.get("task", "embeddings") != "text-classification":
+                        raise InvalidRequest("a head-only repository model classifies texts; use the pool's base "
+                                             "model for embeddings")
+                    check_top_k(request.params.get("top_k", 1), len(model.labels), "label count")
+                else:
+                    model.validate(request)
+            except MaasError as exc:
+                results[i] = exc
+                continue
+            requests.append(request)
+            pending.append(i)
+        return results, requests, pending
+
+    def _in_forward(self, fn, *args) -> asyncio.Future:
+        async def run():
+            self._batch_started = time.monotonic()
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._forward_thread, fn, *args)
+            finally:
+                self._batch_started = None
+        return run()
+
+    async def _run_heads(self, requests: list[ModelRequest]) -> list[Any]:
+        return await self._in_forward(self._heads_forward, requests)
+
+    def _heads_forward(self, requests: list[ModelRequest]) -> list[Any]:
+        """One base forward for every item of a mixed batch of head-only models, then each
+        request's own head on its rows of the pooled embeddings (float32 (N, D))."""
+        import torch
+
+        from maas.models.answers import encoder_results
+
+        base = self.base
+        with torch.inference_mode():
+            emb = base.forward(base.preprocess(requests))["embeddings"].float().cpu().numpy()
+        out, start = [], 0
+        for r in requests:
+            n = len(r.inputs)
+            head: Head = r.params["_head"]
+            rows = emb[start:start + n]
+            logits = rows @ head.weight.T + head.bias
+            out.extend(encoder_results(rows, logits, [r], head.labels, False))
+            start += n
+        return out
+
+    # ------------------------------------------------------------------ facts
+
+    async def info(self, model: str | None = None) -> dict:
+        """Pool facts, and a model's when ``model`` names one it can see (never loads it):
+        ``batching``, ``start_s``, ``memory_budget_bytes``, ``held`` (name → bytes), and for the model
+        ``labels`` / ``max_input_tokens`` / ``dimensions`` when loaded, ``loaded``."""
+        self._ensure_poller()
+        if model is not None and model not in self.entries:
+            try:
+                await self._refresh(rescan=True)
+            except Exception:  # noqa: BLE001 - the facts then come without the model's
+                pass
+        out: dict[str, Any] = {
+            "name": model or self.pool.deployment_name, "family": self.pool.family, "pool": self.pool.name,
+            "threads": self.threads, "device": str(self.device), "batching": self.batching.model_dump(),
+            "start_s": round(self.start_s, 1), "memory_budget_bytes": self.pool.memory_budget_bytes,
+            "held_bytes": self.cache.bytes, "held": self.cache.held(),
+            "runtime": {"name": "torch", "precision": "fp32"},
+        }
+        if model is not None:
+            out["loaded"] = model in self.cache
+            entry = self.entries.get(model)
+            if entry is not None and entry.get("spec") and model not in self.cache:
+                out.update(self._static_facts(entry))
+            if model in self.cache:
+                m = self.cache._models[model][0]  # a look without marking it used
+                if isinstance(m, Head):
+                    out.update(labels=m.labels, max_input_tokens=self.base.max_input_tokens,
+                               dimensions=self.base.dimensions)
+                else:
+                    out.update({k: v for k, v in m.info().items() if k != "device"})
+                out["load_s"] = round(self.load_s.get(model, 0.0), 3)
+        return out
+
+    def _static_facts(self, entry: dict) -> dict:
+        """``max_input_tokens``, ``dimensions`` (and ``labels``) of a model that is not loaded, from its
+        files (``config.json``, sentence-transformers' settings; a head's spec) — what the ingress
+        needs to tokenise for it before its first load."""
+        import json
+        import os
+
+        from maas.models.text_encoder import read_pooling
+
+        spec = entry["spec"]
+        if spec.get("head"):
+            base = self.base
+            return {"labels": spec["labels"], "max_input_tokens": base.max_input_tokens, "dimensions": base.dimensions}
+        try:
+            cfg = json.loads(open(os.path.join(entry["path"], "config.json")).read())
+        except (OSError, ValueError):
+            return {}
+        positions = int(cfg.get("max_position_embeddings") or 512)
+        _, _, sbert_max = read_pooling(entry["path"])
+        out = {"max_input_tokens": self.pool.max_input_tokens or min(sbert_max or positions, positions),
+               "dimensions": int(cfg.get("hidden_size") or 0)}
+        if "text-classification" in spec["tasks"] and isinstance(cfg.get("id2label"), dict):
+            out["labels"] = [cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int)]
+        return out
+
+    async def load(self, model: str) -> dict:
+        """Load ``model`` on this replica now (the repository API's load): its :meth:`info`.
+
+        Raises:
+            As :meth:`_ensure`.
+        """
+        self._ensure_poller()
+        await self._refresh(rescan=True)
+        self.failed.pop(model, None)
+        self.inflight[model] = self.inflight.get(model, 0) + 1
+        try:
+            await self._ensure(model)
+        finally:
+            self.inflight[model] -= 1
+            if not self.inflight[model]:
+                del self.inflight[model]
+        return await self.info(model)
+
+    def held(self) -> dict:
+        """``{"models": {name: bytes}, "bytes", "budget_bytes", "loading": [names], "failed": {name: reason}}``."""
+        return {"models": self.cache.held(), "bytes": self.cache.bytes, "budget_bytes": self.pool.memory_budget_bytes,
+                "loading": sorted(self.loading), "failed": {k: v[1] for k, v in self.failed.items()}}
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batching settings from ``user_config`` (as a model deployment's)."""
+        batching = BatchingSpec.model_validate({**self.pool.batching.model_dump(), **(user_config or {})})
+        for b in [self.heads, *self.batchers.values()] if hasattr(self, "heads") else []:
+            b.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
+        self.batching = batching
+
+    async def check_health(self) -> None:
+        """Unhealthy when a batch has run past ``health.stall_timeout_s`` (Serve replaces the replica)."""
+        started = self._batch_started
+        if started is not None and time.monotonic() - started > self.pool.health.stall_timeout_s:
+            raise RuntimeError(f"pool {self.pool.name}: a batch has been running for {time.monotonic() - started:.0f} s")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Items running and waiting on this replica (as a model replica's; see :mod:`maas.autoscaling`)."""
+        from maas.autoscaling import BACKLOG_TTL_S
+
+        batchers = [self.heads, *self.batchers.values()]
+        backlog, at = self._backlog
+        return {"running_items": float(sum(b.running_items for b in batchers)),
+                "queued_items": float(sum(b.queued_items for b in batchers)),
+                "backlog_items": backlog if time.monotonic() - at < BACKLOG_TTL_S else 0.0}

@@ -1,0 +1,389 @@
+"""Model repositories: folders of models found at run time, and the app's one index of them.
+
+A repository (:class:`~maas.config.RepositorySpec`) is a directory whose folders are models::
+
+    /models/                      ← repositories: [{path: /models}]
+      sentiment-support/          ← the model's name (a model name: [a-z0-9][a-z0-9._-]*)
+        maas-model.yaml           ← FolderSpec: family, base, tasks (and head/labels for head-only models)
+        config.json               ← a full checkpoint in Hugging Face layout …
+        model.safetensors
+      topic-router/
+        maas-model.yaml           ← … or a head-only model: `head: head.safetensors`, `labels: [...]`
+        head.safetensors
+
+Adding a model is copying its folder in (copy to a dot-folder, then ``mv``: folders whose name
+starts with ``.`` are skipped, so a half-copied model is never read; a model read half-copied
+fails its load and is retried when its files change). Removing the folder drains the model
+(requests in flight finish) and unloads it everywhere.
+
+:class:`RepositoryState` is the ray-free logic: scanning, each model's state (``READY`` or
+``UNAVAILABLE`` with a reason, the states of Triton's repository index), the explicit
+load/unload of the repository API, load failures and which replica holds which model.
+:class:`RepositoryIndex` is the one Serve deployment that owns it per app (one replica): the
+ingress replicas and the pool replicas read it, so every one of them sees the same models and the
+same unloads. Decided so because an unload must reach every pool replica and a repository API call
+lands on one ingress replica; a per-process scan would make them disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from maas.config import FolderSpec, PoolSpec, RepositorySpec
+
+logger = logging.getLogger("ray.serve.maas.repository")
+
+#: The spec file every repository model's folder holds.
+SPEC_FILE = "maas-model.yaml"
+#: Folder names that are models (the model name rule of :class:`~maas.config.ModelSpec`).
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+#: Weight files counted in a model's size estimate (its bytes before it is loaded).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: A replica's report is dropped when it is older than this, seconds (the replica died or left).
+REPORT_TTL_S = 30.0
+#: A rescan asked for by a request for an unknown model runs at most this often, seconds.
+RESCAN_MIN_INTERVAL_S = 0.5
+
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+
+
+@dataclass
+class Entry:
+    """One repository model as the index knows it.
+
+    Attributes:
+        name: The folder's name, the model's name. repository: The repository directory.
+        path: The model's folder. spec: Its ``maas-model.yaml`` as a dict (None when unreadable).
+        pool: The pool that serves it (None when none fits). size_bytes: Its weight files' bytes
+            (the load-time estimate checked against the pool's budget). fingerprint: Changes when
+            any of its files change (names, sizes, mtimes).
+        state: ``READY`` or ``UNAVAILABLE``. reason: Why it is unavailable ('' when ready).
+        loaded_on: Replica ids that hold it now (from the pools' reports).
+    """
+
+    name: str
+    repository: str
+    path: str
+    spec: dict | None
+    pool: str | None
+    size_bytes: int
+    fingerprint: str
+    state: str = READY
+    reason: str = ""
+    loaded_on: list[str] = field(default_factory=list)
+
+    def public(self) -> dict:
+        return asdict(self)
+
+
+def fingerprint(folder: Path) -> tuple[str, int]:
+    """``(fingerprint, weight bytes)`` of a model folder: the fingerprint covers every file's name,
+    size and mtime (ns) one level deep and in subfolders; weight bytes sum the files whose suffix is
+    in :data:`WEIGHT_SUFFIXES`."""
+    parts: list[str] = []
+    weights = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            try:
+                st = os.stat(os.path.join(root, f))
+            except OSError:
+                continue
+            parts.append(f"{os.path.relpath(os.path.join(root, f), folder)}:{st.st_size}:{st.st_mtime_ns}")
+            if f.endswith(WEIGHT_SUFFIXES):
+                weights += st.st_size
+    import hashlib
+
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16], weights
+
+
+def read_folder(repository: str, folder: Path, pools: list[PoolSpec]) -> Entry:
+    """One model folder as an :class:`Entry` (``UNAVAILABLE`` with the reason when its spec is
+    missing or invalid, no pool serves its kind, or it is larger than its pool's budget)."""
+    fp, size = fingerprint(folder)
+    entry = Entry(name=folder.name, repository=repository, path=str(folder), spec=None, pool=None,
+                  size_bytes=size, fingerprint=fp)
+    spec_path = folder / SPEC_FILE
+    try:
+        raw = yaml.safe_load(spec_path.read_text()) or {}
+        spec = FolderSpec.model_validate(raw)
+    except FileNotFoundError:
+        entry.state, entry.reason = UNAVAILABLE, f"no {SPEC_FILE} in {folder}; add one (family, base, tasks)"
+        return entry
+    except (yaml.YAMLError, ValidationError, OSError) as exc:
+        msg = "; ".join(((".".join(map(str, e["loc"])) + ": ") if e["loc"] else "")
+                        + e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)) \
+            if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
+        entry.state, entry.reason = UNAVAILABLE, f"{SPEC_FILE} is invalid: {msg}"
+        return entry
+    entry.spec = spec.model_dump(mode="json")
+    pool = next((p for p in pools if (p.family, p.base) == (spec.family, spec.base)), None)
+    if pool is None:
+        kinds = [f"{p.family}/{p.base}" for p in pools]
+        entry.state, entry.reason = UNAVAILABLE, (
+            f"no pool serves {spec.family} models of base {spec.base!r} (pools: {kinds}); add a pool with "
+            f"family: {spec.family}, base: {spec.base} to the app config")
+        return entry
+    entry.pool = pool.name
+    if spec.head is not None:
+        if pool.base_weights is None:
+            entry.state, entry.reason = UNAVAILABLE, (
+                f"head-only model, but pool {pool.name!r} has no base_weights to run its head on; set the pool's "
+                "base_weights or ship a full checkpoint")
+            return entry
+        head = folder / spec.head
+        if not head.is_file():
+            entry.state, entry.reason = UNAVAILABLE, f"head file {spec.head!r} is not in {folder}"
+            return entry
+        entry.size_bytes = head.stat().st_size
+    elif size == 0:
+        entry.state, entry.reason = UNAVAILABLE, (
+            f"no weights in {folder} (model.safetensors or pytorch_model.bin, Hugging Face layout)")
+        return entry
+    if entry.size_bytes > pool.memory_budget_bytes:
+        entry.state, entry.reason = UNAVAILABLE, (
+            f"its weights take {entry.size_bytes} bytes, more than pool {pool.name!r}'s memory budget of "
+            f"{pool.memory_budget_bytes} bytes; raise memory_budget_bytes or serve it as its own model")
+    return entry
+
+
+class RepositoryState:
+    """The index of every repository's models, ray-free (see the module docstring).
+
+    Args:
+        repositories: The app's repositories. pools: The app's pools.
+        taken: Names of the app's own models (a repository model may not take one).
+        clock: Monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(self, repositories: list[RepositorySpec], pools: list[PoolSpec], taken: set[str] | None = None,
+                 clock=time.monotonic):
+        self.repositories, self.pools, self.taken, self.clock = repositories, pools, set(taken or ()), clock
+        self.entries: dict[str, Entry] = {}
+        self.version = 0
+        self.unloaded: set[str] = set()  # names unloaded through the repository API (until a load)
+        self.failed: dict[str, tuple[str, str]] = {}  # name → (fingerprint, reason) of a failed load
+        self.reports: dict[str, tuple[str, dict[str, int], float]] = {}  # replica → (pool, {name: bytes}, time)
+        self.scanned_at = -1e9
+
+    def scan(self) -> bool:
+        """Read every repository now. Returns whether anything a reader sees changed."""
+        found: dict[str, Entry] = {}
+        for repo in self.repositories:
+            root = Path(repo.path)
+            try:
+                folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError as exc:
+                logger.warning("repository %s cannot be read: %s", root, exc)
+                continue
+            for folder in folders:
+                if not NAME_RE.match(folder.name):
+                    continue  # not a model name (upper case, spaces …): not a model folder
+                entry = read_folder(repo.path, folder, self.pools)
+                if folder.name in found or folder.name in self.taken:
+                    where = "a model of the app config" if folder.name in self.taken else found[folder.name].path
+                    entry.state, entry.reason = UNAVAILABLE, f"the name {folder.name!r} is taken by {where}; rename the folder"
+                    entry.pool = None
+                    if folder.name in found:
+                        continue
+                found[folder.name] = entry
+        self.scanned_at = self.clock()
+        for name in list(self.failed):
+            if name not in found or found[name].fingerprint != self.failed[name][0]:
+                del self.failed[name]  # changed or gone: a new model, loads again
+        self.unloaded &= set(found)
+        return self._set(found)
+
+    def _apply_marks(self, entries: dict[str, Entry]) -> None:
+        for name, e in entries.items():
+            if e.state != READY:
+                continue
+            if name in self.unloaded:
+                e.state, e.reason = UNAVAILABLE, "unloaded through the repository API; POST …/load to serve it again"
+            elif name in self.failed:
+                e.state, e.reason = UNAVAILABLE, f"its load failed: {self.failed[name][1]}"
+
+    def _set(self, found: dict[str, Entry]) -> bool:
+        before = {n: (e.fingerprint, e.state, e.reason, e.pool) for n, e in self.entries.items()}
+        for e in found.values():
+            if e.state == READY:
+                e.reason = ""
+        self._apply_marks(found)
+        self._place(found)
+        changed = {n: (e.fingerprint, e.state, e.reason, e.pool) for n, e in found.items()} != before
+        self.entries = found
+        if changed:
+            self.version += 1
+        return changed
+
+    def _place(self, entries: dict[str, Entry]) -> None:
+        now = self.clock()
+        self.reports = {r: rep for r, rep in self.reports.items() if now - rep[2] < REPORT_TTL_S}
+        for e in entries.values():
+            e.loaded_on = sorted(r for r, (_, held, _) in self.reports.items() if e.name in held)
+
+    def snapshot(self) -> dict:
+        """``{"version", "models": {name: Entry.public()}}``."""
+        self._place(self.entries)
+        return {"version": self.version, "models": {n: e.public() for n, e in self.entries.items()}}
+
+    def get(self, name: str) -> Entry:
+        """Raises KeyError: no such model in any repository."""
+        return self.entries[name]
+
+    def load(self, name: str) -> Entry:
+        """The repository API's load: rescan, forget an unload or a failure of ``name``.
+
+        Raises:
+            KeyError: no folder of that name in any repository.
+        """
+        self.unloaded.discard(name)
+        self.failed.pop(name, None)
+        self.scan()
+        self.version += 1  # a reader must refresh even when the entry looks the same
+        return self.entries[name]
+
+    def unload(self, name: str) -> Entry:
+        """The repository API's unload: the model stops taking requests at once; pool replicas drain
+        and evict it at their next look at the index.
+
+        Raises:
+            KeyError: no such model.
+        """
+        entry = self.entries[name]
+        self.unloaded.add(name)
+        self._set(dict(self.entries))
+        return entry
+
+    def report(self, replica: str, pool: str, loaded: dict[str, int], failed: dict[str, tuple[str, str]]) -> None:
+        """A pool replica's report: the models it holds (name → bytes) and the loads that failed
+        (name → (fingerprint, reason)); a failure marks the model, not the replica."""
+        self.reports[replica] = (pool, dict(loaded), self.clock())
+        marked = False
+        for name, (fp, reason) in failed.items():
+            e = self.entries.get(name)
+            if e is not None and e.fingerprint == fp and self.failed.get(name) != (fp, reason):
+                self.failed[name] = (fp, reason)
+                marked = True
+        if marked:
+            self._set(dict(self.entries))
+
+    def held(self) -> dict[str, dict]:
+        """Replica → ``{"pool", "models": {name: bytes}, "bytes"}`` from the live reports."""
+        now = self.clock()
+        return {r: {"pool": p, "models": held, "bytes": sum(held.values())}
+                for r, (p, held, at) in self.reports.items() if now - at < REPORT_TTL_S}
+
+
+def _make_index_deployment():
+    from ray import serve
+
+    @serve.deployment(name="RepositoryIndex", num_replicas=1, ray_actor_options={"num_cpus": 0.05},
+                      max_ongoing_requests=1000)
+    class RepositoryIndex:
+        """The app's one index of repository models (see the module docstring): scans every
+        repository every ``poll_interval_s`` and on demand; answers the ingress and the pools.
+
+        Args:
+            repositories: ``RepositorySpec`` dicts. pools: ``PoolSpec`` dicts. taken: the app's model names.
+        """
+
+        def __init__(self, repositories: list[dict], pools: list[dict], taken: list[str]):
+            self.state = RepositoryState([RepositorySpec.model_validate(r) for r in repositories],
+                                         [PoolSpec.model_validate(p) for p in pools], set(taken))
+            self.state.scan()
+            self.poll_s = min(r.poll_interval_s for r in self.state.repositories)
+            self._poller: asyncio.Task | None = None
+            self._rescan: asyncio.Future | None = None
+            self._scan_lock: asyncio.Lock | None = None
+
+        async def _scan(self, fn=None, *args):
+            """``fn(*args)`` (default: a scan) on a thread, one at a time: a slow mount never blocks the
+            answers, and two scans never change the state at once."""
+            if self._scan_lock is None:
+                self._scan_lock = asyncio.Lock()
+            async with self._scan_lock:
+                return await asyncio.to_thread(fn or self.state.scan, *args)
+            logger.info("repository index: %d models in %d repositories", len(self.state.entries),
+                        len(self.state.repositories))
+
+        def _ensure_poller(self) -> None:
+            if self._poller is None or self._poller.done():
+                self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+        async def _poll(self) -> None:
+            while True:
+                await asyncio.sleep(self.poll_s)
+                try:
+                    await self._scan()
+                except Exception:  # noqa: BLE001 - one failed scan must not stop the poll
+                    logger.exception("repository scan failed")
+
+        async def snapshot(self, known_version: int = -1, rescan: bool = False) -> dict:
+            """``{"version"}`` when ``known_version`` is current, else the whole snapshot.
+            ``rescan``: scan first (at most every :data:`RESCAN_MIN_INTERVAL_S`; a request named
+            a model this reader does not know)."""
+            self._ensure_poller()
+            if rescan:
+                await self.rescan()
+            if known_version == self.state.version:
+                return {"version": self.state.version}
+            return self.state.snapshot()
+
+        async def rescan(self) -> None:
+            """A scan that starts after this call arrived: concurrent askers share one, and scans run
+            at most every :data:`RESCAN_MIN_INTERVAL_S` (a flood of requests for unknown names
+            cannot turn into a flood of directory walks)."""
+            fut = self._rescan
+            if fut is None or fut.done():
+                async def run():
+                    wait = RESCAN_MIN_INTERVAL_S - (time.monotonic() - self.state.scanned_at)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self._rescan = None  # askers arriving from now on need the next scan
+                    await self._scan()
+
+                fut = self._rescan = asyncio.ensure_future(run())
+            await asyncio.shield(fut)
+
+        async def load(self, name: str) -> dict:
+            self._ensure_poller()
+            return (await self._scan(self.state.load, name)).public()
+
+        async def unload(self, name: str) -> dict:
+            return self.state.unload(name).public()
+
+        async def report(self, replica: str, pool: str, loaded: dict, failed: dict) -> int:
+            self._ensure_poller()
+            self.state.report(replica, pool, loaded, {k: tuple(v) for k, v in failed.items()})
+            return self.state.version
+
+        async def held(self) -> dict:
+            return self.state.held()
+
+    return RepositoryIndex
+
+
+def index_deployment():
+    """The :class:`RepositoryIndex` Serve deployment (made on first use, so importing this module
+    needs no Ray)."""
+    global _INDEX
+    if _INDEX is None:
+        _INDEX = _make_index_deployment()
+    return _INDEX
+
+
+_INDEX = None
+INDEX_DEPLOYMENT = "RepositoryIndex"
+
+__all__ = ["RepositoryState", "Entry", "read_folder", "fingerprint", "index_deployment", "INDEX_DEPLOYMENT",
+           "SPEC_FILE", "READY", "UNAVAILABLE"]
