@@ -132,6 +132,11 @@ class FrontBatcher:
                 job.batch.maybe_cancel()
             raise
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch out."""
+        return not self._queue and self.inflight == 0
+
     def stats(self) -> dict:
         """``{"batches", "jobs_per_batch": {jobs: count}, "queued_items", "inflight"}``."""
         return {"batches": self.batches_sent, "jobs_per_batch": dict(self.jobs_per_batch),

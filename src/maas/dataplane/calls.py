@@ -217,7 +217,10 @@ class Calls:
         known = self._settings.get(address)
         if known is None or time.monotonic() - known[1] > SETTINGS_TTL_S:
             self._refresh(address)
-        return known[0] if known is not None else self.routes[address].spec.batching
+        if known is not None:
+            return known[0]
+        route = self.routes.get(address)  # a repository model that left keeps its batcher's last settings
+        return route.spec.batching if route is not None else BatchingSpec()
 
     def _refresh(self, address: str) -> None:
         if address in self._refreshing:
@@ -226,7 +229,9 @@ class Calls:
 
         async def ask():
             try:
-                self.learn(address, await self.awaited(self.routes[address].model.info.remote(), address, 5.0))
+                route = self.routes.get(address)
+                if route is not None:
+                    self.learn(address, await self.awaited(route.model.info.remote(), address, 5.0))
             except Exception:  # noqa: BLE001 - settings stay as known; readiness reports a dead model
                 pass
             finally:
@@ -273,11 +278,12 @@ class Calls:
         return await self.awaited(b.submit(payload, params, items, self.deadline_s()), route.spec.key)
 
     def forget(self, address: str) -> None:
-        """Drop what is known about ``address`` (a repository model that left): its facts, settings
-        and front batchers (requests already queued there still run)."""
+        """Drop what is known about ``address`` (a repository model that left the routes): its facts
+        and its idle front batchers. Its settings stay, and so does a batcher that still holds
+        requests: those were routed before it left and are sent and answered (nothing lost); an
+        idle one goes at the next ``forget``."""
         self._info.pop(address, None)
-        self._settings.pop(address, None)
-        for key in [k for k in self._batchers if k[0] == address]:
+        for key in [k for k, b in self._batchers.items() if k[0] not in self.routes and b.idle]:
             del self._batchers[key]
 
     def queued_items(self, address: str) -> int:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import defaultdict
 
 from maas.dataplane.calls import Calls
 from maas.dataplane.traffic import Traffic
 from maas.dataplane.watch import DeploymentWatch
-from maas.errors import ModelNotReady, ServiceOverloaded, unwrap
+from maas.errors import ModelNotFound, ModelNotReady, ServiceOverloaded, unwrap
 
 #: A readiness probe's answer is reused this long, seconds (bounds probe calls under frequent checks).
 READY_PROBE_TTL_S = 0.1
@@ -56,7 +57,9 @@ class Readiness:
         """
         from ray.serve.exceptions import BackPressureError
 
-        route = self.calls.routes[address]
+        route = self.calls.routes.get(address)
+        if route is None:  # a repository model that left while this was asked
+            return False
         dep = route.spec.deployment_name
         if self.watch.serving(dep) is False:
             self.watch.follow()
@@ -80,7 +83,8 @@ class Readiness:
 
     def has_replica(self, address: str) -> bool:
         """Whether ``address`` has a running replica as far as anyone knows (True while unknown)."""
-        return self.watch.serving(self.calls.routes[address].spec.deployment_name) is not False
+        route = self.calls.routes.get(address)
+        return route is not None and self.watch.serving(route.spec.deployment_name) is not False
 
     async def can_take(self, address: str) -> bool:
         """Whether routing may send to ``address``: its probe answered, or, when the probe did not
@@ -96,7 +100,11 @@ class Readiness:
         Raises:
             ModelNotReady: 503 with ``Retry-After`` = the expected rest of its start-up.
         """
-        dep = self.calls.routes[address].spec.deployment_name
+        route = self.calls.routes.get(address)
+        if route is None:
+            raise ModelNotFound(f"model {address!r} does not exist (it left its repository); GET /v1/models lists "
+                                "the served models")
+        dep = route.spec.deployment_name
         serving = self.watch.serving(dep)
         if serving is None:
             self.watch.follow()
@@ -136,7 +144,7 @@ class Readiness:
         ``version`` (the default), ``versions`` (each version's ``id`` ``name@version``, weight,
         readiness, whether it is the default), ``runtime`` (:meth:`runtime`) and ``status_message``
         when not ready."""
-        ready = await self._all()
+        ready = defaultdict(bool, await self._all())  # a repository model may arrive meanwhile
         cards = []
         for name, specs in self.traffic.specs.items():
             weights = dict(self.traffic.weights(name))
@@ -204,7 +212,7 @@ class Readiness:
         make the service unready while another version of its name serves; ``traffic`` shows each
         versioned name's weights, default, rollbacks and shadow counts.
         """
-        ready = await self._all()
+        ready = defaultdict(bool, await self._all())  # a repository model may arrive meanwhile
         reasons: dict[str, str] = {}
         names_ok = True
         traffic: dict = {}

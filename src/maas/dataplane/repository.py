@@ -60,6 +60,16 @@ class PoolModelHandle:
         return self._pool._router
 
 
+def unavailable_message(name: str, reason: str) -> str:
+    """A 503's message for a repository model that cannot serve. An unload says so; other reasons
+    (a failed load, a bad spec file) name the server's files, which a 5xx body does not show: the
+    repository index (behind the API keys, for operators) gives them."""
+    if reason.startswith("unloaded"):
+        return f"repository model {name!r} is unavailable: {reason}"
+    return (f"repository model {name!r} cannot be served now ({reason.split(':')[0]}); POST /v2/repository/index "
+            "gives the reason")
+
+
 def pool_model_spec(entry: dict, pool: PoolSpec) -> PoolModelSpec:
     """The :class:`~maas.config.PoolModelSpec` the ingress routes a repository entry with."""
     from maas.config import HuggingFaceSource
@@ -188,7 +198,7 @@ class RepositoryRoutes:
             logger.debug("repository index did not answer: %s", exc)
         entry = self.entries.get(name)
         if name not in self.calls.routes and entry is not None and entry["state"] != "READY":
-            raise ModelNotReady(f"repository model {name!r} is unavailable: {entry['reason']}")
+            raise ModelNotReady(unavailable_message(name, entry["reason"]))
 
     def loaded_on(self, name: str) -> list[str]:
         """Replicas that hold ``name`` (as of the index's last snapshot)."""
@@ -234,7 +244,7 @@ class RepositoryRoutes:
                 raise ModelNotFound(f"no model {name!r} in the repositories; POST /v2/repository/index lists them") from None
             raise
         if entry["state"] != "READY":
-            raise ModelNotReady(f"repository model {name!r} cannot be served: {entry['reason']}")
+            raise ModelNotReady(unavailable_message(name, entry["reason"]))
         await self.refresh()
         pool = self.handles[entry["pool"]].options(multiplexed_model_id=name)
         timeout = self.pools[entry["pool"]].load_timeout_s + 5

@@ -72,8 +72,8 @@ class Router:
         if req.model != auto.AUTO:
             address = await self.resolve(req.model, req.routing_key)
             await self.readiness.check_serving(address)
+            spec = self.calls.routes[address].spec  # before the call: a repository model may leave meanwhile
             out = await self.calls.timed(address, operation, op)
-            spec = self.calls.routes[address].spec
             if shadow and spec.version is not None and "@" not in req.model:
                 self._shadow(spec.name, spec.resolved_version, op, out)
             return out

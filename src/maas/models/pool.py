@@ -122,6 +122,14 @@ def load_head(path: str, labels: list[str], dim: int) -> Head:
     return Head(np.ascontiguousarray(w), b, list(labels))
 
 
+def failed_load(name: str) -> ModelNotReady:
+    """The answer to a request for a model whose load failed: 503 that says where the reason is
+    (the reason itself names files of the server, which a 5xx body does not show)."""
+    return ModelNotReady(f"repository model {name!r} failed to load; POST /v2/repository/index gives the reason. "
+                         f"Fix its folder (a changed file is loaded again) or POST /v2/repository/models/{name}/load "
+                         "to retry")
+
+
 def module_bytes(model) -> int:
     """Bytes of a torch module's parameters and buffers."""
     return int(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())))
@@ -222,8 +230,7 @@ class TextEncoderPool:
         entry = await self._entry(name)
         fp = entry["fingerprint"]
         if name in self.failed and self.failed[name][0] == fp:
-            raise WeightsError(f"model {name!r} failed to load: {self.failed[name][1]}; fix its folder "
-                               f"({entry['path']}), or POST /v2/repository/models/{name}/load to try again")
+            raise failed_load(name)
         fut = self.loading.get(name)
         if fut is None:
             fut = asyncio.get_running_loop().create_task(self._load(entry))
@@ -257,7 +264,7 @@ class TextEncoderPool:
                 self.failed[name] = (entry["fingerprint"], reason)
                 metrics.pool_load(self.pool.name, "failed")
                 logger.warning("pool %s: model %s failed to load: %s", self.pool.name, name, reason)
-                raise WeightsError(f"model {name!r} failed to load: {reason}") from None
+                raise failed_load(name) from None
             load_s = time.monotonic() - started
             if nbytes > self.pool.memory_budget_bytes:
                 raise WeightsError(f"model {name!r} takes {nbytes} bytes loaded, over pool {self.pool.name!r}'s budget "

@@ -135,7 +135,10 @@ def error_response(request: Request, exc: MaasError) -> Response:
         if not isinstance(exc, (ModelNotReady, ModelTimeout, ServiceOverloaded)):
             message = "the service could not answer this request; retry later"
     headers = {"Retry-After": str(exc.retry_after_s or RETRY_AFTER_S)} if status in (429, 503, 504) else None
-    if request.url.path.startswith("/v2"):
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):  # an app under a route prefix (/repo/v2/...) speaks v2 there too
+        path = path[len(root):]
+    if path.startswith("/v2"):
         return json_response({"error": message}, status, headers)
     return json_response(error_body(message, exc.error_type, exc.param if status < 500 else None, exc.code),
                          status, headers)

@@ -69,6 +69,16 @@ class RuntimeCard(BaseModel):
                                         "loaded torch (only to serve fp32 torch after a missed guard).")
 
 
+class RepositoryCard(BaseModel):
+    """Where a repository model comes from and where it is loaded (``maas.dataplane.repository``)."""
+
+    path: str = Field(description="The model's folder.")
+    pool: str | None = Field(description="The pool that serves it.")
+    loaded_on: list[str] = Field(description="Pool replicas that hold it now (ids as in Serve's replica names).")
+    size_bytes: int = Field(description="Its weight files' bytes.")
+    head_only: bool = Field(description="A head on the pool's frozen base (one base forward serves mixed batches).")
+
+
 class ModelCard(BaseModel):
     """One ``/v1/models`` entry: OpenAI's shape plus maas facts (see ``maas.dataplane.readiness``)."""
 
@@ -89,6 +99,7 @@ class ModelCard(BaseModel):
     runtime: RuntimeCard | None = None
     versions: list[VersionCard] | None = None
     status_message: str | None = Field(default=None, description="Why a model is not ready (from Serve).")
+    repository: RepositoryCard | None = Field(default=None, description="Repository models: folder, pool, replicas.")
     # A version's card (GET /v1/models/name@version) also carries that version's traffic facts.
     weight: float | None = None
     default: bool | None = None

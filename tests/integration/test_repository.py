@@ -1,0 +1,196 @@
+"""Model repositories and multiplexed pools on a real cluster: an app `repo` deployed next to the
+session's (declaratively, as `serve deploy` does, with two pool replicas) over a repository of real
+MiniLM variants the fixture trains (six head-only classifiers, three fine-tuned full checkpoints, one
+broken checkpoint). Discovery by poll and by the repository API (tritonclient), load / unload / drain,
+the byte budget and affinity, answers from the right variant in mixed batches, a failing load, and
+every protocol and handles."""
+
+import concurrent.futures
+import copy
+import shutil
+import subprocess
+import pytest
+import requests
+import yaml
+
+from tests.conftest import BIN, wait_for
+
+pytestmark = pytest.mark.integration
+
+APP = "repo"
+POOL = "Pool-minilm-classifiers"
+#: One fine-tuned checkpoint (MiniLM + a 2-label head) measures 90.9 MB loaded: 100 MB holds one
+#: checkpoint and the heads, so a second checkpoint on the same replica evicts the first.
+BUDGET = 100 * 2**20
+WEATHER = "It will rain tomorrow and the storm comes in the afternoon."
+
+
+def classify(url, model, texts, **kw):
+    return requests.post(f"{url}/v1/classifications/text", json={"model": model, "input": texts, **kw}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def repo(served_app, tmp_path_factory):
+    import ray
+
+    from maas.variants import make_checkpoints, make_heads, pool_config
+
+    root = tmp_path_factory.mktemp("repository")
+    make_heads(root, 6)
+    make_checkpoints(root, 3, steps=2)
+    broken = root / "broken"
+    shutil.copytree(root / "ckpt-00", broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 4096)  # not safetensors: its load fails
+    args = pool_config(root, BUDGET, resources={"num_cpus": 0.2}, poll_interval_s=1.0)
+    base = yaml.safe_load(served_app["config"].read_text())
+    app = {"name": APP, "route_prefix": f"/{APP}", "import_path": "maas.app:build_app", "args": args,
+           "deployments": [{"name": POOL, "num_replicas": 2}]}
+    cfg = copy.deepcopy(base)
+    cfg["applications"].append(app)
+    path = served_app["config"].with_name("repo-deploy.yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]
+
+    def deploy(config_path):
+        out = subprocess.run([str(BIN / "serve"), "deploy", "--address", f"http://{dashboard}", str(config_path)],
+                             env=served_app["env"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+
+    deploy(path)
+    url = f"{served_app['url']}/{APP}"
+    wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).status_code == 200
+             and requests.get(f"{url}/readyz", timeout=10).json()["ready"], 300, "repo app ready", interval_s=1.0)
+    try:
+        yield {"url": url, "root": root}
+    finally:
+        path.write_text(yaml.safe_dump(base))
+        deploy(path)
+        wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).status_code == 404, 120, "repo app deleted")
+
+
+def held() -> dict:
+    """Replica → {"pool", "models": {name: bytes}, "bytes"} from the index (the pools' reports)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("RepositoryIndex", app_name=APP).held.remote().result()
+
+
+def test_models_are_listed_and_answer_on_every_protocol_and_handles(repo):
+    from ray import serve
+
+    url = repo["url"]
+    cards = {c["id"]: c for c in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
+    assert {f"head-{i:02d}" for i in range(6)} | {"ckpt-00", "ckpt-01", "ckpt-02"} <= set(cards)
+    assert "broken" in cards  # listed: its failure shows only when it loads
+    card = cards["head-03"]
+    assert card["deployment"] == POOL and card["repository"]["pool"] == "minilm-classifiers"
+    assert card["repository"]["head_only"] and card["tasks"] == ["text-classification"]
+    r = classify(url, "head-00", [WEATHER], top_k=2)  # head-00's task: weather or not
+    assert r.status_code == 200, r.text
+    top = r.json()["data"][0]["top_k"]
+    assert top[0]["label"] == "head-00:yes" and {t["label"] for t in top} == {"head-00:yes", "head-00:no"}
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [WEATHER]}]}
+    v2 = requests.post(f"{url}/v2/models/ckpt-00/infer", json=body, timeout=60)
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["outputs"][0]["data"][0] == "ckpt-00:yes"
+    out = serve.get_app_handle(APP).classify_text.remote({"model": "ckpt-01", "input": [WEATHER]}).result()
+    assert out["data"][0]["top_k"][0]["label"].startswith("ckpt-01:")
+    meta = requests.get(f"{url}/v2", timeout=10).json()
+    assert "model_repository" in meta["extensions"]
+
+
+def test_mixed_concurrent_requests_get_their_own_variants_answers(repo):
+    """Heads share one base forward per batch; each item must still go through its own head."""
+    names = [f"head-{i:02d}" for i in range(6)] + ["ckpt-00"]
+    jobs = [names[i % len(names)] for i in range(42)]
+    with concurrent.futures.ThreadPoolExecutor(14) as pool:
+        answers = list(pool.map(lambda m: (m, classify(repo["url"], m, [WEATHER, "The striker scored twice."])), jobs))
+    for model, r in answers:
+        assert r.status_code == 200, (model, r.text)
+        labels = {item["top_k"][0]["label"].split(":")[0] for item in r.json()["data"]}
+        assert labels == {model}, (model, labels)
+
+
+def test_byte_budget_eviction_and_affinity(repo):
+    url = repo["url"]
+    for model in ("ckpt-00", "ckpt-01", "ckpt-02", "ckpt-00", "ckpt-01", "ckpt-02"):
+        assert classify(url, model, [WEATHER]).status_code == 200
+    # Three 91 MB checkpoints over two replicas of a 100 MB budget: something was evicted, no replica
+    # ever holds more than its budget.
+    reports = wait_for(lambda: (h := held()) and len(h) == 2 and h, 30, "both pool replicas reported")
+    for replica, report in reports.items():
+        assert report["bytes"] <= BUDGET, (replica, report)
+        assert sum(1 for m in report["models"] if m.startswith("ckpt-")) <= 1
+    # Affinity: once a replica holds a model, its requests go there (Serve's multiplexed routing with
+    # the replica's own report); twenty more requests do not load it on the other replica.
+    def ckpt02_holders():
+        return {e["name"]: e for e in requests.post(f"{url}/v2/repository/index", timeout=30).json()}[
+            "ckpt-02"]["loaded_on"]
+
+    holder = wait_for(ckpt02_holders, 10, "ckpt-02 reported loaded")
+    assert len(holder) == 1
+    for _ in range(20):
+        assert classify(url, "ckpt-02", [WEATHER]).status_code == 200
+    after = {r: h["models"] for r, h in held().items()}
+    assert [r for r, models in after.items() if "ckpt-02" in models] == holder
+
+
+def test_a_copied_folder_answers_and_a_removed_one_goes_without_redeploy(repo):
+    from maas.variants import make_heads
+
+    url, root = repo["url"], repo["root"]
+    assert classify(url, "head-09", [WEATHER]).status_code == 404
+    make_heads(root / ".incoming", 1, start=9)  # copy beside, then rename: never read half-copied
+    (root / ".incoming" / "head-09").rename(root / "head-09")
+    r = wait_for(lambda: (r := classify(url, "head-09", [WEATHER])).status_code == 200 and r, 30, "head-09 answers")
+    assert r.json()["data"][0]["top_k"][0]["label"].startswith("head-09:")
+    shutil.rmtree(root / "head-09")
+    wait_for(lambda: classify(url, "head-09", [WEATHER]).status_code == 404, 30, "head-09 gone")
+    wait_for(lambda: all("head-09" not in h["models"] for h in held().values()), 30, "head-09 evicted everywhere")
+
+
+def test_a_failing_load_marks_the_model_not_the_replica(repo):
+    url = repo["url"]
+    r = classify(url, "broken", [WEATHER])
+    assert r.status_code == 503 and "failed to load; POST /v2/repository/index" in r.json()["error"]["message"], r.text
+    entry = wait_for(lambda: next(e for e in requests.post(f"{url}/v2/repository/index", timeout=30).json()
+                                  if e["name"] == "broken" and e["state"] == "UNAVAILABLE"), 30, "broken marked")
+    assert "its load failed" in entry["reason"] and "SafetensorError" in entry["reason"]
+    again = classify(url, "broken", [WEATHER])  # refused at the ingress now, with the reason
+    msg = again.json()["error"]["message"]
+    assert again.status_code == 503 and "its load failed" in msg and "/v2/repository/index" in msg
+    assert str(repo["root"]) not in msg  # the server's paths are for operators (the index), not in a 5xx body
+    assert classify(url, "head-01", [WEATHER]).status_code == 200  # the replicas serve on
+
+
+def test_tritonclient_repository_index_unload_drain_and_load(repo, served_app):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    url = repo["url"]
+    client = httpclient.InferenceServerClient(served_app["url"].removeprefix("http://") + f"/{APP}")
+    index = {e["name"]: e for e in client.get_model_repository_index()}
+    assert index["head-02"]["state"] == "READY" and index["broken"]["name"] == "broken"
+    assert classify(url, "head-02", [WEATHER]).status_code == 200
+    # Requests in flight when the unload comes finish; new ones are refused with the reason.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        inflight = [pool.submit(classify, url, "head-02", [WEATHER] * 4) for _ in range(16)]
+        client.unload_model("head-02")
+        codes = [f.result().status_code for f in inflight]
+    assert set(codes) <= {200, 503}, codes  # 503 only for those that arrived after the unload
+    r = classify(url, "head-02", [WEATHER])
+    assert r.status_code == 503 and "unloaded" in r.json()["error"]["message"]
+    index = {e["name"]: e for e in client.get_model_repository_index()}
+    assert index["head-02"]["state"] == "UNAVAILABLE"
+    wait_for(lambda: all("head-02" not in h["models"] for h in held().values()), 30, "head-02 evicted")
+    client.load_model("head-02")  # returns once a pool replica has it loaded
+    assert classify(url, "head-02", [WEATHER]).status_code == 200
+    with pytest.raises(InferenceServerException, match="no model 'nope'"):
+        client.load_model("nope")
+    with pytest.raises(InferenceServerException, match="not supported"):
+        client.load_model("head-02", config='{"backend": "python"}')
+
+
+def test_an_app_without_repository_says_how_to_add_one(served_app):
+    r = requests.post(f"{served_app['url']}/v2/repository/index", timeout=30)
+    assert r.status_code == 404 and "repositories:" in r.json()["error"]
