@@ -622,8 +622,9 @@ class PoolSpec(_Strict):
         "base forward serves a mixed batch of them. Without it the pool serves full checkpoints only.")
     memory_budget_bytes: int = Field(
         default=2 * 1024**3, ge=1,
-        description="Bytes of repository models (parameters and buffers) one replica holds at most; least recently "
-        "used ones are evicted to stay under it. The frozen base and the process itself are not counted.")
+        description="Memory of one replica, bytes: the process, torch and the frozen base (measured when the replica "
+        "starts) plus the repository models it holds (their parameters and buffers), least recently used evicted to "
+        "stay under it. A replica whose start alone takes more refuses to start.")
     load_timeout_s: float = Field(
         default=30.0, gt=0, le=600,
         description="A request for a model that is not loaded waits for its load this long at most, seconds; then "

@@ -130,6 +130,13 @@ def estimate_memory_bytes(spec: ModelSpec) -> int:
             + CUDA_CONTEXT_BYTES)
 
 
+def estimate_pool_memory_bytes(pool) -> int:
+    """Estimated GPU memory of one pool replica, bytes: its ``memory_budget_bytes`` (the frozen base
+    and the repository models it holds) + activations and the CUDA context as for a model."""
+    return (pool.memory_budget_bytes + pool.batching.max_batch_size * ACTIVATION_BYTES_PER_ITEM[pool.family]
+            + CUDA_CONTEXT_BYTES)
+
+
 def _overrides(app: dict) -> dict[str, dict]:
     return {d["name"]: d for d in app.get("deployments") or []}
 
@@ -167,6 +174,7 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
     plan = Plan()
     replicas: list[Replica] = []
     specs: dict[str, ModelSpec] = {}
+    pools: dict = {}
     notes: list[str] = []
     for app in serve_config.get("applications", []):
         if app.get("import_path") != "maas.app:build_app":
@@ -184,6 +192,21 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
             replicas += _replicas(dep, cpus_each, 0.0, over.get(dep, {}))
         replicas += _replicas(INGRESS_DEPLOYMENT, config.ingress.num_cpus, 0.0, over.get(INGRESS_DEPLOYMENT, {}))
         known = set(graph["models"].values()) | set(graph["preprocessors"].values()) | {INGRESS_DEPLOYMENT}
+        if config.pools:  # repository pools: each replica holds its base and up to its byte budget of models
+            from maas.config import tokenizer_deployment_name
+            from maas.repository import INDEX_DEPLOYMENT
+
+            replicas += _replicas(INDEX_DEPLOYMENT, 0.05, 0.0, over.get(INDEX_DEPLOYMENT, {}))
+            known.add(INDEX_DEPLOYMENT)
+            for pool in config.pools:
+                pools[pool.deployment_name] = pool
+                replicas += _replicas(pool.deployment_name, pool.resources.num_cpus, pool.resources.num_gpus,
+                                      over.get(pool.deployment_name, {}))
+                known.add(pool.deployment_name)
+                tok = tokenizer_deployment_name(pool)
+                if tok not in known:
+                    replicas += _replicas(tok, config.tokenizers.num_cpus, 0.0, over.get(tok, {}))
+                    known.add(tok)
         if any(len(v) > 1 for v in config.versions().values()):
             replicas += _replicas(ROUTING_KEYS_DEPLOYMENT, 0.01, 0.0, over.get(ROUTING_KEYS_DEPLOYMENT, {}))
             known.add(ROUTING_KEYS_DEPLOYMENT)
@@ -206,9 +229,10 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
     seen: set[str] = set()
     for r in replicas:
         spec = specs.get(r.deployment)
-        if r.num_gpus > 0 and spec is not None:
+        if r.num_gpus > 0 and (spec is not None or r.deployment in pools):
             try:
-                r.memory_bytes = estimate_memory_bytes(spec)
+                r.memory_bytes = estimate_memory_bytes(spec) if spec is not None \
+                    else estimate_pool_memory_bytes(pools[r.deployment])
             except ValueError as exc:
                 plan.errors.append(f"{r.deployment}: {exc}")
         if r.deployment not in seen:

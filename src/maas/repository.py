@@ -173,6 +173,7 @@ class RepositoryState:
         self.unloaded: set[str] = set()  # names unloaded through the repository API (until a load)
         self.failed: dict[str, tuple[str, str]] = {}  # name → (fingerprint, reason) of a failed load
         self.reports: dict[str, tuple[str, dict[str, int], float]] = {}  # replica → (pool, {name: bytes}, time)
+        self.facts: dict[str, dict] = {}  # replica → its memory facts (rss_bytes, baseline_bytes, budgets)
         self.scanned_at = -1e9
 
     def scan(self) -> bool:
@@ -264,10 +265,13 @@ class RepositoryState:
         self._set(dict(self.entries))
         return entry
 
-    def report(self, replica: str, pool: str, loaded: dict[str, int], failed: dict[str, tuple[str, str]]) -> None:
-        """A pool replica's report: the models it holds (name → bytes) and the loads that failed
-        (name → (fingerprint, reason)); a failure marks the model, not the replica."""
+    def report(self, replica: str, pool: str, loaded: dict[str, int], failed: dict[str, tuple[str, str]],
+               facts: dict | None = None) -> None:
+        """A pool replica's report: the models it holds (name → bytes), the loads that failed
+        (name → (fingerprint, reason); a failure marks the model, not the replica) and its memory
+        ``facts`` (``rss_bytes``, ``baseline_bytes``, ``budget_bytes``, ``models_budget_bytes``)."""
         self.reports[replica] = (pool, dict(loaded), self.clock())
+        self.facts[replica] = dict(facts or {})
         marked = False
         for name, (fp, reason) in failed.items():
             e = self.entries.get(name)
@@ -278,9 +282,9 @@ class RepositoryState:
             self._set(dict(self.entries))
 
     def held(self) -> dict[str, dict]:
-        """Replica → ``{"pool", "models": {name: bytes}, "bytes"}`` from the live reports."""
+        """Replica → ``{"pool", "models": {name: bytes}, "bytes", **facts}`` from the live reports."""
         now = self.clock()
-        return {r: {"pool": p, "models": held, "bytes": sum(held.values())}
+        return {r: {"pool": p, "models": held, "bytes": sum(held.values()), **self.facts.get(r, {})}
                 for r, (p, held, at) in self.reports.items() if now - at < REPORT_TTL_S}
 
 
@@ -362,9 +366,9 @@ def _make_index_deployment():
         async def unload(self, name: str) -> dict:
             return self.state.unload(name).public()
 
-        async def report(self, replica: str, pool: str, loaded: dict, failed: dict) -> int:
+        async def report(self, replica: str, pool: str, loaded: dict, failed: dict, facts: dict | None = None) -> int:
             self._ensure_poller()
-            self.state.report(replica, pool, loaded, {k: tuple(v) for k, v in failed.items()})
+            self.state.report(replica, pool, loaded, {k: tuple(v) for k, v in failed.items()}, facts)
             return self.state.version
 
         async def held(self) -> dict:

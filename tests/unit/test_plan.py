@@ -108,3 +108,19 @@ def test_cluster_launcher_file_validates_against_rays_schema():
     jsonschema.validate(doc, schema)
     gpu_nodes = [t for t in doc["available_node_types"].values() if t["resources"].get("GPU")]
     assert sum(t["resources"]["GPU"] * t["max_workers"] for t in gpu_nodes) == 2
+
+
+def test_a_pool_budget_counts_against_its_gpu_share():
+    from maas.variants import pool_config
+
+    args = pool_config("/nonexistent-repository", 24 * 2**30, resources={"num_gpus": 0.25})
+    cfg = {"applications": [{"name": "maas", "import_path": "maas.app:build_app", "args": args,
+                             "deployments": [{"name": "Pool-minilm-classifiers", "num_replicas": 2}]}]}
+    plan = plan_config(cfg, gpus=1, gpu_memory_gib=80, cpus=8)
+    # 24 GiB budget (base and models) + 8 × 16 MiB activations + 0.5 GiB context > 0.25 × 80 GiB
+    assert any(e.startswith("Pool-minilm-classifiers: a replica needs ~24.62 GiB but its share is num_gpus 0.25")
+               for e in plan.errors), plan.text()
+    args["pools"][0]["memory_budget_bytes"] = 16 * 2**30
+    plan = plan_config(cfg, gpus=1, gpu_memory_gib=80, cpus=8)
+    assert plan.fits, plan.text()
+    assert any(ln.startswith("RepositoryIndex") for ln in plan.lines)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
@@ -48,6 +47,7 @@ class PoolModelHandle:
         self.name, self._pool = name, pool
         self._model = pool.options(multiplexed_model_id=name)
         self.info = _Info(pool, name)
+        self.explain = self._model.explain
 
     def remote(self, *args, **kwargs):
         return self._model.remote(*args, **kwargs)
@@ -268,8 +268,7 @@ class RepositoryRoutes:
         await self.refresh()
         return entry
 
-    def pool_names(self) -> list[str]:
-        return list(self.pools)
-
-    def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "models": len(self.entries)}
+    async def replicas(self) -> dict:
+        """Pool replica → ``{"pool", "models": {name: bytes}, "bytes", "rss_bytes", "baseline_bytes",
+        "budget_bytes", "models_budget_bytes"}`` (the index's live reports)."""
+        return await asyncio.wait_for(self.index.held.remote(), INDEX_TIMEOUT_S)

@@ -11,12 +11,14 @@ evicts by count; models of one pool range from a 3 KB head to a 90 MB checkpoint
 holds models under a *byte* budget (:class:`~maas.models.cache.ModelCache`) and reports the models it
 holds to Serve's router itself, with the same call the decorator makes (:func:`report_model_ids`).
 
-* **Loads** run one at a time on a loader thread (a forward of a loaded model is never blocked by a
-  load). Before a load, least recently used idle models are evicted until the model's weight files
-  fit; after it, its measured bytes (parameters and buffers) are what counts. A model in use
-  (requests queued or running) is never evicted: a load that cannot make room waits for one to
-  finish, up to ``load_timeout_s``. The budget counts repository models only; the process, torch
-  and the frozen base are not in it (measured in the benchmark).
+* **The budget is the replica's memory** (``memory_budget_bytes``): at start the replica measures
+  what it takes without repository models (its RSS after torch, the frozen base and a warm-up
+  forward) and gives models the rest. Loads run one at a time on a loader thread (a forward of a
+  loaded model is never blocked by a load). Before a load, least recently used idle models are
+  evicted until the model's weight files fit; after it, its measured bytes (parameters and buffers)
+  are what counts. A model in use (requests queued or running) is never evicted: a load that cannot
+  make room waits for one to finish, up to ``load_timeout_s``. Evicted memory is handed back to the
+  OS (``malloc_trim``) so the replica's RSS follows.
 * **A request for a model being loaded** waits for the load up to ``load_timeout_s``, then gets 503
   with ``Retry-After``; the load goes on. **A load that fails** answers that model's requests with
   the reason and is reported to the index (the model reads ``UNAVAILABLE`` there), never the
@@ -72,6 +74,16 @@ def report_model_ids(model_ids: list[str]) -> None:
             RequestRoutingInfo(replica_id=ctx.replica_id, multiplexed_model_ids=list(model_ids)))
     except Exception as exc:  # noqa: BLE001 - affinity is an optimisation
         logger.warning("could not report multiplexed model ids to Serve: %s", exc)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory, bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        import os
+
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def release_memory() -> None:
@@ -167,16 +179,33 @@ class TextEncoderPool:
         self.batching = self.pool.batching
         self.batchers: dict[str, PullBatcher] = {}
         self._batch_started: float | None = None
+        self._explaining = 0
         self._backlog = (0.0, 0.0)
         self._tasks: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
         started = time.monotonic()
         self.base = self._load_base()
+        # The budget is the replica's memory: models get what the process, torch and the frozen base
+        # leave of it (measured now, after the base's warm-up forward).
+        release_memory()
+        if self.device.type == "cuda":  # models live in device memory there
+            import torch
+
+            self.baseline_bytes = int(torch.cuda.memory_allocated(self.device))
+        else:
+            self.baseline_bytes = rss_bytes()
+        models_budget = self.pool.memory_budget_bytes - self.baseline_bytes
+        if models_budget <= 0:
+            raise ValueError(f"pool {self.pool.name!r}: memory_budget_bytes {self.pool.memory_budget_bytes} is below what "
+                             f"the replica takes before any repository model ({self.baseline_bytes} bytes: process, torch"
+                             f"{', base' if self.base else ''}); raise it")
+        self.cache.budget_bytes = models_budget
         self.heads = PullBatcher(self._run_heads, f"{self.pool.name}/heads", self.batching.max_batch_size,
                                  self.batching.batch_wait_timeout_s)
         self.start_s = process_age_s() or (time.monotonic() - started)
-        logger.info("pool %s ready on %s with %d threads, budget %d bytes%s", self.pool.name, self.device,
-                    self.threads, self.pool.memory_budget_bytes, ", frozen base loaded" if self.base else "")
+        logger.info("pool %s ready on %s with %d threads; budget %d bytes, %d of them for repository models%s",
+                    self.pool.name, self.device, self.threads, self.pool.memory_budget_bytes, models_budget,
+                    " (frozen base loaded)" if self.base else "")
 
     # ------------------------------------------------------------------ loading
 
@@ -266,9 +295,9 @@ class TextEncoderPool:
                 logger.warning("pool %s: model %s failed to load: %s", self.pool.name, name, reason)
                 raise failed_load(name) from None
             load_s = time.monotonic() - started
-            if nbytes > self.pool.memory_budget_bytes:
-                raise WeightsError(f"model {name!r} takes {nbytes} bytes loaded, over pool {self.pool.name!r}'s budget "
-                                   f"of {self.pool.memory_budget_bytes} bytes")
+            if nbytes > self.cache.budget_bytes:
+                raise WeightsError(f"model {name!r} takes {nbytes} bytes loaded, over the {self.cache.budget_bytes} bytes "
+                                   f"pool {self.pool.name!r}'s replicas have for models")
             await self._make_room(nbytes, name)  # its measured bytes may exceed its files' estimate
             self.cache.add(name, model, nbytes)
             self.load_s[name] = load_s
@@ -357,8 +386,10 @@ class TextEncoderPool:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a Serve replica
             replica = "local"
+        facts = {"rss_bytes": rss_bytes(), "baseline_bytes": self.baseline_bytes,
+                 "budget_bytes": self.pool.memory_budget_bytes, "models_budget_bytes": self.cache.budget_bytes}
         version = await self.index.report.remote(replica, self.pool.name, self.cache.held(),
-                                                  {k: list(v) for k, v in self.failed.items()})
+                                                  {k: list(v) for k, v in self.failed.items()}, facts)
         if version != self.version:
             await self._refresh()
 
@@ -430,6 +461,38 @@ class TextEncoderPool:
             requests.append(request)
             pending.append(i)
         return results, requests, pending
+
+    async def explain(self, payload: Any, params: dict, deadline_s: float | None = None) -> dict:
+        """Token attributions for a full-checkpoint repository model (as a model replica's
+        ``explain``, :meth:`maas.models.text_encoder.TextEncoderRunner.explain_map`), between batches
+        on the forward thread; at most 2 at once per replica.
+
+        Raises:
+            TaskNotSupported: a head-only model (its attribution would need the base's gradients per
+                head; not built). ServiceOverloaded: 2 explanations already running here.
+            ModelTimeout: the deadline passed before it could start.
+        """
+        from maas.errors import ModelTimeout, ServiceOverloaded, TaskNotSupported
+
+        name = serve.get_multiplexed_model_id()
+        if self._explaining >= 2:
+            raise ServiceOverloaded(f"pool {self.pool.name!r} is computing 2 explanations already; retry after 1 s")
+        self._explaining += 1
+        self.inflight[name] = self.inflight.get(name, 0) + 1
+        try:
+            model = await self._ensure(name)
+            if isinstance(model, Head):
+                raise TaskNotSupported(f"model {name!r} is a head-only repository model; explanations are offered for "
+                                       "full checkpoints")
+            if deadline_s is not None and time.time() > deadline_s:
+                raise ModelTimeout(f"model {name!r}: the explanation did not start within explain_timeout_s; retry later")
+            state = await self._in_forward(model.explain_map, payload, params)
+            return await self._in_forward(model.explain_score, state, params)
+        finally:
+            self._explaining -= 1
+            self.inflight[name] -= 1
+            if not self.inflight[name]:
+                del self.inflight[name]
 
     def _in_forward(self, fn, *args) -> asyncio.Future:
         async def run():
@@ -541,9 +604,12 @@ class TextEncoderPool:
         return await self.info(model)
 
     def held(self) -> dict:
-        """``{"models": {name: bytes}, "bytes", "budget_bytes", "loading": [names], "failed": {name: reason}}``."""
-        return {"models": self.cache.held(), "bytes": self.cache.bytes, "budget_bytes": self.pool.memory_budget_bytes,
-                "loading": sorted(self.loading), "failed": {k: v[1] for k, v in self.failed.items()}}
+        """``{"models": {name: bytes}, "bytes", "models_budget_bytes", "budget_bytes", "baseline_bytes",
+        "rss_bytes", "loading": [names], "failed": {name: reason}}``."""
+        return {"models": self.cache.held(), "bytes": self.cache.bytes, "models_budget_bytes": self.cache.budget_bytes,
+                "budget_bytes": self.pool.memory_budget_bytes, "baseline_bytes": self.baseline_bytes,
+                "rss_bytes": rss_bytes(), "loading": sorted(self.loading),
+                "failed": {k: v[1] for k, v in self.failed.items()}}
 
     def reconfigure(self, user_config: dict) -> None:
         """Batching settings from ``user_config`` (as a model deployment's)."""

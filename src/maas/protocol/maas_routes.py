@@ -33,6 +33,14 @@ async def healthz():
     return json_response({"status": "ok"})
 
 
+@router.get("/v1/pools", tags=["maas"])
+async def pools(dp=Depends(dataplane)):
+    """The pools' replicas (apps with repositories): per replica its pool, the repository models it
+    holds (name → bytes), their total, its memory (``rss_bytes``), what it took before any model
+    (``baseline_bytes``) and its budgets."""
+    return json_response({"replicas": await dp.repository_api().replicas()})
+
+
 @router.get("/readyz", tags=["health"], responses={503: {"description": "Some model is not ready."}})
 async def readyz(dp=Depends(dataplane)):
     """Readiness: every model is loaded and has a running replica."""
