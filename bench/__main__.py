@@ -32,15 +32,16 @@ from pathlib import Path
 from bench import inputs, load, memory, report, systems, workloads
 
 SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
-           "generation", "generation-ab", "auto", "explain", "null")
+           "generation", "generation-ab", "auto", "explain", "null", "repository")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
 #: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
 #: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`);
 #: ``explain`` the explanation latencies (:mod:`bench.explain`); ``null`` the serving path alone
 #: (:mod:`bench.null`: every system with a null forward, CPU per request by process); ``generation-ab`` (not run by default)
-#: only the maas-serve generation point, on this tree and on ``--baseline-ref``, for an A/B of two trees.
+#: only the maas-serve generation point, on this tree and on ``--baseline-ref``, for an A/B of two trees;
+#: ``repository`` the model repository and multiplexed pool (:mod:`bench.repository`: 100 variants, one pool).
 DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto",
-                   "explain", "null")
+                   "explain", "null", "repository")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
@@ -406,6 +407,10 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import explain
 
         result["explain"] = explain.run(workdir)
+    if "repository" in chosen:
+        from bench import repository
+
+        result["repository"] = repository.run(workdir)
     if "null" in chosen:
         from bench import null
 

@@ -271,6 +271,9 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
     from bench import explain
 
     lines += explain.markdown(result.get("explain"))
+    from bench import repository
+
+    lines += repository.markdown(result.get("repository"))
     from bench import null
 
     if result.get("null"):

@@ -26,7 +26,6 @@ and, beside it, ``dedicated``: ``ckpt-00`` as its own deployment (1 CPU). Measur
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
