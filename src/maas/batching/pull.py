@@ -68,6 +68,13 @@ class PullBatcher:
         self.batch_requests: Counter[int] = Counter()
         self.batch_items: Counter[int] = Counter()
 
+    def close(self) -> None:
+        """Stop the worker task (an idle batcher that is dropped: its ``run`` and what that holds —
+        a model's weights — are released with it instead of waiting for the cyclic GC)."""
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+        self._worker = None
+
     def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
 

@@ -245,24 +245,26 @@ class Calls:
 
     def batcher(self, route: Route, operation: str) -> FrontBatcher:
         """The front batcher of (address, operation), made on first use."""
-        key = (route.spec.key, operation)
+        shared = self.shared_heads(route)
+        key = (f"{route.spec.deployment_name} head-only models", operation) if shared else (route.spec.key, operation)
         b = self._batchers.get(key)
         if b is not None:
             return b
         spec, address = route.spec, route.spec.key
         dep = spec.deployment_name
+        label = key[0] if shared else address
 
         def dispatch(jobs):
-            pre = route.pre.remote([j.payload for j in jobs], model=address)
+            pre = route.pre.remote([j.payload for j in jobs], model=label)
             backlog = b.queued_items / max(1, self.watch.running(dep))
-            return route.model.remote(pre, [j.params for j in jobs], [j.deadline_s for j in jobs],
-                                      backlog_items=backlog)
+            call = shared if shared is not None else route.model
+            return call.remote(pre, [j.params for j in jobs], [j.deadline_s for j in jobs], backlog_items=backlog)
 
         def max_inflight() -> int:
             depth = self.settings(address).pipeline_depth or (2 if spec.resources.num_gpus > 0 else 1)
             return depth * max(1, self.watch.running(dep))
 
-        b = FrontBatcher(address, dispatch, lambda exc: self.domain_error(exc, address),
+        b = FrontBatcher(label, dispatch, lambda exc: self.domain_error(exc, label),
                          max_batch_items=self.settings(address).max_batch_size,
                          max_queued_items=spec.resolved_max_queued_items, max_inflight=max_inflight)
         self._batchers[key] = b
@@ -275,7 +277,18 @@ class Calls:
             ModelTimeout: no answer within ``model_call_timeout_s`` (the job is withdrawn).
         """
         b = self.batcher(route, operation)
+        if self.shared_heads(route) is not None:
+            params = {**params, "model": route.spec.key}  # the batch mixes models: each job names its own
         return await self.awaited(b.submit(payload, params, items, self.deadline_s()), route.spec.key)
+
+    @staticmethod
+    def shared_heads(route: Route):
+        """For a head-only repository model, its pool's ``heads`` handle method: one front batcher per
+        pool and operation serves all of them (one tokenizer call, one pool call, one base forward on
+        the replica for a batch that mixes them); else None."""
+        if getattr(route.spec, "head", None) is None:
+            return None
+        return getattr(route.model, "heads", None)
 
     def forget(self, address: str) -> None:
         """Drop what is known about ``address`` (a repository model that left the routes): its facts

@@ -48,6 +48,7 @@ class PoolModelHandle:
         self._model = pool.options(multiplexed_model_id=name)
         self.info = _Info(pool, name)
         self.explain = self._model.explain
+        self.heads = pool.heads  # head-only models: one call per mixed batch, any replica
 
     def remote(self, *args, **kwargs):
         return self._model.remote(*args, **kwargs)

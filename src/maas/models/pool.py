@@ -200,7 +200,7 @@ class TextEncoderPool:
                              f"the replica takes before any repository model ({self.baseline_bytes} bytes: process, torch"
                              f"{', base' if self.base else ''}); raise it")
         self.cache.budget_bytes = models_budget
-        self.heads = PullBatcher(self._run_heads, f"{self.pool.name}/heads", self.batching.max_batch_size,
+        self.heads_batcher = PullBatcher(self._run_heads, f"{self.pool.name}/heads", self.batching.max_batch_size,
                                  self.batching.batch_wait_timeout_s)
         self.start_s = process_age_s() or (time.monotonic() - started)
         logger.info("pool %s ready on %s with %d threads; budget %d bytes, %d of them for repository models%s",
@@ -330,8 +330,14 @@ class TextEncoderPool:
         model = self.cache.pop(name)
         if model is None:
             return
-        self.batchers.pop(name, None)
+        batcher = self.batchers.pop(name, None)
+        if batcher is not None:
+            batcher.close()
         self.load_s.pop(name, None)
+        if not isinstance(model, Head):
+            # Drop the weights now: transformers maps safetensors files, and a runner kept alive by any
+            # reference (a finished request's frame, a log record) would keep the mapping and its pages.
+            model.model, model.ort, model.loaded = None, None, False
         del model
         release_memory()
         metrics.pool_eviction(self.pool.name, reason)
@@ -420,7 +426,7 @@ class TextEncoderPool:
             if isinstance(model, Head):
                 for r in requests:
                     r.params = {**r.params, "_head": model}
-                return await self.heads.submit(requests, results, pending)
+                return await self.heads_batcher.submit(requests, results, pending)
             batcher = self.batchers.get(name)
             if batcher is None:
                 batcher = self.batchers[name] = PullBatcher(
@@ -432,7 +438,43 @@ class TextEncoderPool:
             if not self.inflight[name]:
                 del self.inflight[name]
 
+    async def heads(self, pre: Any, params: list[dict], deadlines_s: list[float | None] | None = None,
+                    backlog_items: float | None = None) -> list[Any]:
+        """A front batch that mixes head-only models (each job's ``params["model"]`` names its own):
+        every model loaded here if needed (a head loads in milliseconds), then all jobs go to the
+        shared batcher, whose batches run one base forward. One result or error per job."""
+        self._ensure_poller()
+        if backlog_items is not None:
+            self._backlog = (float(backlog_items), time.monotonic())
+        names = [p.get("model") for p in params]
+        distinct = sorted({n for n in names if n})
+        for name in distinct:
+            self.inflight[name] = self.inflight.get(name, 0) + 1
+        try:
+            loaded: dict[str, Any] = {}
+            for name in distinct:
+                try:
+                    model = await self._ensure(name)
+                    loaded[name] = model if isinstance(model, Head) else InvalidRequest(
+                        f"model {name!r} is not a head-only model")
+                except MaasError as exc:
+                    loaded[name] = exc
+            models = [loaded.get(n) or InvalidRequest("a job without its model's name") for n in names]
+            results, requests, pending = self._jobs(models, pre, params, deadlines_s)
+            for r, i in zip(requests, pending):
+                r.params = {**r.params, "_head": models[i]}
+            if not requests:
+                return results
+            return await self.heads_batcher.submit(requests, results, pending)
+        finally:
+            for name in distinct:
+                self.inflight[name] -= 1
+                if not self.inflight[name]:
+                    del self.inflight[name]
+
     def _jobs(self, model: Any, pre: Any, params, deadlines_s) -> tuple[list, list[ModelRequest], list[int]]:
+        """Per-job requests, validated against ``model`` (one model, or a list: each job's own model or
+        the error that loading it raised)."""
         from maas.models.answers import check_top_k
 
         if not isinstance(pre, Preprocessed):
@@ -440,9 +482,13 @@ class TextEncoderPool:
         n = len(pre)
         params_list = [params or {}] * n if not isinstance(params, list) else params
         deadlines = deadlines_s if deadlines_s is not None else [None] * n
+        per_job = model if isinstance(model, list) else [model] * n
         results: list[Any] = [None] * n
         requests, pending = [], []
         for i, (inputs, err) in enumerate(pre.jobs()):
+            model = per_job[i]
+            if err is None and isinstance(model, MaasError):
+                err = model
             if err is not None:
                 results[i] = err
                 continue
@@ -614,7 +660,7 @@ class TextEncoderPool:
     def reconfigure(self, user_config: dict) -> None:
         """Batching settings from ``user_config`` (as a model deployment's)."""
         batching = BatchingSpec.model_validate({**self.pool.batching.model_dump(), **(user_config or {})})
-        for b in [self.heads, *self.batchers.values()] if hasattr(self, "heads") else []:
+        for b in [self.heads_batcher, *self.batchers.values()] if hasattr(self, "heads_batcher") else []:
             b.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
         self.batching = batching
 
@@ -628,7 +674,7 @@ class TextEncoderPool:
         """Items running and waiting on this replica (as a model replica's; see :mod:`maas.autoscaling`)."""
         from maas.autoscaling import BACKLOG_TTL_S
 
-        batchers = [self.heads, *self.batchers.values()]
+        batchers = [self.heads_batcher, *self.batchers.values()]
         backlog, at = self._backlog
         return {"running_items": float(sum(b.running_items for b in batchers)),
                 "queued_items": float(sum(b.queued_items for b in batchers)),
