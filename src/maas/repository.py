@@ -312,7 +312,7 @@ def _make_index_deployment():
 
         async def _scan(self, fn=None, *args):
             """``fn(*args)`` (default: a scan) on a thread, one at a time: a slow mount never blocks the
-            answers, and two scans never change the state at once."""
+            answers, and no two changes of the state (scans, unloads, reports) interleave."""
             if self._scan_lock is None:
                 self._scan_lock = asyncio.Lock()
             async with self._scan_lock:
@@ -364,11 +364,11 @@ def _make_index_deployment():
             return (await self._scan(self.state.load, name)).public()
 
         async def unload(self, name: str) -> dict:
-            return self.state.unload(name).public()
+            return (await self._scan(self.state.unload, name)).public()
 
         async def report(self, replica: str, pool: str, loaded: dict, failed: dict, facts: dict | None = None) -> int:
             self._ensure_poller()
-            self.state.report(replica, pool, loaded, {k: tuple(v) for k, v in failed.items()}, facts)
+            await self._scan(self.state.report, replica, pool, loaded, {k: tuple(v) for k, v in failed.items()}, facts)
             return self.state.version
 
         async def held(self) -> dict:
