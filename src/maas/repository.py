@@ -54,6 +54,18 @@ REPORT_TTL_S = 30.0
 RESCAN_MIN_INTERVAL_S = 0.5
 
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+#: Kinds of unavailability (``Entry.kind``): fixed words a client may be shown.
+KINDS = ("invalid", "no pool", "over budget", "name taken", "unloaded", "load failed")
+
+
+def unavailable_message(name: str, kind: str, reason: str) -> str:
+    """A 503's message for a repository model that cannot serve: the kind of reason, and where the
+    reason is (it names the server's files, which a 5xx body does not show: the repository index,
+    behind the API keys, gives it to operators). An unload is told as it is."""
+    if kind == "unloaded":
+        return f"repository model {name!r} is unavailable: {reason}"
+    return (f"repository model {name!r} cannot be served now ({kind or 'unavailable'}); POST /v2/repository/index "
+            "gives the reason")
 
 
 @dataclass
@@ -66,7 +78,9 @@ class Entry:
         pool: The pool that serves it (None when none fits). size_bytes: Its weight files' bytes
             (the load-time estimate checked against the pool's budget). fingerprint: Changes when
             any of its files change (names, sizes, mtimes).
-        state: ``READY`` or ``UNAVAILABLE``. reason: Why it is unavailable ('' when ready).
+        state: ``READY`` or ``UNAVAILABLE``. reason: Why it is unavailable ('' when ready; may name
+            the server's files: for operators, through the repository API). kind: The reason's kind
+            (:data:`KINDS`), which a 5xx body may show.
         loaded_on: Replica ids that hold it now (from the pools' reports).
     """
 
@@ -79,6 +93,7 @@ class Entry:
     fingerprint: str
     state: str = READY
     reason: str = ""
+    kind: str = ""  # why it is unavailable, as a fixed word (KINDS): what a client may be told
     loaded_on: list[str] = field(default_factory=list)
 
     def public(self) -> dict:
@@ -117,40 +132,40 @@ def read_folder(repository: str, folder: Path, pools: list[PoolSpec]) -> Entry:
         raw = yaml.safe_load(spec_path.read_text()) or {}
         spec = FolderSpec.model_validate(raw)
     except FileNotFoundError:
-        entry.state, entry.reason = UNAVAILABLE, f"no {SPEC_FILE} in {folder}; add one (family, base, tasks)"
+        entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"no {SPEC_FILE} in {folder}; add one (family, base, tasks)"
         return entry
     except (yaml.YAMLError, ValidationError, OSError) as exc:
         msg = "; ".join(((".".join(map(str, e["loc"])) + ": ") if e["loc"] else "")
                         + e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)) \
             if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
-        entry.state, entry.reason = UNAVAILABLE, f"{SPEC_FILE} is invalid: {msg}"
+        entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"{SPEC_FILE} is invalid: {msg}"
         return entry
     entry.spec = spec.model_dump(mode="json")
     pool = next((p for p in pools if (p.family, p.base) == (spec.family, spec.base)), None)
     if pool is None:
         kinds = [f"{p.family}/{p.base}" for p in pools]
-        entry.state, entry.reason = UNAVAILABLE, (
+        entry.state, entry.kind, entry.reason = UNAVAILABLE, "no pool", (
             f"no pool serves {spec.family} models of base {spec.base!r} (pools: {kinds}); add a pool with "
             f"family: {spec.family}, base: {spec.base} to the app config")
         return entry
     entry.pool = pool.name
     if spec.head is not None:
         if pool.base_weights is None:
-            entry.state, entry.reason = UNAVAILABLE, (
+            entry.state, entry.kind, entry.reason = UNAVAILABLE, "no pool", (
                 f"head-only model, but pool {pool.name!r} has no base_weights to run its head on; set the pool's "
                 "base_weights or ship a full checkpoint")
             return entry
         head = folder / spec.head
         if not head.is_file():
-            entry.state, entry.reason = UNAVAILABLE, f"head file {spec.head!r} is not in {folder}"
+            entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"head file {spec.head!r} is not in {folder}"
             return entry
         entry.size_bytes = head.stat().st_size
-    elif size == 0:
-        entry.state, entry.reason = UNAVAILABLE, (
-            f"no weights in {folder} (model.safetensors or pytorch_model.bin, Hugging Face layout)")
+    elif size == 0 or not (folder / "config.json").is_file():
+        entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", (
+            f"no weights or config.json in {folder} (config.json and model.safetensors, Hugging Face layout)")
         return entry
     if entry.size_bytes > pool.memory_budget_bytes:
-        entry.state, entry.reason = UNAVAILABLE, (
+        entry.state, entry.kind, entry.reason = UNAVAILABLE, "over budget", (
             f"its weights take {entry.size_bytes} bytes, more than pool {pool.name!r}'s memory budget of "
             f"{pool.memory_budget_bytes} bytes; raise memory_budget_bytes or serve it as its own model")
     return entry
@@ -175,6 +190,9 @@ class RepositoryState:
         self.reports: dict[str, tuple[str, dict[str, int], float]] = {}  # replica → (pool, {name: bytes}, time)
         self.facts: dict[str, dict] = {}  # replica → its memory facts (rss_bytes, baseline_bytes, budgets)
         self.scanned_at = -1e9
+        import uuid
+
+        self.epoch = uuid.uuid4().hex[:12]  # versions count from 0 again in a new index replica
 
     def scan(self) -> bool:
         """Read every repository now. Returns whether anything a reader sees changed."""
@@ -192,7 +210,7 @@ class RepositoryState:
                 entry = read_folder(repo.path, folder, self.pools)
                 if folder.name in found or folder.name in self.taken:
                     where = "a model of the app config" if folder.name in self.taken else found[folder.name].path
-                    entry.state, entry.reason = UNAVAILABLE, f"the name {folder.name!r} is taken by {where}; rename the folder"
+                    entry.state, entry.kind, entry.reason = UNAVAILABLE, "name taken", f"the name {folder.name!r} is taken by {where}; rename the folder"
                     entry.pool = None
                     if folder.name in found:
                         continue
@@ -209,15 +227,15 @@ class RepositoryState:
             if e.state != READY:
                 continue
             if name in self.unloaded:
-                e.state, e.reason = UNAVAILABLE, "unloaded through the repository API; POST …/load to serve it again"
+                e.state, e.kind, e.reason = UNAVAILABLE, "unloaded", "unloaded through the repository API; POST …/load to serve it again"
             elif name in self.failed:
-                e.state, e.reason = UNAVAILABLE, f"its load failed: {self.failed[name][1]}"
+                e.state, e.kind, e.reason = UNAVAILABLE, "load failed", f"its load failed: {self.failed[name][1]}"
 
     def _set(self, found: dict[str, Entry]) -> bool:
         before = {n: (e.fingerprint, e.state, e.reason, e.pool) for n, e in self.entries.items()}
         for e in found.values():
             if e.state == READY:
-                e.reason = ""
+                e.reason, e.kind = "", ""
         self._apply_marks(found)
         self._place(found)
         changed = {n: (e.fingerprint, e.state, e.reason, e.pool) for n, e in found.items()} != before
@@ -229,13 +247,15 @@ class RepositoryState:
     def _place(self, entries: dict[str, Entry]) -> None:
         now = self.clock()
         self.reports = {r: rep for r, rep in self.reports.items() if now - rep[2] < REPORT_TTL_S}
+        self.facts = {r: f for r, f in self.facts.items() if r in self.reports}
         for e in entries.values():
             e.loaded_on = sorted(r for r, (_, held, _) in self.reports.items() if e.name in held)
 
     def snapshot(self) -> dict:
-        """``{"version", "models": {name: Entry.public()}}``."""
+        """``{"version", "epoch", "models": {name: Entry.public()}}``."""
         self._place(self.entries)
-        return {"version": self.version, "models": {n: e.public() for n, e in self.entries.items()}}
+        return {"version": self.version, "epoch": self.epoch,
+                "models": {n: e.public() for n, e in self.entries.items()}}
 
     def get(self, name: str) -> Entry:
         """Raises KeyError: no such model in any repository."""
@@ -310,12 +330,16 @@ def _make_index_deployment():
             self._rescan: asyncio.Future | None = None
             self._scan_lock: asyncio.Lock | None = None
 
-        async def _scan(self, fn=None, *args):
-            """``fn(*args)`` (default: a scan) on a thread, one at a time: a slow mount never blocks the
-            answers, and no two changes of the state (scans, unloads, reports) interleave."""
+        def _lock(self) -> asyncio.Lock:
             if self._scan_lock is None:
                 self._scan_lock = asyncio.Lock()
-            async with self._scan_lock:
+            return self._scan_lock
+
+        async def _scan(self, fn=None, *args):
+            """``fn(*args)`` (default: a scan) on a thread under the state's lock: the event loop stays free
+            while the disk is read, and no read or change of the state (snapshots, reports, unloads, which
+            run on the loop under the same lock) sees a scan half done."""
+            async with self._lock():
                 return await asyncio.to_thread(fn or self.state.scan, *args)
             logger.info("repository index: %d models in %d repositories", len(self.state.entries),
                         len(self.state.repositories))
@@ -332,16 +356,18 @@ def _make_index_deployment():
                 except Exception:  # noqa: BLE001 - one failed scan must not stop the poll
                     logger.exception("repository scan failed")
 
-        async def snapshot(self, known_version: int = -1, rescan: bool = False) -> dict:
-            """``{"version"}`` when ``known_version`` is current, else the whole snapshot.
+        async def snapshot(self, known_version: int = -1, rescan: bool = False, epoch: str | None = None) -> dict:
+            """``{"version", "epoch"}`` when ``known_version`` of this ``epoch`` is current, else the whole
+            snapshot (:meth:`RepositoryState.snapshot`).
             ``rescan``: scan first (at most every :data:`RESCAN_MIN_INTERVAL_S`; a request named
             a model this reader does not know)."""
             self._ensure_poller()
             if rescan:
                 await self.rescan()
-            if known_version == self.state.version:
-                return {"version": self.state.version}
-            return self.state.snapshot()
+            async with self._lock():
+                if known_version == self.state.version and epoch == self.state.epoch:
+                    return {"version": self.state.version, "epoch": self.state.epoch}
+                return self.state.snapshot()
 
         async def rescan(self) -> None:
             """A scan that starts after this call arrived: concurrent askers share one, and scans run
@@ -364,15 +390,18 @@ def _make_index_deployment():
             return (await self._scan(self.state.load, name)).public()
 
         async def unload(self, name: str) -> dict:
-            return (await self._scan(self.state.unload, name)).public()
+            async with self._lock():
+                return self.state.unload(name).public()
 
         async def report(self, replica: str, pool: str, loaded: dict, failed: dict, facts: dict | None = None) -> int:
             self._ensure_poller()
-            await self._scan(self.state.report, replica, pool, loaded, {k: tuple(v) for k, v in failed.items()}, facts)
-            return self.state.version
+            async with self._lock():
+                self.state.report(replica, pool, loaded, {k: tuple(v) for k, v in failed.items()}, facts)
+                return self.state.version
 
         async def held(self) -> dict:
-            return self.state.held()
+            async with self._lock():
+                return self.state.held()
 
     return RepositoryIndex
 
@@ -390,4 +419,4 @@ _INDEX = None
 INDEX_DEPLOYMENT = "RepositoryIndex"
 
 __all__ = ["RepositoryState", "Entry", "read_folder", "fingerprint", "index_deployment", "INDEX_DEPLOYMENT",
-           "SPEC_FILE", "READY", "UNAVAILABLE"]
+           "SPEC_FILE", "READY", "UNAVAILABLE", "KINDS", "unavailable_message"]

@@ -47,7 +47,8 @@ class FakeIndex:
 
     def __init__(self, state: RepositoryState):
         self.state = state
-        self.snapshot = _Method(lambda known=-1, rescan=False: (state.scan() if rescan else None, state.snapshot())[1])
+        self.snapshot = _Method(lambda known=-1, rescan=False, epoch=None: (
+            state.scan() if rescan else None, state.snapshot())[1])
         self.report = _Method(lambda replica, pool, loaded, failed, facts=None: (
             state.report(replica, pool, loaded, {k: tuple(v) for k, v in failed.items()}, facts), state.version)[1])
 
@@ -179,5 +180,16 @@ def test_a_failing_load_marks_the_model_and_is_not_retried(pool):
         entry = pool.index.state.entries["broken"]
         assert entry.state == "UNAVAILABLE" and "its load failed" in entry.reason
         assert (await pool._ensure("head-02")) is not None  # the replica serves on
+        # The repository API's load (through whichever replica) clears the index's mark: this replica
+        # then tries again on its next request instead of answering from its own old failure.
+        pool.index.state.load("broken")
+        await pool._refresh()
+        pool._load_model = lambda entry: (calls.append(entry["name"]), original(entry))[1]
+        try:
+            with pytest.raises(ModelNotReady, match="failed to load"):
+                await pool._ensure("broken")
+        finally:
+            pool._load_model = original
+        assert calls == ["broken"]
 
     run(scenario())

@@ -161,3 +161,80 @@ def test_cache_never_evicts_a_model_in_use():
     assert c.victims(40) == ["b"]
     busy.clear()
     assert c.victims(50) == ["a"]
+
+
+# ---------------------------------------------------------------------------- the ingress's routes
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        async def call():
+            return self.fn(*args, **kwargs)
+        return call()
+
+
+class _Handle:
+    def options(self, **kwargs):
+        return self
+
+    def __getattr__(self, name):
+        return _Remote(lambda *a, **k: None)
+
+
+def routes_over(root):
+    import asyncio
+
+    from maas.config import AppConfig
+    from maas.dataplane.calls import Calls
+    from maas.dataplane.repository import RepositoryRoutes
+    from maas.dataplane.traffic import Traffic
+
+    cfg = AppConfig.model_validate({"repositories": [{"path": str(root)}],
+                                    "pools": [pool(memory_budget_bytes=10**9).model_dump(mode="json")]})
+    st = RepositoryState(cfg.repositories, cfg.pools)
+    st.scan()
+
+    class Index:
+        snapshot = _Remote(lambda known=-1, rescan=False, epoch=None: (
+            st.scan() if rescan else None,
+            st.snapshot() if (known, epoch) != (st.version, st.epoch) else {"version": st.version, "epoch": st.epoch})[1])
+        unload = _Remote(lambda n: st.unload(n).public())
+        load = _Remote(lambda n: st.load(n).public())
+
+    traffic = Traffic(cfg)
+    calls = Calls(cfg.ingress, {}, None, traffic)
+    rr = RepositoryRoutes(cfg, Index(), {"p": _Handle()}, {"p": _Handle()}, calls, traffic)
+    return rr, st, calls, asyncio.new_event_loop()
+
+
+def test_routes_follow_the_index_and_refuse_stale_answers(tmp_path):
+    from maas.errors import ModelNotReady
+
+    head_folder(tmp_path, "a")
+    rr, st, calls, loop = routes_over(tmp_path)
+    loop.run_until_complete(rr.refresh())
+    assert set(calls.routes) == {"a"} and calls.routes["a"].spec.deployment_name == "Pool-p"
+    old = st.snapshot()
+    loop.run_until_complete(rr.unload("a"))
+    assert "a" not in calls.routes
+    rr.apply(old)  # a slow answer from before the unload must not bring the route back
+    assert "a" not in calls.routes
+    with pytest.raises(ModelNotReady, match="unavailable: unloaded"):
+        loop.run_until_complete(rr.ensure_known("a"))
+    head_folder(tmp_path, "b")  # copied in after the last poll: found by the request itself
+    loop.run_until_complete(rr.ensure_known("b"))
+    assert "b" in calls.routes
+
+
+def test_unavailable_models_get_503s_without_server_paths(tmp_path):
+    from maas.errors import ModelNotReady
+
+    (tmp_path / "nospec").mkdir()
+    rr, st, calls, loop = routes_over(tmp_path)
+    with pytest.raises(ModelNotReady) as err:
+        loop.run_until_complete(rr.ensure_known("nospec"))
+    assert "(invalid)" in err.value.message and str(tmp_path) not in err.value.message
+    assert str(tmp_path) in st.entries["nospec"].reason  # operators get it from the index

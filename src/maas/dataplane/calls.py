@@ -191,7 +191,11 @@ class Calls:
         """The model's static facts (limits, labels), asked once per address and kept."""
         address = route.spec.key
         if address not in self._info:
-            self.learn(address, await self.awaited(route.model.info.remote(), address))
+            info = await self.awaited(route.model.info.remote(), address)
+            if info.get("partial"):  # a pool replica that could not read the model's facts yet: not kept
+                raise ModelNotReady(f"model {address!r} is not ready yet (its limits are not known); retry after 1 s",
+                                    retry_after_s=1)
+            self.learn(address, info)
         return self._info[address]
 
     def known_info(self, address: str) -> dict:
@@ -203,7 +207,8 @@ class Calls:
         ``warmup_ms`` the first latency ``auto`` knows for it (until requests are measured)."""
         if address not in self._info and info.get("warmup_ms") is not None and self.latency.recent_ms(address) is None:
             self.latency.observe(address, float(info["warmup_ms"]))
-        self._info.setdefault(address, info)
+        if not info.get("partial"):
+            self._info.setdefault(address, info)
         if isinstance(info.get("batching"), dict):
             settings = BatchingSpec.model_validate(info["batching"])
             self._settings[address] = (settings, time.monotonic())
@@ -298,6 +303,8 @@ class Calls:
         self._info.pop(address, None)
         for key in [k for k, b in self._batchers.items() if k[0] not in self.routes and b.idle]:
             del self._batchers[key]
+        for gone in [a for a in self._settings if a not in self.routes and not any(k[0] == a for k in self._batchers)]:
+            del self._settings[gone]
 
     def queued_items(self, address: str) -> int:
         """Items waiting in the front batchers of ``address``."""

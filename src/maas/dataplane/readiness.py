@@ -191,15 +191,21 @@ class Readiness:
             ModelNotFound: no such model or version.
         """
         name, version = self.traffic.address(model)
-        card = next(c for c in await self.cards() if c["id"] == name)
+        card = next((c for c in await self.cards() if c["id"] == name), None)
+        if card is None:  # a repository model that left meanwhile
+            raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the served models")
         if version is None:
             return card
         entry = next(v for v in card["versions"] if v["version"] == version)
         return {**{k: v for k, v in card.items() if k != "versions"}, **entry, "id": f"{name}@{version}"}
 
     def predict_ms(self, address: str) -> float | None:
-        """The latency ``auto`` predicts for ``address`` now, ms (see :mod:`maas.dataplane.auto`)."""
-        spec = self.calls.routes[address].spec
+        """The latency ``auto`` predicts for ``address`` now, ms (see :mod:`maas.dataplane.auto`); None
+        when unknown (or the address just left)."""
+        route = self.calls.routes.get(address)
+        if route is None:
+            return None
+        spec = route.spec
         return self.calls.latency.predict(address, self.calls.queued_items(address),
                                           self.calls.settings(address).max_batch_size,
                                           max(1, self.watch.running(spec.deployment_name)))

@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from maas.config import AppConfig, FolderSpec, PoolModelSpec, PoolSpec
 from maas.errors import ModelNotFound, ModelNotReady
+from maas.repository import unavailable_message
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
 
@@ -61,16 +62,6 @@ class PoolModelHandle:
         return self._pool._router
 
 
-def unavailable_message(name: str, reason: str) -> str:
-    """A 503's message for a repository model that cannot serve. An unload says so; other reasons
-    (a failed load, a bad spec file) name the server's files, which a 5xx body does not show: the
-    repository index (behind the API keys, for operators) gives them."""
-    if reason.startswith("unloaded"):
-        return f"repository model {name!r} is unavailable: {reason}"
-    return (f"repository model {name!r} cannot be served now ({reason.split(':')[0]}); POST /v2/repository/index "
-            "gives the reason")
-
-
 def pool_model_spec(entry: dict, pool: PoolSpec) -> PoolModelSpec:
     """The :class:`~maas.config.PoolModelSpec` the ingress routes a repository entry with."""
     from maas.config import HuggingFaceSource
@@ -101,7 +92,7 @@ class RepositoryRoutes:
         self.index, self.handles, self.tokenizers = index, pools, tokenizers
         self.calls, self.traffic = calls, traffic
         self.poll_s = min(r.poll_interval_s for r in config.repositories)
-        self.version = -1
+        self.version, self.epoch = -1, None
         self.entries: dict[str, dict] = {}
         self.fingerprints: dict[str, str] = {}
         self._loop_task: asyncio.Task | None = None
@@ -116,7 +107,7 @@ class RepositoryRoutes:
     async def _follow(self) -> None:
         while True:
             try:
-                await self.refresh()
+                await self.refresh(whole=True)  # loaded_on (what auto and the cards read) has no version
             except Exception as exc:  # noqa: BLE001 - the index may be restarting; the routes stay
                 logger.debug("repository index did not answer: %s", exc)
             await asyncio.sleep(self.poll_s)
@@ -130,7 +121,7 @@ class RepositoryRoutes:
 
         async def ask():
             known = -1 if whole else self.version
-            snap = await asyncio.wait_for(self.index.snapshot.remote(known, rescan), INDEX_TIMEOUT_S)
+            snap = await asyncio.wait_for(self.index.snapshot.remote(known, rescan, self.epoch), INDEX_TIMEOUT_S)
             if "models" in snap:
                 self.apply(snap)
             self.refreshed_at = time.monotonic()
@@ -154,7 +145,9 @@ class RepositoryRoutes:
         """Make the routes match an index snapshot: add READY models, drop the rest."""
         from maas.dataplane.calls import Route
 
-        self.entries, self.version = snap["models"], snap["version"]
+        if snap.get("epoch") == self.epoch and snap["version"] < self.version:
+            return  # an answer older than one applied already (a slow call): it would re-add what left
+        self.entries, self.version, self.epoch = snap["models"], snap["version"], snap.get("epoch")
         routes, specs = self.calls.routes, self.traffic.specs
         live = {n: e for n, e in self.entries.items() if e["state"] == "READY" and e["pool"] in self.handles}
         for name in [n for n, r in routes.items() if isinstance(r.spec, PoolModelSpec)]:
@@ -199,7 +192,7 @@ class RepositoryRoutes:
             logger.debug("repository index did not answer: %s", exc)
         entry = self.entries.get(name)
         if name not in self.calls.routes and entry is not None and entry["state"] != "READY":
-            raise ModelNotReady(unavailable_message(name, entry["reason"]))
+            raise ModelNotReady(unavailable_message(name, entry.get("kind", ""), entry["reason"]))
 
     def loaded_on(self, name: str) -> list[str]:
         """Replicas that hold ``name`` (as of the index's last snapshot)."""
@@ -245,7 +238,7 @@ class RepositoryRoutes:
                 raise ModelNotFound(f"no model {name!r} in the repositories; POST /v2/repository/index lists them") from None
             raise
         if entry["state"] != "READY":
-            raise ModelNotReady(unavailable_message(name, entry["reason"]))
+            raise ModelNotReady(unavailable_message(name, entry.get("kind", ""), entry["reason"]))
         await self.refresh()
         pool = self.handles[entry["pool"]].options(multiplexed_model_id=name)
         timeout = self.pools[entry["pool"]].load_timeout_s + 5

@@ -31,7 +31,7 @@ from maas.dataplane import auto
 from maas.dataplane.calls import Calls
 from maas.dataplane.readiness import Readiness
 from maas.dataplane.traffic import Traffic, compare
-from maas.errors import InvalidRequest, MaasError, ModelNotReady, ServiceOverloaded, TaskNotSupported
+from maas.errors import InvalidRequest, MaasError, ModelNotFound, ModelNotReady, ServiceOverloaded, TaskNotSupported
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
 
@@ -72,7 +72,10 @@ class Router:
         if req.model != auto.AUTO:
             address = await self.resolve(req.model, req.routing_key)
             await self.readiness.check_serving(address)
-            spec = self.calls.routes[address].spec  # before the call: a repository model may leave meanwhile
+            route = self.calls.routes.get(address)  # before the call: a repository model may leave meanwhile
+            if route is None:
+                raise ModelNotFound(f"model {address!r} does not exist; GET /v1/models lists the served models")
+            spec = route.spec
             out = await self.calls.timed(address, operation, op)
             if shadow and spec.version is not None and "@" not in req.model:
                 self._shadow(spec.name, spec.resolved_version, op, out)
@@ -82,7 +85,7 @@ class Router:
         for choice in await self.plan(task, req.latency_budget_ms):
             try:
                 out = await self.calls.timed(choice.name, operation, op)
-            except (ModelNotReady, ServiceOverloaded) as exc:
+            except (ModelNotReady, ServiceOverloaded, ModelNotFound) as exc:  # not found: a repository model left
                 skipped.append(choice.name)
                 last = exc
                 continue
@@ -210,7 +213,7 @@ class Router:
         ready = await asyncio.gather(*(self.readiness.can_take(n) for n in names))
         live = [(n, self.readiness.predict_ms(n),
                  auto.variant_quality(routes[n].spec, task, self.readiness.runtime(routes[n].spec)))
-                for n, ok in zip(names, ready) if ok]
+                for n, ok in zip(names, ready) if ok and n in routes]  # a repository model may leave meanwhile
         if not live:
             raise ModelNotReady(f"none of the models serving {task} ({', '.join(names)}) is ready; retry")
         return auto.plan(live, budget_ms, self.limits.auto_policy)

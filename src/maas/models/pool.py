@@ -57,6 +57,8 @@ logger = logging.getLogger("ray.serve.maas.models.pool")
 #: How often a replica asks the index for removals and unloads and reports what it holds, seconds
 #: (the repositories' smallest ``poll_interval_s`` is used when it is smaller).
 INDEX_POLL_S = 2.0
+#: A call to the index must answer within this, seconds (a hung mount must not stall the replica).
+INDEX_TIMEOUT_S = 5.0
 
 
 def report_model_ids(model_ids: list[str]) -> None:
@@ -142,6 +144,23 @@ def failed_load(name: str) -> ModelNotReady:
                          "to retry")
 
 
+def loaded_estimate(entry: dict) -> int:
+    """Bytes a repository model will take loaded, before loading it: its weight files' bytes, twice
+    that for a checkpoint stored in float16/bfloat16 (the pool computes in float32 on CPU)."""
+    size = int(entry["size_bytes"])
+    if (entry.get("spec") or {}).get("head"):
+        return size
+    try:
+        import json
+        import os
+
+        cfg = json.loads(open(os.path.join(entry["path"], "config.json")).read())
+    except (OSError, ValueError):
+        return size
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return 2 * size if dtype in ("float16", "bfloat16") else size
+
+
 def module_bytes(model) -> int:
     """Bytes of a torch module's parameters and buffers."""
     return int(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())))
@@ -170,12 +189,14 @@ class TextEncoderPool:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"maas-load-{self.pool.name}")
         self._load_lock: asyncio.Lock | None = None
         self.inflight: dict[str, int] = {}
-        self.cache = ModelCache(self.pool.memory_budget_bytes, in_use=lambda n: self.inflight.get(n, 0) > 0)
+        self.cache = ModelCache(self.pool.memory_budget_bytes, in_use=self._in_use)
+        self.fingerprints: dict[str, str] = {}  # held model → the fingerprint of the files it was loaded from
+        self._unreported: set[str] = set()  # failures the index has not heard of yet (each is told once)
         self.loading: dict[str, asyncio.Future] = {}
         self.load_s: dict[str, float] = {}
         self.failed: dict[str, tuple[str, str]] = {}  # name → (fingerprint, reason)
         self.entries: dict[str, dict] = {}
-        self.version = -1
+        self.version, self._epoch = -1, None
         self.batching = self.pool.batching
         self.batchers: dict[str, PullBatcher] = {}
         self._batch_started: float | None = None
@@ -259,7 +280,11 @@ class TextEncoderPool:
         entry = await self._entry(name)
         fp = entry["fingerprint"]
         if name in self.failed and self.failed[name][0] == fp:
-            raise failed_load(name)
+            # Kept while the index marks it failed, or has not heard yet; once the index says READY
+            # again (files changed, or the repository API loaded it on another replica) it is tried again.
+            if entry["state"] != "READY" or name in self._unreported:
+                raise failed_load(name)
+            del self.failed[name]
         fut = self.loading.get(name)
         if fut is None:
             fut = asyncio.get_running_loop().create_task(self._load(entry))
@@ -284,22 +309,30 @@ class TextEncoderPool:
         async with self._load_lock:
             if name in self.cache:
                 return self.cache.get(name)
-            await self._make_room(entry["size_bytes"], name)
+            estimate = loaded_estimate(entry)
+            if estimate > self.cache.budget_bytes:
+                raise self._fail(name, entry["fingerprint"], (
+                    f"needs ~{estimate} bytes loaded, more than the {self.cache.budget_bytes} bytes a replica of pool "
+                    f"{self.pool.name!r} has for models ({self.pool.memory_budget_bytes} budget less "
+                    f"{self.baseline_bytes} the replica takes itself); raise memory_budget_bytes"))
+            await self._make_room(estimate, name)
             started = time.monotonic()
             try:
                 model, nbytes = await asyncio.get_running_loop().run_in_executor(self._loader, self._load_model, entry)
             except Exception as exc:  # noqa: BLE001 - a failed load marks the model, never the replica
                 reason = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-                self.failed[name] = (entry["fingerprint"], reason)
-                metrics.pool_load(self.pool.name, "failed")
-                logger.warning("pool %s: model %s failed to load: %s", self.pool.name, name, reason)
-                raise failed_load(name) from None
+                raise self._fail(name, entry["fingerprint"], reason) from None
             load_s = time.monotonic() - started
             if nbytes > self.cache.budget_bytes:
-                raise WeightsError(f"model {name!r} takes {nbytes} bytes loaded, over the {self.cache.budget_bytes} bytes "
-                                   f"pool {self.pool.name!r}'s replicas have for models")
-            await self._make_room(nbytes, name)  # its measured bytes may exceed its files' estimate
+                del model
+                release_memory()
+                raise self._fail(name, entry["fingerprint"], f"takes {nbytes} bytes loaded, more than the "
+                                 f"{self.cache.budget_bytes} bytes a replica has for models; raise memory_budget_bytes")
+            # Its measured bytes may exceed the estimate: the rest is made room for now (the model is in
+            # memory meanwhile, so the replica is over its models' budget by that difference for this moment).
+            await self._make_room(nbytes, name)
             self.cache.add(name, model, nbytes)
+            self.fingerprints[name] = entry["fingerprint"]
             self.load_s[name] = load_s
             metrics.pool_load(self.pool.name, "ok", load_s)
             metrics.pool_held(self.pool.name, len(self.cache), self.cache.bytes)
@@ -334,6 +367,7 @@ class TextEncoderPool:
         if batcher is not None:
             batcher.close()
         self.load_s.pop(name, None)
+        self.fingerprints.pop(name, None)
         if not isinstance(model, Head):
             # Drop the weights now: transformers maps safetensors files, and a runner kept alive by any
             # reference (a finished request's frame, a log record) would keep the mapping and its pages.
@@ -345,6 +379,20 @@ class TextEncoderPool:
         report_model_ids(self._model_ids())
         logger.info("pool %s: evicted %s (%s); holding %d models, %d bytes", self.pool.name, name, reason,
                     len(self.cache), self.cache.bytes)
+
+    def _in_use(self, name: str) -> bool:
+        """Requests for ``name`` are being handled here, or its batcher holds queued or running work
+        (a caller that left lowers ``inflight`` while its batch may still run)."""
+        b = self.batchers.get(name)
+        return self.inflight.get(name, 0) > 0 or (b is not None and (b.running_items > 0 or b.queued_items > 0))
+
+    def _fail(self, name: str, fingerprint: str, reason: str) -> ModelNotReady:
+        """Mark ``name``'s load failed (told to the index once) and the error its requests get."""
+        self.failed[name] = (fingerprint, reason)
+        self._unreported.add(name)
+        metrics.pool_load(self.pool.name, "failed")
+        logger.warning("pool %s: model %s failed to load: %s", self.pool.name, name, reason)
+        return failed_load(name)
 
     def _model_ids(self) -> list[str]:
         return sorted(set(self.cache.held()) | set(self.loading))
@@ -360,13 +408,18 @@ class TextEncoderPool:
             raise ModelNotFound(f"model {name!r} is not a model of pool {self.pool.name!r}'s repositories; "
                                 "POST /v2/repository/index lists them")
         if entry["state"] != "READY" and not (name in self.failed and self.failed[name][0] == entry["fingerprint"]):
-            raise ModelNotReady(f"model {name!r} is unavailable: {entry['reason']}", retry_after_s=None)
+            from maas.repository import unavailable_message
+
+            raise ModelNotReady(unavailable_message(name, entry.get("kind", ""), entry["reason"]))
         return entry
 
     async def _refresh(self, rescan: bool = False) -> None:
-        snap = await self.index.snapshot.remote(self.version, rescan)
+        snap = await asyncio.wait_for(self.index.snapshot.remote(self.version, rescan, self._epoch), INDEX_TIMEOUT_S)
         if "models" in snap:
-            self.entries, self.version = snap["models"], snap["version"]
+            self.entries, self.version, self._epoch = snap["models"], snap["version"], snap.get("epoch")
+            for name in [n for n in self.failed if n not in self.entries]:
+                del self.failed[name]  # gone from the repository
+                self._unreported.discard(name)
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
@@ -379,9 +432,10 @@ class TextEncoderPool:
                 await self._refresh()
                 for name in list(self.cache.held()):
                     entry = self.entries.get(name)
-                    gone = entry is None or entry["state"] != "READY" or entry["pool"] != self.pool.name
-                    if gone and self.inflight.get(name, 0) == 0:
-                        self._evict(name, "removed" if entry is None else "unloaded")
+                    changed = entry is not None and entry["fingerprint"] != self.fingerprints.get(name)
+                    gone = entry is None or entry["state"] != "READY" or entry["pool"] != self.pool.name or changed
+                    if gone and not self._in_use(name):  # drained: nothing of it queued or running
+                        self._evict(name, "removed" if entry is None else "changed" if changed else "unloaded")
                 await self._report()
             except Exception as exc:  # noqa: BLE001 - the index may be restarting; try again next round
                 logger.debug("pool %s: index poll failed: %s", self.pool.name, exc)
@@ -394,8 +448,10 @@ class TextEncoderPool:
             replica = "local"
         facts = {"rss_bytes": rss_bytes(), "baseline_bytes": self.baseline_bytes,
                  "budget_bytes": self.pool.memory_budget_bytes, "models_budget_bytes": self.cache.budget_bytes}
-        version = await self.index.report.remote(replica, self.pool.name, self.cache.held(),
-                                                  {k: list(v) for k, v in self.failed.items()}, facts)
+        news = {k: list(self.failed[k]) for k in self._unreported if k in self.failed}
+        version = await asyncio.wait_for(
+            self.index.report.remote(replica, self.pool.name, self.cache.held(), news, facts), INDEX_TIMEOUT_S)
+        self._unreported -= set(news)
         if version != self.version:
             await self._refresh()
 
@@ -448,17 +504,24 @@ class TextEncoderPool:
             self._backlog = (float(backlog_items), time.monotonic())
         names = [p.get("model") for p in params]
         distinct = sorted({n for n in names if n})
+
+        async def one(name: str) -> Any:
+            try:
+                model = await self._ensure(name)
+            except MaasError as exc:
+                return exc
+            except Exception:  # noqa: BLE001 - one model's trouble fails its own jobs, not the batch
+                logger.exception("pool %s: model %s could not be made ready", self.pool.name, name)
+                return ModelNotReady(f"repository model {name!r} could not be loaded; retry")
+            return model if isinstance(model, Head) else InvalidRequest(f"model {name!r} is not a head-only model")
+
+        # Loads first, then the pins: a head pinned while another loads could be what that load must
+        # evict (both would wait out load_timeout_s). An evicted head still serves its jobs here: each
+        # job holds its Head.
+        loaded = dict(zip(distinct, await asyncio.gather(*(one(n) for n in distinct))))
         for name in distinct:
             self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
-            loaded: dict[str, Any] = {}
-            for name in distinct:
-                try:
-                    model = await self._ensure(name)
-                    loaded[name] = model if isinstance(model, Head) else InvalidRequest(
-                        f"model {name!r} is not a head-only model")
-                except MaasError as exc:
-                    loaded[name] = exc
             models = [loaded.get(n) or InvalidRequest("a job without its model's name") for n in names]
             results, requests, pending = self._jobs(models, pre, params, deadlines_s)
             for r, i in zip(requests, pending):
@@ -604,6 +667,8 @@ class TextEncoderPool:
                 else:
                     out.update({k: v for k, v in m.info().items() if k != "device"})
                 out["load_s"] = round(self.load_s.get(model, 0.0), 3)
+            if "max_input_tokens" not in out:
+                out["partial"] = True  # its facts are not known here yet: the ingress asks again, never keeps this
         return out
 
     def _static_facts(self, entry: dict) -> dict:

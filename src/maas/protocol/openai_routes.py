@@ -38,6 +38,8 @@ async def model(model: str, dp=Depends(dataplane)):
     Raises:
         ModelNotFound: no such model or version.
     """
+    if dp.repository is not None:
+        await dp.repository.ensure_known(model)  # a model copied into a repository since the last poll
     return json_response(render.model_card(await dp.readiness.card(model), dp.created))
 
 

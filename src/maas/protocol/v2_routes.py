@@ -172,6 +172,7 @@ async def explain(name: str, request: Request, version: str | None = None, dp=De
     from maas.protocol import parse
     from maas.protocol.maas import ExplainTextRequest
 
+    await _known(dp, name)
     address, spec = _address(dp, name, version)
     req = await _parse_infer(request)
     params = req.parameters
@@ -276,7 +277,12 @@ async def _infer_auto(request: Request, version: str | None, dp) -> Response:
                              f"(embeddings), got {sorted(req.inputs)}")
     spec_of = {"image-classification": "image-classifier", "embeddings": "text-encoder"}[task]
     outputs, answered = await run(dp, None, req, AUTO, routed(request, latency_budget_ms=budget), family=spec_of)
-    spec = dp.routes[answered.address].spec
+    route = dp.routes.get(answered.address)
+    if route is None:  # a repository model that left while it answered: the answer still counts
+        from maas.errors import ModelNotFound as _Gone
+
+        raise _Gone(f"model {answered.address!r} left its repository while answering; retry")
+    spec = route.spec
     outputs = _requested(spec.name, req, outputs)
     body, headers = v2.encode_response(spec.name, req, outputs,
                                        {"demo_weights": spec.is_demo, "routed_model": spec.key,
