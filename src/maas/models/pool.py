@@ -45,12 +45,11 @@ import numpy as np
 from ray import serve
 
 from maas import metrics
-from maas.batching.jobs import Preprocessed
 from maas.batching.pull import PullBatcher
 from maas.config import BatchingSpec, HuggingFaceSource, ModelSpec, PoolSpec
 from maas.errors import InvalidRequest, MaasError, ModelNotFound, ModelNotReady, WeightsError
 from maas.models.cache import ModelCache
-from maas.models.replica import ModelRequest, process_age_s, replica_num_cpus
+from maas.models.replica import ModelRequest, process_age_s, replica_num_cpus, split_jobs
 
 logger = logging.getLogger("ray.serve.maas.models.pool")
 
@@ -536,40 +535,23 @@ class TextEncoderPool:
                     del self.inflight[name]
 
     def _jobs(self, model: Any, pre: Any, params, deadlines_s) -> tuple[list, list[ModelRequest], list[int]]:
-        """Per-job requests, validated against ``model`` (one model, or a list: each job's own model or
-        the error that loading it raised)."""
+        """Per-job requests (:func:`maas.models.replica.split_jobs`), validated against ``model``: one
+        model, or a list with each job's own model or the error that loading it raised."""
         from maas.models.answers import check_top_k
 
-        if not isinstance(pre, Preprocessed):
-            pre = Preprocessed.single(pre)
-        n = len(pre)
-        params_list = [params or {}] * n if not isinstance(params, list) else params
-        deadlines = deadlines_s if deadlines_s is not None else [None] * n
-        per_job = model if isinstance(model, list) else [model] * n
-        results: list[Any] = [None] * n
-        requests, pending = [], []
-        for i, (inputs, err) in enumerate(pre.jobs()):
-            model = per_job[i]
-            if err is None and isinstance(model, MaasError):
-                err = model
-            if err is not None:
-                results[i] = err
-                continue
-            request = ModelRequest(inputs=inputs, params=params_list[i], deadline_s=deadlines[i])
-            try:
-                if isinstance(model, Head):
-                    if request.params.get("task", "embeddings") != "text-classification":
-                        raise InvalidRequest("a head-only repository model classifies texts; use the pool's base "
-                                             "model for embeddings")
-                    check_top_k(request.params.get("top_k", 1), len(model.labels), "label count")
-                else:
-                    model.validate(request)
-            except MaasError as exc:
-                results[i] = exc
-                continue
-            requests.append(request)
-            pending.append(i)
-        return results, requests, pending
+        def validate(i: int, request: ModelRequest) -> None:
+            m = model[i] if isinstance(model, list) else model
+            if isinstance(m, MaasError):
+                raise m
+            if isinstance(m, Head):
+                if request.params.get("task", "embeddings") != "text-classification":
+                    raise InvalidRequest("a head-only repository model classifies texts; use the pool's base model "
+                                         "for embeddings")
+                check_top_k(request.params.get("top_k", 1), len(m.labels), "label count")
+            else:
+                m.validate(request)
+
+        return split_jobs(pre, params, deadlines_s, validate)
 
     async def explain(self, payload: Any, params: dict, deadline_s: float | None = None) -> dict:
         """Token attributions for a full-checkpoint repository model (as a model replica's

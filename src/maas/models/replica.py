@@ -89,6 +89,50 @@ class ModelRequest:
         return self.cancelled or (self.deadline_s is not None and time.time() >= self.deadline_s)
 
 
+def split_jobs(pre: Any, params: list[dict] | dict | None, deadlines_s: list[float | None] | None, validate
+               ) -> tuple[list[Any], list[ModelRequest], list[int]]:
+    """Split a call into per-job :class:`ModelRequest` s; ``validate(i, request)`` checks job ``i``
+    (raising a :class:`~maas.errors.MaasError` fails that job only).
+
+    Args:
+        pre: :class:`~maas.batching.jobs.Preprocessed` (or one job's inputs).
+        params: One dict per job, or one for all. deadlines_s: Per job, or None.
+
+    Returns:
+        ``(results, requests, pending)``: ``results`` holds each failed job's error (its
+        preprocessing error or its validation error) and None elsewhere; ``requests[i]``
+        answers ``results[pending[i]]``.
+
+    Raises:
+        ValueError: params or deadlines do not match the number of jobs.
+    """
+    from maas.batching.jobs import Preprocessed
+    from maas.errors import MaasError
+
+    if not isinstance(pre, Preprocessed):
+        pre = Preprocessed.single(pre)
+    n = len(pre)
+    params_list = [params or {}] * n if not isinstance(params, list) else params
+    deadlines = deadlines_s if deadlines_s is not None else [None] * n
+    if len(params_list) != n or len(deadlines) != n:
+        raise ValueError(f"{n} jobs but {len(params_list)} params and {len(deadlines)} deadlines")
+    results: list[Any] = [None] * n
+    requests, pending = [], []
+    for i, (inputs, err) in enumerate(pre.jobs()):
+        if err is not None:
+            results[i] = err
+            continue
+        request = ModelRequest(inputs=inputs, params=params_list[i], deadline_s=deadlines[i])
+        try:
+            validate(i, request)
+        except MaasError as exc:
+            results[i] = exc
+            continue
+        requests.append(request)
+        pending.append(i)
+    return results, requests, pending
+
+
 # ---------------------------------------------------------------------------- Ray replica
 
 
@@ -200,38 +244,8 @@ class ModelDeployment:
 
     def jobs(self, pre: Any, params: list[dict] | dict | None, deadlines_s: list[float | None] | None
              ) -> tuple[list[Any], list[ModelRequest], list[int]]:
-        """Split a call into per-job :class:`ModelRequest` s, validating each.
-
-        Returns:
-            ``(results, requests, pending)``: ``results`` holds each failed job's error (its
-            preprocessing error or its validation error) and None elsewhere; ``requests[i]``
-            answers ``results[pending[i]]``.
-        """
-        from maas.batching.jobs import Preprocessed
-        from maas.errors import MaasError
-
-        if not isinstance(pre, Preprocessed):
-            pre = Preprocessed.single(pre)
-        n = len(pre)
-        params_list = [params or {}] * n if not isinstance(params, list) else params
-        deadlines = deadlines_s if deadlines_s is not None else [None] * n
-        if len(params_list) != n or len(deadlines) != n:
-            raise ValueError(f"{n} jobs but {len(params_list)} params and {len(deadlines)} deadlines")
-        results: list[Any] = [None] * n
-        requests, pending = [], []
-        for i, (inputs, err) in enumerate(pre.jobs()):
-            if err is not None:
-                results[i] = err
-                continue
-            request = ModelRequest(inputs=inputs, params=params_list[i], deadline_s=deadlines[i])
-            try:
-                self.runner.validate(request)
-            except MaasError as exc:
-                results[i] = exc
-                continue
-            requests.append(request)
-            pending.append(i)
-        return results, requests, pending
+        """Split a call into per-job :class:`ModelRequest` s, validating each (see :func:`split_jobs`)."""
+        return split_jobs(pre, params, deadlines_s, lambda i, request: self.runner.validate(request))
 
     async def __call__(self, pre: Any, params: list[dict] | dict | None = None,
                        deadlines_s: list[float | None] | None = None, backlog_items: float | None = None
