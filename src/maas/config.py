@@ -20,9 +20,10 @@ one pool                     ``Pool-<pool name>`` (repository models, see ``Pool
 the repository index         ``RepositoryIndex`` (apps with repositories)
 ===========================  =====================================================
 
-One module on purpose (~670 lines): it is the app config's one typed schema, every field with
-its description and bounds, which ``/docs``, ``maas plan`` and the validator messages all read;
-split, the schema would be read in pieces.
+One module on purpose (~900 lines): it is the app config's one typed schema — models, runtimes,
+repositories and pools, ingress, traffic — every field with its description and bounds, which
+``/docs``, ``maas plan`` and the validator messages all read; split, the schema would be read in
+pieces (and ``AppConfig`` would import its parts back from every piece).
 """
 
 from __future__ import annotations
