@@ -70,8 +70,16 @@ def _specs(repo, spec):
     return [RepositorySpec(path=str(repo))], [PoolSpec.model_validate(spec)]
 
 
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
 def run(coro):
-    return asyncio.get_event_loop_policy().get_event_loop().run_until_complete(coro)
+    """Run on this module's own event loop: the pool replica's locks and tasks belong to the loop
+    that first ran them, and other test modules may close or unset the default one."""
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed():
+        _LOOP = asyncio.new_event_loop()
+    return _LOOP.run_until_complete(coro)
 
 
 def tokens(texts: list[str]):
