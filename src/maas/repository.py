@@ -190,6 +190,7 @@ class RepositoryState:
         self.reports: dict[str, tuple[str, dict[str, int], float]] = {}  # replica → (pool, {name: bytes}, time)
         self.facts: dict[str, dict] = {}  # replica → its memory facts (rss_bytes, baseline_bytes, budgets)
         self.scanned_at = -1e9
+        self.skipped: set[str] = set()  # folder names that are not model names (warned once each)
         import uuid
 
         self.epoch = uuid.uuid4().hex[:12]  # versions count from 0 again in a new index replica
@@ -206,7 +207,11 @@ class RepositoryState:
                 continue
             for folder in folders:
                 if not NAME_RE.match(folder.name):
-                    continue  # not a model name (upper case, spaces …): not a model folder
+                    if folder.name not in self.skipped:  # not a model name (upper case, spaces …): said once
+                        self.skipped.add(folder.name)
+                        logger.warning("repository %s: folder %r skipped: a model's folder name is its model name "
+                                       "([a-z0-9][a-z0-9._-]*, at most 63 characters)", root, folder.name)
+                    continue
                 entry = read_folder(repo.path, folder, self.pools)
                 if folder.name in found or folder.name in self.taken:
                     where = "a model of the app config" if folder.name in self.taken else found[folder.name].path
