@@ -262,10 +262,6 @@ class RepositoryState:
         return {"version": self.version, "epoch": self.epoch,
                 "models": {n: e.public() for n, e in self.entries.items()}}
 
-    def get(self, name: str) -> Entry:
-        """Raises KeyError: no such model in any repository."""
-        return self.entries[name]
-
     def load(self, name: str) -> Entry:
         """The repository API's load: rescan, forget an unload or a failure of ``name``.
 

@@ -76,7 +76,8 @@ class TextEncoderPool:
 
     Handle methods: ``__call__(pre, params, deadlines_s, backlog_items)`` (a front batch for the
     model named by the multiplexed model id), ``info(model=None)``, ``load(model)`` (the repository
-    API's load), ``held()``, ``record_autoscaling_stats()``.
+    API's load), ``record_autoscaling_stats()``. What each replica holds is in the index's reports
+    (``GET /v1/pools``).
     """
 
     def __init__(self, pool: dict, index: Any, poll_s: float = INDEX_POLL_S):
@@ -92,6 +93,7 @@ class TextEncoderPool:
         self.inflight: dict[str, int] = {}
         self.cache = ModelCache(self.pool.memory_budget_bytes, in_use=self._in_use)
         self.fingerprints: dict[str, str] = {}  # held model → the fingerprint of the files it was loaded from
+        self._facts: dict[tuple[str, str], dict] = {}  # (name, fingerprint) → facts read from its files
         self._unreported: set[str] = set()  # failures the index has not heard of yet (each is told once)
         self.loading: dict[str, asyncio.Future] = {}
         self.load_s: dict[str, float] = {}
@@ -558,7 +560,16 @@ class TextEncoderPool:
     def _static_facts(self, entry: dict) -> dict:
         """``max_input_tokens``, ``dimensions`` (and ``labels``) of a model that is not loaded, from its
         files (``config.json``, sentence-transformers' settings; a head's spec) — what the ingress
-        needs to tokenise for it before its first load."""
+        needs to tokenise for it before its first load. Read once per version of its files: the
+        ingress asks ``info`` every few seconds per model."""
+        key = (entry["name"], entry["fingerprint"])
+        if key not in self._facts:
+            if len(self._facts) >= 4096:
+                self._facts.clear()
+            self._facts[key] = self._read_facts(entry)
+        return self._facts[key]
+
+    def _read_facts(self, entry: dict) -> dict:
         import json
         import os
 
@@ -597,14 +608,6 @@ class TextEncoderPool:
             if not self.inflight[model]:
                 del self.inflight[model]
         return await self.info(model)
-
-    def held(self) -> dict:
-        """``{"models": {name: bytes}, "bytes", "models_budget_bytes", "budget_bytes", "baseline_bytes",
-        "rss_bytes", "loading": [names], "failed": {name: reason}}``."""
-        return {"models": self.cache.held(), "bytes": self.cache.bytes, "models_budget_bytes": self.cache.budget_bytes,
-                "budget_bytes": self.pool.memory_budget_bytes, "baseline_bytes": self.baseline_bytes,
-                "rss_bytes": rss_bytes(), "loading": sorted(self.loading),
-                "failed": {k: v[1] for k, v in self.failed.items()}}
 
     def reconfigure(self, user_config: dict) -> None:
         """Batching settings from ``user_config`` (as a model deployment's)."""
