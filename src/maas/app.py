@@ -40,7 +40,7 @@ from maas.config import (
     tokenizer_key,
 )
 from maas.ingress import Ingress
-from maas.models.image_classifier import ImageClassifier, resolve_image_preprocessing
+from maas.models.image_classifier import ImageClassifier, pool_image_preprocessing, resolve_image_preprocessing
 from maas.models.onnx_serving import OnnxImageClassifier, OnnxTextEncoder
 from maas.models.seq2seq import Seq2SeqGenerator
 from maas.models.text_encoder import TextEncoder
@@ -163,11 +163,12 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def _pools(config: AppConfig, bound_pre: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """The ``RepositoryIndex`` and one ``Pool-<name>`` deployment per pool with its tokenizer (shared
-    with the config's models of the same tokenizer): ``(index or None, {pool: app}, {pool: tokenizer app})``."""
+    """The ``RepositoryIndex`` and one ``Pool-<name>`` deployment per pool with its preprocessor (a
+    tokenizer or an image preprocessor, shared with the config's models of the same preprocessing):
+    ``(index or None, {pool: app}, {pool: preprocessor app})``."""
     if not config.pools:
         return None, {}, {}
-    from maas.models.pool import TextEncoderPool
+    from maas.models.pool import POOL_DEPLOYMENTS
     from maas.repository import INDEX_DEPLOYMENT, index_deployment
 
     index = index_deployment().options(name=INDEX_DEPLOYMENT).bind(
@@ -176,13 +177,22 @@ def _pools(config: AppConfig, bound_pre: dict[str, Any]) -> tuple[Any, dict[str,
     poll_s = min(r.poll_interval_s for r in config.repositories)
     pools, tokenizers = {}, {}
     for p in config.pools:
-        dep = tokenizer_deployment_name(p)
-        if dep not in bound_pre:
-            bound_pre[dep] = Tokenizer.options(
-                name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}, **PREPROCESSOR_QUEUES,
-            ).bind(p.tokenizer.model_dump(mode="json"), dep)
+        if p.family == "image-classifier":
+            pre = pool_image_preprocessing(p)
+            dep = image_preprocessor_deployment_name(pre)
+            if dep not in bound_pre:
+                bound_pre[dep] = ImagePreprocessor.options(
+                    name=dep, ray_actor_options={"num_cpus": config.image_preprocessors.num_cpus},
+                    **PREPROCESSOR_QUEUES,
+                ).bind(pre.model_dump(mode="json"), config.image_preprocessors.max_image_pixels)
+        else:
+            dep = tokenizer_deployment_name(p)
+            if dep not in bound_pre:
+                bound_pre[dep] = Tokenizer.options(
+                    name=dep, ray_actor_options={"num_cpus": config.tokenizers.num_cpus}, **PREPROCESSOR_QUEUES,
+                ).bind(p.tokenizer.model_dump(mode="json"), dep)
         tokenizers[p.name] = bound_pre[dep]
-        pools[p.name] = TextEncoderPool.options(
+        pools[p.name] = POOL_DEPLOYMENTS[p.family].options(
             name=p.deployment_name,
             ray_actor_options={"num_cpus": p.resources.num_cpus, "num_gpus": p.resources.num_gpus},
             max_ongoing_requests=p.max_ongoing_requests or max(32, 2 * p.batching.max_batch_size),

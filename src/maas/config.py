@@ -606,21 +606,33 @@ class RepositorySpec(_Strict):
 
 class PoolSpec(_Strict):
     """A multiplexed pool: one deployment (``Pool-<name>``) whose replicas serve every repository
-    model of one kind (family ``text-encoder``, base architecture ``base``, the pool's tokenizer),
-    loading a model when a request asks for it and evicting the least recently used ones to stay
-    under ``memory_budget_bytes`` (see :mod:`maas.models.pool`)."""
+    model of one kind (``family`` and base architecture ``base``; text encoders share the pool's
+    tokenizer, image classifiers its image preprocessing), loading a model when a request asks for
+    it and evicting the least recently used ones to stay under ``memory_budget_bytes`` (see
+    :mod:`maas.models.pool`)."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="The pool's name; its deployment is Pool-<name>.")
-    family: Literal["text-encoder"] = Field(
-        description="The family of its models. text-encoder (embeddings, text classification) only for now.")
+    family: Literal["text-encoder", "image-classifier"] = Field(
+        description="The family of its models: text-encoder (embeddings, text classification) or image-classifier.")
     base: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
         description="The base architecture its models declare (maas-model.yaml's `base`), e.g. minilm-l6.")
-    tokenizer: TokenizerSource = Field(description="The tokenizer every model of the pool uses (its preprocessing key).")
-    base_weights: Annotated[Union[HuggingFaceSource, PackageSource], Field(discriminator="source")] | None = Field(
+    tokenizer: TokenizerSource | None = Field(
+        default=None, description="text-encoder: the tokenizer every model of the pool uses (its preprocessing key).")
+    architecture: str | None = Field(
+        default=None, description="image-classifier: the torchvision or timm architecture every model of the pool "
+        "builds (efficientnet_lite0, resnet50).")
+    library: Literal["torchvision", "timm"] | None = Field(
+        default=None, description="image-classifier: which library builds the architecture.")
+    preprocessing: ImagePreprocessingSpec | None = Field(
+        default=None, description="image-classifier: the resize/crop/normalisation every model of the pool takes "
+        "(its preprocessing key); default the architecture's preset, as ModelSpec's.")
+    base_weights: Annotated[Union[HuggingFaceSource, PackageSource, TimmSource, TorchvisionSource],
+                            Field(discriminator="source")] | None = Field(
         default=None,
-        description="The frozen base encoder that head-only repository models (maas-model.yaml `head:`) run on: one "
-        "base forward serves a mixed batch of them. Without it the pool serves full checkpoints only.")
+        description="The frozen base that head-only repository models (maas-model.yaml `head:`) run on: one "
+        "base forward serves a mixed batch of them (text: its pooled embeddings; images: the input of the "
+        "architecture's last linear layer, its pre-logits features). Without it the pool serves full checkpoints only.")
     memory_budget_bytes: int = Field(
         default=2 * 1024**3, ge=1,
         description="Memory of one replica, bytes: the process, torch and the frozen base (measured when the replica "
@@ -630,51 +642,114 @@ class PoolSpec(_Strict):
         default=30.0, gt=0, le=600,
         description="A request for a model that is not loaded waits for its load this long at most, seconds; then "
         "503 + Retry-After.")
-    max_input_tokens: int | None = Field(default=None, ge=1, description="Longest input in tokens; default the "
-                                         "checkpoint's own limit.")
+    max_input_tokens: int | None = Field(default=None, ge=1, description="text-encoder: longest input in tokens; "
+                                         "default the checkpoint's own limit.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_ongoing_requests: int | None = Field(default=None, ge=1, description="As ModelSpec's.")
     max_queued_items: int | None = Field(default=None, ge=1, description="As ModelSpec's, per repository model.")
     health: HealthSpec = Field(default_factory=HealthSpec)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "PoolSpec":
+        src = self.base_weights.source if self.base_weights is not None else None
+        if self.family == "text-encoder":
+            if self.tokenizer is None:
+                raise ValueError(f"pool {self.name!r}: a text-encoder pool needs a tokenizer (its models' preprocessing)")
+            if self.architecture or self.library or self.preprocessing:
+                raise ValueError(f"pool {self.name!r}: architecture/library/preprocessing apply to image-classifier pools")
+            if src in ("timm", "torchvision"):
+                raise ValueError(f"pool {self.name!r}: a text-encoder base comes from huggingface or package")
+        else:
+            if not self.architecture or not self.library:
+                raise ValueError(f"pool {self.name!r}: an image-classifier pool needs 'architecture' and 'library' "
+                                 "(the architecture every model of it builds)")
+            if self.tokenizer is not None or self.max_input_tokens is not None:
+                raise ValueError(f"pool {self.name!r}: tokenizer/max_input_tokens apply to text-encoder pools")
+            if src == "huggingface":
+                raise ValueError(f"pool {self.name!r}: an image-classifier base comes from timm, torchvision or package")
+            if src in ("timm", "torchvision") and src != self.library:
+                raise ValueError(f"pool {self.name!r}: {src} base_weights need library: {src}")
+        return self
+
     @property
     def deployment_name(self) -> str:
         return f"Pool-{self.name}"
+
+    def model_spec(self, name: str, tasks: list[str], weights: Any, labels: list[str] | None = None) -> "ModelSpec":
+        """A :class:`ModelSpec` of this pool's kind (its tokenizer or architecture and preprocessing)
+        for ``weights``: how a pool replica builds a repository model or its base."""
+        common = dict(name=name, family=self.family, tasks=tasks, weights=weights, batching=self.batching)
+        if self.family == "text-encoder":
+            return ModelSpec(**common, tokenizer=self.tokenizer, max_input_tokens=self.max_input_tokens)
+        return ModelSpec(**common, architecture=self.architecture, library=self.library,
+                         preprocessing=self.preprocessing, labels=labels or "imagenet")
 
 
 class FolderSpec(_Strict):
     """A repository model's ``maas-model.yaml``: what it is and which pool serves it.
 
-    A full checkpoint is the folder itself in Hugging Face layout (``config.json``,
+    Text encoders: a full checkpoint is the folder itself in Hugging Face layout (``config.json``,
     ``model.safetensors``; a sequence-classification head for ``text-classification``, its labels
-    from ``config.json``'s ``id2label``). A head-only model (``head:``) is a linear classifier over
-    the pool's frozen base embeddings: a safetensors file with ``weight`` float32 (C, D) and
-    ``bias`` float32 (C,), and ``labels`` (C names); it needs a pool with ``base_weights``.
+    from ``config.json``'s ``id2label``). Image classifiers: a full checkpoint is a state-dict file
+    of the pool's architecture (``weights:``, .safetensors or .pt/.pth) with ``labels`` (one per
+    class, or ``imagenet``). A head-only model (``head:``) is a linear classifier over the pool's
+    frozen base: a safetensors file with ``weight`` float32 (C, D) and ``bias`` float32 (C,), and
+    ``labels`` (C names); it needs a pool with ``base_weights``.
+
+    Versions (Triton's layout): a folder whose subfolders are named by numbers (``1/``, ``2/``) holds
+    one version in each, addressed ``name@1``; the subfolder's own ``maas-model.yaml`` when it has
+    one, else the folder's. ``name`` alone answers with ``default_version``, else the highest
+    number (Triton's default version policy, ``latest: 1``).
     """
 
-    family: Literal["text-encoder"]
+    family: Literal["text-encoder", "image-classifier"]
     base: str = Field(description="The base architecture; the pool whose `base` is this serves the model.")
     tasks: list[Task] = Field(min_length=1)
     head: str | None = Field(default=None, description="Head-only model: its safetensors file in the folder.")
-    labels: list[str] | None = Field(default=None, description="Head-only models: class names, in the head's order.")
+    weights: str | None = Field(default=None, description="image-classifier full checkpoints: the state-dict file "
+                                "in the folder.")
+    labels: list[str] | Literal["imagenet"] | None = Field(
+        default=None, description="Class names in the head's order: head-only models and image checkpoints.")
+    default_version: str | None = Field(
+        default=None, pattern=r"^[0-9]{1,9}$",
+        description="A folder of versions: the one `name` alone answers with (default the highest).")
     quality: float | None = Field(default=None, description="As ModelSpec's (for `model: auto`).")
     quality_source: str | None = None
+
+    @field_validator("default_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> "FolderSpec":
         bad = [t for t in self.tasks if t not in FAMILY_TASKS[self.family]]
         if bad:
             raise ValueError(f"tasks: family {self.family} offers {sorted(FAMILY_TASKS[self.family])}, not {bad}")
+        for field in ("head", "weights"):
+            value = getattr(self, field)
+            if value is not None and ("/" in value or value.startswith(".")):
+                raise ValueError(f"{field} names a file inside the model's folder")
         if self.head is not None:
-            if self.tasks != ["text-classification"]:
+            if self.family == "text-encoder" and self.tasks != ["text-classification"]:
                 raise ValueError("a head-only model offers tasks: [text-classification] (its base gives the embeddings)")
-            if not self.labels:
+            if not isinstance(self.labels, list) or not self.labels:
                 raise ValueError("a head-only model needs labels (one per row of the head's weight)")
-            if "/" in self.head or self.head.startswith("."):
-                raise ValueError("head names a file inside the model's folder")
-        elif self.labels is not None:
-            raise ValueError("labels apply to head-only models; a full checkpoint's come from its config.json id2label")
+            if self.weights is not None:
+                raise ValueError("a model is head-only (head:) or a full checkpoint (weights:), not both")
+        elif self.family == "image-classifier":
+            if self.weights is None:
+                raise ValueError("an image-classifier checkpoint names its state-dict file (weights: model.safetensors); "
+                                 "a head-only model names its head (head: head.safetensors)")
+            if self.labels is None:
+                raise ValueError("an image-classifier checkpoint needs labels (one per class, or imagenet)")
+        else:
+            if self.labels is not None:
+                raise ValueError("labels apply to head-only models; a full checkpoint's come from its config.json id2label")
+            if self.weights is not None:
+                raise ValueError("a text-encoder checkpoint is the folder itself (Hugging Face layout); weights: applies "
+                                 "to image classifiers")
         if self.quality is not None and not self.quality_source:
             raise ValueError("quality needs quality_source")
         return self

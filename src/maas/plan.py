@@ -203,10 +203,17 @@ def plan_config(serve_config: dict, *, gpus: int, gpu_memory_gib: float, cpus: f
                 replicas += _replicas(pool.deployment_name, pool.resources.num_cpus, pool.resources.num_gpus,
                                       over.get(pool.deployment_name, {}))
                 known.add(pool.deployment_name)
-                tok = tokenizer_deployment_name(pool)
-                if tok not in known:
-                    replicas += _replicas(tok, config.tokenizers.num_cpus, 0.0, over.get(tok, {}))
-                    known.add(tok)
+                if pool.family == "image-classifier":
+                    from maas.config import image_preprocessor_deployment_name
+                    from maas.models.image_classifier import pool_image_preprocessing
+
+                    pre, cpus_each = (image_preprocessor_deployment_name(pool_image_preprocessing(pool)),
+                                      config.image_preprocessors.num_cpus)
+                else:
+                    pre, cpus_each = tokenizer_deployment_name(pool), config.tokenizers.num_cpus
+                if pre not in known:
+                    replicas += _replicas(pre, cpus_each, 0.0, over.get(pre, {}))
+                    known.add(pre)
         if any(len(v) > 1 for v in config.versions().values()):
             replicas += _replicas(ROUTING_KEYS_DEPLOYMENT, 0.01, 0.0, over.get(ROUTING_KEYS_DEPLOYMENT, {}))
             known.add(ROUTING_KEYS_DEPLOYMENT)

@@ -10,6 +10,10 @@ A repository (:class:`~maas.config.RepositorySpec`) is a directory whose folders
       topic-router/
         maas-model.yaml           ← … or a head-only model: `head: head.safetensors`, `labels: [...]`
         head.safetensors
+      pets/                       ← an image classifier (its pool builds the architecture) in versions:
+        maas-model.yaml           ←   family: image-classifier, weights: model.safetensors, labels: [...]
+        1/model.safetensors       ←   pets@1
+        2/model.safetensors       ←   pets@2; `pets` alone answers with the highest (or default_version)
 
 Adding a model is copying its folder in (copy to a dot-folder, then ``mv``: folders whose name
 starts with ``.`` are skipped, so a half-copied model is never read; a model read half-copied
@@ -73,8 +77,11 @@ class Entry:
     """One repository model as the index knows it.
 
     Attributes:
-        name: The folder's name, the model's name. repository: The repository directory.
-        path: The model's folder. spec: Its ``maas-model.yaml`` as a dict (None when unreadable).
+        name: The model's address: the folder's name, ``<folder>@<version>`` for a version of a
+            folder of versions. model: The model's name (the folder's). version: The version
+            (a version subfolder's name), None for a folder without versions. default: Whether
+            ``model`` alone answers with this entry. repository: The repository directory.
+        path: The model's folder (the version's subfolder). spec: Its ``maas-model.yaml`` as a dict (None when unreadable).
         pool: The pool that serves it (None when none fits). size_bytes: Its weight files' bytes
             (the load-time estimate checked against the pool's budget). fingerprint: Changes when
             any of its files change (names, sizes, mtimes).
@@ -95,6 +102,9 @@ class Entry:
     reason: str = ""
     kind: str = ""  # why it is unavailable, as a fixed word (KINDS): what a client may be told
     loaded_on: list[str] = field(default_factory=list)
+    model: str = ""
+    version: str | None = None
+    default: bool = True
 
     def public(self) -> dict:
         return asdict(self)
@@ -121,13 +131,42 @@ def fingerprint(folder: Path) -> tuple[str, int]:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16], weights
 
 
-def read_folder(repository: str, folder: Path, pools: list[PoolSpec]) -> Entry:
+def _problem(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(((".".join(map(str, e["loc"])) + ": ") if e["loc"] else "")
+                         + e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False))
+    return str(exc).splitlines()[0]
+
+
+def version_folders(folder: Path) -> list[Path]:
+    """A folder's version subfolders (names of digits, Triton's layout), in numeric order."""
+    try:
+        return sorted((d for d in folder.iterdir() if d.is_dir() and d.name.isdigit() and len(d.name) <= 9),
+                      key=lambda d: int(d.name))
+    except OSError:
+        return []
+
+
+def read_folder(repository: str, folder: Path, pools: list[PoolSpec], model: str | None = None,
+                version: str | None = None, parent_spec: Path | None = None) -> Entry:
     """One model folder as an :class:`Entry` (``UNAVAILABLE`` with the reason when its spec is
-    missing or invalid, no pool serves its kind, or it is larger than its pool's budget)."""
+    missing or invalid, no pool serves its kind, or it is larger than its pool's budget).
+
+    ``model``/``version``: a version subfolder of the folder of versions ``model``; its spec is its
+    own ``maas-model.yaml``, else ``parent_spec`` (the folder's), whose changes count in its
+    fingerprint."""
     fp, size = fingerprint(folder)
-    entry = Entry(name=folder.name, repository=repository, path=str(folder), spec=None, pool=None,
-                  size_bytes=size, fingerprint=fp)
+    name = folder.name if version is None else f"{model}@{version}"
     spec_path = folder / SPEC_FILE
+    if version is not None and not spec_path.is_file() and parent_spec is not None:
+        spec_path = parent_spec
+        try:
+            st = spec_path.stat()
+            fp = fp + f"{st.st_size:x}{st.st_mtime_ns:x}"[-8:]
+        except OSError:
+            pass
+    entry = Entry(name=name, repository=repository, path=str(folder), spec=None, pool=None,
+                  size_bytes=size, fingerprint=fp, model=model or folder.name, version=version)
     try:
         raw = yaml.safe_load(spec_path.read_text()) or {}
         spec = FolderSpec.model_validate(raw)
@@ -135,10 +174,7 @@ def read_folder(repository: str, folder: Path, pools: list[PoolSpec]) -> Entry:
         entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"no {SPEC_FILE} in {folder}; add one (family, base, tasks)"
         return entry
     except (yaml.YAMLError, ValidationError, OSError) as exc:
-        msg = "; ".join(((".".join(map(str, e["loc"])) + ": ") if e["loc"] else "")
-                        + e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)) \
-            if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
-        entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"{SPEC_FILE} is invalid: {msg}"
+        entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"{SPEC_FILE} is invalid: {_problem(exc)}"
         return entry
     entry.spec = spec.model_dump(mode="json")
     pool = next((p for p in pools if (p.family, p.base) == (spec.family, spec.base)), None)
@@ -160,6 +196,12 @@ def read_folder(repository: str, folder: Path, pools: list[PoolSpec]) -> Entry:
             entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"head file {spec.head!r} is not in {folder}"
             return entry
         entry.size_bytes = head.stat().st_size
+    elif spec.weights is not None:
+        weights = folder / spec.weights
+        if not weights.is_file():
+            entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", f"weights file {spec.weights!r} is not in {folder}"
+            return entry
+        entry.size_bytes = weights.stat().st_size
     elif size == 0 or not (folder / "config.json").is_file():
         entry.state, entry.kind, entry.reason = UNAVAILABLE, "invalid", (
             f"no weights or config.json in {folder} (config.json and model.safetensors, Hugging Face layout)")
@@ -169,6 +211,42 @@ def read_folder(repository: str, folder: Path, pools: list[PoolSpec]) -> Entry:
             f"its weights take {entry.size_bytes} bytes, more than pool {pool.name!r}'s memory budget of "
             f"{pool.memory_budget_bytes} bytes; raise memory_budget_bytes or serve it as its own model")
     return entry
+
+
+def read_model(repository: str, folder: Path, pools: list[PoolSpec]) -> tuple[list[Entry], str | None]:
+    """A model folder's entries — one, or one per version subfolder (see
+    :class:`~maas.config.FolderSpec`) — and the folder spec's ``default_version`` (None when unset)."""
+    versions = version_folders(folder)
+    if not versions:
+        return [read_folder(repository, folder, pools)], None
+    parent = folder / SPEC_FILE
+    default = None
+    try:
+        raw = yaml.safe_load(parent.read_text()) or {}
+        default = str(raw.get("default_version")) if isinstance(raw, dict) and raw.get("default_version") is not None else None
+    except (OSError, yaml.YAMLError):
+        pass
+    return [read_folder(repository, v, pools, model=folder.name, version=v.name, parent_spec=parent)
+            for v in versions], default
+
+
+def mark_defaults(entries: dict[str, Entry], spec_of) -> None:
+    """Set ``Entry.default``: a folder without versions is its own default; of a folder of versions,
+    the ready version its spec names (``default_version``), else its highest ready version."""
+    by_model: dict[str, list[Entry]] = {}
+    for e in entries.values():
+        by_model.setdefault(e.model or e.name, []).append(e)
+    for model, group in by_model.items():
+        if len(group) == 1 and group[0].version is None:
+            group[0].default = True
+            continue
+        ready = [e for e in group if e.state == READY]
+        wanted = spec_of(model)
+        chosen = next((e for e in ready if e.version == wanted), None) if wanted else None
+        if chosen is None and ready:
+            chosen = max(ready, key=lambda e: int(e.version or 0))
+        for e in group:
+            e.default = e is chosen
 
 
 class RepositoryState:
@@ -191,6 +269,7 @@ class RepositoryState:
         self.facts: dict[str, dict] = {}  # replica → its memory facts (rss_bytes, baseline_bytes, budgets)
         self.scanned_at = -1e9
         self.skipped: set[str] = set()  # folder names that are not model names (warned once each)
+        self.default_versions: dict[str, str] = {}  # folder of versions → its spec's default_version
         import uuid
 
         self.epoch = uuid.uuid4().hex[:12]  # versions count from 0 again in a new index replica
@@ -198,6 +277,7 @@ class RepositoryState:
     def scan(self) -> bool:
         """Read every repository now. Returns whether anything a reader sees changed."""
         found: dict[str, Entry] = {}
+        defaults: dict[str, str] = {}
         for repo in self.repositories:
             root = Path(repo.path)
             try:
@@ -212,38 +292,45 @@ class RepositoryState:
                         logger.warning("repository %s: folder %r skipped: a model's folder name is its model name "
                                        "([a-z0-9][a-z0-9._-]*, at most 63 characters)", root, folder.name)
                     continue
-                entry = read_folder(repo.path, folder, self.pools)
-                if folder.name in found or folder.name in self.taken:
-                    where = "a model of the app config" if folder.name in self.taken else found[folder.name].path
-                    entry.state, entry.kind, entry.reason = UNAVAILABLE, "name taken", f"the name {folder.name!r} is taken by {where}; rename the folder"
-                    entry.pool = None
-                    if folder.name in found:
-                        continue
-                found[folder.name] = entry
+                taken = folder.name in self.taken or any(e.model == folder.name for e in found.values())
+                entries, default = read_model(repo.path, folder, self.pools)
+                if default is not None and not taken:
+                    defaults[folder.name] = default
+                for entry in entries:
+                    if taken:
+                        first = next((e.path for e in found.values() if e.model == folder.name), None)
+                        if first is not None:
+                            continue  # the first repository's folder of the name keeps it
+                        entry.state, entry.kind, entry.reason = UNAVAILABLE, "name taken", (
+                            f"the name {folder.name!r} is taken by a model of the app config; rename the folder")
+                        entry.pool = None
+                    found[entry.name] = entry
         self.scanned_at = self.clock()
         for name in list(self.failed):
             if name not in found or found[name].fingerprint != self.failed[name][0]:
                 del self.failed[name]  # changed or gone: a new model, loads again
-        self.unloaded &= set(found)
+        self.unloaded &= {e.model for e in found.values()}
+        self.default_versions = defaults
         return self._set(found)
 
     def _apply_marks(self, entries: dict[str, Entry]) -> None:
         for name, e in entries.items():
             if e.state != READY:
                 continue
-            if name in self.unloaded:
+            if e.model in self.unloaded:
                 e.state, e.kind, e.reason = UNAVAILABLE, "unloaded", "unloaded through the repository API; POST …/load to serve it again"
             elif name in self.failed:
                 e.state, e.kind, e.reason = UNAVAILABLE, "load failed", f"its load failed: {self.failed[name][1]}"
 
     def _set(self, found: dict[str, Entry]) -> bool:
-        before = {n: (e.fingerprint, e.state, e.reason, e.pool) for n, e in self.entries.items()}
+        before = {n: (e.fingerprint, e.state, e.reason, e.pool, e.default) for n, e in self.entries.items()}
         for e in found.values():
             if e.state == READY:
                 e.reason, e.kind = "", ""
         self._apply_marks(found)
+        mark_defaults(found, self.default_versions.get)
         self._place(found)
-        changed = {n: (e.fingerprint, e.state, e.reason, e.pool) for n, e in found.items()} != before
+        changed = {n: (e.fingerprint, e.state, e.reason, e.pool, e.default) for n, e in found.items()} != before
         self.entries = found
         if changed:
             self.version += 1
@@ -262,27 +349,44 @@ class RepositoryState:
         return {"version": self.version, "epoch": self.epoch,
                 "models": {n: e.public() for n, e in self.entries.items()}}
 
+    def model_entries(self, name: str) -> list[Entry]:
+        """The entries of model ``name`` (every version of a folder of versions), or of the address
+        ``name@v``; empty when there are none."""
+        if name in self.entries:
+            return [self.entries[name]]
+        return [e for e in self.entries.values() if e.model == name]
+
+    def _entry_of(self, name: str) -> Entry:
+        found = self.model_entries(name)
+        if not found:
+            raise KeyError(name)
+        return next((e for e in found if e.default), found[0])
+
     def load(self, name: str) -> Entry:
-        """The repository API's load: rescan, forget an unload or a failure of ``name``.
+        """The repository API's load: rescan, forget an unload or a failure of model ``name`` (every
+        version of it). Returns its entry (of a folder of versions: the default version's).
 
         Raises:
             KeyError: no folder of that name in any repository.
         """
-        self.unloaded.discard(name)
-        self.failed.pop(name, None)
+        model = name.partition("@")[0]
+        self.unloaded.discard(model)
+        for addr in [n for n, e in self.entries.items() if e.model == model]:
+            self.failed.pop(addr, None)
         self.scan()
         self.version += 1  # a reader must refresh even when the entry looks the same
-        return self.entries[name]
+        return self._entry_of(name)
 
     def unload(self, name: str) -> Entry:
-        """The repository API's unload: the model stops taking requests at once; pool replicas drain
-        and evict it at their next look at the index.
+        """The repository API's unload: model ``name`` (every version of it, as Triton unloads a
+        model) stops taking requests at once; pool replicas drain and evict it at their next look at
+        the index.
 
         Raises:
             KeyError: no such model.
         """
-        entry = self.entries[name]
-        self.unloaded.add(name)
+        entry = self._entry_of(name)
+        self.unloaded.add(entry.model)
         self._set(dict(self.entries))
         return entry
 

@@ -63,16 +63,25 @@ class PoolModelHandle:
 
 
 def pool_model_spec(entry: dict, pool: PoolSpec) -> PoolModelSpec:
-    """The :class:`~maas.config.PoolModelSpec` the ingress routes a repository entry with."""
-    from maas.config import HuggingFaceSource
+    """The :class:`~maas.config.PoolModelSpec` the ingress routes a repository entry with (``name``
+    the model's, ``version`` the entry's version subfolder, so its key is the entry's address)."""
+    import os
+
+    from maas.config import HuggingFaceSource, TimmSource, TorchvisionSource
 
     folder = FolderSpec.model_validate(entry["spec"])
-    return PoolModelSpec(
-        name=entry["name"], family=folder.family, tasks=folder.tasks,
-        weights=HuggingFaceSource(id=entry["path"]), tokenizer=pool.tokenizer, batching=pool.batching,
-        resources=pool.resources, max_queued_items=pool.max_queued_items, max_input_tokens=pool.max_input_tokens,
-        quality=folder.quality, quality_source=folder.quality_source, pool=pool.name,
-        pool_deployment=pool.deployment_name, path=entry["path"], head=folder.head)
+    common = dict(name=entry.get("model") or entry["name"], version=entry.get("version"), family=folder.family,
+                  tasks=folder.tasks, batching=pool.batching, resources=pool.resources,
+                  max_queued_items=pool.max_queued_items, quality=folder.quality, quality_source=folder.quality_source,
+                  pool=pool.name, pool_deployment=pool.deployment_name, path=entry["path"], head=folder.head)
+    if pool.family == "image-classifier":
+        # The preprocessing stays the pool's (its preprocessor deployment); the ingress never reads it.
+        path = os.path.join(entry["path"], folder.weights or folder.head or "")
+        weights = TimmSource(path=path) if pool.library == "timm" else TorchvisionSource(path=path)
+        return PoolModelSpec(**common, weights=weights, architecture=pool.architecture, library=pool.library,
+                             labels=folder.labels)
+    return PoolModelSpec(**common, weights=HuggingFaceSource(id=entry["path"]), tokenizer=pool.tokenizer,
+                         max_input_tokens=pool.max_input_tokens)
 
 
 class RepositoryRoutes:
@@ -94,7 +103,8 @@ class RepositoryRoutes:
         self.poll_s = min(r.poll_interval_s for r in config.repositories)
         self.version, self.epoch = -1, None
         self.entries: dict[str, dict] = {}
-        self.fingerprints: dict[str, str] = {}
+        self.fingerprints: dict[str, str] = {}  # routed address → the fingerprint it was routed with
+        self.names: set[str] = set()  # model names whose versions this keeps in traffic.specs
         self._loop_task: asyncio.Task | None = None
         self._refreshing: asyncio.Future | None = None
         self.refreshed_at = 0.0
@@ -142,7 +152,9 @@ class RepositoryRoutes:
                 logger.debug("repository index did not answer: %s", exc)
 
     def apply(self, snap: dict) -> None:
-        """Make the routes match an index snapshot: add READY models, drop the rest."""
+        """Make the routes match an index snapshot: add READY models, drop the rest. Routes are keyed
+        by address (``name``, or ``name@v`` for a version subfolder); ``traffic.specs[name]`` lists a
+        name's routed versions with its default first (what ``name`` alone answers with)."""
         from maas.dataplane.calls import Route
 
         if snap.get("epoch") == self.epoch and snap["version"] < self.version:
@@ -150,30 +162,46 @@ class RepositoryRoutes:
         self.entries, self.version, self.epoch = snap["models"], snap["version"], snap.get("epoch")
         routes, specs = self.calls.routes, self.traffic.specs
         live = {n: e for n, e in self.entries.items() if e["state"] == "READY" and e["pool"] in self.handles}
-        for name in [n for n, r in routes.items() if isinstance(r.spec, PoolModelSpec)]:
-            entry = live.get(name)
-            if entry is None or entry["fingerprint"] != self.fingerprints.get(name):
-                self._drop(name)
-        for name, entry in live.items():
-            if name in routes:
-                continue
-            if name in specs:  # a model of the app config (the index refuses those; belt and braces)
-                continue
+        for address in [a for a, r in routes.items() if isinstance(r.spec, PoolModelSpec)]:
+            entry = live.get(address)
+            if entry is None or entry["fingerprint"] != self.fingerprints.get(address):
+                self._drop(address)
+        for address, entry in live.items():
+            model = entry.get("model") or address
+            if address in routes or (model in specs and model not in self.names):
+                continue  # routed already, or a model of the app config (the index refuses those; belt and braces)
             try:
                 spec = pool_model_spec(entry, self.pools[entry["pool"]])
             except Exception as exc:  # noqa: BLE001 - the index validated it; a mismatch is logged, not served
-                logger.warning("repository model %s not routed: %s", name, exc)
+                logger.warning("repository model %s not routed: %s", address, exc)
                 continue
-            routes[name] = Route(spec, PoolModelHandle(self.handles[entry["pool"]], name),
-                                 self.tokenizers[entry["pool"]])
-            specs[name] = [spec]
-            self.fingerprints[name] = entry["fingerprint"]
+            routes[address] = Route(spec, PoolModelHandle(self.handles[entry["pool"]], address),
+                                    self.tokenizers[entry["pool"]])
+            self.fingerprints[address] = entry["fingerprint"]
+        self._index_versions()
 
-    def _drop(self, name: str) -> None:
-        self.calls.routes.pop(name, None)
-        self.traffic.specs.pop(name, None)
-        self.fingerprints.pop(name, None)
-        self.calls.forget(name)
+    def _index_versions(self) -> None:
+        """``traffic.specs`` of the repository's names from the routes: the default version first."""
+        by_name: dict[str, list] = {}
+        for address, route in self.calls.routes.items():
+            if isinstance(route.spec, PoolModelSpec):
+                by_name.setdefault(route.spec.name, []).append(route.spec)
+        for name in self.names - set(by_name):
+            self.traffic.specs.pop(name, None)
+
+        def order(spec) -> tuple:
+            entry = self.entries.get(spec.key, {})
+            return (not entry.get("default", True), -int(spec.version) if (spec.version or "").isdigit() else 0)
+
+        for name, group in by_name.items():
+            self.traffic.specs[name] = sorted(group, key=order)
+        self.names = set(by_name)
+
+    def _drop(self, address: str) -> None:
+        self.calls.routes.pop(address, None)
+        self.fingerprints.pop(address, None)
+        self.calls.forget(address)
+        self._index_versions()
 
     async def ensure_known(self, model: str) -> None:
         """Before routing a request for ``model``: when this replica has no route for it, ask the
@@ -184,23 +212,27 @@ class RepositoryRoutes:
         """
         self.start()
         name = model.partition("@")[0]
-        if name in self.calls.routes or name in self.traffic.specs:
+        if model in self.calls.routes or (name in self.traffic.specs and "@" not in model):
             return
         try:
             await self.refresh(rescan=True)
         except Exception as exc:  # noqa: BLE001 - the caller gets the usual 404
             logger.debug("repository index did not answer: %s", exc)
-        entry = self.entries.get(name)
-        if name not in self.calls.routes and entry is not None and entry["state"] != "READY":
-            raise ModelNotReady(unavailable_message(name, entry.get("kind", ""), entry["reason"]))
+        entry = self.entries.get(model) or next(
+            (e for e in self.entries.values() if e.get("model") == name and e.get("default")), None)
+        if entry is not None and entry["state"] != "READY" and model not in self.calls.routes \
+                and ("@" in model or name not in self.traffic.specs):
+            raise ModelNotReady(unavailable_message(model, entry.get("kind", ""), entry["reason"]))
 
     def loaded_on(self, name: str) -> list[str]:
         """Replicas that hold ``name`` (as of the index's last snapshot)."""
         return list(self.entries.get(name, {}).get("loaded_on", ()))
 
     def card_extra(self, name: str) -> dict:
-        """What a repository model's card adds: ``repository`` (path, pool, loaded_on, size_bytes, head)."""
-        e = self.entries.get(name)
+        """What a repository model's card adds: ``repository`` (path, pool, loaded_on, size_bytes, head) of
+        ``name`` (an address), or of the default version of the model ``name``."""
+        e = self.entries.get(name) or next(
+            (e for e in self.entries.values() if e.get("model") == name and e.get("default")), None)
         if e is None:
             return {}
         return {"repository": {"path": e["path"], "pool": e["pool"], "loaded_on": e["loaded_on"],
@@ -214,16 +246,17 @@ class RepositoryRoutes:
         self.start()
         await self.refresh(rescan=True, whole=True)
         out = []
-        for name, e in sorted(self.entries.items()):
+        for address, e in sorted(self.entries.items()):
             if ready_only and e["state"] != "READY":
                 continue
-            out.append({"name": name, "version": "1", "state": e["state"], "reason": e["reason"],
-                        "pool": e["pool"], "loaded_on": e["loaded_on"]})
+            out.append({"name": e.get("model") or address, "version": e.get("version") or "1", "state": e["state"],
+                        "reason": e["reason"], "pool": e["pool"], "loaded_on": e["loaded_on"]})
         return out
 
     async def load(self, name: str) -> dict:
-        """Make ``name`` serve again (undo an unload, retry a failed load) and load it on a pool
-        replica now; returns when it is loaded.
+        """Make model ``name`` serve again (undo an unload, retry a failed load; every version of a
+        folder of versions) and load it on a pool replica now (each ready version); returns when it
+        is loaded: the pool's facts of the default version.
 
         Raises:
             ModelNotFound: no such folder. ModelNotReady: it cannot be served (the reason).
@@ -240,9 +273,14 @@ class RepositoryRoutes:
         if entry["state"] != "READY":
             raise ModelNotReady(unavailable_message(name, entry.get("kind", ""), entry["reason"]))
         await self.refresh()
-        pool = self.handles[entry["pool"]].options(multiplexed_model_id=name)
+        model = entry.get("model") or entry["name"]
+        addresses = [a for a, e in self.entries.items() if (e.get("model") or a) == model and e["state"] == "READY"
+                     and a != entry["name"]] + [entry["name"]]  # the default last: its facts are the answer
         timeout = self.pools[entry["pool"]].load_timeout_s + 5
-        return await self.calls.awaited(pool.load.remote(name), name, timeout)
+        for address in addresses:
+            pool = self.handles[self.entries.get(address, entry)["pool"]].options(multiplexed_model_id=address)
+            facts = await self.calls.awaited(pool.load.remote(address), address, timeout)
+        return facts
 
     async def unload(self, name: str) -> dict:
         """Stop serving ``name``: its route goes now; pool replicas drain and evict it.
@@ -258,7 +296,9 @@ class RepositoryRoutes:
             if isinstance(unwrap(exc), KeyError):
                 raise ModelNotFound(f"no model {name!r} in the repositories; POST /v2/repository/index lists them") from None
             raise
-        self._drop(name)
+        model = entry.get("model") or entry["name"]
+        for address in [a for a, e in self.entries.items() if (e.get("model") or a) == model]:
+            self._drop(address)
         await self.refresh()
         return entry
 

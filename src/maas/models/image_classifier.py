@@ -118,6 +118,15 @@ def resolve_image_preprocessing(spec: ModelSpec) -> ImagePreprocessingSpec:
     )
 
 
+def pool_image_preprocessing(pool) -> ImagePreprocessingSpec:
+    """An image-classifier pool's preprocessing (:class:`~maas.config.PoolSpec`): its own, else its
+    architecture's preset (as :func:`resolve_image_preprocessing`)."""
+    from maas.config import RandomSource
+
+    return resolve_image_preprocessing(pool.model_spec(f"{pool.name}-base", ["image-classification"],
+                                                       pool.base_weights or RandomSource()))
+
+
 class ImageClassifierRunner(ModelRunner):
     """Lifecycle of a CNN classifier.
 

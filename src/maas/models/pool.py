@@ -1,7 +1,9 @@
 """Multiplexed pools: one deployment serves every repository model of one kind under a byte budget.
 
-A :class:`TextEncoderPool` replica (deployment ``Pool-<name>``, see :class:`~maas.config.PoolSpec`)
-serves the repository's text encoders of its ``base``. The ingress calls it with the model's name as
+A :class:`TextEncoderPool` or :class:`ImageClassifierPool` replica (deployment ``Pool-<name>``, see
+:class:`~maas.config.PoolSpec`) serves the repository's text encoders or image classifiers of its
+``base``; :class:`PoolReplica` is what the two share (everything but building a model and running
+a batch of heads). The ingress calls it with the model's name as
 Serve's multiplexed model id (``handle.options(multiplexed_model_id=name)``), so Serve's router sends
 a model's requests to a replica that holds it, and a model no replica holds to the replica with the
 fewest models, which loads it (Ray Serve's multiplexing routing, used as it is).
@@ -26,7 +28,8 @@ holds to Serve's router itself, with the same call the decorator makes (:func:`r
   loads it again.
 * **Batches are grouped by model**: each full checkpoint has its own pull batcher (one forward per
   model and batch); head-only models share one batcher whose batch runs one base forward for every
-  item and then each item's own head (a ``(C, D)`` linear layer on the base's pooled embeddings).
+  item and then each item's own head (a ``(C, D)`` linear layer on the base's features: a text base's
+  pooled embeddings, an image base's pre-logits features — the input of its last linear layer).
 * **Removed or unloaded** models (the index says so) are drained: evicted once no request of theirs
   is queued or running.
 """
@@ -43,7 +46,7 @@ from ray import serve
 
 from maas import metrics
 from maas.batching.pull import PullBatcher
-from maas.config import BatchingSpec, HuggingFaceSource, ModelSpec, PoolSpec
+from maas.config import BatchingSpec, HuggingFaceSource, PoolSpec
 from maas.errors import InvalidRequest, MaasError, ModelNotFound, ModelNotReady
 from maas.models.cache import ModelCache
 from maas.models.multiplex import (  # noqa: F401 - Head and load_head re-exported
@@ -67,9 +70,9 @@ INDEX_POLL_S = 2.0
 INDEX_TIMEOUT_S = 5.0
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-class TextEncoderPool:
-    """A pool replica of text encoders (see the module docstring).
+class PoolReplica:
+    """A pool replica (see the module docstring); :class:`TextEncoderPool` and
+    :class:`ImageClassifierPool` give it the family's base, model building and heads forward.
 
     Constructor args (from ``bind``): the :class:`~maas.config.PoolSpec` as a dict, the index's
     handle and the repositories' smallest poll interval, seconds.
@@ -133,31 +136,37 @@ class TextEncoderPool:
 
     # ------------------------------------------------------------------ loading
 
-    def _runner_spec(self, name: str, path: str, tasks: list[str]) -> ModelSpec:
-        return ModelSpec(name=name, family="text-encoder", tasks=tasks, weights=HuggingFaceSource(id=path),
-                         tokenizer=self.pool.tokenizer, max_input_tokens=self.pool.max_input_tokens,
-                         batching=self.pool.batching)
+    # Family hooks (the subclasses').
 
     def _load_base(self):
-        """The frozen base encoder head-only models run on (None without ``base_weights``), warmed up."""
-        if self.pool.base_weights is None:
-            return None
-        from maas.models.text_encoder import TextEncoderRunner
+        """The frozen base head-only models run on (None without ``base_weights``), warmed up; it has
+        ``dimensions`` (D of the features a head takes)."""
+        raise NotImplementedError
 
-        spec = ModelSpec(name=f"{self.pool.name}-base", family="text-encoder", tasks=["embeddings"],
-                         weights=self.pool.base_weights, tokenizer=self.pool.tokenizer,
-                         max_input_tokens=self.pool.max_input_tokens)
-        runner = TextEncoderRunner(spec, self.device)
-        runner.load()
-        runner.run([runner.probe()])
-        return runner
+    def _build(self, entry: dict):
+        """A full checkpoint's runner, loaded (on the loader thread)."""
+        raise NotImplementedError
+
+    def _heads_forward(self, requests: list[ModelRequest]) -> list[Any]:
+        raise NotImplementedError
+
+    def _check_head_job(self, request: ModelRequest, head: Head) -> None:
+        from maas.models.answers import check_top_k
+
+        check_top_k(request.params.get("top_k", 1), len(head.labels), "label count")
+
+    def _head_facts(self, head_labels: list[str]) -> dict:
+        return {"labels": head_labels, "dimensions": self.base.dimensions}
+
+    def _read_facts(self, entry: dict) -> dict:
+        raise NotImplementedError
 
     def _load_model(self, entry: dict):
-        """On the loader thread: ``(model, bytes)`` — a warm :class:`TextEncoderRunner` for a full
-        checkpoint, a :class:`Head` for a head-only model.
+        """On the loader thread: ``(model, bytes)`` — a warm runner for a full checkpoint, a
+        :class:`Head` for a head-only model.
 
         Raises:
-            WeightsError (or anything transformers raises): the load failed.
+            WeightsError (or anything the loading library raises): the load failed.
         """
         spec = entry["spec"]
         if spec.get("head"):
@@ -165,10 +174,7 @@ class TextEncoderPool:
 
             head = load_head(os.path.join(entry["path"], spec["head"]), spec["labels"], self.base.dimensions)
             return head, head.nbytes
-        from maas.models.text_encoder import TextEncoderRunner
-
-        runner = TextEncoderRunner(self._runner_spec(entry["name"], entry["path"], spec["tasks"]), self.device)
-        runner.load()
+        runner = self._build(entry)
         return runner, module_bytes(runner.model)
 
     async def _ensure(self, name: str) -> Any:
@@ -441,17 +447,12 @@ class TextEncoderPool:
     def _jobs(self, model: Any, pre: Any, params, deadlines_s) -> tuple[list, list[ModelRequest], list[int]]:
         """Per-job requests (:func:`maas.models.replica.split_jobs`), validated against ``model``: one
         model, or a list with each job's own model or the error that loading it raised."""
-        from maas.models.answers import check_top_k
-
         def validate(i: int, request: ModelRequest) -> None:
             m = model[i] if isinstance(model, list) else model
             if isinstance(m, MaasError):
                 raise m
             if isinstance(m, Head):
-                if request.params.get("task", "embeddings") != "text-classification":
-                    raise InvalidRequest("a head-only repository model classifies texts; use the pool's base model "
-                                         "for embeddings")
-                check_top_k(request.params.get("top_k", 1), len(m.labels), "label count")
+                self._check_head_job(request, m)
             else:
                 m.validate(request)
 
@@ -501,26 +502,6 @@ class TextEncoderPool:
     async def _run_heads(self, requests: list[ModelRequest]) -> list[Any]:
         return await self._in_forward(self._heads_forward, requests)
 
-    def _heads_forward(self, requests: list[ModelRequest]) -> list[Any]:
-        """One base forward for every item of a mixed batch of head-only models, then each
-        request's own head on its rows of the pooled embeddings (float32 (N, D))."""
-        import torch
-
-        from maas.models.answers import encoder_results
-
-        base = self.base
-        with torch.inference_mode():
-            emb = base.forward(base.preprocess(requests))["embeddings"].float().cpu().numpy()
-        out, start = [], 0
-        for r in requests:
-            n = len(r.inputs)
-            head: Head = r.params["_head"]
-            rows = emb[start:start + n]
-            logits = rows @ head.weight.T + head.bias
-            out.extend(encoder_results(rows, logits, [r], head.labels, False))
-            start += n
-        return out
-
     # ------------------------------------------------------------------ facts
 
     async def info(self, model: str | None = None) -> dict:
@@ -548,12 +529,11 @@ class TextEncoderPool:
             if model in self.cache:
                 m = self.cache._models[model][0]  # a look without marking it used
                 if isinstance(m, Head):
-                    out.update(labels=m.labels, max_input_tokens=self.base.max_input_tokens,
-                               dimensions=self.base.dimensions)
+                    out.update(self._head_facts(m.labels))
                 else:
                     out.update({k: v for k, v in m.info().items() if k != "device"})
                 out["load_s"] = round(self.load_s.get(model, 0.0), 3)
-            if "max_input_tokens" not in out:
+            if self.pool.family == "text-encoder" and "max_input_tokens" not in out:
                 out["partial"] = True  # its facts are not known here yet: the ingress asks again, never keeps this
         return out
 
@@ -568,28 +548,6 @@ class TextEncoderPool:
                 self._facts.clear()
             self._facts[key] = self._read_facts(entry)
         return self._facts[key]
-
-    def _read_facts(self, entry: dict) -> dict:
-        import json
-        import os
-
-        from maas.models.text_encoder import read_pooling
-
-        spec = entry["spec"]
-        if spec.get("head"):
-            base = self.base
-            return {"labels": spec["labels"], "max_input_tokens": base.max_input_tokens, "dimensions": base.dimensions}
-        try:
-            cfg = json.loads(open(os.path.join(entry["path"], "config.json")).read())
-        except (OSError, ValueError):
-            return {}
-        positions = int(cfg.get("max_position_embeddings") or 512)
-        _, _, sbert_max = read_pooling(entry["path"])
-        out = {"max_input_tokens": self.pool.max_input_tokens or min(sbert_max or positions, positions),
-               "dimensions": int(cfg.get("hidden_size") or 0)}
-        if "text-classification" in spec["tasks"] and isinstance(cfg.get("id2label"), dict):
-            out["labels"] = [cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int)]
-        return out
 
     async def load(self, model: str) -> dict:
         """Load ``model`` on this replica now (the repository API's load): its :meth:`info`.
@@ -631,3 +589,179 @@ class TextEncoderPool:
         return {"running_items": float(sum(b.running_items for b in batchers)),
                 "queued_items": float(sum(b.queued_items for b in batchers)),
                 "backlog_items": backlog if time.monotonic() - at < BACKLOG_TTL_S else 0.0}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class TextEncoderPool(PoolReplica):
+    """A pool replica of text encoders (family ``text-encoder``): full checkpoints in Hugging Face
+    layout, and heads over the base's pooled sentence embeddings (float32 (N, D), D = the base's
+    hidden size)."""
+
+    def _load_base(self):
+        if self.pool.base_weights is None:
+            return None
+        from maas.models.text_encoder import TextEncoderRunner
+
+        runner = TextEncoderRunner(self.pool.model_spec(f"{self.pool.name}-base", ["embeddings"],
+                                                        self.pool.base_weights), self.device)
+        runner.load()
+        runner.run([runner.probe()])
+        return runner
+
+    def _build(self, entry: dict):
+        from maas.models.text_encoder import TextEncoderRunner
+
+        spec = self.pool.model_spec(entry.get("model") or entry["name"], entry["spec"]["tasks"],
+                                    HuggingFaceSource(id=entry["path"]))
+        runner = TextEncoderRunner(spec, self.device)
+        runner.load()
+        return runner
+
+    def _check_head_job(self, request: ModelRequest, head: Head) -> None:
+        if request.params.get("task", "embeddings") != "text-classification":
+            raise InvalidRequest("a head-only repository model classifies texts; use the pool's base model "
+                                 "for embeddings")
+        super()._check_head_job(request, head)
+
+    def _head_facts(self, head_labels: list[str]) -> dict:
+        return {**super()._head_facts(head_labels), "max_input_tokens": self.base.max_input_tokens}
+
+    def _heads_forward(self, requests: list[ModelRequest]) -> list[Any]:
+        """One base forward for every item of a mixed batch of head-only models, then each
+        request's own head on its rows of the pooled embeddings (float32 (N, D))."""
+        import torch
+
+        from maas.models.answers import encoder_results
+
+        base = self.base
+        with torch.inference_mode():
+            emb = base.forward(base.preprocess(requests))["embeddings"].float().cpu().numpy()
+        out, start = [], 0
+        for r in requests:
+            n = len(r.inputs)
+            head: Head = r.params["_head"]
+            rows = emb[start:start + n]
+            logits = rows @ head.weight.T + head.bias
+            out.extend(encoder_results(rows, logits, [r], head.labels, False))
+            start += n
+        return out
+
+    def _read_facts(self, entry: dict) -> dict:
+        import json
+        import os
+
+        from maas.models.text_encoder import read_pooling
+
+        spec = entry["spec"]
+        if spec.get("head"):
+            base = self.base
+            return {"labels": spec["labels"], "max_input_tokens": base.max_input_tokens, "dimensions": base.dimensions}
+        try:
+            cfg = json.loads(open(os.path.join(entry["path"], "config.json")).read())
+        except (OSError, ValueError):
+            return {}
+        positions = int(cfg.get("max_position_embeddings") or 512)
+        _, _, sbert_max = read_pooling(entry["path"])
+        out = {"max_input_tokens": self.pool.max_input_tokens or min(sbert_max or positions, positions),
+               "dimensions": int(cfg.get("hidden_size") or 0)}
+        if "text-classification" in spec["tasks"] and isinstance(cfg.get("id2label"), dict):
+            out["labels"] = [cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int)]
+        return out
+
+
+def strip_classifier(model) -> int:
+    """Replace the last ``torch.nn.Linear`` of an image classifier (its classifier: timm's
+    ``classifier``/``head.fc``, torchvision's ``fc``/``classifier[-1]``) by ``Identity``, so the model
+    returns its pre-logits features; returns their width D (that layer's ``in_features``).
+
+    Raises:
+        WeightsError: the architecture has no linear layer.
+    """
+    import torch
+
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            last = name
+    if last is None:
+        from maas.errors import WeightsError
+
+        raise WeightsError("the architecture has no linear classifier layer; head-only models need one")
+    parent_name, _, child = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    dim = int(getattr(parent, child).in_features)
+    setattr(parent, child, torch.nn.Identity())
+    return dim
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class ImageClassifierPool(PoolReplica):
+    """A pool replica of image classifiers (family ``image-classifier``) of one torchvision or timm
+    architecture: full checkpoints (a state-dict file and labels) and heads over the base's
+    pre-logits features (float32 (N, D); D = 1280 for EfficientNet-Lite0, 2048 for ResNet-50).
+    Inputs come from the pool's image preprocessor: ``uint8`` (N, crop, crop, 3)."""
+
+    def _load_base(self):
+        if self.pool.base_weights is None:
+            return None
+        from maas.models.image_classifier import ImageClassifierRunner
+
+        runner = ImageClassifierRunner(self.pool.model_spec(f"{self.pool.name}-base", ["image-classification"],
+                                                            self.pool.base_weights), self.device)
+        runner.load()
+        runner.dimensions = strip_classifier(runner.model)
+        self._base_features(runner, [runner.probe()])
+        return runner
+
+    def _build(self, entry: dict):
+        import os
+
+        from maas.config import TimmSource, TorchvisionSource
+        from maas.models.image_classifier import ImageClassifierRunner
+
+        spec = entry["spec"]
+        path = os.path.join(entry["path"], spec["weights"])
+        weights = TimmSource(path=path) if self.pool.library == "timm" else TorchvisionSource(path=path)
+        runner = ImageClassifierRunner(self.pool.model_spec(entry.get("model") or entry["name"], spec["tasks"],
+                                                            weights, spec["labels"]), self.device)
+        runner.load()
+        return runner
+
+    @staticmethod
+    def _base_features(base, requests: list[ModelRequest]):
+        import torch
+
+        with torch.inference_mode():
+            return base.model(base.preprocess(requests)).float().cpu().numpy()
+
+    def _heads_forward(self, requests: list[ModelRequest]) -> list[Any]:
+        """One base forward for every image of a mixed batch of head-only models, then each
+        request's own head on its rows of the features (float32 (N, D))."""
+        from maas.models.answers import image_results
+
+        feats = self._base_features(self.base, requests)
+        out, start = [], 0
+        for r in requests:
+            n = len(r.inputs.pixels)
+            head: Head = r.params["_head"]
+            logits = feats[start:start + n] @ head.weight.T + head.bias
+            out.extend(image_results(logits, [r], head.labels))
+            start += n
+        return out
+
+    def _head_facts(self, head_labels: list[str]) -> dict:
+        return {**super()._head_facts(head_labels), "num_classes": len(head_labels),
+                "preprocessing": self.base.pre.model_dump()}
+
+    def _read_facts(self, entry: dict) -> dict:
+        spec = entry["spec"]
+        labels = spec.get("labels")
+        if labels == "imagenet":
+            from maas.models.image_classifier import imagenet_categories
+
+            labels = imagenet_categories()
+        return {"labels": labels, "num_classes": len(labels or [])}
+
+
+#: The pool deployment of each family.
+POOL_DEPLOYMENTS = {"text-encoder": TextEncoderPool, "image-classifier": ImageClassifierPool}
