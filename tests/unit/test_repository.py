@@ -238,3 +238,73 @@ def test_unavailable_models_get_503s_without_server_paths(tmp_path):
         loop.run_until_complete(rr.ensure_known("nospec"))
     assert "(invalid)" in err.value.message and str(tmp_path) not in err.value.message
     assert str(tmp_path) in st.entries["nospec"].reason  # operators get it from the index
+
+
+# ---------------------------------------------------------------------------- versions (Triton's layout)
+
+
+def version_folder(root, name, versions, default=None):
+    """A folder of versions: the spec in the folder, one head per numbered subfolder."""
+    from safetensors.numpy import save_file
+
+    folder = root / name
+    folder.mkdir()
+    spec = {"family": "text-encoder", "base": "minilm-l6", "tasks": ["text-classification"],
+            "head": "head.safetensors", "labels": ["x", "y"]}
+    if default is not None:
+        spec["default_version"] = default
+    (folder / "maas-model.yaml").write_text(yaml.safe_dump(spec))
+    for v in versions:
+        (folder / str(v)).mkdir()
+        save_file({"weight": np.full((2, 4), v, np.float32), "bias": np.zeros(2, np.float32)},
+                  str(folder / str(v) / "head.safetensors"))
+    return folder
+
+
+def test_version_subfolders_are_versions_and_the_highest_answers_by_default(tmp_path):
+    folder = version_folder(tmp_path, "topics", [1, 2, 10])
+    (folder / "3").mkdir()  # a version with no head file: unavailable, and not the default
+    s = state(tmp_path)
+    s.scan()
+    assert sorted(s.entries) == ["topics@1", "topics@10", "topics@2", "topics@3"]
+    assert [n for n, e in s.entries.items() if e.default] == ["topics@10"]  # numeric order: 10 > 3 > 2
+    assert s.entries["topics@3"].state == UNAVAILABLE and "head file" in s.entries["topics@3"].reason
+    assert {e.model for e in s.entries.values()} == {"topics"}
+    assert s.entries["topics@2"].version == "2" and s.entries["topics@2"].path.endswith("/topics/2")
+    # A version folder's own spec wins over the folder's.
+    (folder / "2" / "maas-model.yaml").write_text(yaml.safe_dump(
+        {"family": "text-encoder", "base": "minilm-l6", "tasks": ["text-classification"], "head": "head.safetensors",
+         "labels": ["p", "q"]}))
+    s.scan()
+    assert s.entries["topics@2"].spec["labels"] == ["p", "q"] and s.entries["topics@1"].spec["labels"] == ["x", "y"]
+    # default_version picks one; unloading the model (Triton's unload: every version) and loading it back.
+    spec = yaml.safe_load((folder / "maas-model.yaml").read_text())
+    (folder / "maas-model.yaml").write_text(yaml.safe_dump({**spec, "default_version": 1}))
+    s.scan()
+    assert [n for n, e in s.entries.items() if e.default] == ["topics@1"]
+    assert s.unload("topics").name == "topics@1"
+    assert all(e.state == UNAVAILABLE for e in s.entries.values())
+    s.load("topics")
+    assert s.entries["topics@1"].state == READY and s.entries["topics@10"].state == READY
+    with pytest.raises(KeyError):
+        s.unload("nothing")
+
+
+def test_routes_of_versions_pin_and_default(tmp_path):
+    version_folder(tmp_path, "topics", [1, 2])
+    head_folder(tmp_path, "plain")
+    rr, st, calls, loop = routes_over(tmp_path)
+    loop.run_until_complete(rr.refresh())
+    assert set(calls.routes) == {"topics@1", "topics@2", "plain"}
+    specs = rr.traffic.specs
+    assert [s.key for s in specs["topics"]] == ["topics@2", "topics@1"]  # the default first: `topics` answers with 2
+    assert rr.traffic.address("topics@1") == ("topics", "1") and rr.traffic.default_version("topics") == "2"
+    assert rr.traffic.address("plain@1") == ("plain", "1")  # an unversioned model is version 1, as in the config
+    assert calls.routes["topics@1"].model.name == "topics@1"  # the pool is asked for exactly that version
+    index = loop.run_until_complete(rr.index_list())
+    assert {(m["name"], m["version"]) for m in index} == {("topics", "1"), ("topics", "2"), ("plain", "1")}
+    shutil.rmtree(tmp_path / "topics" / "2")  # version 2 removed: version 1 answers for the name
+    loop.run_until_complete(rr.refresh(rescan=True))
+    assert [s.key for s in specs["topics"]] == ["topics@1"] and "topics@2" not in calls.routes
+    loop.run_until_complete(rr.unload("topics"))
+    assert "topics" not in specs and "topics@1" not in calls.routes
