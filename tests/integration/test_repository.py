@@ -1,7 +1,8 @@
 """Model repositories and multiplexed pools on a real cluster: an app `repo` deployed next to the
 session's (declaratively, as `serve deploy` does, with two pool replicas) over a repository of real
 MiniLM variants the fixture trains (six head-only classifiers, three fine-tuned full checkpoints, one
-broken checkpoint). Discovery by poll and by the repository API (tritonclient), load / unload / drain,
+broken checkpoint) and EfficientNet-Lite0 variants (two heads, one checkpoint in two versions) in
+an image-classifier pool. Discovery by poll and by the repository API (tritonclient), load / unload / drain,
 the byte budget and affinity, answers from the right variant in mixed batches, a failing load, and
 every protocol and handles."""
 
@@ -33,7 +34,14 @@ def classify(url, model, texts, **kw):
 def repo(served_app, tmp_path_factory):
     import ray
 
-    from maas.variants import make_checkpoints, make_heads, pool_config
+    from maas.variants import (
+        image_pool_spec,
+        make_checkpoints,
+        make_heads,
+        make_image_checkpoints,
+        make_image_heads,
+        pool_config,
+    )
 
     root = tmp_path_factory.mktemp("repository")
     make_heads(root, 6)
@@ -41,7 +49,10 @@ def repo(served_app, tmp_path_factory):
     broken = root / "broken"
     shutil.copytree(root / "ckpt-00", broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 4096)  # not safetensors: its load fails
+    make_image_heads(root, 2)  # cats, cups
+    make_image_checkpoints(root, 1)  # img-ckpt-00: version 1 cats, version 2 cups
     args = pool_config(root, BUDGET, resources={"num_cpus": 0.2}, poll_interval_s=1.0)
+    args["pools"].append(image_pool_spec(BUDGET, resources={"num_cpus": 0.2}))
     base = yaml.safe_load(served_app["config"].read_text())
     app = {"name": APP, "route_prefix": f"/{APP}", "import_path": "maas.app:build_app", "args": args,
            "deployments": [{"name": POOL, "num_replicas": 2}]}
@@ -68,11 +79,12 @@ def repo(served_app, tmp_path_factory):
         wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).status_code == 404, 120, "repo app deleted")
 
 
-def held() -> dict:
-    """Replica → {"pool", "models": {name: bytes}, "bytes"} from the index (the pools' reports)."""
+def held(pool: str = "minilm-classifiers") -> dict:
+    """Replica of ``pool`` → {"pool", "models": {name: bytes}, "bytes"} from the index (the pools' reports)."""
     from ray import serve
 
-    return serve.get_deployment_handle("RepositoryIndex", app_name=APP).held.remote().result()
+    reports = serve.get_deployment_handle("RepositoryIndex", app_name=APP).held.remote().result()
+    return {r: h for r, h in reports.items() if h["pool"] == pool}
 
 
 def test_models_are_listed_and_answer_on_every_protocol_and_handles(repo):
@@ -202,6 +214,61 @@ def test_tritonclient_repository_index_unload_drain_and_load(repo, served_app):
         client.load_model("nope")
     with pytest.raises(InferenceServerException, match="not supported"):
         client.load_model("head-02", config='{"backend": "python"}')
+
+
+def chelsea_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def classify_image(url, model, jpeg):
+    return requests.post(f"{url}/v1/classifications/image", data={"model": model}, timeout=60,
+                         files=[("file", ("cat.jpg", jpeg, "image/jpeg"))])
+
+
+CATS = {"tabby", "tiger cat", "Egyptian cat"}
+CUPS = {"espresso", "cup", "coffee mug", "coffeepot"}
+
+
+def test_image_pool_heads_checkpoints_and_versions(repo):
+    url, jpeg = repo["url"], chelsea_jpeg()
+    cards = {c["id"]: c for c in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
+    assert cards["img-head-00"]["deployment"] == "Pool-lite0-classifiers" and cards["img-head-00"]["repository"]["head_only"]
+    assert cards["img-ckpt-00"]["version"] == "2"  # the highest version answers for the name
+    assert {v["id"] for v in cards["img-ckpt-00"]["versions"]} == {"img-ckpt-00@1", "img-ckpt-00@2"}
+    r = classify_image(url, "img-head-00", jpeg)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["top_k"][0]["label"] in {f"img-head-00:{c}" for c in CATS}
+    r = classify_image(url, "img-ckpt-00", jpeg)
+    assert r.status_code == 200 and r.headers["x-maas-model-version"] == "2", r.text
+    assert r.json()["data"][0]["top_k"][0]["label"].split(":")[1] in CUPS  # version 2 knows only cups
+    r = classify_image(url, "img-ckpt-00@1", jpeg)
+    assert r.status_code == 200 and r.headers["x-maas-model-version"] == "1", r.text
+    assert r.json()["data"][0]["top_k"][0]["label"].split(":")[1] in CATS
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(__import__("io").BytesIO(jpeg)).convert("RGB"))
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *pixels.shape],
+                        "data": pixels.reshape(-1).tolist()}]}
+    v2 = requests.post(f"{url}/v2/models/img-ckpt-00/versions/1/infer", json=body, timeout=60)
+    assert v2.status_code == 200 and v2.json()["model_version"] == "1", v2.text
+    assert requests.post(f"{url}/v2/models/img-ckpt-00/versions/7/infer", json=body, timeout=30).status_code == 404
+    index = requests.post(f"{url}/v2/repository/index", timeout=30).json()
+    assert {("img-ckpt-00", "1"), ("img-ckpt-00", "2")} <= {(e["name"], e["version"]) for e in index}
+    # A mixed load of heads and checkpoints: every answer from its own variant.
+    jobs = ["img-head-00", "img-head-01", "img-ckpt-00@1", "img-ckpt-00@2"] * 4
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda m: (m, classify_image(url, m, jpeg)), jobs))
+    for model, r in answers:
+        assert r.status_code == 200, (model, r.text)
+        assert r.json()["data"][0]["top_k"][0]["label"].startswith(model.split("@")[0] + ":"), (model, r.text)
 
 
 def test_an_app_without_repository_says_how_to_add_one(served_app):

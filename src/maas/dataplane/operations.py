@@ -154,7 +154,8 @@ class Operations:
 
     async def _classify_images(self, address: str, req: ClassifyImagesRequest) -> Classifications:
         route = self.calls.route(address, "image-classification")
-        out = await self.calls.batched(route, "image-classification", list(req.images), {"top_k": req.top_k},
+        out = await self.calls.batched(route, "image-classification", list(req.images),
+                                       {} if req.top_k is None else {"top_k": req.top_k},
                                        len(req.images))
         return Classifications(answered(route.spec), [r["top_k"] for r in out["results"]])
 

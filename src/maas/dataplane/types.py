@@ -68,7 +68,7 @@ class ClassifyImagesRequest(Routed):
     """Image classification of encoded files (``bytes``) or decoded ``uint8`` (H, W, 3) arrays."""
 
     images: list[Any] = field(default_factory=list)
-    top_k: int = 5
+    top_k: int | None = None  # None: 5, or the class count when smaller
     cascade_threshold: float | None = None
 
 

@@ -90,6 +90,13 @@ def encoder_results(embeddings: np.ndarray, logits: np.ndarray | None, requests,
     return results
 
 
+def image_top_k(params: dict, classes: int) -> int:
+    """An image request's ``top_k``: its own, else :data:`DEFAULT_IMAGE_TOP_K` or the class count
+    when that is smaller (a 4-class model answers its 4 classes by default; asking for 5 is a 400)."""
+    k = params.get("top_k")
+    return min(DEFAULT_IMAGE_TOP_K, classes) if k is None else k
+
+
 def image_results(logits: np.ndarray, requests, labels: list[str]) -> list[dict]:
     """An image classifier's answer per request: ``{"results": [{"top_k": [...], "logits"?}]}``
     from float logits (N, num_classes); ``return_logits`` adds each image's logits (a list)."""
@@ -98,7 +105,7 @@ def image_results(logits: np.ndarray, requests, labels: list[str]) -> list[dict]
     out, start = [], 0
     for r in requests:
         n = len(r.inputs)
-        items = ranked(probs[start:start + n], r.params.get("top_k", DEFAULT_IMAGE_TOP_K), labels)
+        items = ranked(probs[start:start + n], image_top_k(r.params, len(labels)), labels)
         if r.params.get("return_logits"):
             for row, item in enumerate(items):
                 item["logits"] = logits[start + row].tolist()

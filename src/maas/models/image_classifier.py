@@ -23,7 +23,7 @@ from maas.config import (
     TorchvisionSource,
 )
 from maas.errors import InvalidRequest, WeightsError
-from maas.models.answers import DEFAULT_IMAGE_TOP_K, check_top_k, image_results
+from maas.models.answers import DEFAULT_IMAGE_TOP_K, check_top_k, image_results, image_top_k
 from maas.models.base import ModelDeployment, ModelRequest, ModelRunner, as_tensor
 from maas.weights import apply_state_dict, file_source_path, load_state_dict
 
@@ -204,7 +204,7 @@ class ImageClassifierRunner(ModelRunner):
         return cached
 
     def validate(self, request: ModelRequest) -> None:
-        check_top_k(request.params.get("top_k", DEFAULT_TOP_K), len(self.labels), "class count")
+        check_top_k(image_top_k(request.params, len(self.labels)), len(self.labels), "class count")
 
     def preprocess(self, requests: list[ModelRequest]) -> torch.Tensor:
         """Concatenate the requests' ``uint8`` NHWC pixels and normalise on the device.

@@ -49,7 +49,7 @@ from ray import serve
 from maas import metrics
 from maas.errors import TaskNotSupported, WeightsError
 from maas.models import ort
-from maas.models.answers import DEFAULT_IMAGE_TOP_K, check_top_k, encoder_results, image_results
+from maas.models.answers import check_top_k, encoder_results, image_results, image_top_k
 from maas.models.replica import ModelDeployment, ModelRequest, replica_num_cpus, torch_threads_for
 
 logger = logging.getLogger("ray.serve.maas.models.onnx")
@@ -305,7 +305,7 @@ class OrtImageClassifierRunner(OrtRunner):
         return ort.logit_fidelity(reference["logits"], variant["logits"])
 
     def validate(self, request: ModelRequest) -> None:
-        check_top_k(request.params.get("top_k", DEFAULT_IMAGE_TOP_K), len(self.facts["labels"]), "class count")
+        check_top_k(image_top_k(request.params, len(self.facts["labels"])), len(self.facts["labels"]), "class count")
 
     def postprocess(self, outputs: dict, requests: list[ModelRequest]) -> list[dict]:
         return image_results(outputs["logits"], requests, self.facts["labels"])

@@ -749,6 +749,11 @@ class ImageClassifierPool(PoolReplica):
             start += n
         return out
 
+    def _check_head_job(self, request: ModelRequest, head: Head) -> None:
+        from maas.models.answers import check_top_k, image_top_k
+
+        check_top_k(image_top_k(request.params, len(head.labels)), len(head.labels), "label count")
+
     def _head_facts(self, head_labels: list[str]) -> dict:
         return {**super()._head_facts(head_labels), "num_classes": len(head_labels),
                 "preprocessing": self.base.pre.model_dump()}

@@ -97,7 +97,8 @@ class ImageClassificationRequest(StrictRequest):
 
     model: str
     images: list[str] = Field(description="Base64-encoded image files (JPEG, PNG, WebP, BMP, TIFF, GIF).")
-    top_k: int = Field(default=5, ge=1)
+    top_k: int | None = Field(default=None, ge=1, description="Classes per image, best first; default 5 (or the "
+                              "model's class count when smaller).")
     latency_budget_ms: Budget = None
     cascade: Cascade | None = None
 

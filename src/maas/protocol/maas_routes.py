@@ -82,7 +82,7 @@ _IMAGE_REQUEST_BODY = {
                     "required": ["model", "file"],
                     "properties": {
                         "model": {"type": "string"},
-                        "top_k": {"type": "integer", "default": 5},
+                        "top_k": {"type": "integer", "description": "default 5, or the class count when smaller"},
                         "latency_budget_ms": {"type": "number", "description": "With model 'auto'."},
                         "cascade_threshold": {"type": "number", "description": "With model 'auto': confidence "
                                               "cascade (see the JSON body's cascade)."},
@@ -114,11 +114,11 @@ async def classify_image(request: Request, dp=Depends(dataplane)):
         files = [f for key in ("file", "files") for f in form.getlist(key) if hasattr(f, "read")]
         if not files:
             raise InvalidRequest("multipart request has no file; attach images as 'file' fields", param="file")
-        model, top_k = form.get("model"), form.get("top_k", 5)
+        model, top_k = form.get("model"), form.get("top_k")
         if model is None:
             raise InvalidRequest("multipart request has no 'model' field", param="model")
         try:
-            top_k = int(top_k)
+            top_k = None if top_k is None else int(top_k)
         except (TypeError, ValueError):
             raise InvalidRequest(f"top_k must be an integer, got {top_k!r}", param="top_k") from None
         budget, threshold = _positive(form, "latency_budget_ms"), _positive(form, "cascade_threshold", 1.0)

@@ -338,7 +338,7 @@ async def run(dp, spec, req: "v2.InferenceRequest", model: str, routing: dict,
             raise InvalidRequest(f"input {tensor.name!r} must be BYTES [N] (encoded images) or UINT8 [N, H, W, 3], "
                                  f"got {tensor.datatype} {list(tensor.array.shape)}", param=tensor.name)
         res = await dp.ops.classify_images(op.ClassifyImagesRequest(model, images=images,
-                                                                    top_k=params.get("top_k", 5), **routing))
+                                                                    top_k=params.get("top_k"), **routing))
         return top_k_tensors(res.rows), res.answered
     if tensor.datatype != "BYTES":
         raise InvalidRequest(f"input {tensor.name!r} must be BYTES text, got {tensor.datatype}", param=tensor.name)
