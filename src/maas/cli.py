@@ -225,6 +225,40 @@ def models_of(ctx) -> dict[str, dict]:
 @main.command()
 @shared_options
 @click.pass_context
+def usage(ctx: click.Context) -> None:
+    """Usage of your API key's tenant (an admin key: every tenant) in the ingress replica that answers."""
+    body = ctx.obj["client"].json("GET", "/v1/usage")
+
+    def human(b):
+        rows = [[u["tenant"], u["priority"], u["requests"], f"{u['compute_s']:.3f}", u["items"], u["tokens"],
+                 ",".join(f"{k}={v}" for k, v in u["rejected"].items() if v) or "-"] for u in b["data"]]
+        return table(rows, ["tenant", "priority", "requests", "compute s", "items", "tokens", "refused"])
+
+    emit(ctx, body, human)
+
+
+@main.group()
+def tenants() -> None:
+    """Tenants files (maas.tenants; docs/tenants.md)."""
+
+
+@tenants.command("hash-key")
+@click.argument("key", required=False)
+def hash_key(key: str | None) -> None:
+    """Print the stored form of an API key (sha256:<hex>) for a tenants file; without KEY, read it
+    from standard input (so it stays out of the shell history)."""
+    from maas.tenants import hash_key as hashed
+
+    if key is None:
+        key = click.get_text_stream("stdin").readline().strip()
+    if not key:
+        raise click.UsageError("give a key (argument or standard input)")
+    click.echo(hashed(key))
+
+
+@main.command()
+@shared_options
+@click.pass_context
 def models(ctx: click.Context) -> None:
     """List the served models: tasks, readiness, versions and weights."""
     body = ctx.obj["client"].json("GET", "/v1/models")

@@ -578,6 +578,12 @@ class IngressSpec(_Strict):
         description="File with one API key per line ('#' comments). Keys here and in the MAAS_API_KEYS "
         "environment variable (comma-separated) are accepted; with none, the service is open.",
     )
+    tenants_file: str | None = Field(
+        default=None,
+        description="Tenants file (YAML, maas.tenants): API keys (hashed) → tenants with the models they may call, a "
+        "request rate, a compute quota and a priority. Read again when it changes (a revoked key stops working within "
+        "2 s). MAAS_API_KEYS keys then belong to the tenant 'default', without limits.",
+    )
     cors_allowed_origins: list[str] = Field(
         default_factory=list,
         description="Origins (scheme://host[:port]) whose web pages may call the API from a browser (CORS); "

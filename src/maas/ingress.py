@@ -120,6 +120,13 @@ class Ingress:
         security.SETTINGS.max_body_bytes = self.config.ingress.max_body_bytes
         security.SETTINGS.cors_allowed_origins = security.cors_origins(self.config.ingress.cors_allowed_origins)
         keys = len(security.SETTINGS.api_keys)
+        security.SETTINGS.tenancy = None
+        if self.config.ingress.tenants_file:
+            from maas.tenants import Tenancy
+
+            security.SETTINGS.tenancy = Tenancy(self.config.ingress.tenants_file, security.SETTINGS.api_keys)
+            keys = len(security.SETTINGS.tenancy.by_hash)
+        self.dataplane.tenancy = security.SETTINGS.tenancy
         logger.info("API keys %s; body limit %d bytes", f"required ({keys} configured)" if keys else "not configured",
                     self.config.ingress.max_body_bytes)
         self._traffic_applied = False
@@ -179,29 +186,59 @@ class Ingress:
         """``POST /v2/repository/models/{name}/unload``: stop serving it; pool replicas drain and evict it."""
         return await self.dataplane.repository_api().unload(name)
 
-    async def embed(self, request: dict, routing_key: str | None = None) -> dict:
+    def _as_tenant(self, api_key: str | None) -> None:
+        """A handle call's tenant: the one of ``api_key`` (its permissions, quotas and priority, as on
+        HTTP). Without a key a handle call from the cluster runs as no tenant: a Ray job that reaches
+        the handle is inside the cluster's trust boundary (it could call the model deployments as well).
+
+        Raises:
+            Unauthorized: tenants are configured and ``api_key`` is not a key of any tenant.
+        """
+        tenancy = self.dataplane.tenancy
+        if api_key is None or tenancy is None:
+            return
+        from maas.tenants import CURRENT, Unauthorized
+
+        tenancy.maybe_reload()
+        tenant = tenancy.resolve(api_key.encode())
+        if tenant is None:
+            raise Unauthorized("invalid API key")
+        CURRENT.set(tenant)
+
+    async def usage(self, api_key: str | None = None) -> dict:
+        """``GET /v1/usage``: the tenant of ``api_key`` (every tenant without a key: a handle caller is
+        inside the cluster)."""
+        self._as_tenant(api_key)
+        return {**self.dataplane.usage(), "replica": self.dataplane.replica_id}
+
+    async def embed(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/embeddings``: an OpenAI embeddings request dict → its body (vectors as lists)."""
+        self._as_tenant(api_key)
         body = parse(EmbeddingRequest, request)
         res = await self.dataplane.ops.embed(body.to_operation(routing_key))
         return _plain(openai_render.embeddings(res, body.encoding_format))
 
-    async def complete(self, request: dict, routing_key: str | None = None) -> dict:
+    async def complete(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/completions``, not streamed (streamed: :meth:`stream_complete`)."""
+        self._as_tenant(api_key)
         res = await self.dataplane.ops.generate(parse(CompletionRequest, request).to_operation(routing_key))
         return openai_render.completion(res)
 
-    async def chat(self, request: dict, routing_key: str | None = None) -> dict:
+    async def chat(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/chat/completions``, not streamed (streamed: :meth:`stream_chat`)."""
+        self._as_tenant(api_key)
         res = await self.dataplane.ops.generate(parse(ChatCompletionRequest, request).to_operation(routing_key))
         return openai_render.chat_completion(res)
 
-    async def stream_complete(self, request: dict, routing_key: str | None = None) -> AsyncIterator[dict]:
+    async def stream_complete(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> AsyncIterator[dict]:
         """Streamed completion chunks; call with ``handle.options(stream=True).stream_complete.remote(...)``."""
+        self._as_tenant(api_key)
         async for chunk in self._stream(parse(CompletionRequest, request), False, routing_key):
             yield chunk
 
-    async def stream_chat(self, request: dict, routing_key: str | None = None) -> AsyncIterator[dict]:
+    async def stream_chat(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> AsyncIterator[dict]:
         """Streamed chat chunks; call with ``handle.options(stream=True).stream_chat.remote(...)``."""
+        self._as_tenant(api_key)
         async for chunk in self._stream(parse(ChatCompletionRequest, request), True, routing_key):
             yield chunk
 
@@ -212,32 +249,37 @@ class Ingress:
             for chunk in renderer.render(event):
                 yield chunk
 
-    async def text2text(self, request: dict, routing_key: str | None = None) -> dict:
+    async def text2text(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/text2text``: encoder–decoder generation."""
+        self._as_tenant(api_key)
         res = await self.dataplane.ops.generate(parse(Text2TextRequest, request).to_operation(routing_key))
         return maas_render.text2text(res)
 
-    async def classify_text(self, request: dict, routing_key: str | None = None) -> dict:
+    async def classify_text(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/classifications/text``."""
+        self._as_tenant(api_key)
         res = await self.dataplane.ops.classify_texts(parse(TextClassificationRequest, request).to_operation(routing_key))
         return maas_render.classifications(res)
 
-    async def classify_images(self, request: dict, routing_key: str | None = None) -> dict:
+    async def classify_images(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/classifications/image`` as JSON: ``{"model", "images", "top_k"?, "latency_budget_ms"?,
         "cascade"?}``; ``images`` raw file bytes (JPEG, PNG, WebP, BMP, TIFF, GIF) or base64 strings.
         One result per image, in order."""
+        self._as_tenant(api_key)
         checked, files = _raw_files(request, "images", many=True)
         req = parse(ImageClassificationRequest, checked).to_operation(routing_key, images=files)
         return maas_render.classifications(await self.dataplane.ops.classify_images(req))
 
-    async def explain_image(self, request: dict, routing_key: str | None = None) -> dict:
+    async def explain_image(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/explanations/image`` as JSON: ``{"model", "image", "target"?, "view"?, "seed"?,
         "overlay"?}``; ``image`` raw file bytes or base64."""
+        self._as_tenant(api_key)
         checked, files = _raw_files(request, "image", many=False)
         req = parse(ExplainImageRequest, checked).to_operation(routing_key, image=files[0] if files else None)
         return maas_render.explanation(await self.dataplane.ops.explain_image(req))
 
-    async def explain_text(self, request: dict, routing_key: str | None = None) -> dict:
+    async def explain_text(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/explanations/text``: token attributions."""
+        self._as_tenant(api_key)
         res = await self.dataplane.ops.explain_text(parse(ExplainTextRequest, request).to_operation(routing_key))
         return maas_render.explanation(res)

@@ -30,7 +30,13 @@ metric                          type       tags                        meaning
 ``maas_fidelity``               gauge      model, metric               a runtime/precision variant's fidelity to fp32 torch
                                                                        on its probe set (``mean_cosine``, ``min_cosine``,
                                                                        ``top1_agreement``, ``top5_overlap``), set at start
+``maas_tenant_requests``        counter    tenant, outcome             a tenant's requests: ``admitted``, ``rate``,
+                                                                       ``compute`` (429s), ``forbidden`` (403s)
+``maas_tenant_compute_seconds`` counter    tenant                      replica-seconds charged to a tenant's quota
 ==============================  =========  ==========================  =========================================
+
+The ``tenant`` label is a tenant id of the tenants file (never a key, never request content), so
+its values are bounded by the file's tenants.
 
 Every function here is a no-op when metrics can't be created (outside a Serve replica), and
 never raises: metrics must not stop a request.
@@ -79,6 +85,10 @@ def _get() -> dict | None:
                                           tag_keys=("model", "version", "result")),
                 "fidelity": metrics.Gauge("maas_fidelity", description="Fidelity of a runtime variant to fp32 torch.",
                                           tag_keys=("model", "metric")),
+                "tenant_requests": metrics.Counter("maas_tenant_requests", description="A tenant's requests by outcome.",
+                                                   tag_keys=("tenant", "outcome")),
+                "tenant_compute": metrics.Counter("maas_tenant_compute_seconds",
+                                                  description="Replica-seconds charged to a tenant.", tag_keys=("tenant",)),
                 # Pools (maas.models.pool): labelled by pool, never by repository model (its count is unbounded).
                 "pool_loads": metrics.Counter("maas_pool_loads", description="Repository model loads by outcome.",
                                               tag_keys=("pool", "outcome")),
@@ -185,3 +195,17 @@ def pool_held(pool: str, models: int, nbytes: int) -> None:
     if m:
         m["pool_bytes"].set(nbytes, tags={"pool": pool})
         m["pool_models"].set(models, tags={"pool": pool})
+
+
+def tenant_request(tenant: str, outcome: str) -> None:
+    """A tenant's request: ``admitted``, or refused for ``rate``, ``compute`` (429) or ``forbidden`` (403)."""
+    m = _get()
+    if m:
+        m["tenant_requests"].inc(1, tags={"tenant": tenant, "outcome": outcome})
+
+
+def tenant_usage(tenant: str, compute_s: float) -> None:
+    """Replica-seconds charged to a tenant (one answered request)."""
+    m = _get()
+    if m and compute_s > 0:
+        m["tenant_compute"].inc(compute_s, tags={"tenant": tenant})

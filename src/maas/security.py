@@ -12,6 +12,10 @@
   The official ``openai`` client sends its ``api_key`` as a bearer token. Keys are compared with
   ``hmac.compare_digest`` against every configured key (no early exit), and never logged.
   Missing or wrong keys get 401 with ``WWW-Authenticate: Bearer``.
+* **Tenants.** With the ingress's ``tenants_file`` the key names a tenant (:mod:`maas.tenants`):
+  looked up by its hash, set as the request's tenant (``maas.tenants.CURRENT``) for the router's
+  model permissions, rate and compute quota, and the batchers' fair queues. The file is looked at
+  for changes at most once a second, here, so a revoked key is refused within 2 s.
 * **Content type.** JSON routes (:data:`JSON_ROUTES`) answer another declared content type
   with 415.
 * **Body size.** A ``Content-Length`` above ``max_body_bytes`` gets 413 before the body is
@@ -68,6 +72,7 @@ class GuardSettings:
     """
 
     api_keys: tuple[bytes, ...] = ()
+    tenancy: "object | None" = None  # maas.tenants.Tenancy when a tenants file is configured
     max_body_bytes: int = 64 * 1024 * 1024
     extra_open: frozenset = field(default_factory=frozenset)
     cors_allowed_origins: frozenset[str] = frozenset()
@@ -110,7 +115,19 @@ class Guard:
             path = path[len(root):] or "/"
         headers = dict(scope.get("headers") or [])
         settings = SETTINGS
-        if settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+        tenancy = settings.tenancy
+        if tenancy is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+            from maas.tenants import CURRENT
+
+            tenancy.maybe_reload()
+            key = presented_key(headers)
+            tenant = tenancy.resolve(key)
+            if tenant is None:
+                msg = ("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'" if key is None
+                       else "invalid API key")
+                return await _reply(send, path, 401, msg, "authentication_error", {"www-authenticate": "Bearer"})
+            CURRENT.set(tenant)
+        elif settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             key = presented_key(headers)
             if not key_ok(key, settings.api_keys):
                 msg = ("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'" if key is None

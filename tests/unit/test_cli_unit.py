@@ -100,7 +100,7 @@ def test_python_m_maas_is_the_console_script():
     assert module.returncode == script.returncode == 0, module.stderr + script.stderr
     assert commands_listed(module.stdout) == commands_listed(script.stdout)
     assert set(commands_listed(module.stdout)) == {"models", "predict", "embed", "chat", "status", "plan",
-                                                   "manifest", "serve"}
+                                                   "manifest", "serve", "usage", "tenants"}
     assert "Usage: python -m maas" in module.stdout and "Exit codes" in module.stdout
     assert run(PY, "-m", "maas").returncode == 2  # no command: usage, as before
 
@@ -150,3 +150,12 @@ def test_serve_passes_its_arguments_through(monkeypatch):
     assert calls == [(["--address", "local", "c.yaml", "--json", "-a", "auto", "--name=x"], 3.0)]
     usage = run(PY, "-m", "maas", "serve", "--help")
     assert usage.returncode == 0 and "--grace-s" in usage.stdout and "serve run" in usage.stdout
+
+
+def test_tenants_hash_key_reads_the_key_from_stdin():
+    import subprocess
+
+    out = subprocess.run([PY, "-m", "maas", "tenants", "hash-key"], input="abc\n", capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == (
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")

@@ -203,7 +203,7 @@ def test_kv_budget_queues_then_refuses_with_503(gpt):
             Call(eng, gpt, ["Hello"], params)
         with pytest.raises(InvalidRequest, match="lower max_tokens to at most 519"):
             Call(eng, gpt, ["Hello"], {"max_tokens": 600})
-        assert first.result() == second.result()  # the waiting one ran once the slot was free
+        assert first.result()["choices"] == second.result()["choices"]  # the waiting one ran once the slot was free
         assert eng.max_rows_seen == 1 and eng.rejected == 1
     finally:
         eng.stop()
@@ -257,3 +257,55 @@ def test_kv_cache_rows_are_cut_when_rows_leave(gpt, engine):
         if mask is not None:
             assert bool(mask[:, 0].all()), "leading padding no row uses was kept"
     short_then.result()
+
+
+def test_interactive_sequences_are_admitted_before_batch_ones_and_steps_are_charged(gpt):
+    """With one slot taken, a `batch`-priority request queued first still waits behind an
+    `interactive` one queued after it (a tenant's class, maas.tenants); the running row is never
+    dropped for either. Each answer carries its share of the replica's step time (compute_s)."""
+    engine = ContinuousBatcher(gpt, "gpt2-tiny-demo", max_batch_size=1)
+    try:
+        finished: list[str] = []
+        first_event, queued = threading.Event(), threading.Event()
+
+        def hold(event):
+            if not first_event.is_set():
+                first_event.set()
+                queued.wait(120)  # bounded: a wedged test fails on the order below instead of hanging
+
+        params = {"max_tokens": 8, "temperature": 0}
+        running = Call(engine, gpt, [PROMPTS[0]], params, stream=True, label="running", finished=finished,
+                       on_event=hold)
+        assert first_event.wait(120)
+        low = Call(engine, gpt, [PROMPTS[1]], {**params, "priority": "batch"}, label="batch", finished=finished)
+        high = Call(engine, gpt, [PROMPTS[2]], params, label="interactive", finished=finished)
+        queued.set()
+        results = [c.result(timeout=120) for c in (running, low, high)]
+        assert finished == ["running", "interactive", "batch"]
+        assert all(r["compute_s"] > 0 for r in results)
+        assert running.events[-1]["done"] and running.events[-1]["compute_s"] == results[0]["compute_s"]
+    finally:
+        engine.stop()
+
+
+def test_batch_rows_leave_room_for_an_interactive_request(gpt):
+    """max_batch_size 4: batch-priority rows take at most 3 (interactive_reserve), so an interactive
+    request arriving while they run joins at once and ends first; the fourth batch request waits."""
+    from maas.batching.continuous import interactive_reserve
+
+    assert [interactive_reserve(n) for n in (1, 2, 4, 8, 16)] == [0, 1, 1, 2, 4]
+    engine = ContinuousBatcher(gpt, "gpt2-tiny-demo", max_batch_size=4)
+    try:
+        finished: list[str] = []
+        slow = {"max_tokens": 200, "temperature": 0, "priority": "batch"}
+        batch = [Call(engine, gpt, [PROMPTS[i]], slow, label=f"batch{i}", finished=finished) for i in range(4)]
+        wait_for(lambda: engine.counts() == {"running": 3, "waiting": 1}, 60, "three batch rows running, one held back",
+                 0.002)
+        quick = Call(engine, gpt, [PROMPTS[4]], {"max_tokens": 4, "temperature": 0}, label="interactive",
+                     finished=finished)
+        quick.result(timeout=120)
+        for c in batch:
+            c.result(timeout=120)
+        assert finished[0] == "interactive" and engine.max_rows_seen == 4
+    finally:
+        engine.stop()

@@ -31,7 +31,13 @@ concatenated (the shorter cache left-padded with zeros); leaving rows are remove
 
 **Budget.** The cache holds B × T slots and T never exceeds the longest row's prompt +
 ``max_tokens``, so admission keeps ``rows × max(prompt + max_tokens) ≤ kv_cache_tokens``.
-Sequences that don't fit wait (FIFO); past ``max_waiting_sequences`` waiting a request is
+Sequences that don't fit wait (FIFO within a priority class: a request whose params say
+``"priority": "batch"`` — a tenant's class, :mod:`maas.tenants` — waits behind every
+``interactive`` one, and running rows are never dropped for priority). ``batch`` rows never take
+the last :func:`interactive_reserve` rows of ``max_batch_size``, so a generator saturated by batch
+work still admits an interactive request at its next step instead of after a batch row ends
+(vLLM's priority scheduling preempts running rows for this; here nothing running is dropped).
+Past ``max_waiting_sequences`` waiting a request is
 answered :class:`~maas.errors.ServiceOverloaded` (HTTP 503 + Retry-After) at once; a single
 sequence that can never fit is a 400 that says the largest ``max_tokens`` that would.
 
@@ -69,6 +75,12 @@ logger = logging.getLogger("ray.serve.maas.batching.continuous")
 DEFAULT_KV_CACHE_TOKENS = 16384
 #: Default prompt tokens prefilled per step (see the module docstring).
 DEFAULT_PREFILL_TOKENS_PER_STEP = 1024
+
+
+def interactive_reserve(max_batch_size: int) -> int:
+    """Rows of the running batch that ``batch``-priority sequences leave free for interactive ones:
+    a quarter of ``max_batch_size``, at least 1 (none with a batch of 1)."""
+    return 0 if max_batch_size <= 1 else max(1, max_batch_size // 4)
 
 
 @dataclass(eq=False)
@@ -112,6 +124,11 @@ class GenerationJob:
     last_token_at: float | None = None
     finished: bool = False
     steps: int = 0  # decode/prefill steps that produced a token for this job
+    compute_s: float = 0.0  # its share of the steps it ran in: each step's time split across its rows
+
+    @property
+    def low_priority(self) -> bool:
+        return self.request.params.get("priority") == "batch"
 
 
 class ContinuousBatcher:
@@ -138,7 +155,8 @@ class ContinuousBatcher:
         self.on_step, self.on_token_times = on_step, on_token_times
         self._cond = threading.Condition()
         self._incoming: deque[GenerationJob] = deque()
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: deque[Sequence] = deque()  # interactive sequences (the default class)
+        self._waiting_low: deque[Sequence] = deque()  # "batch" sequences: admitted when no interactive one waits
         self._waiting_count = 0  # sequences in _incoming + _waiting (read under the lock)
         self._rows: list[Sequence] = []
         self._cache = None
@@ -230,14 +248,14 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._incoming or self._waiting or self._rows or self._stopped):
+                while not (self._incoming or self._waiting or self._waiting_low or self._rows or self._stopped):
                     self._cond.wait()
                 if self._stopped:
                     return
                 while self._incoming:
                     job = self._incoming.popleft()
                     self._jobs.add(job)
-                    self._waiting.extend(job.seqs)
+                    (self._waiting_low if job.low_priority else self._waiting).extend(job.seqs)
             try:
                 with torch.inference_mode():
                     self.step()
@@ -251,9 +269,10 @@ class ContinuousBatcher:
 
     def _drain_waiting(self) -> None:
         live = deque(s for s in self._waiting if not s.done)
+        live_low = deque(s for s in self._waiting_low if not s.done)
         with self._cond:
-            self._waiting_count -= len(self._waiting) - len(live)
-            self._waiting = live
+            self._waiting_count -= len(self._waiting) - len(live) + len(self._waiting_low) - len(live_low)
+            self._waiting, self._waiting_low = live, live_low
 
     def step(self) -> None:
         """One iteration: drop abandoned, evict, admit + prefill, decode. Engine thread only."""
@@ -280,13 +299,18 @@ class ContinuousBatcher:
         rows = len(self._rows)
         longest = max((s.reserve for s in self._rows), default=0)
         prefill = 0
-        while self._waiting and rows + len(taken) < self.max_batch_size:
-            seq = self._waiting[0]
+        while rows + len(taken) < self.max_batch_size:
+            queue = self._waiting  # interactive first
+            if not queue:
+                queue = self._waiting_low
+                if not queue or rows + len(taken) >= self.max_batch_size - interactive_reserve(self.max_batch_size):
+                    break
+            seq = queue[0]
             if taken and prefill + len(seq.prompt) > self.prefill_tokens_per_step:
                 break
             if (rows + len(taken) + 1) * max(longest, seq.reserve) > self.kv_cache_tokens:
                 break  # FIFO: later, smaller sequences don't overtake (no starvation of long ones)
-            self._waiting.popleft()
+            queue.popleft()
             taken.append(seq)
             longest = max(longest, seq.reserve)
             prefill += len(seq.prompt)
@@ -309,6 +333,9 @@ class ContinuousBatcher:
         out = self.runner.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                 use_cache=True, logits_to_keep=1)
         self._merge(cache, mask, seqs)  # the model filled ``cache`` in place
+        spent = (time.perf_counter() - started) / max(1, sum(len(s.prompt) for s in seqs))
+        for s in seqs:  # a prefill's time split across its rows by prompt tokens
+            s.job.compute_s += spent * len(s.prompt)
         self._sampled(seqs, out.logits[:, -1, :])
         if self.on_step:
             self.on_step("prefill", len(seqs), time.perf_counter() - started)
@@ -324,6 +351,9 @@ class ContinuousBatcher:
                                 cache=self._cache, use_cache=True, logits_to_keep=1)
         self._mask = mask  # ``self._cache`` grew by one position in place
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        spent = (time.perf_counter() - started) / len(rows)
+        for s in rows:  # a decode step's time split evenly across its rows
+            s.job.compute_s += spent
         self._sampled(rows, out.logits[:, -1, :])
         if self.on_step:
             self.on_step("decode", len(rows), time.perf_counter() - started)
@@ -424,7 +454,7 @@ class ContinuousBatcher:
         state = job.state
         choices = [{"text": state.text(row), "finish_reason": state.finish[row] or "length",
                     "completion_tokens": state.row_tokens(row)} for row in range(len(job.seqs))]
-        return {"choices": choices, "prompt_tokens": job.request.inputs.lengths}
+        return {"choices": choices, "prompt_tokens": job.request.inputs.lengths, "compute_s": job.compute_s}
 
     def _finish(self, job: GenerationJob) -> None:
         if job.finished:
@@ -445,7 +475,7 @@ class ContinuousBatcher:
                 job.on_event({"choices": final})
         job.on_event({"done": True, "prompt_tokens": sum(job.request.inputs.lengths),
                       "completion_tokens": job.state.completion_tokens(), "cancelled": cancelled,
-                      "steps": job.steps})
+                      "steps": job.steps, "compute_s": job.compute_s})
 
     def _abandon(self, job: GenerationJob) -> None:
         """The caller left (cancelled) or the deadline passed: free the job's rows."""

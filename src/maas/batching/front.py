@@ -23,6 +23,10 @@ Each job keeps its own answer, error, deadline and cancellation inside the batch
 
 Every queue is bounded: past ``max_queued_items`` items waiting, a new request gets
 :class:`~maas.errors.ServiceOverloaded` (503 + Retry-After) at once.
+
+With tenants (:mod:`maas.tenants`) the queue is a :class:`~maas.batching.fair.FairQueue`: a batch
+takes ``interactive`` work before ``batch`` work and shares each class among tenants by weight, so
+a tenant flooding a model delays its own jobs, not the others'.
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from maas import metrics
-from maas.batching.jobs import take_whole
+from maas.batching.fair import FairQueue
 from maas.errors import MaasError, ServiceOverloaded
 
 logger = logging.getLogger("ray.serve.maas.batching")
@@ -54,6 +58,8 @@ class Job:
         params: Per-request options for the model (``top_k``, ``task``).
         items: Texts or images in the request (counted against batch and queue bounds).
         deadline_s: Wall-clock time after which the answer is no longer wanted, or None.
+        tenant: The tenant's id (None: no tenant). priority: Its class (``interactive``, ``batch``).
+        weight: Its share within the class.
     """
 
     payload: Any
@@ -64,6 +70,9 @@ class Job:
     enqueued_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     batch: "_Batch | None" = None
+    tenant: str | None = None
+    priority: str = "interactive"
+    weight: float = 1.0
 
 
 @dataclass(eq=False)
@@ -97,14 +106,14 @@ class FrontBatcher:
         self.name = name
         self.dispatch, self.map_error = dispatch, map_error
         self.max_batch_items, self.max_queued_items, self.max_inflight = max_batch_items, max_queued_items, max_inflight
-        self._queue: deque[Job] = deque()
+        self._queue = FairQueue()
         self.queued_items = 0
         self.inflight = 0
         self.batches_sent = 0
         self.jobs_per_batch: Counter[int] = Counter()
 
-    async def submit(self, payload: Any, params: dict, items: int, deadline_s: float | None) -> Any:
-        """Queue one request and wait for its answer.
+    async def submit(self, payload: Any, params: dict, items: int, deadline_s: float | None, tenant=None) -> Any:
+        """Queue one request (of ``tenant``, a :class:`maas.tenants.Tenant`, or None) and wait for its answer.
 
         Raises:
             ServiceOverloaded: the queue holds ``max_queued_items`` already.
@@ -115,6 +124,8 @@ class FrontBatcher:
             raise ServiceOverloaded(f"model {self.name!r} is at capacity ({self.queued_items} items queued); "
                                     f"retry after {RETRY_AFTER_S} s")
         job = Job(payload, params, items, deadline_s, asyncio.get_running_loop().create_future())
+        if tenant is not None:
+            job.tenant, job.priority, job.weight = tenant.id, tenant.priority, tenant.weight
         self._queue.append(job)
         self.queued_items += items
         self._pump()
@@ -123,11 +134,8 @@ class FrontBatcher:
         except asyncio.CancelledError:
             job.cancelled = True
             if job.batch is None:  # still queued: withdraw it
-                try:
-                    self._queue.remove(job)
+                if self._queue.remove(job):
                     self.queued_items -= job.items
-                except ValueError:
-                    pass
             else:
                 job.batch.maybe_cancel()
             raise
@@ -143,8 +151,8 @@ class FrontBatcher:
                 "queued_items": self.queued_items, "inflight": self.inflight}
 
     def _take(self) -> list[Job]:
-        return take_whole(self._queue, self.max_batch_items, lambda j: j.items,
-                          lambda j: j.cancelled or j.future.done(), self._removed)
+        return self._queue.take(self.max_batch_items, lambda j: j.items, lambda j: j.cancelled or j.future.done(),
+                                self._removed)
 
     def _removed(self, job: Job) -> None:
         self.queued_items -= job.items

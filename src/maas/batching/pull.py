@@ -49,6 +49,9 @@ class PullBatcher:
     batch runs and answered :class:`~maas.errors.ModelTimeout` (a deadline) or not at all (a
     cancelled caller is gone).
 
+    Each answer (a dict) carries ``compute_s``: the batch's run time, seconds, split across its
+    jobs by item count — what a tenant's compute quota is priced in (:mod:`maas.tenants`).
+
     Args:
         run: ``run(requests) -> results`` (one per request), awaited; it runs the forward.
         name: Model name for metrics.
@@ -157,7 +160,12 @@ class PullBatcher:
             waits_ms = [1000 * (now - r.enqueued_at) for r in requests]
             self.running_items = items
             try:
+                started = time.perf_counter()
                 outputs = await self.run(requests)
+                per_item_s = (time.perf_counter() - started) / max(1, items)
+                for r, out in zip(requests, outputs):
+                    if isinstance(out, dict):
+                        out["compute_s"] = per_item_s * len(r.inputs)
             except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the replica lives on
                 if not isinstance(exc, MaasError):
                     logger.exception("model %s: a batch of %d requests failed", self.name, len(requests))

@@ -111,6 +111,39 @@ class Dataplane:
                                 "(docs/repository.md)")
         return self.repository
 
+    def usage(self) -> dict:
+        """``GET /v1/usage`` of the current tenant (see :meth:`maas.tenants.Tenancy.usage`).
+
+        Raises:
+            NotFoundRoute: the app has no tenants file (404 that says how to add one).
+        """
+        if self.tenancy is None:
+            from maas.errors import NotFoundRoute
+
+            raise NotFoundRoute("this app has no tenants: set args.ingress.tenants_file (docs/tenants.md)")
+        from maas.tenants import CURRENT
+
+        return self.tenancy.usage(CURRENT.get())
+
+    @property
+    def replica_id(self) -> str:
+        """This ingress replica's id ('local' outside Serve)."""
+        try:
+            from ray import serve
+
+            return serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a Serve replica
+            return "local"
+
+    @property
+    def tenancy(self):
+        """The ingress's :class:`maas.tenants.Tenancy`, or None (no tenants file)."""
+        return self.router.tenancy
+
+    @tenancy.setter
+    def tenancy(self, value) -> None:
+        self.router.tenancy = value
+
     @property
     def routes(self) -> dict[str, Route]:
         """Address → :class:`Route`."""

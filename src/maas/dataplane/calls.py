@@ -41,6 +41,7 @@ from maas.errors import (
     TaskNotSupported,
     unwrap,
 )
+from maas.tenants import CURRENT, charge
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
 
@@ -284,7 +285,13 @@ class Calls:
         b = self.batcher(route, operation)
         if self.shared_heads(route) is not None:
             params = {**params, "model": route.spec.key}  # the batch mixes models: each job names its own
-        return await self.awaited(b.submit(payload, params, items, self.deadline_s()), route.spec.key)
+        tenant = CURRENT.get()
+        out = await self.awaited(b.submit(payload, params, items, self.deadline_s(), tenant), route.spec.key)
+        if isinstance(out, dict):
+            cost = out.pop("compute_s", None)  # the replica's time for this job (maas.batching.pull)
+            if tenant is not None and cost is not None:
+                charge(cost, items)
+        return out
 
     @staticmethod
     def shared_heads(route: Route):
@@ -325,9 +332,16 @@ class Calls:
         """
         address = route.spec.key
         pre = route.pre.remote([job], model=address)
+        tenant = CURRENT.get()
+        if tenant is not None:
+            params = {**params, "priority": tenant.priority}
         out = (await self.awaited(route.model.remote(pre, [params], [self.deadline_s()]), address))[0]
         if isinstance(out, BaseException):
             raise out
+        cost = out.pop("compute_s", None) if isinstance(out, dict) else None
+        if tenant is not None:
+            tokens = sum(out.get("prompt_tokens") or ()) + sum(c.get("completion_tokens", 0) for c in out["choices"])
+            charge(cost or 0.0, len(out.get("prompt_tokens") or ()), tokens)
         return out
 
     async def stream(self, route: Route, job: Any, params: dict) -> AsyncIterator[dict]:
@@ -335,11 +349,16 @@ class Calls:
         errors raised by type; the call is cancelled on the replica when the caller stops reading."""
         address = route.spec.key
         pre = route.pre.remote([job], model=address)
+        tenant = CURRENT.get()
+        if tenant is not None:
+            params = {**params, "priority": tenant.priority}
         gen = route.model.options(stream=True).stream.remote(pre, params, self.deadline_s())
         try:
             async for event in gen:
                 if "error" in event:  # refused before it started (see TextGenerator.stream)
                     raise event["error"]
+                if event.get("done") and tenant is not None:
+                    charge(event.get("compute_s") or 0.0, 1, event["prompt_tokens"] + event["completion_tokens"])
                 yield event
         except Exception as exc:  # noqa: BLE001 - mapped to the domain error
             raise self.domain_error(exc, address) from None

@@ -229,6 +229,8 @@ class Operations:
         except MaasError as exc:
             metrics.request(address, operation, int(exc.status_code))
             raise
+        finally:
+            self.router.settle()  # the tenant's cost of the stream (admitted in Router.choose)
 
     # ------------------------------------------------------------------ explanations (on the model's replica)
 

@@ -15,6 +15,11 @@ Operations give the router a function ``op(address)`` that serves the request at
 the router runs it through :meth:`~maas.dataplane.calls.Calls.timed` (one record per request) and
 sets the result's :class:`~maas.dataplane.types.Answered` (``route_reason``, ``cascade``).
 Streams choose once (:meth:`Router.choose`): they neither fail over nor get shadowed.
+
+Tenants (:mod:`maas.tenants`): a request of a tenant (``maas.tenants.CURRENT``, set by the HTTP
+guard or a handle's ``api_key``) is admitted here — the model permission (``auto`` plans among the
+tenant's models only), its request rate and compute quota — and its cost, gathered while it is
+served, is taken from the tenant's quota when it is answered (:meth:`Router.settle`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,31 @@ class Router:
                  keys: DeploymentHandle | None = None, repository=None):
         self.limits, self.calls, self.readiness, self.traffic, self.keys = limits, calls, readiness, traffic, keys
         self.repository = repository  # maas.dataplane.repository.RepositoryRoutes, or None
+        self.tenancy = None  # maas.tenants.Tenancy when the ingress has a tenants file
         self._shadows: set[asyncio.Task] = set()
+
+    def admit(self, req) -> None:
+        """Admit the current tenant's request for ``req.model`` (no tenancy, or a handle call without a
+        key: nothing to check).
+
+        Raises:
+            Forbidden: the tenant may not use the model. RateLimited: over its rate or compute quota.
+        """
+        if self.tenancy is not None:
+            from maas.tenants import CURRENT
+
+            tenant = CURRENT.get()
+            if tenant is not None:
+                self.tenancy.admit(tenant, req.model)
+
+    def settle(self) -> None:
+        """Take the current request's cost from its tenant's quota (after the answer)."""
+        if self.tenancy is not None:
+            from maas.tenants import CURRENT
+
+            tenant = CURRENT.get()
+            if tenant is not None:
+                self.tenancy.settle(tenant)
 
     async def run(self, req, task: str, operation: str, op: Op, shadow: bool = True) -> Any:
         """Serve ``req`` (a :class:`~maas.dataplane.types.Routed`) for ``task`` with ``op(address)``.
@@ -62,7 +91,15 @@ class Router:
         Raises:
             ModelNotFound / TaskNotSupported / InvalidRequest: a bad model, task, budget or cascade.
             ModelNotReady / ServiceOverloaded: nothing that may answer can (503).
+            Forbidden / RateLimited: the tenant may not use the model, or is over its rate or quota.
         """
+        self.admit(req)
+        try:
+            return await self._run(req, task, operation, op, shadow)
+        finally:
+            self.settle()
+
+    async def _run(self, req, task: str, operation: str, op: Op, shadow: bool) -> Any:
         threshold = getattr(req, "cascade_threshold", None)
         if threshold is not None:
             if req.model != auto.AUTO:
@@ -96,7 +133,9 @@ class Router:
 
     async def choose(self, req, task: str) -> tuple[str, str | None]:
         """``(address, auto's reason or None)`` for a request that cannot fail over (a stream):
-        the first ready model of ``auto``'s plan, else the version the traffic policy picks."""
+        the first ready model of ``auto``'s plan, else the version the traffic policy picks. The
+        tenant's request is admitted here; the stream settles its cost when it ends."""
+        self.admit(req)
         if req.model != auto.AUTO:
             address = await self.resolve(req.model, req.routing_key)
             await self.readiness.check_serving(address)
@@ -176,6 +215,9 @@ class Router:
         key = self.traffic.key_of(name, version)
 
         async def run():
+            from maas.tenants import CHARGE
+
+            CHARGE.set(None)  # a shadow copy is the operator's experiment: not the tenant's cost
             self.traffic.shadow_in_flight[key] = self.traffic.shadow_in_flight.get(key, 0) + 1
             try:
                 answer = await op(key)
@@ -199,6 +241,11 @@ class Router:
             TaskNotSupported: no model serves ``task``. ModelNotReady: none is ready.
         """
         routes = self.calls.routes
+        tenant = None
+        if self.tenancy is not None:
+            from maas.tenants import CURRENT
+
+            tenant = CURRENT.get()
         # Repository models are candidates once some pool replica holds them: auto never picks one that
         # would first have to load (a cold load costs seconds, which no latency prediction covers).
         names = [n for n, r in routes.items() if task in r.spec.tasks and self.takes_traffic(n)
@@ -206,6 +253,13 @@ class Router:
                       or self.repository.loaded_on(n))]
         if not names:
             raise TaskNotSupported(f"no served model offers {task}, so model 'auto' cannot choose one")
+        if tenant is not None:
+            names = [n for n in names if tenant.may_use(n)]
+            if not names:
+                from maas.tenants import Forbidden
+
+                raise Forbidden(f"model 'auto' has no model offering {task} that this API key may use; its models are "
+                                f"{tenant.spec.models}")
         real = [n for n in names if not routes[n].spec.is_demo]
         names = real or names  # demo weights only when nothing real serves the task
         # As for versions, a probe is a preference: a model whose probe timed out on a loaded replica

@@ -135,6 +135,9 @@ def error_response(request: Request, exc: MaasError) -> Response:
         if not isinstance(exc, (ModelNotReady, ModelTimeout, ServiceOverloaded)):
             message = "the service could not answer this request; retry later"
     headers = {"Retry-After": str(exc.retry_after_s or RETRY_AFTER_S)} if status in (429, 503, 504) else None
+    extra = getattr(exc, "headers", None)  # a 429's RateLimit-Policy / RateLimit (maas.tenants.RateLimited)
+    if extra:
+        headers = {**(headers or {}), **extra}
     path, root = request.url.path, request.scope.get("root_path", "")
     if root and path.startswith(root):  # an app under a route prefix (/repo/v2/...) speaks v2 there too
         path = path[len(root):]

@@ -41,6 +41,15 @@ async def pools(dp=Depends(dataplane)):
     return json_response({"replicas": await dp.repository_api().replicas()})
 
 
+@router.get("/v1/usage", tags=["maas"])
+async def usage(dp=Depends(dataplane)):
+    """Usage per tenant in this ingress replica since it started (apps with a tenants file): requests,
+    ``compute_s`` (replica-seconds charged), items, tokens, refusals (``rejected``: rate, compute,
+    forbidden) and what is left of its rate and quota. A tenant sees its own row; an admin tenant
+    every row."""
+    return json_response({**dp.usage(), "replica": dp.replica_id})
+
+
 @router.get("/readyz", tags=["health"], responses={503: {"description": "Some model is not ready."}})
 async def readyz(dp=Depends(dataplane)):
     """Readiness: every model is loaded and has a running replica."""
