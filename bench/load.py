@@ -31,11 +31,15 @@ local counter = 0
 init = function(args)
   local manifest = io.open(args[1], "r")
   for line in manifest:lines() do
-    local body_path, ctype, path = line:match("^(%S+)\t(%S+)\t(%S+)$")
+    local body_path, ctype, path, auth = line:match("^(%S+)\t(%S+)\t(%S+)\t?(%S*)$")
     local f = io.open(body_path, "rb")
     local body = f:read("*a")
     f:close()
-    requests[#requests + 1] = wrk.format("POST", path, {["Content-Type"] = ctype}, body)
+    local headers = {["Content-Type"] = ctype}
+    if auth ~= nil and auth ~= "" then
+      headers["Authorization"] = "Bearer " .. auth
+    end
+    requests[#requests + 1] = wrk.format("POST", path, headers, body)
   end
   manifest:close()
   counter = math.random(0, #requests - 1)
@@ -61,11 +65,13 @@ end
 
 @dataclass
 class Body:
-    """One request the load generator sends: ``POST path`` with ``content_type``."""
+    """One request the load generator sends: ``POST path`` with ``content_type`` (and
+    ``Authorization: Bearer <api_key>`` when ``api_key`` is set: no spaces in it)."""
 
     path: str
     content_type: str
     data: bytes
+    api_key: str = ""
 
 
 def multipart(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> tuple[str, bytes]:
@@ -119,7 +125,8 @@ def run(base_url: str, bodies: list[Body], *, concurrency: int, duration_s: floa
         for i, body in enumerate(bodies):
             p = tmpdir / f"body{i}"
             p.write_bytes(body.data)
-            lines.append(f"{p}\t{body.content_type.replace(' ', '')}\t{body.path}")
+            lines.append(f"{p}\t{body.content_type.replace(' ', '')}\t{body.path}"
+                         + (f"\t{body.api_key}" if body.api_key else ""))
         manifest = tmpdir / "manifest.tsv"
         manifest.write_text("\n".join(lines) + "\n")
         script = tmpdir / "bench.lua"

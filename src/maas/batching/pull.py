@@ -70,6 +70,7 @@ class PullBatcher:
         self._idle = True
         self.batch_requests: Counter[int] = Counter()
         self.batch_items: Counter[int] = Counter()
+        self.busy_s = 0.0  # batches' run time, summed, seconds (what the answers' compute_s add up to)
 
     def close(self) -> None:
         """Stop the worker task (an idle batcher that is dropped: its ``run`` and what that holds —
@@ -162,7 +163,9 @@ class PullBatcher:
             try:
                 started = time.perf_counter()
                 outputs = await self.run(requests)
-                per_item_s = (time.perf_counter() - started) / max(1, items)
+                spent = time.perf_counter() - started
+                self.busy_s += spent
+                per_item_s = spent / max(1, items)
                 for r, out in zip(requests, outputs):
                     if isinstance(out, dict):
                         out["compute_s"] = per_item_s * len(r.inputs)

@@ -331,7 +331,8 @@ class ModelDeployment:
 
     def stats(self) -> dict:
         """Batch records of this replica: ``{"replica", "requests_per_batch": {jobs: count},
-        "items_per_batch": {items: count}, "queued_items", "running_items", "last_timings_ms"}``."""
+        "items_per_batch": {items: count}, "queued_items", "running_items", "busy_s" (the batches'
+        run time, seconds), "last_timings_ms"}``."""
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
@@ -342,6 +343,7 @@ class ModelDeployment:
             "items_per_batch": dict(self.batcher.batch_items),
             "queued_items": self.batcher.queued_items,
             "running_items": self.batcher.running_items,
+            "busy_s": round(self.batcher.busy_s, 6),  # batches' run time: what tenants are charged, summed
             "last_timings_ms": dict(self.runner.last_timings_ms),
         }
 
