@@ -15,9 +15,10 @@ Measured, in order:
   own batch time (their ``stats()["busy_s"]``, read through Ray), over everything above;
 * **priority**: time to first token of ``live``'s streamed chats (16 tokens) on an idle generator,
   then while ``bulk`` keeps it saturated (16 concurrent 64-token chats);
-* **cost of the checks at c=1**: one-sentence embeddings through ``maas`` with an unlimited
-  tenant's key against ``plain`` (no tenants file), alternating 3 × 6 s each, best p50 of each;
-  and the checks alone in process (hash lookup, admission, settling, the fair queue), µs.
+* **cost of the checks at c=1** (first, while the machine is quiet): one-sentence embeddings
+  through ``maas`` with an unlimited tenant's key against ``plain`` (no tenants file), alternating
+  5 × 5 s each, the median of each side's p50s; and the checks alone in process (hash lookup,
+  admission, settling, the fair queue), µs.
 """
 
 from __future__ import annotations
@@ -200,11 +201,16 @@ def _replica_busy_s() -> float:
 
 def micro_us(n: int = 20000) -> dict:
     """The tenancy checks alone, in process: µs per request for the key lookup, admission and
-    settling, and a fair-queue append + take (two tenants) against the plain FIFO."""
+    settling, and a fair-queue append + take (two tenants) against the plain FIFO. Without the two
+    metric updates per request (``maas_tenant_*``): outside a Serve replica Ray's metrics take a
+    slow path (~150 µs each here); in a replica they cost a few µs (docs/benchmarks.md)."""
     import tempfile
 
+    from maas import metrics
     from maas.batching.fair import FairQueue
     from maas.tenants import Tenancy, charge
+
+    saved, metrics._metrics = metrics._metrics, {}
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.yaml"
@@ -218,6 +224,7 @@ def micro_us(n: int = 20000) -> dict:
             charge(0.001, 1)
             t.settle(tenant)
         checks = (time.perf_counter() - t0) / n * 1e6
+    metrics._metrics = saved
 
     class J:
         def __init__(self, tenant):
@@ -261,10 +268,26 @@ def run(workdir: Path) -> dict:
             time.sleep(1)
         normal = [_embed_body(KEYS["normal"]), _image_body(jpeg, KEYS["normal"])]
         load.run(url, normal, concurrency=2, duration_s=3)  # warm
+        load.run(url, [_embed_body("", "/plain/v1/embeddings")], concurrency=1, duration_s=2)
+        # -- cost at c=1
+        p50 = {"tenants": [], "plain": []}
+        for _ in range(5):
+            p50["tenants"].append(load.run(url, [_embed_body(KEYS["normal"])], concurrency=1, duration_s=5)["p50_ms"])
+            p50["plain"].append(load.run(url, [_embed_body("", "/plain/v1/embeddings")], concurrency=1,
+                                         duration_s=5)["p50_ms"])
+        med = {k: statistics.median(v) for k, v in p50.items()}
+        out["cost_c1"] = {"tenants_p50_ms": med["tenants"], "plain_p50_ms": med["plain"],
+                          "added_ms": round(med["tenants"] - med["plain"], 3), "runs": p50}
         # -- noisy neighbour
         alone = load.run(url, normal, concurrency=2, duration_s=15)
-        per_image_s = 0.02  # refined below from what the noisy tenant is charged per image
         noisy_body = _image_body(jpeg, KEYS["noisy"])
+        s = requests.Session()
+        for _ in range(4):  # what one image costs the noisy tenant: sets its offered load (10 x its quota)
+            s.post(url + noisy_body.path, data=noisy_body.data, timeout=60,
+                   headers={"Content-Type": noisy_body.content_type, "Authorization": f"Bearer {KEYS['noisy']}"})
+        u = _usage(url)["noisy"]
+        per_image_s = u["compute_s"] / max(1, u["items"])
+        time.sleep(6)  # its bucket refills (5 s of its rate)
         box: dict = {}
         flood = threading.Thread(target=lambda: box.update(
             flood=_open_loop(url, noisy_body, 10 * QUOTA_S_PER_MIN / 60 / per_image_s, 17)))
@@ -273,7 +296,6 @@ def run(workdir: Path) -> dict:
         with_noisy = load.run(url, normal, concurrency=2, duration_s=15)
         flood.join()
         u0 = _usage(url)
-        per_image_s = u0["noisy"]["compute_s"] / max(1, u0["noisy"]["items"])
         honour_s = 30.0
         c0 = u0["noisy"]["compute_s"]
         honoured = _honouring(url, noisy_body, honour_s)
@@ -293,11 +315,11 @@ def run(workdir: Path) -> dict:
         out["accounting"] = {"charged_s": round(charged, 3), "replica_busy_s": round(busy, 3),
                              "ratio": round(charged / busy, 4) if busy else None}
         # -- priority
-        idle = _ttft_ms(url, KEYS["live"], 10)
+        idle = _ttft_ms(url, KEYS["live"], 16)
         stop = threading.Event()
         threads = _saturate(url, KEYS["bulk"], stop)
         time.sleep(8)
-        busy_ttft = _ttft_ms(url, KEYS["live"], 10)
+        busy_ttft = _ttft_ms(url, KEYS["live"], 16)
         stop.set()
         for t in threads:
             t.join(timeout=120)
@@ -305,14 +327,6 @@ def run(workdir: Path) -> dict:
                            "ttft_saturated_ms": round(statistics.median(busy_ttft), 1),
                            "ttft_saturated_p90_ms": round(sorted(busy_ttft)[int(0.9 * len(busy_ttft))], 1),
                            "ratio": round(statistics.median(busy_ttft) / statistics.median(idle), 3)}
-        # -- cost at c=1
-        p50 = {"tenants": [], "plain": []}
-        for _ in range(3):
-            p50["tenants"].append(load.run(url, [_embed_body(KEYS["normal"])], concurrency=1, duration_s=6)["p50_ms"])
-            p50["plain"].append(load.run(url, [_embed_body("", "/plain/v1/embeddings")], concurrency=1,
-                                         duration_s=6)["p50_ms"])
-        out["cost_c1"] = {"tenants_p50_ms": min(p50["tenants"]), "plain_p50_ms": min(p50["plain"]),
-                          "added_ms": round(min(p50["tenants"]) - min(p50["plain"]), 3), "runs": p50}
     finally:
         server.stop()
     out["goals"] = goals(out)
@@ -334,7 +348,7 @@ def goals(r: dict) -> list[dict]:
         {"goal": "compute accounting within 5 % of the replicas' own time",
          "measured": f"{acc['ratio']} ({acc['charged_s']} s charged, {acc['replica_busy_s']} s busy)",
          "met": acc["ratio"] is not None and abs(acc["ratio"] - 1) <= 0.05},
-        {"goal": "tenancy checks add <= 0.3 ms p50 at c=1",
+        {"goal": "tenancy checks add <= 0.3 ms p50 at c=1 (median of 5 alternating runs)",
          "measured": f"{cost['added_ms']} ms end to end; {r['micro']['checks_us']} us in process",
          "met": cost["added_ms"] <= 0.3},
     ]

@@ -39,6 +39,9 @@ logger = logging.getLogger("ray.serve.maas.security")
 JSON_ROUTES = frozenset({"/v1/explanations/text", "/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/text2text",
                          "/v1/classifications/text"})
 
+#: POST routes a tenant over its rate or quota may still call (the repository API is not priced).
+FREE_POSTS = frozenset({"/v2/repository/index"})
+
 #: Paths reachable without a key: liveness and readiness probes (Kubernetes, load balancers) and the
 #: API's own description (the schema is not a secret; Swagger UI fetches it without headers).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
@@ -126,6 +129,12 @@ class Guard:
                 msg = ("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'" if key is None
                        else "invalid API key")
                 return await _reply(send, path, 401, msg, "authentication_error", {"www-authenticate": "Bearer"})
+            if scope.get("method") == "POST" and path not in FREE_POSTS:  # over its limits: 429 before the body
+                refused = tenancy.refusal(tenant)
+                if refused is not None:
+                    return await _reply(send, path, 429, refused.message, "rate_limit_error",
+                                        {"retry-after": str(refused.retry_after_s), **refused.headers},
+                                        code=refused.code)
             CURRENT.set(tenant)
         elif settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             key = presented_key(headers)
@@ -256,10 +265,11 @@ class Cors:
 _EXPOSED_LOWER = frozenset(h.lower() for h in CORS_EXPOSE_HEADERS)
 
 
-async def _reply(send, path: str, status: int, message: str, kind: str, extra: dict | None = None) -> None:
-    body = {"error": message} if path.startswith("/v2") else error_body(message, kind)
+async def _reply(send, path: str, status: int, message: str, kind: str, extra: dict | None = None,
+                 code: str | None = None) -> None:
+    body = {"error": message} if path.startswith("/v2") else error_body(message, kind, code=code)
     raw = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": raw})

@@ -21,7 +21,7 @@ def write_tenants(path, revoke_a: bool = False):
         {"id": "team-a", "keys": [hash_key("replaced" if revoke_a else KEY_A)], "models": ["effnet-*"],
          "requests_per_s": 0.5, "burst": 3},
         {"id": "team-b", "keys": [hash_key(KEY_B)], "priority": "batch"},
-        {"id": "team-c", "keys": [hash_key(KEY_C)], "compute_s_per_min": 0.05},
+        {"id": "team-c", "keys": [hash_key(KEY_C)], "compute_s_per_min": 0.05, "compute_burst_s": 0.05},
         {"id": "ops", "keys": [hash_key(KEY_ADMIN)], "admin": True},
     ]
     path.write_text(yaml.safe_dump({"tenants": tenants}))

@@ -36,7 +36,8 @@ def tenants_file(tmp_path, **overrides):
     write(path, [
         {"id": "team-a", "keys": [hash_key(KEY_A)], "models": ["minilm", "efficientnet-*"],
          "requests_per_s": 2, "burst": 2, **overrides.get("team-a", {})},
-        {"id": "team-b", "keys": [hash_key(KEY_B)], "compute_s_per_min": 6, "priority": "batch", "weight": 2},
+        {"id": "team-b", "keys": [hash_key(KEY_B)], "compute_s_per_min": 6, "compute_burst_s": 6, "priority": "batch",
+         "weight": 2},
         {"id": "ops", "keys": [hash_key(KEY_ADMIN)], "admin": True},
     ])
     return path
@@ -102,6 +103,36 @@ def test_compute_quota_is_charged_after_the_answer_and_refuses_while_in_debt(tmp
     clock.t += 10.1
     t.admit(b, "anything")
     assert b.usage.rejected["compute"] == 1
+    from maas.tenants import Tenant, TenantSpec
+
+    default = Tenant(TenantSpec(id="d", keys=[hash_key("d")], compute_s_per_min=6), 0.0)
+    assert default.compute.capacity == pytest.approx(0.2)  # 2 s of the quota's rate: no minute-long burst
+
+
+def test_admission_reserves_the_recent_cost_so_requests_in_flight_cannot_all_pass(tmp_path):
+    """Tenant b's requests to one model cost 1 s each; with 6 s in its bucket, a burst of concurrent
+    admissions (none answered yet) passes 6 of them, not all of them; settling squares the bucket."""
+    clock = Clock()
+    t = Tenancy(str(tenants_file(tmp_path)), clock=clock)
+    b = t.resolve(KEY_B.encode())
+    t.admit(b, "effnet")
+    charge(1.0, 1)
+    t.settle(b)  # its first request cost 1 s: the next ones reserve ~1 s each
+    clock.t += 10  # the bucket is full again (6 s)
+    admitted, charges = 0, []
+    for _ in range(20):
+        try:
+            t.admit(b, "effnet")
+        except RateLimited:
+            break
+        admitted += 1
+        charges.append(CHARGE.get())
+    assert admitted == 6
+    for c in charges:  # answers arrive: each cost 0.5 s, so the bucket gets back what was over-reserved
+        CHARGE.set(c)
+        charge(0.5, 1)
+        t.settle(b)
+    assert b.compute.remaining(clock.t) == pytest.approx(3.0)
 
 
 def test_a_changed_file_reloads_and_a_revoked_key_stops_working(tmp_path, caplog):
@@ -251,3 +282,48 @@ def test_front_batcher_serves_a_small_tenant_before_a_floods_backlog():
     batches = asyncio.new_event_loop().run_until_complete(scenario())
     assert batches[0] == ["a0"]  # out before anyone else queued
     assert {"b0", "b1"} <= set(batches[1])
+
+
+def test_the_guard_refuses_a_tenant_over_its_limits_before_reading_the_body(tmp_path):
+    """A tenant over its rate gets 429 (with Retry-After and the RateLimit fields) from the HTTP
+    guard without its body being read; GETs (usage) still pass."""
+    from maas import security
+
+    clock = Clock()
+    tenancy = Tenancy(str(tenants_file(tmp_path)), clock=clock)
+    a = tenancy.resolve(KEY_A.encode())
+    tenancy.admit(a, "minilm")
+    tenancy.admit(a, "minilm")  # the burst is spent
+    reached: list[str] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def never_read():
+        raise AssertionError("the body was read")
+
+    async def call(method, path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "method": method, "path": path, "root_path": "",
+                 "headers": [(b"authorization", f"Bearer {KEY_A}".encode()), (b"content-type", b"application/json")]}
+        await security.Guard(app)(scope, never_read, send)
+        return sent
+
+    saved = security.SETTINGS.tenancy
+    security.SETTINGS.tenancy = tenancy
+    try:
+        loop = asyncio.new_event_loop()
+        sent = loop.run_until_complete(call("POST", "/v1/embeddings"))
+        start = sent[0]
+        headers = {k.decode(): v.decode() for k, v in start["headers"]}
+        assert start["status"] == 429 and headers["retry-after"] == "1" and headers["ratelimit"].startswith('"requests"')
+        assert b"rate_limit_exceeded" in sent[1]["body"] and reached == []
+        sent = loop.run_until_complete(call("GET", "/v1/usage"))
+        assert sent[0]["status"] == 200 and reached == ["/v1/usage"]
+    finally:
+        security.SETTINGS.tenancy = saved

@@ -299,11 +299,16 @@ class ContinuousBatcher:
         rows = len(self._rows)
         longest = max((s.reserve for s in self._rows), default=0)
         prefill = 0
+        interactive = False
         while rows + len(taken) < self.max_batch_size:
             queue = self._waiting  # interactive first
-            if not queue:
+            if queue:
+                interactive = True
+            else:
                 queue = self._waiting_low
-                if not queue or rows + len(taken) >= self.max_batch_size - interactive_reserve(self.max_batch_size):
+                # a step that admits interactive rows prefills them alone: batch prompts would lengthen it
+                if not queue or interactive or \
+                        rows + len(taken) >= self.max_batch_size - interactive_reserve(self.max_batch_size):
                     break
             seq = queue[0]
             if taken and prefill + len(seq.prompt) > self.prefill_tokens_per_step:

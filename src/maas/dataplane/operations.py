@@ -42,6 +42,7 @@ from maas.dataplane.types import (
 )
 from maas.errors import InvalidRequest, MaasError, ModelTimeout, PayloadTooLarge
 from maas.preprocess.text import TextJob
+from maas.tenants import charge
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
 
@@ -275,6 +276,7 @@ class Operations:
 
         started = time.perf_counter()
         view, result = await self._within_explain_timeout(spec, run())
+        charge(result.pop("compute_s", 0.0), 1)
         rendered = await asyncio.to_thread(render_image, result, view)
         content = {"method": result["method"], "layer": result["layer"], "view": req.view, "target": result["target"],
                    "top_k": result["top_k"], "faithfulness": result["faithfulness"], **rendered}
@@ -309,6 +311,7 @@ class Operations:
 
         started = time.perf_counter()
         result = await self._within_explain_timeout(spec, run())
+        charge(result.pop("compute_s", 0.0), len(req.texts))
         content = {"method": result["method"], "kind": result["kind"],
                    "texts": [{"text": t, **r} for t, r in zip(req.texts, result["texts"])]}
         for key in ("target", "similarity"):

@@ -482,8 +482,12 @@ class PoolReplica:
                                        "full checkpoints")
             if deadline_s is not None and time.time() > deadline_s:
                 raise ModelTimeout(f"model {name!r}: the explanation did not start within explain_timeout_s; retry later")
-            state = await self._in_forward(model.explain_map, payload, params)
-            return await self._in_forward(model.explain_score, state, params)
+            from maas.models.replica import timed
+
+            spent = [0.0]
+            state = await self._in_forward(timed(model.explain_map, spent), payload, params)
+            out = await self._in_forward(timed(model.explain_score, spent), state, params)
+            return {**out, "compute_s": spent[0]}  # what the tenant is charged (maas.tenants)
         finally:
             self._explaining -= 1
             self.inflight[name] -= 1
