@@ -14,7 +14,9 @@ Measured, in order:
 * **accounting**: what the tenants were charged (``/v1/usage``, admin key) against the replicas'
   own batch time (their ``stats()["busy_s"]``, read through Ray), over everything above;
 * **priority**: time to first token of ``live``'s streamed chats (16 tokens) on an idle generator,
-  then while ``bulk`` keeps it saturated (16 concurrent 64-token chats);
+  then while ``bulk`` keeps it saturated (16 concurrent 64-token chats); and the same in the
+  generator's engine alone, in process (:func:`engine_ttft`), which separates the scheduling from
+  the 2-core machine's CPU contention;
 * **cost of the checks at c=1** (first, while the machine is quiet): one-sentence embeddings
   through ``maas`` with an unlimited tenant's key against ``plain`` (no tenants file), alternating
   5 × 5 s each, the median of each side's p50s; and the checks alone in process (hash lookup,
@@ -45,7 +47,10 @@ def _config(port: int, tenants_path: Path) -> dict:
     models = {m["name"]: m for m in local["models"]}
     args = {"models": [dict(models["minilm"], resources={"num_cpus": 0.6}),
                        dict(models["efficientnet-lite0"], resources={"num_cpus": 0.6}),
-                       dict(models["smollm2-135m"], batching={"max_batch_size": 8, "kv_cache_tokens": 8192})],
+                       # one torch thread: with two, a saturated generator takes both cores from the serving
+                       # path (HTTP, tokenizer, Ray hops) of the very request whose TTFT is measured
+                       dict(models["smollm2-135m"], batching={"max_batch_size": 8, "kv_cache_tokens": 8192},
+                            resources={"num_cpus": 0.1, "torch_threads": 1})],
             "ingress": {"num_cpus": 0.1, "tenants_file": str(tenants_path)},
             "tokenizers": {"num_cpus": 0.05}, "image_preprocessors": {"num_cpus": 0.05}}
     plain = {"models": [dict(models["minilm"], resources={"num_cpus": 0.05})], "ingress": {"num_cpus": 0.05},
@@ -199,6 +204,71 @@ def _replica_busy_s() -> float:
         ray.shutdown()
 
 
+def engine_ttft(samples: int = 8) -> dict:
+    """The generator's scheduling alone, in process (no HTTP, no Ray): SmolLM2's continuous batcher
+    (2 threads, max_batch_size 8); time to the first streamed event of an interactive request
+    idle, then with 16 ``batch`` requests of 64 tokens keeping it saturated."""
+    import torch
+
+    from maas.batching.continuous import ContinuousBatcher
+    from maas.config import ModelSpec
+    from maas.models.base import ModelRequest
+    from maas.models.sampling import SamplingParams
+    from maas.models.text_generator import TextGeneratorRunner
+    from maas.preprocess.text import tokenize
+
+    torch.set_num_threads(2)
+    local = yaml.safe_load((systems.ROOT / "serve_configs" / "local.yaml").read_text())["applications"][0]["args"]
+    runner = TextGeneratorRunner(ModelSpec.model_validate(next(m for m in local["models"]
+                                                               if m["name"] == "smollm2-135m")))
+    runner.load()
+    engine = ContinuousBatcher(runner, "smollm2", max_batch_size=8, kv_cache_tokens=8192)
+    prompt = runner.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def submit(params: dict, stream: bool = True):
+        batch = tokenize(runner.tokenizer, [prompt], max_length=None, truncate=False, add_special_tokens=False)
+        first, done, t0, out = threading.Event(), threading.Event(), time.perf_counter(), {}
+
+        def event(e):
+            if "choices" in e and not first.is_set():
+                out["ttft_ms"] = 1000 * (time.perf_counter() - t0)
+                first.set()
+        engine.submit(ModelRequest(batch, params), SamplingParams.from_params(params), lambda v: done.set(),
+                      event if stream else None)
+        return out, done
+
+    def measure() -> list[float]:
+        got = []
+        for _ in range(samples):
+            out, done = submit({"max_tokens": 16, "temperature": 0})
+            done.wait(120)
+            got.append(out["ttft_ms"])
+            time.sleep(0.2)
+        return got
+
+    try:
+        idle = measure()
+        stop = threading.Event()
+
+        def bulk():
+            while not stop.is_set():
+                submit({"max_tokens": 64, "temperature": 0, "priority": "batch"}, stream=False)[1].wait(300)
+
+        threads = [threading.Thread(target=bulk, daemon=True) for _ in range(16)]
+        for t in threads:
+            t.start()
+        time.sleep(5)
+        busy = measure()
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        engine.stop()
+    return {"ttft_idle_ms": round(statistics.median(idle), 1), "ttft_saturated_ms": round(statistics.median(busy), 1),
+            "ratio": round(statistics.median(busy) / statistics.median(idle), 3)}
+
+
 def micro_us(n: int = 20000) -> dict:
     """The tenancy checks alone, in process: µs per request for the key lookup, admission and
     settling, and a fair-queue append + take (two tenants) against the plain FIFO. Without the two
@@ -256,7 +326,7 @@ def run(workdir: Path) -> dict:
                             f"http://127.0.0.1:{port}/plain/readyz", workdir / "maas-tenants.log", env)
     url = f"http://127.0.0.1:{port}"
     jpeg = _jpeg()
-    out: dict = {"quota_s_per_min": QUOTA_S_PER_MIN, "micro": micro_us()}
+    out: dict = {"quota_s_per_min": QUOTA_S_PER_MIN, "micro": micro_us(), "engine_priority": engine_ttft()}
     server.start(timeout_s=420)
     try:
         import requests
@@ -344,7 +414,8 @@ def goals(r: dict) -> list[dict]:
         {"goal": "noisy tenant honouring Retry-After stays at its quota +- 10 %",
          "measured": f"{nn['honouring']['ratio']} x quota", "met": abs(nn["honouring"]["ratio"] - 1) <= 0.1},
         {"goal": "interactive TTFT with the generator saturated by batch work within 1.5 x idle",
-         "measured": f"{pr['ratio']} x ({pr['ttft_saturated_ms']} vs {pr['ttft_idle_ms']} ms)", "met": pr["ratio"] <= 1.5},
+         "measured": f"{pr['ratio']} x over HTTP ({pr['ttft_saturated_ms']} vs {pr['ttft_idle_ms']} ms); "
+                     f"{r['engine_priority']['ratio']} x in the engine alone", "met": pr["ratio"] <= 1.5},
         {"goal": "compute accounting within 5 % of the replicas' own time",
          "measured": f"{acc['ratio']} ({acc['charged_s']} s charged, {acc['replica_busy_s']} s busy)",
          "met": acc["ratio"] is not None and abs(acc["ratio"] - 1) <= 0.05},
