@@ -49,8 +49,12 @@ def image(url, key, jpeg, model="effnet-t"):
                          files=[("file", ("c.jpg", jpeg, "image/jpeg"))])
 
 
+#: A text no log line may hold (requests of every tenant send it, refused ones included).
+PROMPT = "good zebra-marker-4c1d prompt"
+
+
 def text(url, key, model="sent-t"):
-    return requests.post(f"{url}/v1/classifications/text", headers=auth(key), json={"model": model, "input": ["good"]},
+    return requests.post(f"{url}/v1/classifications/text", headers=auth(key), json={"model": model, "input": [PROMPT]},
                          timeout=60)
 
 
@@ -125,7 +129,7 @@ def test_a_revoked_key_stops_working_without_a_restart(app, chelsea_jpeg):
         write_tenants(app["path"])
 
 
-def test_no_key_in_any_log_file(app):
+def test_no_key_or_prompt_in_any_log_file(app):
     import os
 
     import ray
@@ -139,6 +143,6 @@ def test_no_key_in_any_log_file(app):
             except OSError:
                 continue
             read += len(data)
-            for key in (KEY_A, KEY_B, KEY_C, KEY_ADMIN):
-                assert key.encode() not in data, (f, key)
+            for secret in (KEY_A, KEY_B, KEY_C, KEY_ADMIN, "zebra-marker-4c1d"):
+                assert secret.encode() not in data, (f, secret)
     assert read > 100_000, f"only {read} bytes of logs under {root}"  # the cluster's logs, ingress included

@@ -327,3 +327,24 @@ def test_the_guard_refuses_a_tenant_over_its_limits_before_reading_the_body(tmp_
         assert sent[0]["status"] == 200 and reached == ["/v1/usage"]
     finally:
         security.SETTINGS.tenancy = saved
+
+
+def test_metric_labels_are_tenant_ids_only(tmp_path, monkeypatch):
+    """Whatever models are asked for and however requests end, the tenant metrics are labelled
+    by the file's tenant ids (bounded), never by a model name, a key or request content."""
+    from maas import metrics
+
+    labels: set[str] = set()
+    monkeypatch.setattr(metrics, "tenant_request", lambda tenant, outcome: labels.add(tenant))
+    monkeypatch.setattr(metrics, "tenant_usage", lambda tenant, s: labels.add(tenant))
+    t = Tenancy(str(tenants_file(tmp_path)), clock=Clock())
+    for key in (KEY_A, KEY_B, KEY_ADMIN):
+        tenant = t.resolve(key.encode())
+        for i in range(50):
+            try:
+                t.admit(tenant, f"model-{i}")
+                charge(0.01, 1)
+                t.settle(tenant)
+            except (Forbidden, RateLimited):
+                pass
+    assert labels == {"team-a", "team-b", "ops"}
