@@ -32,7 +32,7 @@ from pathlib import Path
 from bench import inputs, load, memory, report, systems, workloads
 
 SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
-           "generation", "generation-ab", "auto", "explain", "null", "repository")
+           "generation", "generation-ab", "auto", "explain", "null", "repository", "tenants")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
 #: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
 #: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`);
@@ -40,8 +40,9 @@ SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-default
 #: (:mod:`bench.null`: every system with a null forward, CPU per request by process); ``generation-ab`` (not run by default)
 #: only the maas-serve generation point, on this tree and on ``--baseline-ref``, for an A/B of two trees;
 #: ``repository`` the model repository and multiplexed pool (:mod:`bench.repository`: 100 variants, one pool).
+#: ``tenants`` a noisy neighbour, priorities, accounting and the checks' cost (:mod:`bench.tenants`).
 DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto",
-                   "explain", "null", "repository")
+                   "explain", "null", "repository", "tenants")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
@@ -411,6 +412,10 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import repository
 
         result["repository"] = repository.run(workdir)
+    if "tenants" in chosen:
+        from bench import tenants
+
+        result["tenants"] = tenants.run(workdir / "tenants")
     if "null" in chosen:
         from bench import null
 

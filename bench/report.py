@@ -274,6 +274,9 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
     from bench import repository
 
     lines += repository.markdown(result.get("repository"))
+    from bench import tenants
+
+    lines += tenants.markdown(result.get("tenants"))
     from bench import null
 
     if result.get("null"):
