@@ -214,8 +214,12 @@ class Operations:
         """
         self._check_generation(req)
         log_hints(req)
-        address, reason = await self.router.choose(req, req.task)
-        route = self.calls.route(address, req.task)
+        try:
+            address, reason = await self.router.choose(req, req.task)
+            route = self.calls.route(address, req.task)
+        except BaseException:
+            self.router.settle()  # admitted but never started: its reservation goes back to the tenant
+            raise
         return Stream(answered(route.spec, reason), self._events(route, req))
 
     async def _events(self, route, req: GenerateRequest) -> AsyncIterator[TextDelta | StreamEnd]:
