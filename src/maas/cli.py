@@ -231,8 +231,10 @@ def usage(ctx: click.Context) -> None:
 
     def human(b):
         rows = [[u["tenant"], u["priority"], u["requests"], f"{u['compute_s']:.3f}", u["items"], u["tokens"],
-                 ",".join(f"{k}={v}" for k, v in u["rejected"].items() if v) or "-"] for u in b["data"]]
-        return table(rows, ["tenant", "priority", "requests", "compute s", "items", "tokens", "refused"])
+                 ",".join(f"{k}={v}" for k, v in u["rejected"].items() if v) or "-",
+                 u.get("requests_remaining", "-"), u.get("compute_remaining_s", "-")] for u in b["data"]]
+        return table(rows, ["tenant", "priority", "requests", "compute s", "items", "tokens", "refused",
+                            "requests left", "compute s left"])
 
     emit(ctx, body, human)
 

@@ -127,7 +127,7 @@ class TenantSpec(BaseModel):
     compute_s_per_min: float | None = Field(
         default=None, gt=0, description="Replica-seconds of compute per minute; unset = unlimited.")
     compute_burst_s: float | None = Field(
-        default=None, gt=0, description="Replica-seconds it may spend at once; default 5 s of its rate "
+        default=None, gt=0, description="Replica-seconds it may spend at once; default 2 s of its rate "
         "(compute_s_per_min / 30).")
     priority: Literal["interactive", "batch"] = "interactive"
     weight: float = Field(default=1.0, gt=0, le=1000, description="Its share of a priority class under contention.")
@@ -323,6 +323,7 @@ class Tenancy:
         self.path, self.clock = path, clock
         self.env_hashes = {hash_key(k) for k in env_keys}
         self.tenants: dict[str, Tenant] = {}
+        self.retired: dict[str, Tenant] = {}  # tenants a reload removed (put back, they keep their state)
         self.by_hash: dict[str, Tenant] = {}
         self._stamp: tuple | None = None
         self.checked_at = -1e9
@@ -351,12 +352,16 @@ class Tenancy:
         specs: list[TenantSpec] = []
         if self.path is not None:
             try:
-                raw = yaml.safe_load(open(self.path).read()) or {}
-                specs = TenantsFile.model_validate(raw).tenants
-            except (OSError, yaml.YAMLError, ValidationError) as exc:
+                text = open(self.path).read()
+                if not text.strip():  # a file being rewritten in place (truncated, not yet written)
+                    raise ValueError("the file is empty; an app with no tenants lists `tenants: []`")
+                specs = TenantsFile.model_validate(yaml.safe_load(text) or {}).tenants
+            except (OSError, ValueError, yaml.YAMLError) as exc:
                 if isinstance(exc, ValidationError):
                     why = "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"].removeprefix("Value error, ")
                                     for e in exc.errors(include_url=False))
+                elif isinstance(exc, ValueError) and not isinstance(exc, yaml.YAMLError):
+                    why = str(exc)
                 else:
                     why = type(exc).__name__ + (f": {exc.problem}" if isinstance(exc, yaml.MarkedYAMLError) else "")
                 self.error = f"tenants file {self.path} is invalid: {why}"
@@ -370,9 +375,12 @@ class Tenancy:
         tenants = {}
         for spec in specs:
             t = Tenant(spec, now)
-            if spec.id in self.tenants:
-                t.adopt(self.tenants[spec.id])
+            old = self.tenants.get(spec.id) or self.retired.pop(spec.id, None)
+            if old is not None:
+                t.adopt(old)
             tenants[spec.id] = t
+        for gone in set(self.tenants) - set(tenants):  # a tenant taken out and put back keeps its usage and debt
+            self.retired[gone] = self.tenants[gone]
         changed = {i: t.spec for i, t in self.tenants.items()} != {i: t.spec for i, t in tenants.items()}
         self.tenants = tenants
         self.by_hash = {k: t for t in tenants.values() for k in t.spec.keys}

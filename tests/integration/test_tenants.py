@@ -73,6 +73,15 @@ def test_model_permissions_on_every_protocol_and_handles(app, chelsea_jpeg):
     body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["good"]}]}
     r = requests.post(f"{url}/v2/models/sent-t/infer", json=body, headers=auth(KEY_A), timeout=60)
     assert r.status_code == 403 and "may not use model 'sent-t'" in r.json()["error"]
+    bad = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["good"]}]}  # permission before schema
+    assert requests.post(f"{url}/v2/models/sent-t/infer", json=bad, headers=auth(KEY_A), timeout=60).status_code == 403
+    assert requests.get(f"{url}/v2/models/sent-t", headers=auth(KEY_A), timeout=30).status_code == 403
+    listed = requests.get(f"{url}/v1/models", headers=auth(KEY_A), timeout=30).json()["data"]
+    assert [m["id"] for m in listed] == ["effnet-t"]  # a tenant lists the models it may use
+    assert requests.get(f"{url}/v1/models/sent-t", headers=auth(KEY_A), timeout=30).status_code == 403
+    # the repository API is for admin keys (this app has no repository: the admin gets the 404 saying so)
+    assert requests.post(f"{url}/v2/repository/index", headers=auth(KEY_B), timeout=30).status_code == 403
+    assert requests.post(f"{url}/v2/repository/index", headers=auth(KEY_ADMIN), timeout=30).status_code == 404
     assert requests.get(f"{url}/v1/models", headers=auth("not-a-key"), timeout=30).status_code == 401
     assert text(url, KEY_B).status_code == 200  # team-b may use every model
     handle = serve.get_app_handle("tenants")

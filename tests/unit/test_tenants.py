@@ -348,3 +348,26 @@ def test_metric_labels_are_tenant_ids_only(tmp_path, monkeypatch):
             except (Forbidden, RateLimited):
                 pass
     assert labels == {"team-a", "team-b", "ops"}
+
+
+def test_an_empty_file_keeps_the_tenants_and_a_tenant_put_back_keeps_its_state(tmp_path):
+    """A file truncated by an in-place rewrite is not 'no tenants' (every key would be refused and
+    every quota refilled); a tenant removed and put back keeps its usage and bucket."""
+    clock = Clock()
+    path = tenants_file(tmp_path)
+    t = Tenancy(str(path), clock=clock)
+    a = t.resolve(KEY_A.encode())
+    t.admit(a, "minilm")
+    original = path.read_text()
+    path.write_text("")
+    clock.t += 1.0
+    t.maybe_reload()
+    assert t.resolve(KEY_A.encode()) is a and "empty" in t.error
+    write(path, [{"id": "ops", "keys": [hash_key(KEY_ADMIN)], "admin": True}])  # team-a taken out
+    clock.t += 1.0
+    t.maybe_reload()
+    assert t.resolve(KEY_A.encode()) is None
+    path.write_text(original)  # and put back
+    clock.t += 1.0
+    t.maybe_reload()
+    assert t.resolve(KEY_A.encode()).usage.requests == 1

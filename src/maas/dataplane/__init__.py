@@ -111,6 +111,44 @@ class Dataplane:
                                 "(docs/repository.md)")
         return self.repository
 
+    def permit(self, model: str) -> None:
+        """Check that the current tenant may use ``model`` (a name, ``name@v`` or ``auto``) before a
+        route reads anything else of the request (a v2 input schema, a model's metadata).
+
+        Raises:
+            Forbidden: it may not (403; counted as the tenant's refusal).
+        """
+        from maas.tenants import CURRENT, Forbidden
+
+        tenant = CURRENT.get() if self.tenancy is not None else None
+        if tenant is not None and model != "auto" and not tenant.may_use(model):
+            from maas import metrics
+
+            tenant.usage.rejected["forbidden"] += 1
+            metrics.tenant_request(tenant.id, "forbidden")
+            raise Forbidden(f"this API key may not use model {model.partition('@')[0]!r}; its models are "
+                            f"{tenant.spec.models}")
+
+    def visible(self, model: str) -> bool:
+        """Whether the current tenant may see ``model`` in listings (every model without tenancy)."""
+        from maas.tenants import CURRENT
+
+        tenant = CURRENT.get() if self.tenancy is not None else None
+        return tenant is None or tenant.may_use(model)
+
+    def check_admin(self, what: str) -> None:
+        """With tenants, ``what`` (the repository API) is for admin tenants only.
+
+        Raises:
+            Forbidden: the current tenant is not an admin.
+        """
+        from maas.tenants import CURRENT, Forbidden
+
+        tenant = CURRENT.get() if self.tenancy is not None else None
+        if tenant is not None and not tenant.spec.admin:
+            raise Forbidden(f"{what} needs an admin tenant's key (admin: true in the tenants file)", param=None,
+                            code="admin_required")
+
     def usage(self) -> dict:
         """``GET /v1/usage`` of the current tenant (see :meth:`maas.tenants.Tenancy.usage`).
 

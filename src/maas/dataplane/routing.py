@@ -256,7 +256,12 @@ class Router:
         if tenant is not None:
             names = [n for n in names if tenant.may_use(n)]
             if not names:
+                from maas import metrics
                 from maas.tenants import Forbidden
+
+                tenant.usage.requests -= 1  # admitted as `auto`, refused here: a refusal, not a request
+                tenant.usage.rejected["forbidden"] += 1
+                metrics.tenant_request(tenant.id, "forbidden")
 
                 raise Forbidden(f"model 'auto' has no model offering {task} that this API key may use; its models are "
                                 f"{tenant.spec.models}")

@@ -27,7 +27,8 @@ router = APIRouter(tags=["openai"])
 @router.get("/v1/models", response_model=render.ModelList)
 async def models(dp=Depends(dataplane)):
     """Every served model with its family, tasks, weights source, versions and readiness."""
-    return json_response(render.model_list(await dp.readiness.cards(), dp.created))
+    cards = [c for c in await dp.readiness.cards() if dp.visible(c["id"])]  # a tenant lists its own models
+    return json_response(render.model_list(cards, dp.created))
 
 
 @router.get("/v1/models/{model}", response_model=render.ModelCard, responses={404: ERROR_RESPONSES[404]})
@@ -38,6 +39,7 @@ async def model(model: str, dp=Depends(dataplane)):
     Raises:
         ModelNotFound: no such model or version.
     """
+    dp.permit(model)
     if dp.repository is not None:
         await dp.repository.ensure_known(model)  # a model copied into a repository since the last poll
     return json_response(render.model_card(await dp.readiness.card(model), dp.created))

@@ -42,7 +42,9 @@ async def ready(dp=Depends(dataplane)):
 
 
 async def _known(dp, name: str) -> None:
-    """A repository model copied in since this replica's last look gets its route before the lookup."""
+    """The tenant's permission first (a 403 says nothing of the model's inputs), then: a repository
+    model copied in since this replica's last look gets its route before the lookup."""
+    dp.permit(name)
     if dp.repository is not None:
         await dp.repository.ensure_known(name)
 
@@ -71,6 +73,7 @@ async def _optional_json(request: Request) -> dict:
 async def repository_index(request: Request, dp=Depends(dataplane)):
     """``[{"name", "version", "state", "reason", "pool", "loaded_on"}]``; body ``{"ready": true}`` lists
     only the models that can serve."""
+    dp.check_admin("the repository API")
     body = await _optional_json(request)
     ready = body.get("ready", False)
     if not isinstance(ready, bool):
@@ -83,6 +86,7 @@ async def repository_load(name: str, request: Request, dp=Depends(dataplane)):
     """Serve ``name`` (again) and load it on a pool replica; answers ``{}`` once it is loaded. A model
     config or files sent in ``parameters`` (Triton's override) are refused: models come from the
     repository's folders."""
+    dp.check_admin("the repository API")
     params = (await _optional_json(request)).get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidRequest("parameters must be an object", param="parameters")
@@ -97,6 +101,7 @@ async def repository_load(name: str, request: Request, dp=Depends(dataplane)):
 @router.post("/v2/repository/models/{name}/unload")
 async def repository_unload(name: str, request: Request, dp=Depends(dataplane)):
     """Stop serving ``name``; requests in flight finish, then pool replicas evict it. Answers ``{}``."""
+    dp.check_admin("the repository API")
     await _optional_json(request)
     await dp.repository_api().unload(name)
     return json_response({})
