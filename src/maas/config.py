@@ -553,6 +553,27 @@ class ImagePreprocessorDeploymentSpec(_Strict):
     )
 
 
+class TracingSpec(_Strict):
+    """OpenTelemetry traces of every request, exported over OTLP by the ingress (:mod:`maas.tracing`,
+    docs/tracing.md). Off by default. Unset fields come from the standard ``OTEL_*`` environment variables of the
+    ingress replica (``runtime_env.env_vars`` in a serve config), then OpenTelemetry's defaults;
+    ``OTEL_SDK_DISABLED=true`` turns tracing off whatever this says."""
+
+    enabled: bool = Field(default=False, description="Record and export a trace of every sampled request.")
+    sample_ratio: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Share of new traces recorded (a request with a caller's traceparent follows its sampled flag). "
+        "Unset: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else 1.")
+    endpoint: str | None = Field(
+        default=None,
+        description="OTLP endpoint: the full URL for HTTP (http://collector:4318/v1/traces), host:port or a URL for "
+        "gRPC. Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, else localhost.")
+    protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        default=None, description="OTLP transport. Unset: OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL, else http/protobuf.")
+    service_name: str | None = Field(
+        default=None, description="The traces' service.name. Unset: OTEL_SERVICE_NAME, else 'maas-serve'.")
+
+
 class IngressSpec(_Strict):
     """Ingress deployment settings and request limits."""
 
@@ -591,6 +612,8 @@ class IngressSpec(_Strict):
         "API keys should not be callable from every web page by default (vLLM and TEI allow every origin by "
         "default, Ollama only localhost); a browser app on another origin needs its origin listed here.",
     )
+    tracing: TracingSpec = Field(default_factory=TracingSpec,
+                                 description="OpenTelemetry tracing over OTLP (off by default; docs/tracing.md).")
 
 
 # ---------------------------------------------------------------------------- repositories and pools

@@ -16,7 +16,9 @@ request body of their HTTP route as a dict and answering its response body::
 
 Images (and an explanation's ``image``) may be raw file bytes, as well as the base64 strings HTTP
 JSON carries. Every method takes ``routing_key=`` (what the ``X-Maas-Routing-Key`` header says on
-HTTP). Errors raise :class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
+HTTP) and ``trace_context=`` (a W3C carrier dict, filled by ``opentelemetry.propagate.inject``: the call
+joins the caller's trace when tracing is on; :mod:`maas.tracing`). Errors raise
+:class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
 
 The ingress imports no torch: it handles bytes, JSON and numpy only.
 """
@@ -45,6 +47,7 @@ from maas.protocol.maas import (
 )
 from maas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from maas.security import Cors, Guard
+from maas.tracing import TracingMiddleware, traced_handle
 
 logger = logging.getLogger("ray.serve.maas.ingress")
 
@@ -58,12 +61,21 @@ app = FastAPIOffline(
 app.add_middleware(http.FastJson)  # innermost: the hot JSON routes without FastAPI's per-request work
 app.add_middleware(Guard)
 app.add_middleware(http.HttpSemantics)  # HEAD and content codings before the guard
-app.add_middleware(Cors)  # outermost: browsers send preflights without credentials, answered before the guard
+app.add_middleware(Cors)  # browsers send preflights without credentials, answered before the guard
+app.add_middleware(TracingMiddleware)  # outermost: the request's span covers every middleware
 http.install(app)
 app.include_router(maas_routes.router)
 app.include_router(openai_routes.router)
 app.include_router(v2_routes.router)
 playground.mount(app)
+
+
+def route_paths() -> frozenset[str]:
+    """The app's fixed route paths (span names; templated v2 paths are named by :func:`maas.tracing.route_of`)."""
+    routes = [*app.routes]
+    for router in (maas_routes.router, openai_routes.router, v2_routes.router, playground.router):
+        routes += router.routes
+    return frozenset(p for r in routes if (p := getattr(r, "path", None)) and "{" not in p)
 
 
 def _plain(body: dict) -> dict:
@@ -127,6 +139,10 @@ class Ingress:
             security.SETTINGS.tenancy = Tenancy(self.config.ingress.tenants_file, security.SETTINGS.api_keys)
             keys = len(security.SETTINGS.tenancy.by_hash)
         self.dataplane.tenancy = security.SETTINGS.tenancy
+        from maas import tracing
+
+        tracing.TracingMiddleware.known_routes = route_paths()
+        tracing.configure(self.config.ingress.tracing)
         logger.info("API keys %s; body limit %d bytes", f"required ({keys} configured)" if keys else "not configured",
                     self.config.ingress.max_body_bytes)
         self._traffic_applied = False
@@ -161,6 +177,7 @@ class Ingress:
 
     # ------------------------------------------------------------------ handle methods (the dataplane's operations)
 
+    @traced_handle
     async def list_models(self) -> dict:
         """All served models with family, tasks, weights source and readiness (``/v1/models`` body)."""
         return openai_render.model_list(await self.dataplane.readiness.cards(), self.dataplane.created)
@@ -205,12 +222,14 @@ class Ingress:
             raise Unauthorized("invalid API key")
         CURRENT.set(tenant)
 
+    @traced_handle
     async def usage(self, api_key: str | None = None) -> dict:
         """``GET /v1/usage``: the tenant of ``api_key`` (every tenant without a key: a handle caller is
         inside the cluster)."""
         self._as_tenant(api_key)
         return {**self.dataplane.usage(), "replica": self.dataplane.replica_id}
 
+    @traced_handle
     async def embed(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/embeddings``: an OpenAI embeddings request dict → its body (vectors as lists)."""
         self._as_tenant(api_key)
@@ -218,24 +237,28 @@ class Ingress:
         res = await self.dataplane.ops.embed(body.to_operation(routing_key))
         return _plain(openai_render.embeddings(res, body.encoding_format))
 
+    @traced_handle
     async def complete(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/completions``, not streamed (streamed: :meth:`stream_complete`)."""
         self._as_tenant(api_key)
         res = await self.dataplane.ops.generate(parse(CompletionRequest, request).to_operation(routing_key))
         return openai_render.completion(res)
 
+    @traced_handle
     async def chat(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/chat/completions``, not streamed (streamed: :meth:`stream_chat`)."""
         self._as_tenant(api_key)
         res = await self.dataplane.ops.generate(parse(ChatCompletionRequest, request).to_operation(routing_key))
         return openai_render.chat_completion(res)
 
+    @traced_handle
     async def stream_complete(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> AsyncIterator[dict]:
         """Streamed completion chunks; call with ``handle.options(stream=True).stream_complete.remote(...)``."""
         self._as_tenant(api_key)
         async for chunk in self._stream(parse(CompletionRequest, request), False, routing_key):
             yield chunk
 
+    @traced_handle
     async def stream_chat(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> AsyncIterator[dict]:
         """Streamed chat chunks; call with ``handle.options(stream=True).stream_chat.remote(...)``."""
         self._as_tenant(api_key)
@@ -249,18 +272,21 @@ class Ingress:
             for chunk in renderer.render(event):
                 yield chunk
 
+    @traced_handle
     async def text2text(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/text2text``: encoder–decoder generation."""
         self._as_tenant(api_key)
         res = await self.dataplane.ops.generate(parse(Text2TextRequest, request).to_operation(routing_key))
         return maas_render.text2text(res)
 
+    @traced_handle
     async def classify_text(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/classifications/text``."""
         self._as_tenant(api_key)
         res = await self.dataplane.ops.classify_texts(parse(TextClassificationRequest, request).to_operation(routing_key))
         return maas_render.classifications(res)
 
+    @traced_handle
     async def classify_images(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/classifications/image`` as JSON: ``{"model", "images", "top_k"?, "latency_budget_ms"?,
         "cascade"?}``; ``images`` raw file bytes (JPEG, PNG, WebP, BMP, TIFF, GIF) or base64 strings.
@@ -270,6 +296,7 @@ class Ingress:
         req = parse(ImageClassificationRequest, checked).to_operation(routing_key, images=files)
         return maas_render.classifications(await self.dataplane.ops.classify_images(req))
 
+    @traced_handle
     async def explain_image(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/explanations/image`` as JSON: ``{"model", "image", "target"?, "view"?, "seed"?,
         "overlay"?}``; ``image`` raw file bytes or base64."""
@@ -278,6 +305,7 @@ class Ingress:
         req = parse(ExplainImageRequest, checked).to_operation(routing_key, image=files[0] if files else None)
         return maas_render.explanation(await self.dataplane.ops.explain_image(req))
 
+    @traced_handle
     async def explain_text(self, request: dict, routing_key: str | None = None, api_key: str | None = None) -> dict:
         """``POST /v1/explanations/text``: token attributions."""
         self._as_tenant(api_key)

@@ -125,6 +125,18 @@ class GenerationJob:
     finished: bool = False
     steps: int = 0  # decode/prefill steps that produced a token for this job
     compute_s: float = 0.0  # its share of the steps it ran in: each step's time split across its rows
+    admitted_ns: int = 0  # traced jobs (maas.tracing): its first prefill's start, wall clock ns
+    first_token_ns: int = 0  # traced jobs: its first token, wall clock ns
+
+    def trace(self) -> dict | None:
+        """The replica's times for a traced job's spans (:mod:`maas.tracing`), or None when it is not traced."""
+        r = self.request
+        if not r.arrived_ns:
+            return None
+        from maas.tracing import replica_tag
+
+        return {"arrived": r.arrived_ns, "start": self.admitted_ns or r.arrived_ns, "end": time.time_ns(),
+                "first_token": self.first_token_ns, "steps": self.steps, "replica": replica_tag(), "pre": r.pre_ns}
 
     @property
     def low_priority(self) -> bool:
@@ -329,7 +341,10 @@ class ContinuousBatcher:
 
         from maas.models.hf import collate_left
 
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
+        for s in seqs:
+            if not s.job.admitted_ns:
+                s.job.admitted_ns = started_ns
         device = self.runner.device
         ids, mask = collate_left([s.prompt for s in seqs], self.runner.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -442,6 +457,7 @@ class ContinuousBatcher:
             job.steps += 1
             if job.first_token_at is None:
                 job.first_token_at = now
+                job.first_token_ns = time.time_ns()
                 ttft = now - job.submitted_at
             else:
                 ttft = None
@@ -459,7 +475,11 @@ class ContinuousBatcher:
         state = job.state
         choices = [{"text": state.text(row), "finish_reason": state.finish[row] or "length",
                     "completion_tokens": state.row_tokens(row)} for row in range(len(job.seqs))]
-        return {"choices": choices, "prompt_tokens": job.request.inputs.lengths, "compute_s": job.compute_s}
+        out = {"choices": choices, "prompt_tokens": job.request.inputs.lengths, "compute_s": job.compute_s}
+        trace = job.trace()
+        if trace is not None:
+            out["trace"] = trace
+        return out
 
     def _finish(self, job: GenerationJob) -> None:
         if job.finished:
@@ -478,9 +498,13 @@ class ContinuousBatcher:
             final = job.state.deltas(final=True)
             if final:
                 job.on_event({"choices": final})
-        job.on_event({"done": True, "prompt_tokens": sum(job.request.inputs.lengths),
-                      "completion_tokens": job.state.completion_tokens(), "cancelled": cancelled,
-                      "steps": job.steps, "compute_s": job.compute_s})
+        done = {"done": True, "prompt_tokens": sum(job.request.inputs.lengths),
+                "completion_tokens": job.state.completion_tokens(), "cancelled": cancelled,
+                "steps": job.steps, "compute_s": job.compute_s}
+        trace = job.trace()
+        if trace is not None:
+            done["trace"] = trace
+        job.on_event(done)
 
     def _abandon(self, job: GenerationJob) -> None:
         """The caller left (cancelled) or the deadline passed: free the job's rows."""

@@ -73,6 +73,8 @@ class Job:
     tenant: str | None = None
     priority: str = "interactive"
     weight: float = 1.0
+    trace: Any = None  # the request's operation span (maas.tracing.Span) when it is traced
+    enqueued_ns: int = 0  # wall clock, ns: set for traced jobs only
 
 
 @dataclass(eq=False)
@@ -102,8 +104,10 @@ class FrontBatcher:
     """
 
     def __init__(self, name: str, dispatch: Callable[[list[Job]], Any], map_error: Callable[[BaseException], MaasError],
-                 *, max_batch_items: int, max_queued_items: int, max_inflight: Callable[[], int]):
+                 *, max_batch_items: int, max_queued_items: int, max_inflight: Callable[[], int],
+                 trace_attrs: tuple[dict, dict] = ({}, {})):
         self.name = name
+        self.trace_attrs = trace_attrs  # (the model's, the preprocessor's) span attributes (maas.tracing)
         self.dispatch, self.map_error = dispatch, map_error
         self.max_batch_items, self.max_queued_items, self.max_inflight = max_batch_items, max_queued_items, max_inflight
         self._queue = FairQueue()
@@ -112,8 +116,11 @@ class FrontBatcher:
         self.batches_sent = 0
         self.jobs_per_batch: Counter[int] = Counter()
 
-    async def submit(self, payload: Any, params: dict, items: int, deadline_s: float | None, tenant=None) -> Any:
+    async def submit(self, payload: Any, params: dict, items: int, deadline_s: float | None, tenant=None,
+                     trace=None) -> Any:
         """Queue one request (of ``tenant``, a :class:`maas.tenants.Tenant`, or None) and wait for its answer.
+        ``trace``: the request's span when it is traced (its batch's spans are recorded, see
+        :func:`maas.tracing.batch_spans`).
 
         Raises:
             ServiceOverloaded: the queue holds ``max_queued_items`` already.
@@ -126,6 +133,8 @@ class FrontBatcher:
         job = Job(payload, params, items, deadline_s, asyncio.get_running_loop().create_future())
         if tenant is not None:
             job.tenant, job.priority, job.weight = tenant.id, tenant.priority, tenant.weight
+        if trace is not None:
+            job.trace, job.enqueued_ns = trace, time.time_ns()
         self._queue.append(job)
         self.queued_items += items
         self._pump()
@@ -197,9 +206,13 @@ class FrontBatcher:
     async def _send(self, batch: _Batch) -> None:
         now = time.perf_counter()
         waits_ms = [1000 * (now - j.enqueued_at) for j in batch.jobs]
+        traced = any(j.trace is not None for j in batch.jobs)
+        sent_ns = time.time_ns() if traced else 0
+        results = failed = None
         try:
             results = await self._call(batch)
         except BaseException as exc:  # noqa: BLE001 - each job gets the mapped error; nothing is lost
+            failed = exc
             err = exc if isinstance(exc, MaasError) else self.map_error(exc)
             for j in batch.jobs:
                 if not j.future.done():
@@ -219,5 +232,13 @@ class FrontBatcher:
         finally:
             self.inflight -= 1
             self._pump()
+        if traced:  # after the answers, as metrics: spans are for after the fact
+            from maas.tracing import batch_spans
+
+            try:
+                batch_spans(batch.jobs, sent_ns, time.time_ns(), self.trace_attrs[0], results, self.trace_attrs[1],
+                            failed)
+            except Exception:  # noqa: BLE001 - tracing never fails serving
+                logger.exception("model %s: recording a batch's spans failed", self.name)
         for ms in waits_ms:  # after the answers: metrics cost ~50 µs each
             metrics.stage(self.name, "front_queue", ms)

@@ -34,11 +34,14 @@ class Preprocessed(Generic[T]):
             or None when every job failed.
         rows: Items each job contributes to ``inputs``, in job order (0 for a failed job).
         errors: Per job, the 4xx error that preprocessing raised for it, or None.
+        timing_ns: When the preprocessor worked on the batch (``time.time_ns()`` at start and end) and its job
+            count: a traced request's ``maas.preprocess`` span (:mod:`maas.tracing`).
     """
 
     inputs: T | None
     rows: list[int]
     errors: list[MaasError | None]
+    timing_ns: tuple[int, int, int] | None = None  # (start, end, jobs): the preprocessor's work, wall clock ns
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -50,7 +50,8 @@ class PullBatcher:
     cancelled caller is gone).
 
     Each answer (a dict) carries ``compute_s``: the batch's run time, seconds, split across its
-    jobs by item count — what a tenant's compute quota is priced in (:mod:`maas.tenants`).
+    jobs by item count — what a tenant's compute quota is priced in (:mod:`maas.tenants`). A traced
+    job's answer also carries ``trace``: the replica's times for its spans (:mod:`maas.tracing`).
 
     Args:
         run: ``run(requests) -> results`` (one per request), awaited; it runs the forward.
@@ -161,14 +162,22 @@ class PullBatcher:
             waits_ms = [1000 * (now - r.enqueued_at) for r in requests]
             self.running_items = items
             try:
-                started = time.perf_counter()
+                started, started_ns = time.perf_counter(), time.time_ns()
                 outputs = await self.run(requests)
                 spent = time.perf_counter() - started
                 self.busy_s += spent
                 per_item_s = spent / max(1, items)
+                ended_ns = 0
                 for r, out in zip(requests, outputs):
                     if isinstance(out, dict):
                         out["compute_s"] = per_item_s * len(r.inputs)
+                        if r.arrived_ns:  # a traced job (maas.tracing): the replica's times for its spans
+                            from maas.tracing import replica_tag
+
+                            ended_ns = ended_ns or time.time_ns()
+                            out["trace"] = {"arrived": r.arrived_ns, "start": started_ns, "end": ended_ns,
+                                            "items": items, "requests": len(requests), "replica": replica_tag(),
+                                            "pre": r.pre_ns}
             except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the replica lives on
                 if not isinstance(exc, MaasError):
                     logger.exception("model %s: a batch of %d requests failed", self.name, len(requests))

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ray.serve.handle import DeploymentHandle
 
-from maas import metrics
+from maas import metrics, tracing
 from maas.batching.front import RETRY_AFTER_S, FrontBatcher
 from maas.config import BatchingSpec, IngressSpec, ModelSpec
 from maas.dataplane.auto import LatencyBook
@@ -272,7 +272,9 @@ class Calls:
 
         b = FrontBatcher(label, dispatch, lambda exc: self.domain_error(exc, label),
                          max_batch_items=self.settings(address).max_batch_size,
-                         max_queued_items=spec.resolved_max_queued_items, max_inflight=max_inflight)
+                         max_queued_items=spec.resolved_max_queued_items, max_inflight=max_inflight,
+                         trace_attrs=({"maas.address": label, "maas.deployment": dep, "maas.operation": operation},
+                                      {"maas.deployment": getattr(route.pre, "deployment_name", "")}))
         self._batchers[key] = b
         return b
 
@@ -286,11 +288,16 @@ class Calls:
         if self.shared_heads(route) is not None:
             params = {**params, "model": route.spec.key}  # the batch mixes models: each job names its own
         tenant = CURRENT.get()
-        out = await self.awaited(b.submit(payload, params, items, self.deadline_s(), tenant), route.spec.key)
+        span = tracing.current()
+        if span is not None:
+            params = {**params, "trace": 1}  # the replicas return their times with the answer (maas.tracing)
+        out = await self.awaited(b.submit(payload, params, items, self.deadline_s(), tenant, span), route.spec.key)
         if isinstance(out, dict):
             cost = out.pop("compute_s", None)  # the replica's time for this job (maas.batching.pull)
             if tenant is not None and cost is not None:
                 charge(cost, items)
+            if span is not None:
+                out.pop("trace", None)
         return out
 
     @staticmethod
@@ -335,7 +342,18 @@ class Calls:
         tenant = CURRENT.get()
         if tenant is not None:
             params = {**params, "priority": tenant.priority}
-        out = (await self.awaited(route.model.remote(pre, [params], [self.deadline_s()]), address))[0]
+        span = tracing.current()
+        if span is not None:
+            params = {**params, "trace": 1}
+            call = span.child("maas.call", None, {"maas.address": address, "maas.deployment": route.spec.deployment_name})
+        try:
+            out = (await self.awaited(route.model.remote(pre, [params], [self.deadline_s()]), address))[0]
+        except BaseException as exc:
+            if span is not None:
+                tracing.end_op(call, exc)
+            raise
+        if span is not None:
+            self._traced_call(call, route, out)
         if isinstance(out, BaseException):
             raise out
         cost = out.pop("compute_s", None) if isinstance(out, dict) else None
@@ -352,18 +370,46 @@ class Calls:
         tenant = CURRENT.get()
         if tenant is not None:
             params = {**params, "priority": tenant.priority}
+        span = tracing.current()
+        call = None
+        if span is not None:
+            params = {**params, "trace": 1}
+            call = span.child("maas.call", None, {"maas.address": address, "maas.deployment": route.spec.deployment_name})
         gen = route.model.options(stream=True).stream.remote(pre, params, self.deadline_s())
+        failed: BaseException | None = None
         try:
             async for event in gen:
                 if "error" in event:  # refused before it started (see TextGenerator.stream)
                     raise event["error"]
-                if event.get("done") and tenant is not None:
-                    charge(event.get("compute_s") or 0.0, 1, event["prompt_tokens"] + event["completion_tokens"])
+                if event.get("done"):
+                    if tenant is not None:
+                        charge(event.get("compute_s") or 0.0, 1, event["prompt_tokens"] + event["completion_tokens"])
+                    if call is not None:
+                        self._traced_call(call, route, event)
+                        call = None
                 yield event
         except Exception as exc:  # noqa: BLE001 - mapped to the domain error
-            raise self.domain_error(exc, address) from None
+            failed = self.domain_error(exc, address)
+            raise failed from None
+        except BaseException as exc:
+            failed = exc
+            raise
         finally:
             gen.cancel()  # stops generation on the replica when the caller went away
+            if call is not None:
+                tracing.end_op(call, failed or GeneratorExit())
+
+    @staticmethod
+    def _traced_call(call, route: Route, out: Any) -> None:
+        """End a generation call's span with the replica spans its answer's times give."""
+        info = out.pop("trace", None) if isinstance(out, dict) else None
+        if isinstance(out, BaseException):
+            call.fail(out)
+        elif info is not None:
+            tracing.replica_spans(call, info, {"maas.address": route.spec.key,
+                                               "maas.deployment": route.spec.deployment_name},
+                                  {"maas.deployment": getattr(route.pre, "deployment_name", "")})
+        call.end()
 
 
 def check_texts(texts: list[str], param: str = "input") -> list[str]:

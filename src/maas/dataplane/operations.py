@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from maas import metrics
+from maas import metrics, tracing
 from maas.config import IngressSpec, ModelSpec
 from maas.dataplane.calls import Calls, check_texts
 from maas.dataplane.routing import Router
@@ -214,28 +214,55 @@ class Operations:
         """
         self._check_generation(req)
         log_hints(req)
+        span = tracing.op_span(f"{req.task}-stream", req.model) if tracing._TRACER is not None else None
         try:
             address, reason = await self.router.choose(req, req.task)
             route = self.calls.route(address, req.task)
-        except BaseException:
+        except BaseException as exc:
             self.router.settle()  # admitted but never started: its reservation goes back to the tenant
+            if span is not None:
+                tracing.end_op(span, exc)
             raise
-        return Stream(answered(route.spec, reason), self._events(route, req))
+        stream = Stream(answered(route.spec, reason), self._events(route, req, span))
+        if span is not None:
+            tracing.answered(span, stream)
+        return stream
 
-    async def _events(self, route, req: GenerateRequest) -> AsyncIterator[TextDelta | StreamEnd]:
+    async def _events(self, route, req: GenerateRequest, span=None) -> AsyncIterator[TextDelta | StreamEnd]:
+        """The stream's events; its operation span (``span``, when traced) ends with it: time to first token
+        (an event and ``maas.ttft_ms``, as the ingress saw it) and the token counts."""
         address, operation = route.spec.key, f"{req.task}-stream"
+        token = tracing.CURRENT.set(span) if span is not None else None
+        failed: BaseException | None = None
         try:
             async for event in self.calls.stream(route, await self._job(route, req), req.sampling):
                 if event.get("done"):
+                    if span is not None:
+                        span.attrs["gen_ai.usage.input_tokens"] = int(event["prompt_tokens"])
+                        span.attrs["gen_ai.usage.output_tokens"] = int(event["completion_tokens"])
                     yield StreamEnd(event["prompt_tokens"], event["completion_tokens"])
                     break
+                if span is not None and not span.events:
+                    now = time.time_ns()
+                    span.events.append(("first_token", now, {}))
+                    span.attrs["maas.ttft_ms"] = round((now - span.start_ns) / 1e6, 3)
                 yield TextDelta(event["choices"])
             metrics.request(address, operation, 200)
         except MaasError as exc:
+            failed = exc
             metrics.request(address, operation, int(exc.status_code))
+            raise
+        except BaseException as exc:
+            failed = exc
             raise
         finally:
             self.router.settle()  # the tenant's cost of the stream (admitted in Router.choose)
+            if span is not None:
+                try:
+                    tracing.CURRENT.reset(token)
+                except ValueError:  # resumed in another task's context
+                    pass
+                tracing.end_op(span, failed)
 
     # ------------------------------------------------------------------ explanations (on the model's replica)
 

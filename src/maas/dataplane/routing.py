@@ -31,6 +31,7 @@ from typing import Any, Awaitable, Callable
 
 from ray.serve.handle import DeploymentHandle
 
+from maas import tracing
 from maas.config import IngressSpec
 from maas.dataplane import auto
 from maas.dataplane.calls import Calls
@@ -93,11 +94,29 @@ class Router:
             ModelNotReady / ServiceOverloaded: nothing that may answer can (503).
             Forbidden / RateLimited: the tenant may not use the model, or is over its rate or quota.
         """
-        self.admit(req)
+        span = tracing.op_span(operation, req.model) if tracing._TRACER is not None else None
+        if span is None:
+            self.admit(req)
+            try:
+                return await self._run(req, task, operation, op, shadow)
+            finally:
+                self.settle()
+        token = tracing.CURRENT.set(span)
         try:
-            return await self._run(req, task, operation, op, shadow)
+            self.admit(req)
+            try:
+                out = await self._run(req, task, operation, op, shadow)
+            finally:
+                self.settle()
+            tracing.answered(span, out)
+        except BaseException as exc:
+            tracing.end_op(span, exc)
+            raise
+        else:
+            span.end()
+            return out
         finally:
-            self.settle()
+            tracing.CURRENT.reset(token)
 
     async def _run(self, req, task: str, operation: str, op: Op, shadow: bool) -> Any:
         threshold = getattr(req, "cascade_threshold", None)
@@ -218,6 +237,7 @@ class Router:
             from maas.tenants import CHARGE
 
             CHARGE.set(None)  # a shadow copy is the operator's experiment: not the tenant's cost
+            tracing.CURRENT.set(None)  # nor part of the caller's trace (its span has ended)
             self.traffic.shadow_in_flight[key] = self.traffic.shadow_in_flight.get(key, 0) + 1
             try:
                 answer = await op(key)

@@ -82,6 +82,8 @@ class ModelRequest:
     deadline_s: float | None = None
     cancelled: bool = False
     enqueued_at: float = 0.0
+    arrived_ns: int = 0  # traced requests: when the call reached the replica (wall clock, ns)
+    pre_ns: tuple | None = None  # traced requests: the preprocessor's (start, end, jobs) (maas.tracing)
 
     @property
     def abandoned(self) -> bool:
@@ -121,6 +123,7 @@ def split_jobs(pre: Any, params: list[dict] | dict | None, deadlines_s: list[flo
     from maas.batching.jobs import Preprocessed
     from maas.errors import MaasError
 
+    arrived_ns = time.time_ns()
     if not isinstance(pre, Preprocessed):
         pre = Preprocessed.single(pre)
     n = len(pre)
@@ -135,6 +138,8 @@ def split_jobs(pre: Any, params: list[dict] | dict | None, deadlines_s: list[flo
             results[i] = err
             continue
         request = ModelRequest(inputs=inputs, params=params_list[i], deadline_s=deadlines[i])
+        if request.params.get("trace"):  # the ingress traces this job: keep the times its spans need
+            request.arrived_ns, request.pre_ns = arrived_ns, pre.timing_ns
         try:
             validate(i, request)
         except MaasError as exc:

@@ -324,8 +324,9 @@ class ImagePreprocessor:
         thread pool, a hand-off per call; the replica has nothing else to do meanwhile."""
         from maas import metrics
 
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         out = preprocess_jobs(jobs, self.spec, max_pixels=self.max_image_pixels)
+        out.timing_ns = (started_ns, time.time_ns(), len(jobs))  # a traced batch's preprocess span
         metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
         return out
 

@@ -468,8 +468,9 @@ class Tokenizer:
 
         ``async`` although the work is synchronous (well under a millisecond per batch): Serve
         runs a plain ``def`` method in a thread pool, a hand-off per call."""
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         out = tokenize_jobs(self.tokenizer, jobs)
+        out.timing_ns = (started_ns, time.time_ns(), len(jobs))  # a traced batch's preprocess span
         metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
         return out
 

@@ -1,0 +1,354 @@
+"""OTLP for :mod:`maas.tracing`: the protobuf encoding of spans, the HTTP and gRPC exporters, and what the
+standard ``OTEL_*`` environment variables configure (endpoint, protocol, headers, timeout, compression,
+certificate, sampler, resource).
+
+The encoder writes ``ExportTraceServiceRequest`` (``opentelemetry/proto/collector/trace/v1``) field by field:
+~10 µs per span on the project's VM against 68 µs for the SDK's encoder (the measurement is in
+:mod:`maas.tracing`); ``tests/unit/test_tracing.py`` decodes its bytes with ``opentelemetry-proto`` and
+compares them with the SDK encoder's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from maas.tracing import Span
+
+logger = logging.getLogger("ray.serve.maas.tracing")
+
+#: This instrumentation's scope (OTLP ``InstrumentationScope``).
+SCOPE_NAME = "maas-serve"
+SCOPE_VERSION = "0.1.0"
+
+
+# ---------------------------------------------------------------------------- OTLP protobuf encoding
+
+
+def _varint(out: bytearray, n: int) -> None:
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _field_bytes(out: bytearray, tag: int, data: bytes) -> None:
+    out.append(tag)  # every tag used here fits one byte (field < 16)
+    _varint(out, len(data))
+    out += data
+
+
+def _any_value(value: Any) -> bytes:
+    out = bytearray()
+    if isinstance(value, bool):
+        out += b"\x10\x01" if value else b"\x10\x00"
+    elif isinstance(value, int):
+        out.append(0x18)
+        _varint(out, value & 0xFFFFFFFFFFFFFFFF)
+    elif isinstance(value, float):
+        out.append(0x21)
+        out += struct.pack("<d", value)
+    else:
+        _field_bytes(out, 0x0A, str(value).encode())
+    return bytes(out)
+
+
+def _attributes(out: bytearray, tag: int, attrs: dict) -> None:
+    for key, value in attrs.items():
+        kv = bytearray()
+        _field_bytes(kv, 0x0A, key.encode())
+        _field_bytes(kv, 0x12, _any_value(value))
+        _field_bytes(out, tag, kv)
+
+
+def _span(s: Span) -> bytes:
+    out = bytearray()
+    _field_bytes(out, 0x0A, s.trace_id.to_bytes(16, "big"))  # 1 trace_id
+    _field_bytes(out, 0x12, s.span_id.to_bytes(8, "big"))  # 2 span_id
+    if s.trace_state:
+        _field_bytes(out, 0x1A, s.trace_state.encode())  # 3 trace_state
+    if s.parent_id:
+        _field_bytes(out, 0x22, s.parent_id.to_bytes(8, "big"))  # 4 parent_span_id
+    _field_bytes(out, 0x2A, s.name.encode())  # 5 name
+    out.append(0x30)  # 6 kind
+    out.append(s.kind)
+    out.append(0x39)  # 7 start_time_unix_nano, fixed64
+    out += struct.pack("<Q", s.start_ns)
+    out.append(0x41)  # 8 end_time_unix_nano, fixed64
+    out += struct.pack("<Q", s.end_ns)
+    _attributes(out, 0x4A, s.attrs)  # 9 attributes
+    for name, at, attrs in s.events:  # 11 events
+        ev = bytearray(b"\x09")
+        ev += struct.pack("<Q", at)
+        _field_bytes(ev, 0x12, name.encode())
+        _attributes(ev, 0x1A, attrs)
+        _field_bytes(out, 0x5A, ev)
+    for trace_id, span_id in s.links:  # 13 links
+        link = bytearray()
+        _field_bytes(link, 0x0A, trace_id.to_bytes(16, "big"))
+        _field_bytes(link, 0x12, span_id.to_bytes(8, "big"))
+        _field_bytes(out, 0x6A, link)
+    if s.status:  # 15 status: message 2, code 3
+        st = bytearray()
+        if s.status_message:
+            _field_bytes(st, 0x12, s.status_message.encode())
+        st += bytes((0x18, s.status))
+        out.append(0x7A)
+        _varint(out, len(st))
+        out += st
+    out += b"\x85\x01"  # 16 flags, fixed32: sampled (bit 0), "has is_remote" (bit 8), parent is remote (bit 9)
+    out += struct.pack("<I", 0x301 if s.remote_parent else 0x101)
+    return bytes(out)
+
+
+def encode_otlp(spans: Iterable[Span], resource: dict) -> bytes:
+    """An OTLP ``ExportTraceServiceRequest`` (protobuf bytes) holding ``spans`` of one resource and scope."""
+    res = bytearray()
+    _attributes(res, 0x0A, resource)
+    scope = bytearray()
+    _field_bytes(scope, 0x0A, SCOPE_NAME.encode())
+    _field_bytes(scope, 0x12, SCOPE_VERSION.encode())
+    scope_spans = bytearray()
+    _field_bytes(scope_spans, 0x0A, bytes(scope))
+    for s in spans:
+        _field_bytes(scope_spans, 0x12, _span(s))
+    resource_spans = bytearray()
+    _field_bytes(resource_spans, 0x0A, bytes(res))
+    _field_bytes(resource_spans, 0x12, bytes(scope_spans))
+    out = bytearray()
+    _field_bytes(out, 0x0A, bytes(resource_spans))
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------- exporters
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``, else ``default``."""
+    value = os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}")
+    return value.strip() if value and value.strip() else default
+
+
+def _headers(raw: str | None) -> dict[str, str]:
+    """``OTEL_EXPORTER_OTLP_HEADERS``: ``key=value`` pairs, comma-separated, values URL-encoded."""
+    from urllib.parse import unquote
+
+    out = {}
+    for pair in (raw or "").split(","):
+        if "=" in pair:
+            k, v = pair.split("=", 1)
+            out[unquote(k.strip()).lower()] = unquote(v.strip())
+    return out
+
+
+class OtlpHttpExporter:
+    """OTLP/HTTP with protobuf bodies (``http/protobuf``), to ``endpoint`` (the full URL, ``…/v1/traces``).
+
+    One kept-alive connection, reopened after an error; ``gzip`` compression when asked; headers as
+    ``OTEL_EXPORTER_OTLP_HEADERS`` gives them (an ingest token, say). TLS when the URL is ``https``, checked
+    against ``OTEL_EXPORTER_OTLP_CERTIFICATE`` when set, else the system's CAs.
+    """
+
+    def __init__(self, endpoint: str, headers: dict | None = None, timeout_s: float = 10.0,
+                 compression: str | None = None, certificate: str | None = None):
+        from urllib.parse import urlsplit
+
+        self.endpoint = endpoint
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"OTLP/HTTP endpoint must be an http(s) URL, got {endpoint!r}")
+        self.https, self.host, self.port = url.scheme == "https", url.hostname, url.port
+        self.path = url.path or "/v1/traces"
+        self.headers = {"content-type": "application/x-protobuf", **(headers or {})}
+        self.timeout_s, self.compression, self.certificate = timeout_s, compression, certificate
+        self._conn = None
+
+    def _connection(self):
+        import http.client
+
+        if self._conn is None:
+            if self.https:
+                import ssl
+
+                ctx = ssl.create_default_context(cafile=self.certificate)
+                self._conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s, context=ctx)
+            else:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        return self._conn
+
+    def export(self, spans: list, resource: dict) -> bool:
+        body = encode_otlp(spans, resource)
+        headers = dict(self.headers)
+        if self.compression == "gzip":
+            body = gzip.compress(body, compresslevel=1)
+            headers["content-encoding"] = "gzip"
+        for attempt in (1, 2):  # a kept-alive connection the receiver closed: reopen once
+            try:
+                conn = self._connection()
+                conn.request("POST", self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status // 100 == 2:
+                    return True
+                logger.warning("trace export to %s answered HTTP %d", self.endpoint, resp.status)
+                return False
+            except OSError as exc:
+                self.close()
+                if attempt == 2:
+                    logger.warning("trace export to %s failed: %s", self.endpoint, type(exc).__name__)
+        return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class OtlpGrpcExporter:
+    """OTLP/gRPC (``TraceService/Export``) to ``endpoint`` (``host:port`` or a URL; ``https`` or
+    ``insecure=False`` for TLS), with the same encoder: the request goes as the bytes it is."""
+
+    METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+    def __init__(self, endpoint: str, headers: dict | None = None, timeout_s: float = 10.0,
+                 insecure: bool | None = None, compression: str | None = None, certificate: str | None = None):
+        import grpc
+
+        target, secure = endpoint, False
+        if "://" in endpoint:
+            scheme, target = endpoint.split("://", 1)
+            secure = scheme == "https"
+        target = target.rstrip("/")
+        if insecure is not None:
+            secure = not insecure
+        if secure:
+            roots = open(certificate, "rb").read() if certificate else None
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots))
+        else:
+            self.channel = grpc.insecure_channel(target)
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self.metadata = tuple((k, v) for k, v in (headers or {}).items())
+        self.compression = grpc.Compression.Gzip if compression == "gzip" else None
+        self.call = self.channel.unary_unary(self.METHOD, request_serializer=None, response_deserializer=None)
+
+    def export(self, spans: list, resource: dict) -> bool:
+        try:
+            self.call(encode_otlp(spans, resource), timeout=self.timeout_s, metadata=self.metadata or None,
+                      compression=self.compression)
+            return True
+        except Exception as exc:  # noqa: BLE001 - grpc.RpcError and transport errors: logged, spans dropped
+            logger.warning("trace export to %s failed: %s", self.endpoint, type(exc).__name__)
+            return False
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class SdkExporter:
+    """Spans handed to an OpenTelemetry SDK ``SpanExporter`` (its ``InMemorySpanExporter``, console or any
+    other), converted to the SDK's ``ReadableSpan``."""
+
+    def __init__(self, exporter):
+        self.sdk = exporter
+
+    @staticmethod
+    def readable(s: Span, resource):
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        state = TraceState.from_header([s.trace_state]) if s.trace_state else None
+        ctx = SpanContext(s.trace_id, s.span_id, is_remote=False, trace_flags=flags, trace_state=state)
+        parent = SpanContext(s.trace_id, s.parent_id, is_remote=False, trace_flags=flags) if s.parent_id else None
+        return ReadableSpan(
+            name=s.name, context=ctx, parent=parent, resource=resource, attributes=dict(s.attrs),
+            events=[Event(n, dict(a), timestamp=t) for n, t, a in s.events],
+            links=[Link(SpanContext(t, i, is_remote=False, trace_flags=flags)) for t, i in s.links],
+            kind=SpanKind(s.kind - 1), start_time=s.start_ns, end_time=s.end_ns,
+            status=Status(StatusCode(s.status), s.status_message or None),
+            instrumentation_scope=InstrumentationScope(SCOPE_NAME, SCOPE_VERSION))
+
+    def export(self, spans: list, resource: dict) -> bool:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        res = Resource(resource)
+        return self.sdk.export([self.readable(s, res) for s in spans]) == SpanExportResult.SUCCESS
+
+    def close(self) -> None:
+        self.sdk.shutdown()
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def _ratio_from_env() -> float:
+    """``OTEL_TRACES_SAMPLER`` (+ ``_ARG``): ``always_on``/``parentbased_always_on`` → 1,
+    ``always_off``/``parentbased_always_off`` → 0, ``traceidratio``/``parentbased_traceidratio`` → the
+    argument (default 1). Unset or another sampler: 1 (every trace, once tracing is on)."""
+    sampler = (os.environ.get("OTEL_TRACES_SAMPLER") or "").strip().lower()
+    if sampler.endswith("always_off"):
+        return 0.0
+    if sampler.endswith("traceidratio"):
+        try:
+            return min(1.0, max(0.0, float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1"))))
+        except ValueError:
+            logger.warning("OTEL_TRACES_SAMPLER_ARG is not a number; sampling every trace")
+    return 1.0
+
+
+def _resource(service_name: str | None) -> dict:
+    """``service.name`` (the spec's, else ``OTEL_SERVICE_NAME``, else ``maas-serve``), the attributes of
+    ``OTEL_RESOURCE_ATTRIBUTES``, and where the spans come from."""
+    from urllib.parse import unquote
+
+    attrs: dict[str, Any] = {}
+    for pair in (os.environ.get("OTEL_RESOURCE_ATTRIBUTES") or "").split(","):
+        if "=" in pair:
+            k, v = pair.split("=", 1)
+            attrs[k.strip()] = unquote(v.strip())
+    attrs["service.name"] = service_name or os.environ.get("OTEL_SERVICE_NAME") or attrs.get("service.name") \
+        or "maas-serve"
+    attrs.setdefault("telemetry.sdk.name", SCOPE_NAME)
+    attrs.setdefault("telemetry.sdk.language", "python")
+    attrs["process.pid"] = os.getpid()
+    return attrs
+
+
+def exporter_for(spec) -> Any:
+    """The OTLP exporter a :class:`maas.config.TracingSpec` and the ``OTEL_EXPORTER_OTLP_*`` variables ask for.
+
+    Protocol: the spec's, else ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL``, else ``http/protobuf`` (the
+    OpenTelemetry default). Endpoint: the spec's, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (used as it is),
+    else ``OTEL_EXPORTER_OTLP_ENDPOINT`` (+ ``/v1/traces`` for HTTP), else ``http://localhost:4318/v1/traces``
+    (HTTP) or ``http://localhost:4317`` (gRPC).
+
+    Raises:
+        ValueError: an unknown protocol, or an endpoint that is not a URL.
+    """
+    protocol = spec.protocol or _env("PROTOCOL", "http/protobuf")
+    headers = _headers(_env("HEADERS"))
+    timeout_s = float(_env("TIMEOUT", "10000")) / 1000
+    compression = _env("COMPRESSION")
+    certificate = _env("CERTIFICATE")
+    traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if protocol == "grpc":
+        endpoint = spec.endpoint or traces_endpoint or base or "http://localhost:4317"
+        insecure = _env("INSECURE")
+        return OtlpGrpcExporter(endpoint, headers, timeout_s, None if insecure is None else insecure.lower() == "true",
+                                compression, certificate)
+    if protocol != "http/protobuf":
+        raise ValueError(f"OTLP protocol {protocol!r} is not supported; use 'http/protobuf' or 'grpc'")
+    endpoint = spec.endpoint or traces_endpoint or (base.rstrip("/") + "/v1/traces" if base else
+                                                    "http://localhost:4318/v1/traces")
+    return OtlpHttpExporter(endpoint, headers, timeout_s, compression, certificate)
+
+
+__all__ = ["encode_otlp", "exporter_for", "OtlpHttpExporter", "OtlpGrpcExporter", "SdkExporter", "SCOPE_NAME",
+           "SCOPE_VERSION"]
