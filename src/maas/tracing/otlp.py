@@ -91,15 +91,16 @@ def _span(s: Span) -> bytes:
         link = bytearray()
         _field_bytes(link, 0x0A, trace_id.to_bytes(16, "big"))
         _field_bytes(link, 0x12, span_id.to_bytes(8, "big"))
+        link += b"\x35" + struct.pack("<I", 0x100)  # 6 flags: "has is_remote", not remote (our own spans)
         _field_bytes(out, 0x6A, link)
-    if s.status:  # 15 status: message 2, code 3
-        st = bytearray()
-        if s.status_message:
-            _field_bytes(st, 0x12, s.status_message.encode())
+    st = bytearray()  # 15 status (message 2, code 3); written when unset too, as the SDK's encoder does
+    if s.status_message:
+        _field_bytes(st, 0x12, s.status_message.encode())
+    if s.status:
         st += bytes((0x18, s.status))
-        out.append(0x7A)
-        _varint(out, len(st))
-        out += st
+    out.append(0x7A)
+    _varint(out, len(st))
+    out += st
     out += b"\x85\x01"  # 16 flags, fixed32: sampled (bit 0), "has is_remote" (bit 8), parent is remote (bit 9)
     out += struct.pack("<I", 0x301 if s.remote_parent else 0x101)
     return bytes(out)
