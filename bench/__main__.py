@@ -32,7 +32,7 @@ from pathlib import Path
 from bench import inputs, load, memory, report, systems, workloads
 
 SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-defaults", "litserve", "fastapi",
-           "generation", "generation-ab", "auto", "explain", "null", "repository", "tenants")
+           "generation", "generation-ab", "auto", "explain", "null", "repository", "tenants", "tracing")
 #: What ``make bench`` runs (Serve's default proxy/threading is selectable, not run by default).
 #: ``generation`` is the generation section (:mod:`bench.generation`: its own limit, maas-serve
 #: and LitServe runs on SmolLM2-135M); ``auto`` the ``model: auto`` point (:mod:`bench.auto_routing`);
@@ -41,8 +41,9 @@ SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "maas-serve-default
 #: only the maas-serve generation point, on this tree and on ``--baseline-ref``, for an A/B of two trees;
 #: ``repository`` the model repository and multiplexed pool (:mod:`bench.repository`: 100 variants, one pool).
 #: ``tenants`` a noisy neighbour, priorities, accounting and the checks' cost (:mod:`bench.tenants`).
+#: ``tracing`` tracing on against off, and whether traces account for latency (:mod:`bench.tracing`).
 DEFAULT_SYSTEMS = ("limit", "maas", "maas-baseline", "maas-nobatch", "litserve", "fastapi", "generation", "auto",
-                   "explain", "null", "repository", "tenants")
+                   "explain", "null", "repository", "tenants", "tracing")
 #: maas-serve runs: system name → (mode label, batching on, Ray Serve high-throughput mode).
 MAAS_RUNS = {
     "maas": ("batching on", True, True),
@@ -416,6 +417,10 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import tenants
 
         result["tenants"] = tenants.run(workdir / "tenants")
+    if "tracing" in chosen:
+        from bench import tracing
+
+        result["tracing"] = tracing.run(workdir / "tracing")
     if "null" in chosen:
         from bench import null
 

@@ -277,6 +277,9 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
     from bench import tenants
 
     lines += tenants.markdown(result.get("tenants"))
+    from bench import tracing
+
+    lines += tracing.markdown(result.get("tracing"))
     from bench import null
 
     if result.get("null"):

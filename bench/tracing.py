@@ -1,0 +1,278 @@
+"""The tracing point of ``make bench`` (issue 27): what tracing costs, and whether a trace accounts for a
+request's latency.
+
+One ``serve run`` (Ray Serve's high-throughput mode) of two identical apps — MiniLM and EfficientNet-Lite0
+with their preprocessors — ``traced`` (route ``/``, tracing on, 100 % sampling, OTLP/HTTP export to a
+receiver in this process) and ``plain`` (route ``/plain``, tracing off). Both are measured in the same run,
+in alternating rounds so that drift of the shared VM falls on both sides alike:
+
+* **c=1**: one-sentence embeddings, 5 × 5 s per side, the median of each side's p50 (and p99);
+* **saturation**: one-sentence embeddings at c=64 and one-image classifications (150 KB JPEG) at c=16,
+  3 × 8 s per side, the median of each side's requests/s;
+* **accounting**: 60 sequential traced image and embeddings requests, each with its own ``traceparent``;
+  per request, the client's latency against its server span, and the server span against the spans under
+  it (``maas.http.receive`` + the operation + ``maas.http.respond``): the differences' p50/p99/max, ms;
+* **export volume**: spans and bytes the receiver got, per request.
+
+During the load rounds the receiver only counts bytes (``decode=False``), standing in for a collector on
+another machine; the accounting round decodes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from bench import load, systems
+
+SENTENCE = "A short sentence to embed, as a search query would be."
+
+
+def _config(port: int, receiver_port: int) -> dict:
+    local = yaml.safe_load((systems.ROOT / "serve_configs" / "local.yaml").read_text())["applications"][0]["args"]
+    models = {m["name"]: m for m in local["models"]}
+
+    def app(tracing: bool) -> dict:
+        ingress = {"num_cpus": 0.1}
+        if tracing:
+            ingress["tracing"] = {"enabled": True, "sample_ratio": 1.0, "service_name": "maas-bench",
+                                  "endpoint": f"http://127.0.0.1:{receiver_port}/v1/traces"}
+        return {"models": [dict(models["minilm"], resources={"num_cpus": 0.3}),
+                           dict(models["efficientnet-lite0"], resources={"num_cpus": 0.3})],
+                "ingress": ingress, "tokenizers": {"num_cpus": 0.05}, "image_preprocessors": {"num_cpus": 0.05}}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [
+                {"name": "traced", "route_prefix": "/", "import_path": "maas.app:build_app", "args": app(True)},
+                {"name": "plain", "route_prefix": "/plain", "import_path": "maas.app:build_app", "args": app(False)}]}
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _embed(prefix: str) -> load.Body:
+    return load.Body(f"{prefix}/v1/embeddings", "application/json",
+                     json.dumps({"model": "minilm", "input": [SENTENCE]}).encode())
+
+
+def _image(prefix: str, jpeg: bytes) -> load.Body:
+    ctype, data = load.multipart({"model": "efficientnet-lite0"}, [("file", "c.jpg", jpeg)])
+    return load.Body(f"{prefix}/v1/classifications/image", ctype, data)
+
+
+def _alternate(url: str, bodies: dict[str, list[load.Body]], rounds: int, concurrency: int, duration_s: float) -> dict:
+    runs: dict[str, list[dict]] = {side: [] for side in bodies}
+    for _ in range(rounds):
+        for side, body in bodies.items():
+            runs[side].append(load.run(url, body, concurrency=concurrency, duration_s=duration_s))
+    out = {}
+    for side, rs in runs.items():
+        out[side] = {"p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 2),
+                     "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 2),
+                     "ok_per_s": round(statistics.median(r["ok_per_s"] for r in rs), 1),
+                     "errors": sum(r["errors"] for r in rs), "runs_p50_ms": [r["p50_ms"] for r in rs],
+                     "runs_ok_per_s": [r["ok_per_s"] for r in rs]}
+    return out
+
+
+def _accounting(url: str, receiver, jpeg: bytes, n: int = 60) -> dict:
+    """Per request: client latency − server span, and server span − (receive + operation + respond), ms."""
+    import random
+
+    import requests
+
+    s = requests.Session()
+    sent: dict[bytes, float] = {}
+    for i in range(n):
+        trace = random.getrandbits(128).to_bytes(16, "big")
+        headers = {"traceparent": f"00-{trace.hex()}-{random.getrandbits(64):016x}-01"}
+        t0 = time.perf_counter()
+        if i % 2:
+            r = s.post(f"{url}/v1/classifications/image", data={"model": "efficientnet-lite0"}, headers=headers,
+                       files=[("file", ("c.jpg", jpeg, "image/jpeg"))], timeout=60)
+        else:
+            r = s.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": [SENTENCE]}, headers=headers,
+                       timeout=60)
+        sent[trace] = 1000 * (time.perf_counter() - t0)
+        assert r.status_code == 200, r.text
+
+    def complete(spans):
+        roots = {sp.trace_id: sp for _, sp in spans if sp.trace_id in sent and sp.kind == 2}
+        return roots if len(roots) == len(sent) else None
+    roots = receiver.wait_for(complete, 30.0) or {}
+    with receiver.lock:
+        spans = [sp for _, sp in receiver.spans if sp.trace_id in sent]
+    outside, inside = [], []
+    for trace, root in roots.items():
+        root_ms = (root.end_time_unix_nano - root.start_time_unix_nano) / 1e6
+        kids = [sp for sp in spans if sp.parent_span_id == root.span_id]
+        covered = sum((sp.end_time_unix_nano - sp.start_time_unix_nano) / 1e6 for sp in kids)
+        outside.append(sent[trace] - root_ms)
+        inside.append(root_ms - covered)
+
+    def summary(values: list[float]) -> dict:
+        v = sorted(values)
+        return {"p50_ms": round(statistics.median(v), 3), "p99_ms": round(v[min(len(v) - 1, int(0.99 * len(v)))], 3),
+                "max_ms": round(v[-1], 3)} if v else {}
+    return {"requests": n, "traces": len(roots), "spans_per_request": round(len(spans) / max(1, len(roots)), 1),
+            "client_minus_server_span": summary(outside), "server_span_minus_children": summary(inside)}
+
+
+def micro_us(n: int = 20000) -> dict:
+    """µs per span in process: recording one of this project's spans, encoding it to OTLP, and the same for
+    the OpenTelemetry SDK (start + end with a batch processor, and its OTLP encoder) — why the spans are own code."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from maas import tracing
+
+    class Sink:
+        def export(self, spans, resource):
+            return True
+
+        def close(self):
+            pass
+
+    attrs = {"maas.address": "minilm", "maas.deployment": "minilm", "maas.batch.items": 4}
+    t = tracing.Tracer(Sink(), 1.0, max_queue=n + 1, batch_size=n + 1, delay_s=3600)
+    root = t.start("POST /v1/embeddings", None, tracing.SERVER)
+    t0 = time.perf_counter()
+    spans = []
+    for _ in range(n):
+        s = root.child("maas.front_batch", None, dict(attrs))
+        s.end()
+        spans.append(s)
+    own_record = (time.perf_counter() - t0) / n * 1e6
+    t0 = time.perf_counter()
+    tracing.encode_otlp(spans, {"service.name": "maas"})
+    own_encode = (time.perf_counter() - t0) / n * 1e6
+    t.close()
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter(), max_queue_size=n + 1,
+                                                   schedule_delay_millis=3_600_000, max_export_batch_size=n + 1))
+    sdk = provider.get_tracer("bench")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sdk.start_span("maas.front_batch", attributes=attrs).end()
+    sdk_record = (time.perf_counter() - t0) / n * 1e6
+    mem = InMemorySpanExporter()
+    provider2 = TracerProvider()
+    provider2.add_span_processor(SimpleSpanProcessor(mem))
+    for _ in range(2000):
+        provider2.get_tracer("bench").start_span("maas.front_batch", attributes=attrs).end()
+    finished = mem.get_finished_spans()
+    t0 = time.perf_counter()
+    encode_spans(finished).SerializeToString()
+    sdk_encode = (time.perf_counter() - t0) / len(finished) * 1e6
+    return {"own_record_us": round(own_record, 2), "own_encode_us": round(own_encode, 2),
+            "sdk_record_us": round(sdk_record, 2), "sdk_encode_us": round(sdk_encode, 2)}
+
+
+def run(workdir: Path) -> dict:
+    sys.path.insert(0, str(systems.ROOT))
+    from tests.otlp_receiver import Receiver
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    receiver = Receiver(decode=False)
+    receiver_port = receiver.start_http()
+    port = systems.free_port()
+    path = workdir / "maas-tracing.yaml"
+    path.write_text(yaml.safe_dump(_config(port, receiver_port), sort_keys=False))
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **systems.THROUGHPUT_ENV}
+    server = systems.Server("maas-serve (tracing)", [str(systems.BIN / "serve"), "run", "--address", "local", str(path)],
+                            f"http://127.0.0.1:{port}/plain/readyz", workdir / "maas-tracing.log", env)
+    url = f"http://127.0.0.1:{port}"
+    jpeg = _jpeg()
+    out: dict = {"micro": micro_us()}
+    server.start(timeout_s=420)
+    try:
+        import requests
+
+        deadline = time.monotonic() + 300
+        while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the traced app did not get ready")
+            time.sleep(1)
+        for prefix in ("", "/plain"):  # warm both
+            load.run(url, [_embed(prefix), _image(prefix, jpeg)], concurrency=2, duration_s=3)
+        out["c1"] = _alternate(url, {"traced": [_embed("")], "plain": [_embed("/plain")]}, 5, 1, 5)
+        before = (receiver.requests, receiver.bytes)
+        out["embed_c64"] = _alternate(url, {"traced": [_embed("")], "plain": [_embed("/plain")]}, 3, 64, 8)
+        out["image_c16"] = _alternate(url, {"traced": [_image("", jpeg)], "plain": [_image("/plain", jpeg)]}, 3, 16, 8)
+        time.sleep(6)  # the last export (every 5 s)
+        served = sum(r["ok_per_s"] * 8 for k in ("embed_c64", "image_c16") for r in [out[k]["traced"]]) * 3
+        out["export"] = {"otlp_requests": receiver.requests - before[0],
+                         "bytes_per_request": round((receiver.bytes - before[1]) / max(1.0, served), 1)}
+        receiver.decode = True
+        out["accounting"] = _accounting(url, receiver, jpeg)
+    finally:
+        server.stop()
+        receiver.stop()
+    out["goals"] = goals(out)
+    return out
+
+
+def goals(r: dict) -> list[dict]:
+    """The issue's goals against the measurements: ``[{"goal", "measured", "met"}]``."""
+    c1, acc = r["c1"], r["accounting"]
+    added = round(c1["traced"]["p50_ms"] - c1["plain"]["p50_ms"], 2)
+    spread = round(max(c1["plain"]["runs_p50_ms"]) - min(c1["plain"]["runs_p50_ms"]), 1)
+    rows = [{"goal": "tracing on (100 %) adds <= 0.3 ms p50 at c=1",
+             "measured": f"{added} ms ({c1['traced']['p50_ms']} vs {c1['plain']['p50_ms']} ms; the plain side's runs "
+                         f"spread over {spread} ms); in process {r['micro']['own_record_us']} us per span recorded",
+             "met": added <= 0.3}]
+    for key, what in (("embed_c64", "one-sentence embeddings, c=64"), ("image_c16", "one-image classification, c=16")):
+        t, p = r[key]["traced"]["ok_per_s"], r[key]["plain"]["ok_per_s"]
+        rows.append({"goal": f"tracing costs <= 3 % throughput at saturation ({what})",
+                     "measured": f"{round(100 * (1 - t / p), 1)} % ({t} vs {p} requests/s)", "met": t >= 0.97 * p})
+    inside, outside = acc["server_span_minus_children"], acc["client_minus_server_span"]
+    rows.append({"goal": "a trace's spans account for the request's latency within 1 ms",
+                 "measured": f"server span - its children: p50 {inside.get('p50_ms')} / p99 {inside.get('p99_ms')} ms; "
+                             f"client latency - server span: p50 {outside.get('p50_ms')} / p99 {outside.get('p99_ms')} ms "
+                             f"({acc['traces']} of {acc['requests']} traces)",
+                 "met": bool(inside) and inside["p99_ms"] <= 1.0 and outside["p50_ms"] <= 1.0})
+    return rows
+
+
+def markdown(r: dict | None) -> list[str]:
+    if not r:
+        return []
+    lines = ["## Tracing (issue 27)", "", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'NO'} |" for g in r["goals"]]
+    lines += ["", "```json", json.dumps({k: v for k, v in r.items() if k != "goals"}, indent=1), "```", ""]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", default=time.strftime("%Y-%m-%d") + "-tracing")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="maas-bench-tracing-") as tmp:
+        result = run(Path(tmp))
+    out = systems.ROOT / "bench" / "results"
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(markdown(result)))
+    print("\n".join(markdown(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
