@@ -450,6 +450,10 @@ def main(argv: list[str] | None = None) -> Path:
         from bench import null
 
         null.plot(result["null"], out_dir / f"{stem}-null.png")
+    if result.get("tracing"):
+        from bench import tracing
+
+        tracing.picture(result["tracing"], out_dir / f"{stem}-trace.png")
     print(f"bench: wrote {json_path}, {stem}.md and {stem}.png in {result['elapsed_s']} s", flush=True)
     return json_path
 

@@ -410,7 +410,7 @@ def end_op(span: Span, exc: BaseException | None = None) -> None:
     span.end()
 
 
-def batch_spans(jobs: list, dispatched_ns: int, answered_ns: int, attrs: dict, results: Any,
+def batch_spans(jobs: list, dispatched_ns: int, answered_ns: int, attrs: dict, info: dict | None,
                 pre_attrs: dict, error: BaseException | None = None) -> None:
     """The spans of one front batch (see the module docstring): per traced job its ``maas.front_batch.wait``;
     the batch's ``maas.front_batch`` under the first traced job, linked to every traced job's span, with the
@@ -419,7 +419,8 @@ def batch_spans(jobs: list, dispatched_ns: int, answered_ns: int, attrs: dict, r
     Args:
         jobs: The batch's jobs (``.trace``: the job's operation span or None; ``.enqueued_ns``; ``.items``).
         dispatched_ns / answered_ns: When the batch left and when its answers came back (wall clock, ns).
-        attrs: The model's attributes (``maas.address``, ``maas.deployment``). results: One answer per job.
+        attrs: The model's attributes (``maas.address``, ``maas.deployment``).
+        info: The replica's times (a traced answer's ``trace``), or None.
         pre_attrs: The preprocessor's attributes. error: The batch's error, when the call failed as a whole.
     """
     traced = [j for j in jobs if j.trace is not None]
@@ -438,10 +439,8 @@ def batch_spans(jobs: list, dispatched_ns: int, answered_ns: int, attrs: dict, r
             ride.end(answered_ns)
     if error is not None:
         batch.fail(error)
-    elif isinstance(results, list):
-        info = next((r["trace"] for r in results if isinstance(r, dict) and "trace" in r), None)
-        if info is not None:
-            replica_spans(batch, info, attrs, pre_attrs)
+    elif info is not None:
+        replica_spans(batch, info, attrs, pre_attrs)
     batch.end(answered_ns)
 
 
