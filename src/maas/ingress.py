@@ -147,6 +147,15 @@ class Ingress:
                     self.config.ingress.max_body_bytes)
         self._traffic_applied = False
 
+    async def __del__(self):
+        """On the replica's graceful shutdown (Serve calls it): export the spans still queued (at most 5 s), so a
+        rollout or a scale-down does not lose the last seconds of traces."""
+        import asyncio
+
+        from maas import tracing
+
+        await asyncio.to_thread(tracing.configure, None)
+
     async def reconfigure(self, user_config: dict) -> None:
         """Apply the traffic policy (:class:`maas.config.TrafficConfig`) from the deployment's
         ``user_config``: Serve calls this at start and on every lightweight config update, with no

@@ -203,14 +203,6 @@ class FrontBatcher:
                                type(exc).__name__)
         raise AssertionError("unreachable")
 
-    def _record_spans(self, batch: _Batch, sent_ns: int, answered_ns: int, info: dict | None, failed) -> None:
-        from maas.tracing import batch_spans
-
-        try:
-            batch_spans(batch.jobs, sent_ns, answered_ns, self.trace_attrs[0], info, self.trace_attrs[1], failed)
-        except Exception:  # noqa: BLE001 - tracing never fails serving
-            logger.exception("model %s: recording a batch's spans failed", self.name)
-
     async def _send(self, batch: _Batch) -> None:
         now = time.perf_counter()
         waits_ms = [1000 * (now - j.enqueued_at) for j in batch.jobs]
@@ -240,8 +232,16 @@ class FrontBatcher:
         finally:
             self.inflight -= 1
             self._pump()
-        if traced:  # after the callers resumed (call_soon runs after their wake-ups): off their latency
-            info = next((r["trace"] for r in results if isinstance(r, dict) and "trace" in r), None) if results else None
-            asyncio.get_running_loop().call_soon(self._record_spans, batch, sent_ns, time.time_ns(), info, failed)
+        if traced:  # the spans are built on the tracer's export thread (maas.tracing.Tracer.defer)
+            from maas import tracing
+
+            t = tracing.tracer()
+            if t is not None:
+                info = next((r["trace"] for r in results if isinstance(r, dict) and "trace" in r),
+                            None) if results else None
+                t.defer(tracing.batch_spans, [(j.trace, j.enqueued_ns) for j in batch.jobs if j.trace is not None],
+                        len(batch.jobs), sum(j.items for j in batch.jobs), sent_ns, time.time_ns(),
+                        self.trace_attrs[0], info, self.trace_attrs[1],
+                        None if failed is None else tracing.error_of(failed))
         for ms in waits_ms:  # after the answers: metrics cost ~50 µs each
             metrics.stage(self.name, "front_queue", ms)

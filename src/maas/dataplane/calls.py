@@ -401,15 +401,15 @@ class Calls:
 
     @staticmethod
     def _traced_call(call, route: Route, out: Any) -> None:
-        """End a generation call's span with the replica spans its answer's times give."""
+        """End a generation call's span with the replica spans its answer's times give (built on the tracer's
+        export thread)."""
         info = out.pop("trace", None) if isinstance(out, dict) else None
-        if isinstance(out, BaseException):
-            call.fail(out)
-        elif info is not None:
-            tracing.replica_spans(call, info, {"maas.address": route.spec.key,
-                                               "maas.deployment": route.spec.deployment_name},
-                                  {"maas.deployment": getattr(route.pre, "deployment_name", "")})
-        call.end()
+        error = tracing.error_of(out) if isinstance(out, BaseException) else None
+        t = tracing.tracer()
+        if t is not None:
+            t.defer(tracing.call_spans, call, info, error, {"maas.address": route.spec.key,
+                                                             "maas.deployment": route.spec.deployment_name},
+                    {"maas.deployment": getattr(route.pre, "deployment_name", "")}, time.time_ns())
 
 
 def check_texts(texts: list[str], param: str = "input") -> list[str]:

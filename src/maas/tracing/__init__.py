@@ -117,6 +117,12 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
+def error_of(exc: BaseException) -> tuple[str, int | None]:
+    """``(class name, status code or None)`` of an error: what a span keeps of it."""
+    code = getattr(exc, "status_code", None)
+    return type(exc).__name__, (int(code) if code is not None else None)
+
+
 class Span:
     """One recorded span. Times are wall clock, ns since the epoch (``time.time_ns``), as OTLP carries them.
 
@@ -145,17 +151,17 @@ class Span:
         return Span(self.tracer, name, self.trace_id, _rand.getrandbits(64) or 1, self.span_id, kind,
                     start_ns or time.time_ns(), attrs, self.trace_state)
 
-    def fail(self, exc: BaseException) -> None:
-        """Mark the span failed by ``exc``: ``error.type`` (its class), and for a
+    def fail(self, exc: "BaseException | tuple[str, int | None]") -> None:
+        """Mark the span failed by ``exc`` (or ``(its class name, its status code)``): ``error.type``, and for a
         :class:`~maas.errors.MaasError` its status code; the message is left out (it may quote input)."""
+        name, code = exc if isinstance(exc, tuple) else error_of(exc)
         self.status = ERROR
-        self.attrs["error.type"] = type(exc).__name__
-        code = getattr(exc, "status_code", None)
+        self.attrs["error.type"] = name
         if code is not None:
-            self.attrs["maas.status_code"] = int(code)
-            self.status_message = f"{type(exc).__name__} ({int(code)})"
+            self.attrs["maas.status_code"] = code
+            self.status_message = f"{name} ({code})"
         else:
-            self.status_message = type(exc).__name__
+            self.status_message = name
 
     def end(self, end_ns: int | None = None) -> None:
         """End the span now (or at ``end_ns``) and hand it to its tracer's exporter (once)."""
@@ -238,6 +244,15 @@ class Tracer:
         if len(self._queue) >= self.batch_size:
             self._wake.set()
 
+    def defer(self, build, *args) -> None:
+        """Queue ``build(*args)``, which records spans, to run on the export thread: spans made after the fact
+        from times already measured (a batch's, a replica's) cost the event loop one append. ``args`` must
+        not hold payloads (they live until the next export)."""
+        if len(self._queue) >= self.max_queue:
+            self.dropped += 1
+            return
+        self._queue.append((build, args))
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Export everything queued now; True when it was sent within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
@@ -263,6 +278,16 @@ class Tracer:
             while self._queue:
                 self._idle.clear()
                 batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+                deferred = [b for b in batch if type(b) is tuple]
+                if deferred:
+                    batch = [b for b in batch if type(b) is not tuple]
+                    for build, args in deferred:  # their spans queue behind: exported in this round
+                        try:
+                            build(*args)
+                        except Exception as exc:  # noqa: BLE001 - a bug here loses spans, never a request
+                            self._warn(f"building spans: {type(exc).__name__}: {exc}")
+                    if not batch:
+                        continue
                 try:
                     ok = self.exporter.export(batch, self.resource)
                 except Exception as exc:  # noqa: BLE001 - an exporter bug must not stop the thread
@@ -410,31 +435,32 @@ def end_op(span: Span, exc: BaseException | None = None) -> None:
     span.end()
 
 
-def batch_spans(jobs: list, dispatched_ns: int, answered_ns: int, attrs: dict, info: dict | None,
-                pre_attrs: dict, error: BaseException | None = None) -> None:
+def batch_spans(traced: list[tuple[Span, int]], jobs: int, items: int, dispatched_ns: int, answered_ns: int,
+                attrs: dict, info: dict | None, pre_attrs: dict, error: tuple[str, int | None] | None = None) -> None:
     """The spans of one front batch (see the module docstring): per traced job its ``maas.front_batch.wait``;
     the batch's ``maas.front_batch`` under the first traced job, linked to every traced job's span, with the
-    replica spans from the answers' ``trace``; ``maas.front_batch.ride`` for the others.
+    replica spans from the answers' ``trace``; ``maas.front_batch.ride`` for the others. Runs on the export
+    thread (:meth:`Tracer.defer`).
 
     Args:
-        jobs: The batch's jobs (``.trace``: the job's operation span or None; ``.enqueued_ns``; ``.items``).
+        traced: Per traced job: ``(its operation span, when it was queued, ns)``. jobs / items: The batch's.
         dispatched_ns / answered_ns: When the batch left and when its answers came back (wall clock, ns).
         attrs: The model's attributes (``maas.address``, ``maas.deployment``).
         info: The replica's times (a traced answer's ``trace``), or None.
-        pre_attrs: The preprocessor's attributes. error: The batch's error, when the call failed as a whole.
+        pre_attrs: The preprocessor's attributes. error: The batch's error (:func:`error_of`), when the call
+            failed as a whole.
     """
-    traced = [j for j in jobs if j.trace is not None]
-    first = traced[0].trace
-    batch = first.child("maas.front_batch", dispatched_ns, {
-        **attrs, "maas.batch.jobs": len(jobs), "maas.batch.items": sum(j.items for j in jobs)})
-    batch.links = [(j.trace.trace_id, j.trace.span_id) for j in traced]
+    first = traced[0][0]
+    batch = first.child("maas.front_batch", dispatched_ns, {**attrs, "maas.batch.jobs": jobs,
+                                                             "maas.batch.items": items})
+    batch.links = [(op.trace_id, op.span_id) for op, _ in traced]
     link = (batch.trace_id, batch.span_id)
-    for j in traced:
-        wait = j.trace.child("maas.front_batch.wait", j.enqueued_ns)
+    for op, enqueued_ns in traced:
+        wait = op.child("maas.front_batch.wait", enqueued_ns)
         wait.links.append(link)
         wait.end(dispatched_ns)
-        if j.trace is not first:
-            ride = j.trace.child("maas.front_batch.ride", dispatched_ns, {"maas.batch.jobs": len(jobs)})
+        if op is not first:
+            ride = op.child("maas.front_batch.ride", dispatched_ns, {"maas.batch.jobs": jobs})
             ride.links.append(link)
             ride.end(answered_ns)
     if error is not None:
@@ -442,6 +468,17 @@ def batch_spans(jobs: list, dispatched_ns: int, answered_ns: int, attrs: dict, i
     elif info is not None:
         replica_spans(batch, info, attrs, pre_attrs)
     batch.end(answered_ns)
+
+
+def call_spans(call: Span, info: dict | None, error: tuple[str, int | None] | None, model_attrs: dict,
+               pre_attrs: dict, end_ns: int) -> None:
+    """End a generator call's span (``maas.call``) with the replica spans its answer's times give (on the export
+    thread, :meth:`Tracer.defer`)."""
+    if error is not None:
+        call.fail(error)
+    elif info is not None:
+        replica_spans(call, info, model_attrs, pre_attrs)
+    call.end(end_ns)
 
 
 # ---------------------------------------------------------------------------- HTTP and handles
@@ -605,5 +642,5 @@ async def handle_stream(method, owner, args: tuple, kwargs: dict, trace_context:
 
 
 __all__ = ["CURRENT", "Remote", "Span", "Tracer", "configure", "current", "encode_otlp", "exporter_for",
-           "format_traceparent", "parse_traceparent", "replica_spans", "op_span", "end_op", "answered", "batch_spans", "TracingMiddleware", "traced_handle", "route_of", "handle_call", "handle_stream", "replica_tag", "tracer", "use",
+           "format_traceparent", "parse_traceparent", "replica_spans", "op_span", "end_op", "answered", "batch_spans", "call_spans", "error_of", "TracingMiddleware", "traced_handle", "route_of", "handle_call", "handle_stream", "replica_tag", "tracer", "use",
            "OtlpHttpExporter", "OtlpGrpcExporter", "SdkExporter", "INTERNAL", "SERVER", "CLIENT", "OK", "ERROR"]
