@@ -31,13 +31,16 @@ local counter = 0
 init = function(args)
   local manifest = io.open(args[1], "r")
   for line in manifest:lines() do
-    local body_path, ctype, path, auth = line:match("^(%S+)\t(%S+)\t(%S+)\t?(%S*)$")
+    local body_path, ctype, path, auth, trace = line:match("^(%S+)\t(%S+)\t(%S+)\t?(%S*)\t?(%S*)$")
     local f = io.open(body_path, "rb")
     local body = f:read("*a")
     f:close()
     local headers = {["Content-Type"] = ctype}
     if auth ~= nil and auth ~= "" then
       headers["Authorization"] = "Bearer " .. auth
+    end
+    if trace ~= nil and trace ~= "" then
+      headers["traceparent"] = trace
     end
     requests[#requests + 1] = wrk.format("POST", path, headers, body)
   end
@@ -66,12 +69,14 @@ end
 @dataclass
 class Body:
     """One request the load generator sends: ``POST path`` with ``content_type`` (and
-    ``Authorization: Bearer <api_key>`` when ``api_key`` is set: no spaces in it)."""
+    ``Authorization: Bearer <api_key>`` when ``api_key`` is set: no spaces in it; a W3C ``traceparent``
+    header when ``traceparent`` is set: every request of the body then continues that one trace)."""
 
     path: str
     content_type: str
     data: bytes
     api_key: str = ""
+    traceparent: str = ""
 
 
 def multipart(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> tuple[str, bytes]:
@@ -126,7 +131,8 @@ def run(base_url: str, bodies: list[Body], *, concurrency: int, duration_s: floa
             p = tmpdir / f"body{i}"
             p.write_bytes(body.data)
             lines.append(f"{p}\t{body.content_type.replace(' ', '')}\t{body.path}"
-                         + (f"\t{body.api_key}" if body.api_key else ""))
+                         + (f"\t{body.api_key}" if body.api_key or body.traceparent else "")
+                         + (f"\t{body.traceparent}" if body.traceparent else ""))
         manifest = tmpdir / "manifest.tsv"
         manifest.write_text("\n".join(lines) + "\n")
         script = tmpdir / "bench.lua"

@@ -64,22 +64,25 @@ def draw(spans: list[dict], path: Path, title: str) -> None:
         if s["status"] == 2:
             colour = "#c44536"
         ax.barh(i, max(end - start, total_ms / 400), left=start, color=colour, height=0.62)
-        ax.text(-total_ms * 0.01, i, "  " * depth + s["name"], ha="right", va="center", fontsize=9, family="monospace")
-        notes = [f"{end - start:.2f} ms"] + [f"{k.split('.')[-1]}={s['attributes'][k]}" for k in SHOWN
-                                             if k in s["attributes"]]
+        ax.text(-0.34 + 0.018 * depth, i, s["name"], transform=ax.get_yaxis_transform(), ha="left", va="center",
+                fontsize=9, family="monospace")
+        shown = {k: s["attributes"][k] for k in SHOWN if k in s["attributes"]}
+        if "maas.deployment" in shown and shown["maas.deployment"] == shown.get("maas.address"):
+            shown.pop("maas.deployment", None)
+        notes = [f"{end - start:.2f} ms"] + [f"{k.split('.')[-1]}={v}" for k, v in shown.items()]
         if s["links"]:
             notes.append(f"links={len(s['links'])}")
         if s["events"]:
             notes.append("events=" + ",".join(s["events"]))
         ax.text(end + total_ms * 0.01, i, "  ".join(notes), va="center", fontsize=8, color="#333333")
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlim(0, total_ms * 1.55)
+    ax.set_xlim(0, total_ms * 1.75)
     ax.set_yticks([])
     ax.set_xlabel("ms since the request reached the ingress")
     ax.set_title(title, fontsize=10, loc="left")
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    fig.subplots_adjust(left=0.27, right=0.98, top=0.93, bottom=0.4 / (0.42 * len(rows) + 1.4) + 0.04)
+    fig.subplots_adjust(left=0.26, right=0.99, top=0.93, bottom=0.4 / (0.42 * len(rows) + 1.4) + 0.04)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
