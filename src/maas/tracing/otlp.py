@@ -57,52 +57,101 @@ def _any_value(value: Any) -> bytes:
     return bytes(out)
 
 
+def _kv(key: str, value: Any) -> bytes:
+    """One ``KeyValue`` message's bytes (without its field tag)."""
+    kv = bytearray()
+    _field_bytes(kv, 0x0A, key.encode())
+    _field_bytes(kv, 0x12, _any_value(value))
+    return bytes(kv)
+
+
+#: Encoded ``KeyValue`` fields by (tag, key, value): attributes repeat (model names, routes, statuses, counts), so
+#: most are one dict lookup. Bounded: emptied when it holds :data:`_CACHE_MAX` entries.
+_KV_CACHE: dict = {}
+_NAME_CACHE: dict = {}
+_CACHE_MAX = 4096
+
+
 def _attributes(out: bytearray, tag: int, attrs: dict) -> None:
+    cache = _KV_CACHE
     for key, value in attrs.items():
-        kv = bytearray()
-        _field_bytes(kv, 0x0A, key.encode())
-        _field_bytes(kv, 0x12, _any_value(value))
-        _field_bytes(out, tag, kv)
+        if type(value) is float:  # times (ttft): rarely repeat
+            kv = _kv(key, value)
+            out.append(tag)
+            _varint(out, len(kv))
+            out += kv
+            continue
+        k = (tag, key, value, type(value))
+        field = cache.get(k)
+        if field is None:
+            kv = _kv(key, value)
+            field = bytearray((tag,))
+            _varint(field, len(kv))
+            field = bytes(field + kv)
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[k] = field
+        out += field
+
+
+_FIXED64 = struct.Struct("<Q")
+_SPAN_FLAGS = {False: b"\x85\x01" + struct.pack("<I", 0x101), True: b"\x85\x01" + struct.pack("<I", 0x301)}
+_LINK_FLAGS = b"\x35" + struct.pack("<I", 0x100)  # 6 flags: "has is_remote", not remote (our own spans)
+
+
+def _name_field(name: str) -> bytes:
+    field = _NAME_CACHE.get(name)
+    if field is None:
+        out = bytearray()
+        _field_bytes(out, 0x2A, name.encode())  # 5 name
+        field = bytes(out)
+        if len(_NAME_CACHE) >= _CACHE_MAX:
+            _NAME_CACHE.clear()
+        _NAME_CACHE[name] = field
+    return field
 
 
 def _span(s: Span) -> bytes:
-    out = bytearray()
-    _field_bytes(out, 0x0A, s.trace_id.to_bytes(16, "big"))  # 1 trace_id
-    _field_bytes(out, 0x12, s.span_id.to_bytes(8, "big"))  # 2 span_id
+    out = bytearray(b"\x0a\x10")  # 1 trace_id, 16 bytes
+    out += s.trace_id.to_bytes(16, "big")
+    out += b"\x12\x08"  # 2 span_id, 8 bytes
+    out += s.span_id.to_bytes(8, "big")
     if s.trace_state:
         _field_bytes(out, 0x1A, s.trace_state.encode())  # 3 trace_state
     if s.parent_id:
-        _field_bytes(out, 0x22, s.parent_id.to_bytes(8, "big"))  # 4 parent_span_id
-    _field_bytes(out, 0x2A, s.name.encode())  # 5 name
-    out.append(0x30)  # 6 kind
-    out.append(s.kind)
-    out.append(0x39)  # 7 start_time_unix_nano, fixed64
-    out += struct.pack("<Q", s.start_ns)
-    out.append(0x41)  # 8 end_time_unix_nano, fixed64
-    out += struct.pack("<Q", s.end_ns)
-    _attributes(out, 0x4A, s.attrs)  # 9 attributes
+        out += b"\x22\x08"  # 4 parent_span_id
+        out += s.parent_id.to_bytes(8, "big")
+    out += _name_field(s.name)
+    out += bytes((0x30, s.kind, 0x39))  # 6 kind; 7 start_time_unix_nano (fixed64)
+    out += _FIXED64.pack(s.start_ns)
+    out.append(0x41)  # 8 end_time_unix_nano (fixed64)
+    out += _FIXED64.pack(s.end_ns)
+    if s.attrs:
+        _attributes(out, 0x4A, s.attrs)  # 9 attributes
     for name, at, attrs in s.events:  # 11 events
         ev = bytearray(b"\x09")
-        ev += struct.pack("<Q", at)
+        ev += _FIXED64.pack(at)
         _field_bytes(ev, 0x12, name.encode())
         _attributes(ev, 0x1A, attrs)
         _field_bytes(out, 0x5A, ev)
-    for trace_id, span_id in s.links:  # 13 links
-        link = bytearray()
-        _field_bytes(link, 0x0A, trace_id.to_bytes(16, "big"))
-        _field_bytes(link, 0x12, span_id.to_bytes(8, "big"))
-        link += b"\x35" + struct.pack("<I", 0x100)  # 6 flags: "has is_remote", not remote (our own spans)
-        _field_bytes(out, 0x6A, link)
-    st = bytearray()  # 15 status (message 2, code 3); written when unset too, as the SDK's encoder does
-    if s.status_message:
-        _field_bytes(st, 0x12, s.status_message.encode())
-    if s.status:
-        st += bytes((0x18, s.status))
-    out.append(0x7A)
-    _varint(out, len(st))
-    out += st
-    out += b"\x85\x01"  # 16 flags, fixed32: sampled (bit 0), "has is_remote" (bit 8), parent is remote (bit 9)
-    out += struct.pack("<I", 0x301 if s.remote_parent else 0x101)
+    for trace_id, span_id in s.links:  # 13 links: trace_id 1, span_id 2, flags 6
+        out += b"\x6a\x21\x0a\x10"  # 13 links, 33 bytes: 18 + 10 + 5
+        out += trace_id.to_bytes(16, "big")
+        out += b"\x12\x08"
+        out += span_id.to_bytes(8, "big")
+        out += _LINK_FLAGS
+    if s.status or s.status_message:  # 15 status (message 2, code 3)
+        st = bytearray()
+        if s.status_message:
+            _field_bytes(st, 0x12, s.status_message.encode())
+        if s.status:
+            st += bytes((0x18, s.status))
+        out.append(0x7A)
+        _varint(out, len(st))
+        out += st
+    else:
+        out += b"\x7a\x00"  # an empty status, as the SDK's encoder writes it
+    out += _SPAN_FLAGS[s.remote_parent]  # 16 flags (fixed32): sampled, "has is_remote", parent is remote
     return bytes(out)
 
 
