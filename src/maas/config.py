@@ -573,6 +573,15 @@ class TracingSpec(_Strict):
     service_name: str | None = Field(
         default=None, description="The traces' service.name. Unset: OTEL_SERVICE_NAME, else 'maas-serve'.")
 
+    @model_validator(mode="after")
+    def _endpoint_fits_protocol(self) -> "TracingSpec":
+        """An endpoint without a scheme is a gRPC target: say so at validation, not when the ingress starts."""
+        e = self.endpoint
+        if e is not None and self.protocol != "grpc" and not e.startswith(("http://", "https://")):
+            raise ValueError(f"tracing.endpoint {e!r} is not an http(s) URL: for OTLP/HTTP give the full URL "
+                             f"(http://{e.rstrip('/')}/v1/traces), for OTLP/gRPC set protocol: grpc")
+        return self
+
 
 class IngressSpec(_Strict):
     """Ingress deployment settings and request limits."""

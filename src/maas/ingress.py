@@ -196,8 +196,15 @@ class Ingress:
         return await self.dataplane.readiness.report()
 
     async def stats(self) -> dict:
-        """Front batching records of this ingress replica (see ``Calls.stats``)."""
-        return self.dataplane.calls.stats()
+        """Front batching records of this ingress replica (see ``Calls.stats``); with tracing on, also
+        ``"tracing"``: spans exported, failed, dropped and queued (:meth:`maas.tracing.Tracer.counts`)."""
+        from maas import tracing
+
+        out = self.dataplane.calls.stats()
+        t = tracing.tracer()
+        if t is not None:
+            out["tracing"] = t.counts()
+        return out
 
     async def repository_index(self, ready: bool = False) -> list[dict]:
         """``POST /v2/repository/index``: every repository model with its state (``READY`` /

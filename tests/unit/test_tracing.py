@@ -431,3 +431,92 @@ def test_off_means_no_span_no_header_and_no_replica_times(memory):
         set_current(None)
     assert r.status_code == 200 and "traceparent" not in r.headers
     assert spans_of(t, mem) == []
+
+
+# ---------------------------------------------------------------------------- from a new user's trial
+
+
+def test_tracestate_keeps_whole_entries_and_duplicate_headers_follow_w3c(memory):
+    t, mem = memory
+    long = ",".join(f"vendor{i}=" + "v" * 40 for i in range(15))
+    kept = tracing.trim_tracestate(long)
+    assert len(kept) <= 512 and all(e.endswith("v" * 40) for e in kept.split(","))  # never an entry cut short
+    assert len(tracing.trim_tracestate(",".join(f"k{i}=1" for i in range(40))).split(",")) == 32
+
+    async def app_ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def call(headers, app=app_ok, path="/v1/embeddings"):
+        scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+        await tracing.TracingMiddleware(app)(scope, None, lambda m: asyncio.sleep(0))
+
+    caller = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    other = b"00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    asyncio.run(call([(b"traceparent", caller), (b"tracestate", b"a=1"), (b"tracestate", b"b=2")]))
+    asyncio.run(call([(b"traceparent", caller), (b"traceparent", other)]))
+    asyncio.run(call([], path="/readyz"))  # probes are not traced
+
+    async def app_left(scope, receive, send):
+        raise asyncio.CancelledError()
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call([(b"x-request-id", b"req-7")], app=app_left))
+    spans = spans_of(t, mem)
+    assert len(spans) == 3
+    joined, fresh, left = spans
+    assert joined.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert joined.context.trace_state.to_header() == "a=1,b=2"
+    assert fresh.context.trace_id not in (0x0AF7651916CD43DD8448EB211C80319C, 0x1AF7651916CD43DD8448EB211C80319C)
+    assert left.status.status_code.name == "UNSET" and left.attributes["maas.cancelled"] is True  # a client left
+    assert left.attributes["maas.request_id"] == "req-7"
+
+
+def test_samplers_bad_variables_and_endpoints_fail_soft_or_early(monkeypatch, caplog):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    t = tracing.configure(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    try:
+        assert t.start("x", tracing.Remote(1, 2, sampled=True)) is None  # not parent-based: off is off
+    finally:
+        tracing.configure(None)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "jaeger_remote")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "5s")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with caplog.at_level("WARNING", logger="ray.serve.maas.tracing"):
+        t = tracing.configure(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    try:
+        assert t is not None and t.sample_ratio == 1.0 and t.parent_based and t.delay_s == 5.0
+        assert t.exporter.timeout_s == 10.0
+    finally:
+        tracing.configure(None)
+    said = caplog.text
+    assert "jaeger_remote" in said and "OTEL_EXPORTER_OTLP_TIMEOUT" in said and "http/json" in said
+    with pytest.raises(ValidationError, match="protocol: grpc"):
+        TracingSpec(enabled=True, endpoint="otel-collector:4318")
+    assert TracingSpec(enabled=True, endpoint="otel-collector:4317", protocol="grpc").endpoint
+    assert tracing.OtlpHttpExporter("http://collector:4318/").path == "/v1/traces"
+
+
+def test_a_caller_mistake_does_not_fail_a_handle_span_and_generation_has_gen_ai_fields(client):
+    c, (t, mem) = client
+    from maas.errors import ModelNotFound
+
+    class Owner:
+        @tracing.traced_handle
+        async def embed(self):
+            raise ModelNotFound("no such model")
+
+    with pytest.raises(ModelNotFound):
+        asyncio.run(Owner().embed())
+    r = c.post("/v1/chat/completions", json={"model": "gen", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    spans = spans_of(t, mem)
+    handle = next(s for s in spans if s.name == "maas.handle embed")
+    assert handle.status.status_code.name == "UNSET" and handle.attributes["maas.status_code"] == 404
+    chat = next(s for s in spans if s.name == "maas.chat")
+    assert chat.attributes["gen_ai.operation.name"] == "chat" and chat.attributes["gen_ai.request.model"] == "gen"
+    assert chat.attributes["gen_ai.response.model"] == "gen"
+    assert chat.attributes["gen_ai.usage.input_tokens"] == 5 and chat.attributes["gen_ai.usage.output_tokens"] == 2

@@ -29,10 +29,10 @@ replica's spans with them. One exporter per ingress replica, no tracing configur
 an untraced request costs replicas nothing. Across nodes the replica spans carry the replica node's clock,
 as spans that a replica exported itself would.
 
-Why not the OpenTelemetry SDK's tracer: measured on the project's 2-vCPU VM, starting and ending one SDK
-span costs 35 µs (55 µs with its batch processor) and its OTLP encoder 68 µs per span; a request here has
-5–8 spans, which breaks the 0.3 ms budget at c=1. :class:`Span` records cost ~3 µs, and the OTLP protobuf
-encoder (:mod:`maas.tracing.otlp`) ~10 µs per span off the request path. The SDK stays the reference: ``tests/unit/test_tracing.py``
+Why not the OpenTelemetry SDK's tracer: measured on the project's 2-vCPU VM (``bench.tracing``'s ``micro``),
+starting and ending one SDK span with its batch processor costs ~75 µs and its OTLP encoder ~46 µs per span; a
+request here has 6–11 spans, which breaks the 0.3 ms budget at c=1. A :class:`Span` costs ~3.5 µs to create
+and end, and the OTLP encoder (:mod:`maas.tracing.otlp`) ~5 µs per span, on the export thread. The SDK stays the reference: ``tests/unit/test_tracing.py``
 decodes this encoder's bytes with ``opentelemetry-proto`` and hands the spans to the SDK's exporters
 (:class:`SdkExporter`, e.g. its ``InMemorySpanExporter``), and parses ``traceparent`` against the
 OpenTelemetry propagator.
@@ -59,7 +59,8 @@ from maas.tracing.otlp import (  # noqa: F401 - re-exported
     OtlpGrpcExporter,
     OtlpHttpExporter,
     SdkExporter,
-    _ratio_from_env,
+    _env_number,
+    _sampler_from_env,
     _resource,
     encode_otlp,
     exporter_for,
@@ -109,12 +110,35 @@ def parse_traceparent(value: str | bytes | None, tracestate: str | bytes | None 
         return None
     if isinstance(tracestate, bytes):
         tracestate = tracestate.decode("latin-1")
-    return Remote(trace_id, span_id, bool(int(flags, 16) & 1), (tracestate or "").strip()[:512])
+    return Remote(trace_id, span_id, bool(int(flags, 16) & 1), trim_tracestate(tracestate or ""))
+
+
+def trim_tracestate(value: str, limit: int = 512, entries: int = 32) -> str:
+    """``tracestate`` passed on as whole entries (W3C Trace Context 3.3.1.5): at most ``entries`` of them and
+    ``limit`` characters; entries that do not fit are dropped from the end, never cut."""
+    kept: list[str] = []
+    size = 0
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if len(kept) == entries or size + len(entry) + bool(kept) > limit:
+            break
+        kept.append(entry)
+        size += len(entry) + (len(kept) > 1)
+    return ",".join(kept)
 
 
 def format_traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str:
     """``00-<trace id>-<span id>-<flags>`` (W3C Trace Context)."""
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+
+
+def cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` says the caller left (asyncio's or Ray's cancellation, a closed stream)."""
+    import asyncio
+
+    return isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or type(exc).__name__.endswith("CancelledError")
 
 
 def error_of(exc: BaseException) -> tuple[str, int | None]:
@@ -151,6 +175,20 @@ class Span:
         return Span(self.tracer, name, self.trace_id, _rand.getrandbits(64) or 1, self.span_id, kind,
                     start_ns or time.time_ns(), attrs, self.trace_state)
 
+    def fail_server(self, exc: BaseException) -> None:
+        """A ``SERVER`` span's end by ``exc``: a caller who left is ``maas.cancelled`` (not an error: error-rate
+        views would count client aborts as failures); a 4xx (the caller's mistake) keeps its type and code
+        without failing the span (OpenTelemetry's HTTP conventions); anything else fails it."""
+        if cancelled(exc):
+            self.attrs["maas.cancelled"] = True
+            return
+        name, code = error_of(exc)
+        if code is not None and code < 500:
+            self.attrs["error.type"] = name
+            self.attrs["maas.status_code"] = code
+            return
+        self.fail(exc)
+
     def fail(self, exc: "BaseException | tuple[str, int | None]") -> None:
         """Mark the span failed by ``exc`` (or ``(its class name, its status code)``): ``error.type``, and for a
         :class:`~maas.errors.MaasError` its status code; the message is left out (it may quote input)."""
@@ -178,15 +216,17 @@ class Span:
 class Tracer:
     """Samples, records and exports spans of one process (the ingress replica).
 
-    Sampling is parent-based, as OpenTelemetry's default ``parentbased_traceidratio``: a request whose caller
-    sent a ``traceparent`` follows the caller's sampled flag; a new trace is sampled when its id's low 64
-    bits fall below ``sample_ratio × 2⁶⁴`` (the SDK's ``TraceIdRatioBased`` rule, so every service of a
-    trace decides alike). An unsampled request records nothing.
+    Sampling is parent-based by default, as OpenTelemetry's default ``parentbased_traceidratio``: a request
+    whose caller sent a ``traceparent`` follows the caller's sampled flag; a new trace is sampled when its id's
+    low 64 bits fall below ``sample_ratio × 2⁶⁴`` (the SDK's ``TraceIdRatioBased`` rule, so every service of a
+    trace decides alike). With ``parent_based=False`` (``OTEL_TRACES_SAMPLER=traceidratio``, ``always_on``,
+    ``always_off``) the ratio decides for callers' traces too. An unsampled request records nothing.
 
     Ended spans queue (at most ``max_queue`` spans; beyond, they are dropped and counted) and a daemon
     thread exports them in batches of ``batch_size`` every ``delay_s`` seconds or as soon as a batch fills
-    (the SDK's ``BatchSpanProcessor`` defaults: ``OTEL_BSP_*``). An export that fails is logged (at most once
-    a minute) and its spans dropped: tracing never holds up or fails a request.
+    (the SDK's ``BatchSpanProcessor`` defaults: ``OTEL_BSP_*``). An export that fails drops its spans and is
+    logged at most once a minute, with the counts so far (``exported``, ``failed``, ``dropped``; the ingress's
+    ``stats()`` handle method reports them too): tracing never holds up or fails a request.
 
     Args:
         exporter: Has ``export(spans: list[Span]) -> bool`` and ``close()``.
@@ -194,8 +234,8 @@ class Tracer:
     """
 
     def __init__(self, exporter, sample_ratio: float = 1.0, resource: dict | None = None, max_queue: int = 2048,
-                 batch_size: int = 512, delay_s: float = 5.0):
-        self.exporter, self.sample_ratio = exporter, sample_ratio
+                 batch_size: int = 512, delay_s: float = 5.0, parent_based: bool = True):
+        self.exporter, self.sample_ratio, self.parent_based = exporter, sample_ratio, parent_based
         self.bound = int(round(sample_ratio * (1 << 64)))
         self.resource = dict(resource or {})
         self.max_queue, self.batch_size, self.delay_s = max_queue, batch_size, delay_s
@@ -222,7 +262,7 @@ class Tracer:
         if isinstance(parent, Span):
             return parent.child(name, start_ns, attrs, kind)
         if parent is not None:
-            if not parent.sampled:
+            if not (parent.sampled if self.parent_based else self.sampled(parent.trace_id)):
                 return None
             span = Span(self, name, parent.trace_id, _rand.getrandbits(64) or 1, parent.span_id, kind,
                         start_ns or time.time_ns(), attrs, parent.trace_state)
@@ -299,13 +339,20 @@ class Tracer:
                     self.exported += len(batch)
                 else:
                     self.failed += len(batch)
+                    self._warn(getattr(self.exporter, "last_error", "") or "the exporter refused the spans")
             self._idle.set()
 
     def _warn(self, why: str) -> None:
         now = time.monotonic()
         if now - self._last_warning > 60:
             self._last_warning = now
-            logger.warning("trace export failed (%s); its spans are dropped (tracing never fails a request)", why)
+            logger.warning("trace export to %s failed (%s); its spans are dropped (tracing never fails a request). "
+                           "So far: %s. This warning repeats at most once a minute.",
+                           getattr(self.exporter, "endpoint", "?"), why, self.counts())
+
+    def counts(self) -> dict:
+        """``{"exported", "failed", "dropped", "queued"}`` spans (queued: waiting, or batches still to build)."""
+        return {"exported": self.exported, "failed": self.failed, "dropped": self.dropped, "queued": len(self._queue)}
 
 
 _TRACER: Tracer | None = None
@@ -318,24 +365,32 @@ def tracer() -> Tracer | None:
 
 def configure(spec) -> Tracer | None:
     """Start (or stop) this process's tracer from a :class:`maas.config.TracingSpec`: off unless
-    ``spec.enabled``, and off whatever the spec says when ``OTEL_SDK_DISABLED=true``. Returns the tracer.
+    ``spec.enabled``, and off whatever the spec says when ``OTEL_SDK_DISABLED=true`` (logged). A malformed
+    ``OTEL_*`` variable is logged and its default used, as the OpenTelemetry SDK does. Returns the tracer.
 
     Raises:
-        ValueError: a bad protocol or endpoint (the ingress replica then fails to start, naming it).
+        ValueError: an endpoint in the spec that its protocol cannot use (the ingress replica then fails to
+            start, naming it; :class:`maas.config.TracingSpec` refuses most such endpoints at validation).
     """
     global _TRACER
     if _TRACER is not None:
         _TRACER.close()
         _TRACER = None
-    if spec is None or not spec.enabled or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if spec is None or not spec.enabled:
         return None
-    ratio = spec.sample_ratio if spec.sample_ratio is not None else _ratio_from_env()
-    delay_ms = float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000"))
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        logger.info("tracing is enabled in the config but OTEL_SDK_DISABLED=true turns it off")
+        return None
+    if spec.sample_ratio is not None:
+        ratio, parent_based = spec.sample_ratio, True
+    else:
+        ratio, parent_based = _sampler_from_env()
     _TRACER = Tracer(exporter_for(spec), ratio, _resource(spec.service_name),
-                     max_queue=int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "2048")),
-                     batch_size=int(os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")), delay_s=delay_ms / 1000)
-    logger.info("tracing on: OTLP to %s, sampling %.3g of new traces", getattr(_TRACER.exporter, "endpoint", "?"),
-                ratio)
+                     max_queue=_env_number("OTEL_BSP_MAX_QUEUE_SIZE", 2048, int),
+                     batch_size=_env_number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, int),
+                     delay_s=_env_number("OTEL_BSP_SCHEDULE_DELAY", 5000.0, float) / 1000, parent_based=parent_based)
+    logger.info("tracing on: OTLP to %s, sampling %.3g of %s traces", getattr(_TRACER.exporter, "endpoint", "?"),
+                ratio, "new" if parent_based else "all")
     return _TRACER
 
 
@@ -392,6 +447,11 @@ def replica_spans(parent: Span, trace: dict, model_attrs: dict, pre_attrs: dict 
     model.end(max(end, trace.get("done", end)))
 
 
+#: Operations → ``gen_ai.operation.name`` (OpenTelemetry GenAI semantic conventions).
+_GEN_AI_OPERATIONS = {"embeddings": "embeddings", "completion": "text_completion", "completion-stream": "text_completion",
+                      "chat": "chat", "chat-stream": "chat", "text2text": "text_completion"}
+
+
 def op_span(operation: str, model: str) -> Span | None:
     """The operation's span (``maas.<operation>``), child of the current span, set as current; None when the
     request is not traced. The caller ends it (:func:`end_op`). A server span remembers it, so the ingress's
@@ -400,6 +460,10 @@ def op_span(operation: str, model: str) -> Span | None:
     if parent is None:
         return None
     span = parent.child(f"maas.{operation}", None, {"maas.operation": operation, "maas.model.requested": model})
+    gen_ai = _GEN_AI_OPERATIONS.get(operation)
+    if gen_ai is not None:  # OpenTelemetry's GenAI conventions, for the operations they name
+        span.attrs["gen_ai.operation.name"] = gen_ai
+        span.attrs["gen_ai.request.model"] = model
     try:
         from maas.tenants import CURRENT as TENANT
 
@@ -424,13 +488,19 @@ def answered(span: Span, result: Any) -> None:
         span.attrs["maas.route_reason"] = a.route_reason
     if a.demo_weights:
         span.attrs["maas.demo_weights"] = True
+    if "gen_ai.operation.name" in span.attrs:
+        span.attrs["gen_ai.response.model"] = a.address
+        tokens = getattr(result, "prompt_tokens", None)
+        if isinstance(tokens, int):
+            span.attrs["gen_ai.usage.input_tokens"] = tokens
+        choices = getattr(result, "choices", None)
+        if choices:
+            span.attrs["gen_ai.usage.output_tokens"] = sum(int(c.completion_tokens) for c in choices)
 
 
 def end_op(span: Span, exc: BaseException | None = None) -> None:
     """End an operation span, failed by ``exc`` when given (a caller who left: ``maas.cancelled``)."""
-    import asyncio
-
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+    if cancelled(exc):
         span.attrs["maas.cancelled"] = True
     elif exc is not None:
         span.fail(exc)
@@ -510,6 +580,11 @@ class TracingMiddleware:
     """
 
     known_routes: frozenset = frozenset()
+    #: Not traced: health and readiness probes (Kubernetes and load balancers call them every few seconds),
+    #: the API description and the playground's files.
+    excluded: frozenset = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/-/healthz",
+                                     "/-/routes", "/metrics", "/openapi.json", "/docs", "/redoc", "/favicon.ico"})
+    excluded_prefixes = ("/static-offline-docs/", "/playground/assets/")
 
     def __init__(self, app):
         self.app = app
@@ -518,23 +593,37 @@ class TracingMiddleware:
         t = _TRACER
         if t is None or scope["type"] != "http":
             return await self.app(scope, receive, send)
-        parent_header = state_header = None
-        for name, value in scope.get("headers") or ():
-            if name == b"traceparent":
-                parent_header = value
-            elif name == b"tracestate":
-                state_header = value
-        method = scope.get("method", "GET")
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
+        if path in self.excluded or path.startswith(self.excluded_prefixes):
+            return await self.app(scope, receive, send)
+        parents: list = []
+        states: list = []
+        request_id = agent = None
+        for name, value in scope.get("headers") or ():
+            if name == b"traceparent":
+                parents.append(value)
+            elif name == b"tracestate":
+                states.append(value.decode("latin-1"))
+            elif name == b"x-request-id":
+                request_id = value
+            elif name == b"user-agent":
+                agent = value
+        # W3C: several traceparent headers are invalid (a new trace); several tracestate headers are one list
+        remote = parse_traceparent(parents[0], ",".join(states)) if len(parents) == 1 else None
+        method = scope.get("method", "GET")
         route = route_of(path, self.known_routes)
-        attrs = {"http.request.method": method, "url.scheme": scope.get("scheme", "http")}
+        attrs = {"http.request.method": method, "url.scheme": scope.get("scheme", "http"),
+                 "network.protocol.version": scope.get("http_version", "1.1")}
         if route:
             attrs["http.route"] = route
             attrs["url.path"] = path
-        span = t.start(f"{method} {route}" if route else method, parse_traceparent(parent_header, state_header),
-                       SERVER, attrs)
+        if request_id:  # Serve's request id (HAProxy or the caller sets it): joins the trace to Serve's logs
+            attrs["maas.request_id"] = request_id.decode("latin-1")[:128]
+        if agent:
+            attrs["user_agent.original"] = agent.decode("latin-1")[:256]
+        span = t.start(f"{method} {route}" if route else method, remote, SERVER, attrs)
         if span is None:
             return await self.app(scope, receive, send)
         status = 0
@@ -551,7 +640,10 @@ class TracingMiddleware:
         try:
             await self.app(scope, receive, traced_send)
         except BaseException as exc:
-            span.fail(exc)
+            if cancelled(exc):  # the client left: not a server error
+                span.attrs["maas.cancelled"] = True
+            else:
+                span.fail(exc)
             raise
         finally:
             CURRENT.reset(token)
@@ -619,7 +711,7 @@ async def handle_call(method, owner, args: tuple, kwargs: dict, trace_context: d
     try:
         return await method(owner, *args, **kwargs)
     except BaseException as exc:
-        span.fail(exc)
+        span.fail_server(exc)
         raise
     finally:
         CURRENT.reset(token)
@@ -638,7 +730,7 @@ async def handle_stream(method, owner, args: tuple, kwargs: dict, trace_context:
         async for item in method(owner, *args, **kwargs):
             yield item
     except BaseException as exc:
-        end_op(span, exc) if isinstance(exc, GeneratorExit) else span.fail(exc)
+        span.fail_server(exc)
         raise
     finally:
         try:
