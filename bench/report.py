@@ -14,6 +14,8 @@ Ratios:
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 PEERS = ("LitServe", "FastAPI")
@@ -431,3 +433,27 @@ if __name__ == "__main__":  # python -m bench.report RESULT.json [--docs docs/be
         write_block(result, args.result, args.docs)
     else:
         print(summary_table(result))
+
+
+def section_main(argv, prog: str, doc: str, suffix: str, run, markdown, after=None) -> int:
+    """``python -m bench.<section>``: run one section of ``make bench`` alone in a temporary work directory and
+    write ``bench/results/<date>-<suffix>.json`` and ``.md`` (``after(result, stem_path)`` adds files: a plot)."""
+    import argparse
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from bench import systems
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    ap.add_argument("--name", default=time.strftime("%Y-%m-%d") + f"-{suffix}")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix=f"maas-bench-{suffix}-") as tmp:
+        result = run(Path(tmp))
+    out = systems.ROOT / "bench" / "results"
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(markdown(result)))
+    if after is not None:
+        after(result, out / args.name)
+    print("\n".join(markdown(result)))
+    return 0

@@ -439,20 +439,9 @@ def markdown(r: dict | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from bench.report import section_main
 
-    ap = argparse.ArgumentParser(prog="python -m bench.tenants", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--name", default=time.strftime("%Y-%m-%d") + "-tenants")
-    args = ap.parse_args(argv)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="maas-bench-tenants-") as tmp:
-        result = run(Path(tmp))
-    out = systems.ROOT / "bench" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text("\n".join(markdown(result)))
-    print("\n".join(markdown(result)))
-    return 0
+    return section_main(argv, "python -m bench.tenants", __doc__, "tenants", run, markdown)
 
 
 if __name__ == "__main__":

@@ -344,15 +344,8 @@ def run(workdir: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     jpeg = _jpeg()
     out: dict = {"micro": micro_us(), "path": path_us()}
-    server.start(timeout_s=420)
+    server.start(timeout_s=420)  # waits for /readyz: every model of the app ready
     try:
-        import requests
-
-        deadline = time.monotonic() + 300
-        while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the traced app did not get ready")
-            time.sleep(1)
         for traced in (True, False):  # warm both
             load.run(url, [_embed(traced), _image(traced, jpeg)], concurrency=2, duration_s=3)
         out["c1"] = _paired_c1(port)
@@ -423,20 +416,10 @@ def picture(r: dict | None, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import tempfile
+    from bench.report import section_main
 
-    ap = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--name", default=time.strftime("%Y-%m-%d") + "-tracing")
-    args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="maas-bench-tracing-") as tmp:
-        result = run(Path(tmp))
-    out = systems.ROOT / "bench" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text("\n".join(markdown(result)))
-    picture(result, out / f"{args.name}-trace.png")
-    print("\n".join(markdown(result)))
-    return 0
+    return section_main(argv, "python -m bench.tracing", __doc__, "tracing", run, markdown,
+                        after=lambda result, stem: picture(result, stem.with_name(stem.name + "-trace.png")))
 
 
 if __name__ == "__main__":
