@@ -536,7 +536,10 @@ def batch_spans(traced: list[tuple[Span, int]], jobs: int, items: int, dispatche
             ride.links.append(link)
             ride.end(answered_ns)
     if error is not None:
-        batch.fail(error)
+        if error[0].endswith("CancelledError"):  # every caller in it left
+            batch.attrs["maas.cancelled"] = True
+        else:
+            batch.fail(error)
     elif info is not None:
         replica_spans(batch, info, attrs, pre_attrs)
     batch.end(answered_ns)
