@@ -32,10 +32,10 @@ as spans that a replica exported itself would.
 Why not the OpenTelemetry SDK's tracer: measured on the project's 2-vCPU VM (``bench.tracing``'s ``micro``),
 starting and ending one SDK span with its batch processor costs ~75 µs and its OTLP encoder ~46 µs per span; a
 request here has 6–11 spans, which breaks the 0.3 ms budget at c=1. A :class:`Span` costs ~3.5 µs to create
-and end, and the OTLP encoder (:mod:`maas.tracing.otlp`) ~5 µs per span, on the export thread. The SDK stays the reference: ``tests/unit/test_tracing.py``
-decodes this encoder's bytes with ``opentelemetry-proto`` and hands the spans to the SDK's exporters
-(:class:`SdkExporter`, e.g. its ``InMemorySpanExporter``), and parses ``traceparent`` against the
-OpenTelemetry propagator.
+and end, and the OTLP encoder (:mod:`maas.tracing.otlp`) ~5 µs per span, on the export thread. The SDK stays
+the reference: ``tests/unit/test_tracing.py`` decodes this encoder's bytes with ``opentelemetry-proto``, hands
+the spans to the SDK's exporters (:class:`SdkExporter`, e.g. its ``InMemorySpanExporter``), and parses
+``traceparent`` against the OpenTelemetry propagator.
 
 No payload, prompt, key or image goes into a span: attributes are names, ids, counts, times and statuses
 (DESIGN.md), and an error's span says its type and code, not its message.
@@ -81,7 +81,8 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 
 class Remote:
     """A caller's span context from W3C ``traceparent``: ``trace_id`` (128-bit int), ``span_id`` (64-bit
-    int), ``sampled`` (its flag) and ``trace_state`` (``tracestate``, passed on unchanged)."""
+    int), ``sampled`` (its flag) and ``trace_state`` (``tracestate``, passed on as whole entries:
+    :func:`trim_tracestate`)."""
 
     __slots__ = ("trace_id", "span_id", "sampled", "trace_state")
 
@@ -448,8 +449,9 @@ def replica_spans(parent: Span, trace: dict, model_attrs: dict, pre_attrs: dict 
 
 
 #: Operations → ``gen_ai.operation.name`` (OpenTelemetry GenAI semantic conventions).
-_GEN_AI_OPERATIONS = {"embeddings": "embeddings", "completion": "text_completion", "completion-stream": "text_completion",
-                      "chat": "chat", "chat-stream": "chat", "text2text": "text_completion"}
+_GEN_AI_OPERATIONS = {"embeddings": "embeddings", "completion": "text_completion",
+                      "completion-stream": "text_completion", "chat": "chat", "chat-stream": "chat",
+                      "text2text": "text_completion"}
 
 
 def op_span(operation: str, model: str) -> Span | None:
@@ -744,5 +746,7 @@ async def handle_stream(method, owner, args: tuple, kwargs: dict, trace_context:
 
 
 __all__ = ["CURRENT", "Remote", "Span", "Tracer", "configure", "current", "encode_otlp", "exporter_for",
-           "format_traceparent", "parse_traceparent", "replica_spans", "op_span", "end_op", "answered", "batch_spans", "call_spans", "error_of", "TracingMiddleware", "traced_handle", "route_of", "handle_call", "handle_stream", "replica_tag", "tracer", "use",
-           "OtlpHttpExporter", "OtlpGrpcExporter", "SdkExporter", "INTERNAL", "SERVER", "CLIENT", "OK", "ERROR"]
+           "format_traceparent", "parse_traceparent", "replica_spans", "op_span", "end_op", "answered",
+           "batch_spans", "call_spans", "error_of", "TracingMiddleware", "traced_handle", "route_of", "handle_call",
+           "handle_stream", "replica_tag", "tracer", "use", "OtlpHttpExporter", "OtlpGrpcExporter", "SdkExporter",
+           "INTERNAL", "SERVER", "CLIENT", "OK", "ERROR"]
