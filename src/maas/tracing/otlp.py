@@ -240,6 +240,8 @@ class OtlpHttpExporter:
         return self._conn
 
     def export(self, spans: list, resource: dict) -> bool:
+        import http.client
+
         body = encode_otlp(spans, resource, yield_every=32)
         headers = dict(self.headers)
         if self.compression == "gzip":
@@ -255,7 +257,7 @@ class OtlpHttpExporter:
                     return True
                 self.last_error = f"HTTP {resp.status}"
                 return False
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, a garbled answer: reconnect
                 self.close()
                 self.last_error = type(exc).__name__
         return False
