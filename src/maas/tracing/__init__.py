@@ -31,11 +31,12 @@ as spans that a replica exported itself would.
 
 Why not the OpenTelemetry SDK's tracer: measured on the project's 2-vCPU VM (``bench.tracing``'s ``micro``),
 starting and ending one SDK span with its batch processor costs ~75 µs and its OTLP encoder ~46 µs per span; a
-request here has 6–11 spans, which breaks the 0.3 ms budget at c=1. A :class:`Span` costs ~3.5 µs to create
-and end, and the OTLP encoder (:mod:`maas.tracing.otlp`) ~5 µs per span, on the export thread. The SDK stays
-the reference: ``tests/unit/test_tracing.py`` decodes this encoder's bytes with ``opentelemetry-proto``, hands
-the spans to the SDK's exporters (:class:`SdkExporter`, e.g. its ``InMemorySpanExporter``), and parses
-``traceparent`` against the OpenTelemetry propagator.
+request here has 6–11 spans, which breaks the 0.3 ms budget at c=1. A :class:`Span` costs ~10 µs measured the
+same way (~3.5 µs to create and end when the garbage collector has no queue to walk), and the OTLP encoder
+(:mod:`maas.tracing.otlp`) ~5 µs per span, on the export thread. The SDK stays the reference:
+``tests/unit/test_tracing.py`` decodes this encoder's bytes with ``opentelemetry-proto``, hands the spans to
+the SDK's exporters (:class:`SdkExporter`, e.g. its ``InMemorySpanExporter``), and parses ``traceparent``
+against the OpenTelemetry propagator.
 
 No payload, prompt, key or image goes into a span: attributes are names, ids, counts, times and statuses
 (DESIGN.md), and an error's span says its type and code, not its message.
