@@ -594,12 +594,6 @@ class IngressSpec(_Strict):
     )
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="One encoded image, bytes, at most.")
     model_call_timeout_s: float = Field(default=60.0, gt=0, description="Wait for a model's answer, seconds.")
-    preprocessor_calls_model: bool = Field(
-        default=True,
-        description="One-forward operations (embeddings, classification): the ingress makes one call per front "
-                    "batch and the preprocessor replica calls the model, so token ids and pixels never pass "
-                    "through the ingress (maas.preprocess.forward). false: the ingress calls the preprocessor, "
-                    "then the model (two calls per batch, the arrays through the ingress); kept for comparison.")
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1,
         description="Request body size limit, bytes; larger bodies get 413 before they are read in full.",

@@ -52,14 +52,10 @@ class Method:
 
 
 class FakePre:
-    """A preprocessor: hands the jobs through as one ``Preprocessed`` (items counted per job).
-    ``forward`` (``maas.preprocess.forward``) then calls the model deployment named by its target
-    (``models``: deployment name → FakeModel)."""
+    """A preprocessor: hands the jobs through as one ``Preprocessed`` (items counted per job)."""
 
-    def __init__(self, models: dict | None = None):
+    def __init__(self):
         self.calls = 0
-        self.models = models or {}
-        self.forward = Method(self._forward)
 
     def remote(self, jobs, model=None):
         self.calls += 1
@@ -68,15 +64,6 @@ class FakePre:
             rows = [len(j.values) if hasattr(j, "values") else len(j) for j in jobs]
             return Preprocessed(inputs=list(jobs), rows=rows, errors=[None] * len(jobs))
         return Response(run())
-
-    async def _forward(self, jobs, model, target, params, deadlines, backlog_items=None):
-        response = self.models[target.deployment].remote(self.remote(jobs, model), params, deadlines,
-                                                         backlog_items=backlog_items)
-        try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()
-            raise
 
 
 class FakeModel:
@@ -191,7 +178,7 @@ def spec(name, family="text-encoder", tasks=("embeddings",), **extra):
 def plane(specs, answers, timeout_s=5.0, **ingress):
     """A Dataplane over fakes: ``answers`` maps address → FakeModel."""
     config = AppConfig.model_validate({"models": specs, "ingress": {"model_call_timeout_s": timeout_s, **ingress}})
-    pre = FakePre({s.deployment_name: answers[s.key] for s in config.models})
+    pre = FakePre()
     dp = Dataplane(config, {s.key: answers[s.key] for s in config.models}, {s.key: pre for s in config.models},
                    watch=FakeWatch())
     return dp, pre

@@ -41,7 +41,6 @@ from maas.errors import (
     TaskNotSupported,
     unwrap,
 )
-from maas.preprocess.forward import Target
 from maas.tenants import CURRENT, charge
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
@@ -261,16 +260,11 @@ class Calls:
         dep = spec.deployment_name
         label = key[0] if shared else address
 
-        target = self.forward_target(route) if self.limits.preprocessor_calls_model else None
-
         def dispatch(jobs):
+            pre = route.pre.remote([j.payload for j in jobs], model=label)
             backlog = b.queued_items / max(1, self.watch.running(dep))
-            payloads, params, deadlines = [j.payload for j in jobs], [j.params for j in jobs], [j.deadline_s for j in jobs]
-            if target is not None:  # one call: the preprocessor calls the model (maas.preprocess.forward)
-                return route.pre.forward.remote(payloads, label, target, params, deadlines, backlog)
-            pre = route.pre.remote(payloads, model=label)
             call = shared if shared is not None else route.model
-            return call.remote(pre, params, deadlines, backlog_items=backlog)
+            return call.remote(pre, [j.params for j in jobs], [j.deadline_s for j in jobs], backlog_items=backlog)
 
         def max_inflight() -> int:
             depth = self.settings(address).pipeline_depth or (2 if spec.resources.num_gpus > 0 else 1)
@@ -305,17 +299,6 @@ class Calls:
             if span is not None:
                 out.pop("trace", None)
         return out
-
-    def forward_target(self, route: Route) -> Target:
-        """The model deployment the preprocessor calls for ``route``'s front batches: the model's own, or for a
-        repository model its pool's (with the model's name as Serve's multiplexed model id; the pool's ``heads``
-        method for head-only models, whose batches mix models)."""
-        spec = route.spec
-        if getattr(spec, "pool_deployment", None) is None:
-            return Target(spec.deployment_name)
-        if self.shared_heads(route) is not None:
-            return Target(spec.pool_deployment, "heads")
-        return Target(spec.pool_deployment, model_id=spec.key)
 
     @staticmethod
     def shared_heads(route: Route):

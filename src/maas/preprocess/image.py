@@ -302,11 +302,9 @@ def explain_view(data: bytes | np.ndarray, spec: ImagePreprocessingSpec, view: s
 
 from ray import serve  # noqa: E402 - the deployment below is the only Ray-dependent part
 
-from maas.preprocess.forward import Forwarding  # noqa: E402
-
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.2})
-class ImagePreprocessor(Forwarding):
+class ImagePreprocessor:
     """Shared image preprocessing deployment (CPU only, no torch), one per preprocessing key.
 
     Args:

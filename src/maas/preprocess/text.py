@@ -41,7 +41,6 @@ from maas import metrics
 from maas.batching.jobs import Preprocessed
 from maas.config import HuggingFaceSource, PackageSource
 from maas.errors import InvalidRequest, MaasError
-from maas.preprocess.forward import Forwarding
 from maas.weights import hf_load_error, hf_location
 
 logger = logging.getLogger("ray.serve.maas.preprocess.text")
@@ -448,7 +447,7 @@ def tokenize_jobs(tokenizer: TextTokenizer, jobs: list[TextJob]) -> Preprocessed
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
-class Tokenizer(Forwarding):
+class Tokenizer:
     """Shared tokenizer deployment (CPU only, no torch). One per distinct tokenizer source.
 
     Args:
