@@ -1,0 +1,15 @@
+"""bench.ab (one tree, two settings): the settings it applies and the table it reports."""
+
+from bench import ab
+
+
+def test_the_settings_ab_bench_sets_nested_args_and_reports_medians_per_side():
+    path, value = ab.parse_set("ingress.preprocessor_calls_model=false")
+    args = {"models": []}
+    ab.apply(args, path, value)
+    assert args["ingress"] == {"preprocessor_calls_model": False}
+    rows = [{"forward": "null", "workload": "embed-1", "concurrency": 64, "side": s, "order": i,
+             "requests_per_s": rps, "p50_ms": 1.0, "cpu_ms_per_request": {"ingress": cpu, "total": 2 * cpu}}
+            for i, (s, rps, cpu) in enumerate([("A", 100, 1.0), ("B", 80, 2.0), ("B", 90, 3.0), ("A", 120, 1.5)])]
+    md = "\n".join(ab.markdown({"set": [{"path": "ingress.x", "value": False}], "duration_s": 1, "rows": rows}))
+    assert "| null | embed-1 | 64 | 100.0 80.0 90.0 120.0 | 110 / 85 | 1.25 / 2.5 |" in md
