@@ -4,7 +4,7 @@ A change that has a switch is measured here against itself, not against another 
 build VM the bench's second server ran consistently faster than its first whatever tree each ran
 (an A/A of one tree against itself showed the same gap as the A/B), so a cross-tree A/B cannot
 attribute a few percent. This runs the app as shipped (A) and with ``--set`` applied to the app's
-``args`` (B) in the order A-B-B-A, each start its own cluster, and reports every run and the median
+``args`` (B; ``models.*.batching.max_forwards_per_call=1`` sets it on every model) in the order A-B-B-A, each start its own cluster, and reports every run and the median
 per side.
 
 Points (:func:`bench.null.measure`: closed-loop load, process CPU per request by role):
@@ -51,9 +51,14 @@ def parse_set(text: str) -> tuple[list[str], object]:
     return path.split("."), yaml.safe_load(value)
 
 
-def apply(args: dict, path: list[str], value) -> None:
-    """Set ``args[path[0]]...[path[-1]] = value`` (intermediate mappings made as needed)."""
-    for key in path[:-1]:
+def apply(args, path: list[str], value) -> None:
+    """Set ``args[path[0]]...[path[-1]] = value`` (intermediate mappings made as needed); a ``*`` step
+    applies the rest of the path to every entry of a list (``models.*.batching.max_batch_size=16``)."""
+    for i, key in enumerate(path[:-1]):
+        if key == "*":
+            for entry in args:
+                apply(entry, path[i + 1:], value)
+            return
         args = args.setdefault(key, {})
     args[path[-1]] = value
 

@@ -36,7 +36,7 @@ class FakeCall:
         self.future.set_result(results if results is not None else [f"answer:{j.payload}" for j in self.jobs])
 
 
-def front(max_inflight=1, max_batch_items=8, max_queued_items=64):
+def front(max_inflight=1, max_batch_items=8, max_queued_items=64, max_forwards_per_call=1):
     calls: list[FakeCall] = []
 
     def dispatch(jobs):
@@ -45,7 +45,7 @@ def front(max_inflight=1, max_batch_items=8, max_queued_items=64):
 
     batcher = FrontBatcher("m", dispatch, lambda exc: MaasError(f"mapped {type(exc).__name__}"),
                            max_batch_items=max_batch_items, max_queued_items=max_queued_items,
-                           max_inflight=lambda: max_inflight)
+                           max_inflight=lambda: max_inflight, max_forwards_per_call=max_forwards_per_call)
     return batcher, calls
 
 
@@ -93,6 +93,39 @@ def test_batches_are_bounded_in_items_and_whole_jobs_only():
         assert [j.payload for j in calls[2].jobs] == ["y", "z"]
         calls[2].answer()
         await asyncio.gather(busy, *tasks)
+
+    asyncio.run(scenario())
+
+
+def test_under_load_a_call_carries_its_share_of_the_queue_up_to_several_forwards():
+    async def scenario():
+        batcher, calls = front(max_inflight=2, max_batch_items=4, max_queued_items=256, max_forwards_per_call=3)
+        busy = [asyncio.create_task(batcher.submit(p, {}, 1, None)) for p in ("a", "b")]
+        await until(lambda: len(calls) == 2)  # each alone: nothing was queued behind them
+        tasks = [asyncio.create_task(batcher.submit(f"q{i}", {}, 2, None)) for i in range(16)]  # 32 items
+        await until(lambda: batcher.queued_items == 32)
+        calls[0].answer()
+        await until(lambda: len(calls) == 3)
+        assert sum(j.items for j in calls[2].jobs) == 12  # 3 forwards' worth, not the 16 of its share
+        calls[1].answer()
+        await until(lambda: len(calls) == 4)
+        assert sum(j.items for j in calls[3].jobs) == 10  # its share: 20 queued over 2 batches out
+        calls[2].answer()
+        await until(lambda: len(calls) == 5)
+        assert sum(j.items for j in calls[4].jobs) == 4  # its share (10 over 2 batches out: 5), whole jobs
+        deadline = time.monotonic() + 5
+        while not batcher.idle:  # the rest drains as the model answers, nothing lost
+            assert time.monotonic() < deadline, "the queue did not drain"
+            for call in [c for c in calls if not c.future.done()]:
+                assert sum(j.items for j in call.jobs) <= 12
+                call.answer()
+            await asyncio.sleep(0)
+        assert [await t for t in tasks] == [f"answer:q{i}" for i in range(16)]
+        await asyncio.gather(*busy)
+        batcher.max_forwards_per_call = 1
+        batcher.queued_items = 100
+        assert batcher.call_items() == 4  # 1: one forward per call, whatever is queued
+        batcher.queued_items = 0
 
     asyncio.run(scenario())
 
@@ -224,6 +257,34 @@ def test_pull_batcher_takes_what_queued_while_the_forward_ran():
         assert [await t for t in later] == [[20], [30], [40]]
         assert batches == [[1], [2, 3, 4]]  # one forward for the three that waited
         assert batcher.batch_items == {1: 1, 3: 1}
+
+    asyncio.run(scenario())
+
+
+def test_pull_batcher_runs_a_call_of_several_forwards_worth_as_forwards_and_answers_it_once():
+    async def scenario():
+        release = asyncio.Event()
+        batches: list[list[int]] = []
+
+        async def run(requests):
+            batches.append([r.params["tag"] for r in requests])
+            if len(batches) == 1:
+                await release.wait()
+            return [r.params["tag"] * 10 for r in requests]
+
+        batcher = PullBatcher(run, "m", max_batch_size=8)
+        first = asyncio.create_task(batcher.submit([image_request(tag=0)], [None], [0]))
+        await until(lambda: len(batches) == 1)
+        big = [image_request(n=3, tag=t) for t in range(1, 6)]  # 5 jobs of 3 items: 15 items, 2 forwards
+        whole = asyncio.create_task(batcher.submit(big, [None] * 6, [0, 1, 2, 4, 5]))
+        other = asyncio.create_task(batcher.submit([image_request(tag=9)], [None], [0]))
+        await until(lambda: batcher.queued_items == 16)
+        release.set()
+        assert await first == [0]
+        assert await whole == [10, 20, 30, None, 40, 50]  # every job's answer in its place, one return
+        assert await other == [90]
+        assert batches == [[0], [1, 2], [3, 4], [5, 9]]  # whole jobs, at most 8 items per forward
+        assert batcher.queued_items == 0
 
     asyncio.run(scenario())
 

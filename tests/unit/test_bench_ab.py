@@ -8,6 +8,10 @@ def test_the_settings_ab_bench_sets_nested_args_and_reports_medians_per_side():
     args = {"models": []}
     ab.apply(args, path, value)
     assert args["ingress"] == {"preprocessor_calls_model": False}
+    args = {"models": [{"name": "a"}, {"name": "b", "batching": {"max_batch_size": 8}}]}
+    ab.apply(args, *ab.parse_set("models.*.batching.max_forwards_per_call=1"))
+    assert [m["batching"] for m in args["models"]] == [{"max_forwards_per_call": 1},
+                                                       {"max_batch_size": 8, "max_forwards_per_call": 1}]
     rows = [{"forward": "null", "workload": "embed-1", "concurrency": 64, "side": s, "order": i,
              "requests_per_s": rps, "p50_ms": 1.0, "cpu_ms_per_request": {"ingress": cpu, "total": 2 * cpu}}
             for i, (s, rps, cpu) in enumerate([("A", 100, 1.0), ("B", 80, 2.0), ("B", 90, 3.0), ("A", 120, 1.5)])]

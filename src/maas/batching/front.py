@@ -10,7 +10,10 @@ at most ``max_inflight()`` batches are out at once (the model's ``pipeline_depth
 running replica: 1 on CPU, 2 on GPU so one batch collates while one computes). While they
 are out, requests queue here; when one comes back, everything queued (up to
 ``max_batch_items`` items, whole jobs only) leaves as the next batch. An idle model gets a
-lone request at once: there is no timer.
+lone request at once: there is no timer. When more than one forward's worth is queued, a batch
+may carry up to ``max_forwards_per_call`` forwards' worth (its share of the queue,
+:meth:`FrontBatcher.call_items`), which the replica's pull batcher runs as separate forwards: the
+per-call cost of Serve is then paid once per several forwards.
 
 Each job keeps its own answer, error, deadline and cancellation inside the batch:
 
@@ -97,19 +100,22 @@ class FrontBatcher:
             awaitable with ``cancel()`` (Serve's ``DeploymentResponse``) whose result is one
             answer (or MaasError) per job. Exceptions it raises are mapped by ``map_error``.
         map_error: Turns a failed call's exception into the MaasError each job then gets.
-        max_batch_items: Items per batch at most (a job larger than this goes alone).
+        max_batch_items: Items per forward at most: a batch's size unless more is queued (a job larger than
+            this goes alone).
         max_queued_items: Items waiting at most; beyond, 503 at once.
         max_inflight: Batches out at once at most (called at each decision, so it follows
             the model's running replica count).
+        max_forwards_per_call: Under load, a batch carries up to this many forwards' worth (:meth:`call_items`).
     """
 
     def __init__(self, name: str, dispatch: Callable[[list[Job]], Any], map_error: Callable[[BaseException], MaasError],
                  *, max_batch_items: int, max_queued_items: int, max_inflight: Callable[[], int],
-                 trace_attrs: tuple[dict, dict] = ({}, {})):
+                 max_forwards_per_call: int = 1, trace_attrs: tuple[dict, dict] = ({}, {})):
         self.name = name
         self.trace_attrs = trace_attrs  # (the model's, the preprocessor's) span attributes (maas.tracing)
         self.dispatch, self.map_error = dispatch, map_error
         self.max_batch_items, self.max_queued_items, self.max_inflight = max_batch_items, max_queued_items, max_inflight
+        self.max_forwards_per_call = max_forwards_per_call
         self._queue = FairQueue()
         self.queued_items = 0
         self.inflight = 0
@@ -159,8 +165,19 @@ class FrontBatcher:
         return {"batches": self.batches_sent, "jobs_per_batch": dict(self.jobs_per_batch),
                 "queued_items": self.queued_items, "inflight": self.inflight}
 
+    def call_items(self) -> int:
+        """Items the next batch may carry: one forward's worth (``max_batch_items``), or, when more is queued,
+        the queue shared among the batches that can be out (``max_inflight()``) up to ``max_forwards_per_call``
+        forwards' worth. A light load sends what it did before; under load the per-call cost is paid once per
+        several forwards, and the queue is still spread over every replica (a call never takes more than its
+        share, so one replica is not handed all the work while another idles)."""
+        if self.max_forwards_per_call <= 1 or self.queued_items <= self.max_batch_items:
+            return self.max_batch_items
+        share = -(-self.queued_items // max(1, self.max_inflight()))  # ceil
+        return max(self.max_batch_items, min(self.max_forwards_per_call * self.max_batch_items, share))
+
     def _take(self) -> list[Job]:
-        return self._queue.take(self.max_batch_items, lambda j: j.items, lambda j: j.cancelled or j.future.done(),
+        return self._queue.take(self.call_items(), lambda j: j.items, lambda j: j.cancelled or j.future.done(),
                                 self._removed)
 
     def _removed(self, job: Job) -> None:

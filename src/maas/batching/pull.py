@@ -20,23 +20,39 @@ logger = logging.getLogger("ray.serve.maas.models")
 
 @dataclass
 class _Call:
-    """One handle call waiting in a replica's queue: its jobs' requests and where answers go."""
+    """One handle call waiting on a replica: where its jobs' answers go, and how many are still out."""
 
-    requests: list  # of maas.models.base.ModelRequest
     results: list[Any]
-    pending: list[int]  # positions in ``results`` still to be answered
     future: asyncio.Future
-    items: int
+    remaining: int  # jobs not answered yet
     cancelled: bool = False
+
+    def answered(self) -> None:
+        """One more of its jobs is answered (or dropped): the call returns with the last one."""
+        self.remaining -= 1
+        if self.remaining <= 0 and not self.future.done():
+            self.future.set_result(self.results)
+
+
+@dataclass
+class _Job:
+    """One job (request) of a call in the replica's queue: its ``ModelRequest`` and its answer's position."""
+
+    request: Any  # maas.models.base.ModelRequest
+    call: _Call
+    pos: int
+    items: int
 
 
 class PullBatcher:
     """Batches form where work is pulled: the forward thread takes what is queued.
 
-    Calls queue here (each holds one or more jobs, each job one or more items). A worker task
-    takes *everything* queued, up to ``max_batch_size`` items (never splitting a call; a call
+    Calls queue here as their jobs (each call holds one or more jobs, each job one or more items).
+    A worker task takes *everything* queued, up to ``max_batch_size`` items (whole jobs: a job
     larger than that runs alone), as soon as the previous batch is done, so a busy replica runs
-    big batches and keeps its forward busy. Only when the replica is idle (nothing ran since
+    big batches and keeps its forward busy. A call that holds more than one forward's worth (the
+    ingress sends up to ``max_forwards_per_call`` forwards' worth under load, see
+    :class:`maas.batching.front.FrontBatcher`) runs as several forwards and returns with its last job. Only when the replica is idle (nothing ran since
     the queue last emptied) does the worker wait up to ``batch_wait_timeout_s`` for the batch
     to fill, and only if that is above 0.
 
@@ -63,7 +79,7 @@ class PullBatcher:
                  after_batch=None):
         self.run, self.name, self.after_batch = run, name, after_batch
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
-        self._queue: deque[_Call] = deque()
+        self._queue: deque[_Job] = deque()
         self.queued_items = 0
         self.running_items = 0
         self._wakeup: asyncio.Event | None = None
@@ -84,23 +100,27 @@ class PullBatcher:
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
 
     async def submit(self, requests: list, results: list[Any], pending: list[int]) -> list[Any]:
-        """Queue ``requests`` (answers go to ``results[pending[i]]``); returns ``results``.
+        """Queue ``requests`` (answers go to ``results[pending[i]]``); returns ``results`` once every
+        one is answered.
 
         Raises:
             asyncio.CancelledError: the caller cancelled; its jobs are dropped if not started,
                 and running generation stops at its next step.
         """
+        if not requests:
+            return results
         loop = asyncio.get_running_loop()
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work(), name=f"maas-batcher-{self.name}")
         now = time.perf_counter()
-        for r in requests:
+        call = _Call(results, loop.create_future(), len(requests))
+        for pos, r in zip(pending, requests):
             r.enqueued_at = now
-        call = _Call(requests, results, pending, loop.create_future(), sum(len(r.inputs) for r in requests))
-        self._queue.append(call)
-        self.queued_items += call.items
+            job = _Job(r, call, pos, len(r.inputs))
+            self._queue.append(job)
+            self.queued_items += job.items
         self._wakeup.set()
         try:
             return await call.future
@@ -110,12 +130,12 @@ class PullBatcher:
                 r.cancelled = True
             raise
 
-    def _take(self) -> list[_Call]:
-        return take_whole(self._queue, self.max_batch_size, lambda c: c.items,
-                          lambda c: c.cancelled or c.future.done(), self._removed)
+    def _take(self) -> list[_Job]:
+        return take_whole(self._queue, self.max_batch_size, lambda j: j.items,
+                          lambda j: j.call.cancelled or j.call.future.done(), self._removed)
 
-    def _removed(self, call: _Call) -> None:
-        self.queued_items -= call.items
+    def _removed(self, job: _Job) -> None:
+        self.queued_items -= job.items
 
     async def _work(self) -> None:
         assert self._wakeup is not None
@@ -133,25 +153,26 @@ class PullBatcher:
                     except asyncio.TimeoutError:
                         break
             self._idle = False
-            calls = self._take()
-            if calls:
-                await self._run(calls)
+            jobs = self._take()
+            if jobs:
+                await self._run(jobs)
 
-    async def _run(self, calls: list[_Call]) -> None:
+    async def _run(self, jobs: list[_Job]) -> None:
         from maas.errors import MaasError, ModelTimeout
 
-        live: list[tuple[_Call, int, Any]] = []
-        for call in calls:
-            for pos, r in zip(call.pending, call.requests):
-                if r.cancelled:
-                    continue
-                if r.abandoned:
-                    call.results[pos] = ModelTimeout(
-                        f"model {self.name!r} did not start this request before its deadline; retry later "
-                        "or send less work per request")
-                    continue
-                live.append((call, pos, r))
-        requests = [r for _, _, r in live]
+        live: list[_Job] = []
+        for job in jobs:
+            r = job.request
+            if r.cancelled:
+                continue  # its caller is gone: nobody waits for the call
+            if r.abandoned:
+                job.call.results[job.pos] = ModelTimeout(
+                    f"model {self.name!r} did not start this request before its deadline; retry later "
+                    "or send less work per request")
+                job.call.answered()
+                continue
+            live.append(job)
+        requests = [j.request for j in live]
         waits_ms: list[float] = []
         items = 0
         if requests:
@@ -185,11 +206,9 @@ class PullBatcher:
                 outputs = [exc] * len(requests)
             finally:
                 self.running_items = 0
-            for (call, pos, _), out in zip(live, outputs):
-                call.results[pos] = out
-        for call in calls:
-            if not call.future.done():
-                call.future.set_result(call.results)
+            for job, out in zip(live, outputs):
+                job.call.results[job.pos] = out
+                job.call.answered()
         if requests:  # metrics after the answers are on their way: they cost ~50 µs each
             metrics.batch(self.name, items)
             for ms in waits_ms:

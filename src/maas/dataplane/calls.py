@@ -215,7 +215,7 @@ class Calls:
             self._settings[address] = (settings, time.monotonic())
             for (a, _), b in self._batchers.items():
                 if a == address:
-                    b.max_batch_items = settings.max_batch_size
+                    b.max_batch_items, b.max_forwards_per_call = settings.max_batch_size, settings.max_forwards_per_call
 
     def settings(self, address: str) -> BatchingSpec:
         """The batching settings ``address`` runs with (its replica's last report, else its spec's).
@@ -272,6 +272,7 @@ class Calls:
 
         b = FrontBatcher(label, dispatch, lambda exc: self.domain_error(exc, label),
                          max_batch_items=self.settings(address).max_batch_size,
+                         max_forwards_per_call=self.settings(address).max_forwards_per_call,
                          max_queued_items=spec.resolved_max_queued_items, max_inflight=max_inflight,
                          trace_attrs=({"maas.address": label, "maas.deployment": dep, "maas.operation": operation},
                                       {"maas.deployment": getattr(route.pre, "deployment_name", "")}))
