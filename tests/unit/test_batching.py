@@ -236,18 +236,24 @@ def image_request(n=1, deadline_s=None, tag=0):
     return ModelRequest(ImageBatch(np.full((n, 2, 2, 3), tag, dtype=np.uint8)), {"tag": tag}, deadline_s=deadline_s)
 
 
+def held_pull_batcher(max_batch_size=8):
+    """A PullBatcher whose forward answers ``tag × 10`` per request and holds its first batch until
+    ``release`` is set; ``batches`` records each forward's tags."""
+    release = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def run(requests):
+        batches.append([r.params["tag"] for r in requests])
+        if len(batches) == 1:
+            await release.wait()
+        return [r.params["tag"] * 10 for r in requests]
+
+    return PullBatcher(run, "m", max_batch_size=max_batch_size), batches, release
+
+
 def test_pull_batcher_takes_what_queued_while_the_forward_ran():
     async def scenario():
-        release = asyncio.Event()
-        batches: list[list[int]] = []
-
-        async def run(requests):
-            batches.append([r.params["tag"] for r in requests])
-            if len(batches) == 1:
-                await release.wait()
-            return [r.params["tag"] * 10 for r in requests]
-
-        batcher = PullBatcher(run, "m", max_batch_size=8)
+        batcher, batches, release = held_pull_batcher()
         first = asyncio.create_task(batcher.submit([image_request(tag=1)], [None], [0]))
         await until(lambda: len(batches) == 1)
         later = [asyncio.create_task(batcher.submit([image_request(tag=t)], [None], [0])) for t in (2, 3, 4)]
@@ -263,16 +269,7 @@ def test_pull_batcher_takes_what_queued_while_the_forward_ran():
 
 def test_pull_batcher_runs_a_call_of_several_forwards_worth_as_forwards_and_answers_it_once():
     async def scenario():
-        release = asyncio.Event()
-        batches: list[list[int]] = []
-
-        async def run(requests):
-            batches.append([r.params["tag"] for r in requests])
-            if len(batches) == 1:
-                await release.wait()
-            return [r.params["tag"] * 10 for r in requests]
-
-        batcher = PullBatcher(run, "m", max_batch_size=8)
+        batcher, batches, release = held_pull_batcher()
         first = asyncio.create_task(batcher.submit([image_request(tag=0)], [None], [0]))
         await until(lambda: len(batches) == 1)
         big = [image_request(n=3, tag=t) for t in range(1, 6)]  # 5 jobs of 3 items: 15 items, 2 forwards
