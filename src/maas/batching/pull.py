@@ -52,9 +52,9 @@ class PullBatcher:
     larger than that runs alone), as soon as the previous batch is done, so a busy replica runs
     big batches and keeps its forward busy. A call that holds more than one forward's worth (the
     ingress sends up to ``max_forwards_per_call`` forwards' worth under load, see
-    :class:`maas.batching.front.FrontBatcher`) runs as several forwards and returns with its last job. Only when the replica is idle (nothing ran since
-    the queue last emptied) does the worker wait up to ``batch_wait_timeout_s`` for the batch
-    to fill, and only if that is above 0.
+    :class:`maas.batching.front.FrontBatcher`) runs as several forwards and returns with its last
+    job. Only when the replica is idle (nothing ran since the queue last emptied) does the worker
+    wait up to ``batch_wait_timeout_s`` for the batch to fill, and only if that is above 0.
 
     Why not ``@serve.batch``: it forms a batch on its timer and only then waits for the forward
     to be free, so under load it queues many small batches (a simulation of its loop measured
