@@ -4,8 +4,8 @@ A change that has a switch is measured here against itself, not against another 
 build VM the bench's second server ran consistently faster than its first whatever tree each ran
 (an A/A of one tree against itself showed the same gap as the A/B), so a cross-tree A/B cannot
 attribute a few percent. This runs the app as shipped (A) and with ``--set`` applied to the app's
-``args`` (B; ``models.*.batching.max_forwards_per_call=1`` sets it on every model) in the order A-B-B-A, each start its own cluster, and reports every run and the median
-per side.
+``args`` (B; ``models.*.batching.max_forwards_per_call=1`` sets it on every model) in the order
+A-B-B-A, each start its own cluster, and reports every run and the median per side.
 
 Points (:func:`bench.null.measure`: closed-loop load, process CPU per request by role):
 
