@@ -4,10 +4,10 @@ from bench import ab
 
 
 def test_the_settings_ab_bench_sets_nested_args_and_reports_medians_per_side():
-    path, value = ab.parse_set("ingress.preprocessor_calls_model=false")
+    path, value = ab.parse_set("ingress.tracing.enabled=false")
     args = {"models": []}
     ab.apply(args, path, value)
-    assert args["ingress"] == {"preprocessor_calls_model": False}
+    assert args["ingress"] == {"tracing": {"enabled": False}}
     args = {"models": [{"name": "a"}, {"name": "b", "batching": {"max_batch_size": 8}}]}
     ab.apply(args, *ab.parse_set("models.*.batching.max_forwards_per_call=1"))
     assert [m["batching"] for m in args["models"]] == [{"max_forwards_per_call": 1},
