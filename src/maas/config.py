@@ -188,8 +188,10 @@ class BatchingSpec(_Strict):
         description="Under load, one front batch (one Ray call: preprocessor, then model) carries up to this "
         "many forwards' worth of items (max_batch_size each), the queue shared among the batches that can be out; "
         "the replica runs them as separate forwards. The per-call cost (Serve's routing, gRPC, the replica "
-        "wrapper: ~1.3 ms of ingress CPU on 2 cores) is then paid once per several forwards. 1: one forward per "
-        "call. A lone request is never held back.",
+        "wrapper: ~1.3 ms of ingress CPU on 2 cores) is then paid once per several forwards. The call answers "
+        "with its last forward, so its first jobs wait for the others (at most this many forwards' time, inside "
+        "model_call_timeout_s). 1: one forward per call. A lone request is never held back; generation "
+        "(one call per request) is not affected.",
     )
     # Generators (text-generator family) only: the continuous batcher (maas.batching.continuous).
     kv_cache_tokens: int | None = Field(

@@ -1,5 +1,7 @@
 """bench.ab (one tree, two settings): the settings it applies and the table it reports."""
 
+import pytest
+
 from bench import ab
 
 
@@ -12,6 +14,11 @@ def test_the_settings_ab_bench_sets_nested_args_and_reports_medians_per_side():
     ab.apply(args, *ab.parse_set("models.*.batching.max_forwards_per_call=1"))
     assert [m["batching"] for m in args["models"]] == [{"max_forwards_per_call": 1},
                                                        {"max_batch_size": 8, "max_forwards_per_call": 1}]
+    for bad in ("models.batching.x=1", "ingress.*.x=1", "models.*=1", "ingress..x=1"):
+        with pytest.raises(SystemExit):  # a path that cannot apply is refused, not applied somewhere else
+            ab.apply({"models": [{}], "ingress": {}}, *ab.parse_set(bad))
+    with pytest.raises(SystemExit, match="max_forward_per_call"):  # a misspelt key fails before any cluster starts
+        ab.check([ab.parse_set("models.*.batching.max_forward_per_call=1")])
     rows = [{"forward": "null", "workload": "embed-1", "concurrency": 64, "side": s, "order": i,
              "requests_per_s": rps, "p50_ms": 1.0, "cpu_ms_per_request": {"ingress": cpu, "total": 2 * cpu}}
             for i, (s, rps, cpu) in enumerate([("A", 100, 1.0), ("B", 80, 2.0), ("B", 90, 3.0), ("A", 120, 1.5)])]
