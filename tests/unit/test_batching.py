@@ -311,6 +311,37 @@ def test_pull_batcher_drops_expired_and_cancelled_jobs_and_survives_a_failing_fo
     asyncio.run(scenario())
 
 
+def test_pull_batcher_a_forward_short_of_answers_fails_its_batch_instead_of_leaving_callers_waiting():
+    async def scenario():
+        async def run(requests):  # a model bug: one answer fewer than requests
+            return [r.params["tag"] for r in requests][:-1]
+
+        batcher = PullBatcher(run, "m", max_batch_size=8)
+        out = await asyncio.wait_for(batcher.submit([image_request(tag=1), image_request(tag=2)], [None, None],
+                                                    [0, 1]), timeout=5)
+        assert all(isinstance(o, MaasError) and o.status_code == 500 for o in out), out
+
+    asyncio.run(scenario())
+
+
+def test_pull_batcher_a_cancelled_calls_queued_jobs_leave_the_load_figure_at_once():
+    async def scenario():
+        batcher, batches, release = held_pull_batcher()
+        first = asyncio.create_task(batcher.submit([image_request(tag=1)], [None], [0]))
+        await until(lambda: len(batches) == 1)
+        big = asyncio.create_task(batcher.submit([image_request(n=3, tag=t) for t in (2, 3)], [None, None], [0, 1]))
+        other = asyncio.create_task(batcher.submit([image_request(tag=4)], [None], [0]))
+        await until(lambda: batcher.queued_items == 7)
+        big.cancel()
+        await until(lambda: big.done())
+        assert batcher.queued_items == 1  # before the running forward ends
+        release.set()
+        assert await first == [10] and await other == [40]
+        assert batches == [[1], [4]] and batcher.queued_items == 0
+
+    asyncio.run(scenario())
+
+
 def test_preprocessed_jobs_split_rows_and_keep_each_jobs_error():
     pixels = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
     pre = Preprocessed(ImageBatch(pixels), rows=[2, 0, 1], errors=[None, InvalidRequest("bad"), None])

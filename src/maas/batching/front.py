@@ -260,5 +260,5 @@ class FrontBatcher:
                         len(batch.jobs), sum(j.items for j in batch.jobs), sent_ns, time.time_ns(),
                         self.trace_attrs[0], info, self.trace_attrs[1],
                         None if failed is None else tracing.error_of(failed))
-        for ms in waits_ms:  # after the answers: metrics cost ~50 µs each
+        for ms in waits_ms:  # after the answers: ~5-10 µs each in-process (Ray replays each in its agent)
             metrics.stage(self.name, "front_queue", ms)
