@@ -101,6 +101,7 @@ def goals(result: dict) -> list[dict]:
     from bench import null
 
     out.extend(null.goals(result.get("null")))
+    out.extend(null.real_goals(result))
     for label, r in ((result.get("auto") or {}).get("auto") or {}).items():
         out.append({"goal": f"auto ({label} budget {r['budget_ms']:.0f} ms): ≥ 95 % of requests within budget",
                     "measured": f"{r['within_budget']:.1%} (p99 {r['p99_ms']} ms; answered by "

