@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from maas import metrics, tracing
 from maas.batching.front import RETRY_AFTER_S, FrontBatcher
-from maas.config import BatchingSpec, IngressSpec, ModelSpec
+from maas.config import BatchingSpec, IngressSpec, ModelSpec, PoolModelSpec
 from maas.dataplane.auto import LatencyBook
 from maas.dataplane.traffic import Traffic
 from maas.dataplane.watch import DeploymentWatch
@@ -306,7 +306,9 @@ class Calls:
         """For a head-only repository model, its pool's ``heads`` handle method: one front batcher per
         pool and operation serves all of them (one tokenizer call, one pool call, one base forward on
         the replica for a batch that mixes them); else None."""
-        if getattr(route.spec, "head", None) is None:
+        # Not getattr(spec, "head", None): on a ModelSpec (no such field) that is pydantic's __getattr__
+        # raising AttributeError, ~8 µs, twice per request (measured in process).
+        if not isinstance(route.spec, PoolModelSpec) or route.spec.head is None:
             return None
         return getattr(route.model, "heads", None)
 

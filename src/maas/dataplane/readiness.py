@@ -13,6 +13,7 @@ import math
 import time
 from collections import defaultdict
 
+from maas.config import PoolModelSpec
 from maas.dataplane.calls import Calls
 from maas.dataplane.traffic import Traffic
 from maas.dataplane.watch import DeploymentWatch
@@ -65,7 +66,7 @@ class Readiness:
             self.watch.follow()
             return False
         # Repository models share their pool's probe: one per pool, not one per model of it.
-        probe_key = dep if getattr(route.spec, "pool", None) else address
+        probe_key = dep if isinstance(route.spec, PoolModelSpec) else address  # not getattr: see Calls.shared_heads
         cached = self._ready.get(probe_key)
         now = time.monotonic()
         if cached is not None and now - cached[1] < READY_PROBE_TTL_S:
