@@ -1,4 +1,5 @@
-"""One tree, two settings: ``python -m bench.ab --set "models.*.batching.max_forwards_per_call=1"``.
+"""One tree, two settings: ``python -m bench.ab --set "models.*.batching.max_forwards_per_call=1"``
+(or ``--env NAME=VALUE``: an environment variable of side B's cluster, e.g. one of Ray Serve's).
 
 A change that has a switch is measured here against itself, not against another checkout: on the
 build VM the bench's second server ran consistently faster than its first whatever tree each ran
@@ -95,8 +96,18 @@ def check(settings: list[tuple[list[str], object]]) -> None:
         raise SystemExit(f"--set makes an invalid app config:\n{exc}") from None
 
 
-def run(workdir: Path, settings: list[tuple[list[str], object]], forwards: list[str], duration_s: float) -> dict:
-    """Every forward's points for A (as shipped) and B (``settings`` applied), in the order A-B-B-A."""
+def parse_env(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of ``--env`` (an environment variable of side B's cluster, e.g. one of Ray Serve's)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not name.replace("_", "").isalnum():
+        raise SystemExit(f"--env {text!r}: write NAME=VALUE, e.g. RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0")
+    return name, value
+
+
+def run(workdir: Path, settings: list[tuple[list[str], object]], forwards: list[str], duration_s: float,
+        env: dict[str, str] | None = None) -> dict:
+    """Every forward's points for A (as shipped) and B (``settings`` applied to the app's args, ``env`` to its
+    cluster's environment), in the order A-B-B-A."""
     rows = []
     for forward in forwards:
         for order, side in enumerate("ABBA"):
@@ -107,6 +118,7 @@ def run(workdir: Path, settings: list[tuple[list[str], object]], forwards: list[
             if side == "B":
                 for path, value in settings:
                     apply(config["applications"][0]["args"], path, value)
+                server.env.update(env or {})
             Path(server.cmd[-1]).write_text(yaml.safe_dump(config, sort_keys=False))
             print(f"bench ab: {forward} run {order + 1}/4 ({side})", flush=True)
             server.start()
@@ -119,7 +131,8 @@ def run(workdir: Path, settings: list[tuple[list[str], object]], forwards: list[
                           f"CPU ms/request {p['cpu_ms_per_request']}", flush=True)
             finally:
                 server.stop()
-    return {"set": [{"path": ".".join(p), "value": v} for p, v in settings], "duration_s": duration_s, "rows": rows}
+    return {"set": [{"path": ".".join(p), "value": v} for p, v in settings] + [
+        {"path": f"env {k}", "value": v} for k, v in (env or {}).items()], "duration_s": duration_s, "rows": rows}
 
 
 def markdown(result: dict) -> list[str]:
@@ -155,9 +168,12 @@ def markdown(result: dict) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", dest="sets", action="append", required=True, metavar="PATH=VALUE",
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
                     help="a setting of the app's args for side B (repeatable); the value is YAML (false, 2, [1, 2]); "
                          "'*' walks a list: models.*.batching.max_forwards_per_call=1")
+    ap.add_argument("--env", dest="envs", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable of side B's cluster (repeatable), e.g. one of Ray Serve's: "
+                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0")
     ap.add_argument("--forwards", default="null,real",
                     help="null, real or both (default): ~8 min for null, ~17 for both on 2 cores "
                          "(4 cluster starts each)")
@@ -171,10 +187,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--forwards: unknown {unknown}; use null, real or both")
     import tempfile
 
+    if not a.sets and not a.envs:
+        raise SystemExit("give side B at least one --set PATH=VALUE or --env NAME=VALUE")
     settings = [parse_set(s) for s in a.sets]
+    envs = dict(parse_env(e) for e in a.envs)
     check(settings)
     with tempfile.TemporaryDirectory(prefix="maas-bench-ab-") as tmp:
-        result = run(Path(tmp), settings, forwards, a.duration_s)
+        result = run(Path(tmp), settings, forwards, a.duration_s, envs)
     out = systems.ROOT / "bench" / "results"
     (out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{a.name}.md").write_text("\n".join(markdown(result)) + "\n")

