@@ -590,6 +590,15 @@ class TracingSpec(_Strict):
         if e is not None and self.protocol != "grpc" and not e.startswith(("http://", "https://")):
             raise ValueError(f"tracing.endpoint {e!r} is not an http(s) URL: for OTLP/HTTP give the full URL "
                              f"(http://{e.rstrip('/')}/v1/traces), for OTLP/gRPC set protocol: grpc")
+        if e is not None and self.protocol == "grpc":
+            # An OTLP/HTTP URL left in place when protocol: grpc was set: gRPC would call the HTTP port and
+            # every export would fail at run time.
+            target = e.split("://", 1)[-1]
+            host, _, path = target.partition("/")
+            if path.strip("/") or host.endswith(":4318"):
+                raise ValueError(f"tracing.endpoint {e!r} is an OTLP/HTTP address, and protocol is grpc: gRPC takes "
+                                 f"host:port, the collector's gRPC port (4317 by default), e.g. "
+                                 f"{host.rsplit(':', 1)[0]}:4317; or drop protocol: grpc to export over HTTP")
         return self
 
 

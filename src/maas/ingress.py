@@ -15,9 +15,10 @@ request body of their HTTP route as a dict and answering its response body::
     h.embed.remote({"model": "minilm", "input": ["a"], "user": "u-42"})    # ``user``: sticky version
 
 Images (and an explanation's ``image``) may be raw file bytes, as well as the base64 strings HTTP
-JSON carries. Every method takes ``routing_key=`` (what the ``X-Maas-Routing-Key`` header says on
-HTTP) and ``trace_context=`` (a W3C carrier dict, filled by ``opentelemetry.propagate.inject``: the call
-joins the caller's trace when tracing is on; :mod:`maas.tracing`). Errors raise
+JSON carries. Every operation method takes ``routing_key=`` (what the ``X-Maas-Routing-Key`` header says on
+HTTP), ``api_key=`` and ``trace_context=`` (a W3C carrier dict, filled by ``opentelemetry.propagate.inject``:
+the call joins the caller's trace when tracing is on; :mod:`maas.tracing`); ``list_models`` and ``usage``
+take ``trace_context=`` too, the operator calls (``readiness``, ``stats``, the repository's) none of them. Errors raise
 :class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
 
 The ingress imports no torch: it handles bytes, JSON and numpy only.

@@ -520,3 +520,68 @@ def test_a_caller_mistake_does_not_fail_a_handle_span_and_generation_has_gen_ai_
     assert chat.attributes["gen_ai.operation.name"] == "chat" and chat.attributes["gen_ai.request.model"] == "gen"
     assert chat.attributes["gen_ai.response.model"] == "gen"
     assert chat.attributes["gen_ai.usage.input_tokens"] == 5 and chat.attributes["gen_ai.usage.output_tokens"] == 2
+
+
+def test_request_start_stamps_in_every_unit_and_implausible_ones_ignored():
+    from maas.tracing.http import MAX_FRONT_NS, request_start_ns
+
+    now = 1_765_100_000_123_456_789
+    for stamp in (b"t=1765100000.123", b"1765100000123", b"t=1765100000123456", b"1765100000123456789"):
+        got = request_start_ns(stamp, now)
+        assert got is not None and abs(got - 1_765_100_000_123_000_000) < 1_000_000, (stamp, got)
+    assert request_start_ns(b"t=1765100000.5", now) == now  # ahead of this clock by < 1 s: "now"
+    for bad in (b"t=1765100009", b"", b"t=", b"soon", b"t=-5", b"nan", b"inf", b"1e30",
+                str((now - MAX_FRONT_NS - 1) / 1e9).encode()):
+        assert request_start_ns(bad, now) is None, bad
+
+
+def test_a_request_start_stamp_starts_the_server_span_with_its_front_time(client):
+    c, (t, mem) = client
+    stamp = time.time_ns() - 40_000_000  # 40 ms before the request reached the app: a proxy's queue
+    r = c.post("/v1/embeddings", json={"model": "enc", "input": ["b"]},
+               headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                        "x-request-start": f"t={stamp // 1000}"})  # microseconds, as HAProxy's date(0,us)
+    assert r.status_code == 200
+    spans = spans_of(t, mem)
+    by_id, kids = tree(spans)
+    root = by_id[tracing.parse_traceparent(r.headers["traceparent"]).span_id]
+    assert abs(root.start_time - stamp) < 1_000  # from the stamp (µs precision)
+    top = sorted(kids[root.context.span_id], key=lambda s: s.start_time)
+    assert [s.name for s in top] == ["maas.http.front", "maas.http.receive", "maas.embeddings", "maas.http.respond"]
+    assert top[0].start_time == root.start_time and top[0].end_time - top[0].start_time >= 39_000_000
+    assert top[1].start_time == top[0].end_time  # the app's own part starts where the front ends
+    covered(root, top)
+
+
+def test_bad_tracing_settings_never_stop_the_ingress_and_grpc_refuses_an_http_address(monkeypatch, caplog, tmp_path):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")  # no scheme: OTLP/HTTP cannot use it
+    with caplog.at_level("ERROR", logger="ray.serve.maas.tracing"):
+        assert tracing.configure(TracingSpec(enabled=True)) is None and tracing.tracer() is None
+    assert "stays off" in caplog.text and "collector:4318" in caplog.text
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    for arg in ("10", "-1", "half"):  # out of [0, 1] or not a number: every trace, as the SDK does
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+        t = tracing.configure(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+        try:
+            assert t.sample_ratio == 1.0, arg
+        finally:
+            tracing.configure(None)
+    # The doc's YAML with protocol: grpc uncommented and the HTTP URL left in place: refused with the fix.
+    for e in ("http://otel-collector:4318/v1/traces", "otel-collector:4318"):
+        with pytest.raises(ValidationError, match="otel-collector:4317"):
+            TracingSpec(enabled=True, endpoint=e, protocol="grpc")
+    assert TracingSpec(enabled=True, endpoint="http://otel-collector:4317", protocol="grpc").endpoint
+    # OTEL_EXPORTER_OTLP_INSECURE applies to an endpoint without a scheme only (the scheme wins).
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "false")
+    import grpc
+
+    secure: list[str] = []
+    monkeypatch.setattr(grpc, "secure_channel",
+                        lambda target, creds: secure.append(target) or grpc.insecure_channel(target))
+    tracing.OtlpGrpcExporter("http://127.0.0.1:4317", insecure=False).close()
+    assert secure == []
+    tracing.OtlpGrpcExporter("127.0.0.1:4317", insecure=False).close()
+    assert secure == ["127.0.0.1:4317"]

@@ -218,7 +218,7 @@ class Span:
 class Tracer:
     """Samples, records and exports spans of one process (the ingress replica).
 
-    Sampling is parent-based by default, as OpenTelemetry's default ``parentbased_traceidratio``: a request
+    Sampling is parent-based by default (OpenTelemetry's default sampler, ``parentbased_always_on``): a request
     whose caller sent a ``traceparent`` follows the caller's sampled flag; a new trace is sampled when its id's
     low 64 bits fall below ``sample_ratio × 2⁶⁴`` (the SDK's ``TraceIdRatioBased`` rule, so every service of a
     trace decides alike). With ``parent_based=False`` (``OTEL_TRACES_SAMPLER=traceidratio``, ``always_on``,
@@ -370,9 +370,11 @@ def configure(spec) -> Tracer | None:
     ``spec.enabled``, and off whatever the spec says when ``OTEL_SDK_DISABLED=true`` (logged). A malformed
     ``OTEL_*`` variable is logged and its default used, as the OpenTelemetry SDK does. Returns the tracer.
 
-    Raises:
-        ValueError: an endpoint in the spec that its protocol cannot use (the ingress replica then fails to
-            start, naming it; :class:`maas.config.TracingSpec` refuses most such endpoints at validation).
+    An exporter that cannot be built (an ``OTEL_EXPORTER_OTLP_ENDPOINT`` without a scheme for HTTP, an
+    ``OTEL_EXPORTER_OTLP_CERTIFICATE`` that is not a file) leaves tracing off with an ERROR line naming the
+    setting and its fix. Decision: tracing must never stop the service, so a bad tracing setting in the
+    replica's environment does not keep the ingress from starting (:class:`maas.config.TracingSpec` refuses
+    the config's own bad endpoints when the config is validated).
     """
     global _TRACER
     if _TRACER is not None:
@@ -387,7 +389,12 @@ def configure(spec) -> Tracer | None:
         ratio, parent_based = spec.sample_ratio, True
     else:
         ratio, parent_based = _sampler_from_env()
-    _TRACER = Tracer(exporter_for(spec), ratio, _resource(spec.service_name),
+    try:
+        exporter = exporter_for(spec)
+    except ValueError as exc:
+        logger.error("tracing is enabled but stays off: %s; fix the setting and redeploy", exc)
+        return None
+    _TRACER = Tracer(exporter, ratio, _resource(spec.service_name),
                      max_queue=_env_number("OTEL_BSP_MAX_QUEUE_SIZE", 2048, int),
                      batch_size=_env_number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, int),
                      delay_s=_env_number("OTEL_BSP_SCHEDULE_DELAY", 5000.0, float) / 1000, parent_based=parent_based)

@@ -26,11 +26,47 @@ def route_of(path: str, known: frozenset) -> str | None:
     return None
 
 
+#: How far back an ``X-Request-Start`` may point, ns: an older stamp (a wrong unit, a stale header a proxy
+#: copied) is ignored rather than drawn as minutes of front time. Above Serve's and the ingress's timeouts.
+MAX_FRONT_NS = 300 * 10**9
+#: How far ahead of this replica's clock a stamp may be (another host's clock), ns; such a stamp means "now".
+MAX_SKEW_NS = 10**9
+
+
+def request_start_ns(value: bytes, now_ns: int) -> int | None:
+    """The time an ``X-Request-Start`` header says the request started, Unix ns, or None when it says nothing
+    usable.
+
+    Formats: ``t=<number>`` or ``<number>``, the unit read from the magnitude as New Relic's and Datadog's
+    agents read it — seconds (nginx's ``t=${msec}``: ``1765100000.123``), milliseconds, microseconds
+    (HAProxy's ``%[date(0,us)]``) or nanoseconds. A stamp older than :data:`MAX_FRONT_NS` is ignored, one
+    up to :data:`MAX_SKEW_NS` ahead of this clock is read as ``now_ns``, one further ahead is ignored."""
+    text = value.decode("latin-1").strip()
+    if text.startswith("t="):
+        text = text[2:]
+    try:
+        x = int(text) if text.isdigit() else float(text)
+    except ValueError:
+        return None
+    if not 0 < x < 1e20:  # also NaN and infinities
+        return None
+    ns = int(x * 10**9) if x < 1e11 else int(x * 10**6) if x < 1e14 else int(x * 10**3) if x < 1e17 else int(x)
+    if ns > now_ns:
+        return now_ns if ns - now_ns <= MAX_SKEW_NS else None
+    return ns if now_ns - ns <= MAX_FRONT_NS else None
+
+
 class TracingMiddleware:
     """Pure ASGI middleware, outermost: the request's ``SERVER`` span (see the module docstring).
 
     With tracing off it is one check per request. ``known_routes`` (set by the ingress from its app's routes)
     names spans; any other path is named by its method only.
+
+    A request carrying ``X-Request-Start`` (set by a proxy in front, or by the client; see
+    :func:`request_start_ns`) has its span start at that time, with a ``maas.http.front`` child up to the
+    request reaching this app: the time in proxies, HAProxy, uvicorn and Serve's own request handling,
+    which no code of the app can see otherwise. Decision: honoured whenever tracing is on and the stamp is
+    plausible — a caller can only lengthen its own request's trace, by at most :data:`MAX_FRONT_NS`.
     """
 
     known_routes: frozenset = frozenset()
@@ -54,7 +90,7 @@ class TracingMiddleware:
             return await self.app(scope, receive, send)
         parents: list = []
         states: list = []
-        request_id = agent = None
+        request_id = agent = front = None
         for name, value in scope.get("headers") or ():
             if name == b"traceparent":
                 parents.append(value)
@@ -64,6 +100,8 @@ class TracingMiddleware:
                 request_id = value
             elif name == b"user-agent":
                 agent = value
+            elif name == b"x-request-start":
+                front = value
         # W3C: several traceparent headers are invalid (a new trace); several tracestate headers are one list
         remote = parse_traceparent(parents[0], ",".join(states)) if len(parents) == 1 else None
         method = scope.get("method", "GET")
@@ -77,7 +115,9 @@ class TracingMiddleware:
             attrs["maas.request_id"] = request_id.decode("latin-1")[:128]
         if agent:
             attrs["user_agent.original"] = agent.decode("latin-1")[:256]
-        span = t.start(f"{method} {route}" if route else method, remote, SERVER, attrs)
+        arrived = time.time_ns()
+        started = request_start_ns(front, arrived) if front is not None else None
+        span = t.start(f"{method} {route}" if route else method, remote, SERVER, attrs, start_ns=started or arrived)
         if span is None:
             return await self.app(scope, receive, send)
         status = 0
@@ -107,14 +147,21 @@ class TracingMiddleware:
                 if status >= 500:
                     span.status = ERROR
                     span.attrs.setdefault("error.type", str(status))
-            t.defer(_end_server, span, end)  # its two children are built on the export thread
+            t.defer(_end_server, span, end, arrived if started is not None and started < arrived else None)
+            # its children are built on the export thread
 
 
-def _end_server(span: Span, end: int) -> None:
-    """End a ``SERVER`` span with ``maas.http.receive`` and ``maas.http.respond`` around its operation."""
+def _end_server(span: Span, end: int, arrived: int | None = None) -> None:
+    """End a ``SERVER`` span with ``maas.http.receive`` and ``maas.http.respond`` around its operation, and
+    ``maas.http.front`` before ``arrived`` (the request reaching the app) when the span started earlier, at
+    an ``X-Request-Start`` stamp."""
+    received = span.start_ns
+    if arrived is not None:
+        span.child("maas.http.front", span.start_ns).end(arrived)
+        received = arrived
     op = span.op
     if op is not None and op.end_ns:
-        span.child("maas.http.receive", span.start_ns).end(op.start_ns)
+        span.child("maas.http.receive", received).end(op.start_ns)
         span.child("maas.http.respond", op.end_ns).end(end)
     span.end(end)
 
@@ -129,6 +176,10 @@ def traced_handle(method):
     import functools
     import inspect
 
+    # help() and inspect.signature() show trace_context= (functools.wraps alone would show the method's own).
+    sig = inspect.signature(method)
+    sig = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(
+        "trace_context", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="dict | None")])
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, *args, trace_context: dict | None = None, **kwargs):
@@ -136,6 +187,7 @@ def traced_handle(method):
 
             async for item in tracing.handle_stream(method, self, args, kwargs, trace_context):
                 yield item
+        stream.__signature__ = sig
         return stream
 
     @functools.wraps(method)
@@ -143,6 +195,7 @@ def traced_handle(method):
         from maas import tracing
 
         return await tracing.handle_call(method, self, args, kwargs, trace_context)
+    call.__signature__ = sig
     return call
 
 

@@ -269,8 +269,10 @@ class OtlpHttpExporter:
 
 
 class OtlpGrpcExporter:
-    """OTLP/gRPC (``TraceService/Export``) to ``endpoint`` (``host:port`` or a URL; ``https`` or
-    ``insecure=False`` for TLS), with the same encoder: the request goes as the bytes it is."""
+    """OTLP/gRPC (``TraceService/Export``) to ``endpoint`` (``host:port`` or a URL), with the same encoder: the
+    request goes as the bytes it is. TLS: an ``https://`` URL; plaintext: ``http://``; a bare ``host:port`` is
+    plaintext unless ``insecure=False`` (``OTEL_EXPORTER_OTLP_INSECURE``, which the OpenTelemetry spec applies
+    only to an endpoint without a scheme)."""
 
     METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -283,7 +285,7 @@ class OtlpGrpcExporter:
             scheme, target = endpoint.split("://", 1)
             secure = scheme == "https"
         target = target.split("/", 1)[0]  # host:port (a path means nothing to gRPC)
-        if insecure is not None:
+        if insecure is not None and "://" not in endpoint:  # the spec: a scheme wins over OTEL_..._INSECURE
             secure = not insecure
         if secure:
             if certificate and not os.path.isfile(certificate):
@@ -366,10 +368,13 @@ def _sampler_from_env() -> tuple[float, bool]:
     if base == "traceidratio":
         arg = os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1")
         try:
-            return min(1.0, max(0.0, float(arg))), parent_based
+            ratio = float(arg)
         except ValueError:
-            logger.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; sampling every trace", arg)
+            ratio = float("nan")
+        if not 0.0 <= ratio <= 1.0:  # as the SDK does: warn, sample every trace
+            logger.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a ratio in [0, 1]; sampling every trace", arg)
             return 1.0, parent_based
+        return ratio, parent_based
     logger.warning("OTEL_TRACES_SAMPLER=%r is not supported here (always_on, always_off, traceidratio and their "
                    "parentbased_ forms are); using parentbased_always_on", sampler)
     return 1.0, True
