@@ -108,6 +108,22 @@ def test_an_embeddings_trace_continues_the_caller_and_accounts_for_the_latency(t
     assert pre.end_time_unix_nano <= forward.start_time_unix_nano  # tokenised before the forward ran
     assert batch.start_time_unix_nano <= pre.start_time_unix_nano and model.end_time_unix_nano <= batch.end_time_unix_nano
 
+    # Stamped X-Request-Start (µs, as a proxy in front would): through HAProxy and Serve the server span starts at
+    # the stamp, and maas.http.front holds the time before the app; the children still account for the span.
+    stamp_ns = time.time_ns()
+    r = requests.post(f"{url}/v1/embeddings", json={"model": "minilm-tr", "input": ["stamped"]}, timeout=60,
+                      headers={"traceparent": f"00-{caller_trace[:-4]}beef-{caller_span}-01",
+                               "x-request-start": f"t={stamp_ns // 1000}"})
+    assert r.status_code == 200, r.text
+    trace_id, root_id = header_ids(r)
+    spans = trace_of(receiver, trace_id, {"POST /v1/embeddings", "maas.http.front", "maas.embeddings"})
+    root = spans[root_id]
+    assert root.start_time_unix_nano == stamp_ns // 1000 * 1000
+    top = children(spans, root)
+    assert [s.name for s in top] == ["maas.http.front", "maas.http.receive", "maas.embeddings", "maas.http.respond"]
+    assert top[0].start_time_unix_nano == root.start_time_unix_nano and 0 < ns(top[0])
+    assert 0 <= ns(root) - sum(ns(s) for s in top) <= 1_000_000
+
 
 def test_image_requests_in_one_front_batch_link_to_one_batch_span(traced, chelsea_jpeg):
     url, receiver = traced["url"], traced["receiver"]
