@@ -585,3 +585,12 @@ def test_bad_tracing_settings_never_stop_the_ingress_and_grpc_refuses_an_http_ad
     assert secure == []
     tracing.OtlpGrpcExporter("127.0.0.1:4317", insecure=False).close()
     assert secure == ["127.0.0.1:4317"]
+
+
+def test_compression_is_read_as_the_spec_names_it(monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", " GZIP ")
+    assert tracing.exporter_for(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces")).compression == "gzip"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")
+    with caplog.at_level("WARNING", logger="ray.serve.maas.tracing"):
+        exporter = tracing.exporter_for(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+    assert exporter.compression != "gzip" and "zstd" in caplog.text

@@ -432,7 +432,10 @@ def exporter_for(spec) -> Any:
     headers = _headers(_env("HEADERS"))
     timeout_s = _env_number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
                             else "OTEL_EXPORTER_OTLP_TIMEOUT", 10000.0) / 1000
-    compression = _env("COMPRESSION")
+    compression = (_env("COMPRESSION") or "").strip().lower() or None
+    if compression not in (None, "gzip", "none"):
+        logger.warning("OTEL_EXPORTER_OTLP_COMPRESSION=%r is not supported here (gzip and none are); not compressing",
+                       compression)
     certificate = _env("CERTIFICATE")
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
     base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
