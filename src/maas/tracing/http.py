@@ -178,8 +178,11 @@ def traced_handle(method):
 
     # help() and inspect.signature() show trace_context= (functools.wraps alone would show the method's own).
     sig = inspect.signature(method)
-    sig = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(
-        "trace_context", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="dict | None")])
+    params = list(sig.parameters.values())
+    at = len(params) - int(bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)  # before **kwargs
+    params.insert(at, inspect.Parameter("trace_context", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation="dict | None"))
+    sig = sig.replace(parameters=params)
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, *args, trace_context: dict | None = None, **kwargs):
