@@ -20,7 +20,7 @@ one pool                     ``Pool-<pool name>`` (repository models, see ``Pool
 the repository index         ``RepositoryIndex`` (apps with repositories)
 ===========================  =====================================================
 
-One module on purpose (~900 lines): it is the app config's one typed schema — models, runtimes,
+One module on purpose (~1000 lines): it is the app config's one typed schema — models, runtimes,
 repositories and pools, ingress, traffic — every field with its description and bounds, which
 ``/docs``, ``maas plan`` and the validator messages all read; split, the schema would be read in
 pieces (and ``AppConfig`` would import its parts back from every piece).
