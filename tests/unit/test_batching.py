@@ -375,3 +375,43 @@ def test_a_front_batch_of_text_jobs_tokenizes_as_each_job_alone():
         assert [list(r) for r in inputs.token_rows()] == [list(r) for r in alone.token_rows()]
         assert list(inputs.num_tokens) == list(alone.num_tokens)
     assert got[4].lengths == [8] and got[4].num_tokens == [42]  # truncated to 8, counted before
+
+
+def test_pull_batcher_survives_a_forward_that_raises_cancelled_and_a_failing_after_batch():
+    """A CancelledError from inside the forward (not the worker's own cancellation) fails that batch only,
+    and an after_batch callback that raises is logged: the worker goes on serving what queued behind."""
+    async def scenario():
+        async def run(requests):
+            if any(r.params["tag"] == 1 for r in requests):
+                raise asyncio.CancelledError()  # e.g. an inner awaitable the model's code cancelled
+            return [r.params["tag"] * 10 for r in requests]
+
+        def after_batch():
+            raise RuntimeError("metrics broke")
+
+        batcher = PullBatcher(run, "m", max_batch_size=1, after_batch=after_batch)
+        first = asyncio.create_task(batcher.submit([image_request(tag=1)], [None], [0]))
+        behind = asyncio.create_task(batcher.submit([image_request(tag=2)], [None], [0]))
+        out = await asyncio.wait_for(first, timeout=5)
+        assert isinstance(out[0], MaasError) and out[0].status_code == 500
+        assert await asyncio.wait_for(behind, timeout=5) == [20]  # after a failed after_batch, too
+        assert await asyncio.wait_for(batcher.submit([image_request(tag=3)], [None], [0]), timeout=5) == [30]
+        assert batcher.queued_items == 0 and batcher.running_items == 0
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_pull_batcher_closed_mid_forward_answers_its_callers_and_stops():
+    async def scenario():
+        batcher, batches, release = held_pull_batcher()
+        call = asyncio.create_task(batcher.submit([image_request(tag=1)], [None], [0]))
+        await until(lambda: len(batches) == 1)
+        worker = batcher._worker
+        batcher.close()  # the worker's own cancellation, mid-forward
+        out = await asyncio.wait_for(call, timeout=5)
+        assert isinstance(out[0], MaasError)
+        await until(lambda: worker.done())
+        assert worker.cancelled()
+
+    asyncio.run(scenario())

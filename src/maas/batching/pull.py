@@ -64,9 +64,10 @@ class PullBatcher:
     Jobs whose caller left (cancelled call) or whose deadline passed are dropped before their
     batch runs and answered :class:`~maas.errors.ModelTimeout` (a deadline) or not at all (a
     cancelled caller is gone); a cancelled call's queued jobs leave the queue (and ``queued_items``)
-    at once. A forward that fails, or returns a different number of results than it was given
-    requests (a bug in a model's code), answers every job of its batch with a
-    :class:`~maas.errors.MaasError` (500, logged): no caller is left waiting for a missing answer.
+    at once. A forward that fails (an exception, or a ``CancelledError`` from inside it), or returns a
+    different number of results than it was given requests (a bug in a model's code), answers every job
+    of its batch with a :class:`~maas.errors.MaasError` (500, logged) and the worker goes on: no caller
+    is left waiting for a missing answer. An ``after_batch`` that raises is logged and the worker goes on.
 
     Each answer (a dict) carries ``compute_s``: the batch's run time, seconds, split across its
     jobs by item count — what a tenant's compute quota is priced in (:mod:`maas.tenants`). A traced
@@ -216,20 +217,32 @@ class PullBatcher:
                             out["trace"] = {"arrived": r.arrived_ns, "start": started_ns, "end": ended_ns,
                                             "items": items, "requests": len(requests), "replica": replica_tag(),
                                             "pre": r.pre_ns}
-            except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error, the replica lives on
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - every job gets the error
+                # A CancelledError from inside the forward (a cancelled inner awaitable) is the batch's failure,
+                # not the worker's: the worker goes on. Only the worker's own cancellation (close()) stops it,
+                # after its batch's callers have their answer.
+                stopping = isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling() > 0
                 if not isinstance(exc, MaasError):
-                    logger.exception("model %s: a batch of %d requests failed", self.name, len(requests))
+                    logger.error("model %s: a batch of %d requests failed", self.name, len(requests),
+                                 exc_info=not stopping)
                     exc = MaasError(f"model {self.name!r} failed")
                 outputs = [exc] * len(requests)
+            else:
+                stopping = False
             finally:
                 self.running_items = 0
             for job, out in zip(live, outputs):
                 job.call.results[job.pos] = out
                 job.call.answered()
+            if stopping:
+                raise asyncio.CancelledError
         if requests:  # metrics after the answers are on their way: ~5-10 µs each in-process (measured with
             # ray.util.metrics on the 2-vCPU build VM), and Ray's metrics agent replays every observation
             metrics.batch(self.name, items)
             for ms in waits_ms:
                 metrics.stage(self.name, "queue", ms)
             if self.after_batch is not None:
-                self.after_batch()
+                try:
+                    self.after_batch()
+                except Exception:  # noqa: BLE001 - a metrics callback must not stop the worker
+                    logger.exception("model %s: after_batch failed", self.name)
