@@ -594,3 +594,14 @@ def test_compression_is_read_as_the_spec_names_it(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="ray.serve.maas.tracing"):
         exporter = tracing.exporter_for(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
     assert exporter.compression != "gzip" and "zstd" in caplog.text
+
+
+def test_several_request_start_stamps_the_earliest_usable_one_wins():
+    from maas.tracing.http import earliest_start_ns
+
+    now = 1_765_100_000_000_000_000
+    a, b = b"t=1765099999950000", b"t=1765099999990000"  # 50 ms and 10 ms before now, in µs
+    assert earliest_start_ns([b, a], now) == now - 50_000_000  # repeated headers
+    assert earliest_start_ns([b + b", " + a], now) == now - 50_000_000  # joined by a proxy
+    assert earliest_start_ns([b"junk", b"t=1765100009"], now) is None  # nothing usable
+    assert earliest_start_ns([b"junk, " + b], now) == now - 10_000_000

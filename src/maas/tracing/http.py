@@ -56,6 +56,14 @@ def request_start_ns(value: bytes, now_ns: int) -> int | None:
     return ns if now_ns - ns <= MAX_FRONT_NS else None
 
 
+def earliest_start_ns(values: list[bytes], now_ns: int) -> int | None:
+    """The earliest usable stamp of several ``X-Request-Start`` values (repeated headers, or one header a proxy
+    joined with commas): each proxy of a chain may stamp, and the first one's stamp holds the whole wait."""
+    stamps = [request_start_ns(part, now_ns) for v in values for part in v.split(b",")]
+    usable = [s for s in stamps if s is not None]
+    return min(usable) if usable else None
+
+
 class TracingMiddleware:
     """Pure ASGI middleware, outermost: the request's ``SERVER`` span (see the module docstring).
 
@@ -90,7 +98,8 @@ class TracingMiddleware:
             return await self.app(scope, receive, send)
         parents: list = []
         states: list = []
-        request_id = agent = front = None
+        request_id = agent = None
+        fronts: list = []
         for name, value in scope.get("headers") or ():
             if name == b"traceparent":
                 parents.append(value)
@@ -101,7 +110,7 @@ class TracingMiddleware:
             elif name == b"user-agent":
                 agent = value
             elif name == b"x-request-start":
-                front = value
+                fronts.append(value)
         # W3C: several traceparent headers are invalid (a new trace); several tracestate headers are one list
         remote = parse_traceparent(parents[0], ",".join(states)) if len(parents) == 1 else None
         method = scope.get("method", "GET")
@@ -116,7 +125,7 @@ class TracingMiddleware:
         if agent:
             attrs["user_agent.original"] = agent.decode("latin-1")[:256]
         arrived = time.time_ns()
-        started = request_start_ns(front, arrived) if front is not None else None
+        started = earliest_start_ns(fronts, arrived) if fronts else None
         span = t.start(f"{method} {route}" if route else method, remote, SERVER, attrs, start_ns=started or arrived)
         if span is None:
             return await self.app(scope, receive, send)
