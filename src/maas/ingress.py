@@ -18,8 +18,8 @@ Images (and an explanation's ``image``) may be raw file bytes, as well as the ba
 JSON carries. Every operation method takes ``routing_key=`` (what the ``X-Maas-Routing-Key`` header says on
 HTTP), ``api_key=`` and ``trace_context=`` (a W3C carrier dict, filled by ``opentelemetry.propagate.inject``:
 the call joins the caller's trace when tracing is on; :mod:`maas.tracing`); ``list_models`` and ``usage``
-take ``trace_context=`` too, the operator calls (``readiness``, ``stats``, the repository's) none of them. Errors raise
-:class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
+take ``trace_context=`` too, the operator calls (``readiness``, ``stats``, the repository's) none of them.
+Errors raise :class:`~maas.errors.MaasError` subclasses, which a caller can catch by type.
 
 The ingress imports no torch: it handles bytes, JSON and numpy only.
 """

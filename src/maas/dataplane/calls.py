@@ -307,7 +307,7 @@ class Calls:
         pool and operation serves all of them (one tokenizer call, one pool call, one base forward on
         the replica for a batch that mixes them); else None."""
         # Not getattr(spec, "head", None): on a ModelSpec (no such field) that is pydantic's __getattr__
-        # raising AttributeError, ~8 µs, twice per request (measured in process).
+        # raising AttributeError, twice per request: ~17 µs of the in-process request path (docs/benchmarks.md).
         if not isinstance(route.spec, PoolModelSpec) or route.spec.head is None:
             return None
         return getattr(route.model, "heads", None)
