@@ -588,11 +588,12 @@ def test_bad_tracing_settings_never_stop_the_ingress_and_grpc_refuses_an_http_ad
 
 
 def test_compression_is_read_as_the_spec_names_it(monkeypatch, caplog):
+    spec = TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", " GZIP ")
-    assert tracing.exporter_for(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces")).compression == "gzip"
+    assert tracing.exporter_for(spec).compression == "gzip"
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")
     with caplog.at_level("WARNING", logger="ray.serve.maas.tracing"):
-        exporter = tracing.exporter_for(TracingSpec(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"))
+        exporter = tracing.exporter_for(spec)
     assert exporter.compression != "gzip" and "zstd" in caplog.text
 
 
