@@ -549,9 +549,27 @@ class ModelSpec(_Strict):
 
 
 class TokenizerDeploymentSpec(_Strict):
-    """Resources of each tokenizer deployment (CPU only)."""
+    """Resources of each tokenizer deployment (CPU only), and when the ingress tokenizes a small batch itself.
+
+    ``inline_max_chars``: a front batch (or one generation request) of plain texts totalling at most this many
+    characters is tokenized by the ingress replica itself, with the same tokenizer and the same code
+    (:func:`maas.preprocess.text.tokenize_jobs`), and its token ids go to the model replica in the model call:
+    the two hops to the tokenizer deployment and back are not paid. Measured on the 2-vCPU build VM
+    (``bench.ab``, A-B-B-A, bench/results/2026-12-07-inline-tokenize-ab.md): real MiniLM, one sentence, one
+    connection: p50 18.6 → 14.5 ms and 22.0 → 17.2 ms of CPU per request over all processes; at 64 connections
+    (null and real forwards) no difference beyond the runs' spread, as larger batches keep going to the shared
+    deployment, which scales apart from the ingress and where a hop is paid once per batch. Tokenizing one
+    sentence in the ingress costs ~40 µs; 512 characters ~0.17 ms, the longest the ingress's event loop is held
+    for it. 0: always the deployment.
+    Only tokenizers with a ``tokenizer.json`` are loaded into the ingress (others would import transformers
+    and torch there); chat messages (templates) always go to the deployment.
+    """
 
     num_cpus: float = Field(default=0.1, gt=0)
+    inline_max_chars: int = Field(
+        default=512, ge=0, le=1_000_000,
+        description="A front batch of plain texts totalling at most this many characters is tokenized in the "
+        "ingress itself, skipping the hop to the tokenizer deployment; 0 = always the deployment.")
 
 
 class ImagePreprocessorDeploymentSpec(_Strict):

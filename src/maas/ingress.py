@@ -197,11 +197,14 @@ class Ingress:
         return await self.dataplane.readiness.report()
 
     async def stats(self) -> dict:
-        """Front batching records of this ingress replica (see ``Calls.stats``); with tracing on, also
-        ``"tracing"``: spans exported, failed, dropped and queued (:meth:`maas.tracing.Tracer.counts`)."""
+        """Front batching records of this ingress replica (see ``Calls.stats``), ``"tokenized_in_ingress"``:
+        batches and generation requests this replica tokenized itself (``tokenizers.inline_max_chars``); with
+        tracing on, also ``"tracing"``: spans exported, failed, dropped and queued
+        (:meth:`maas.tracing.Tracer.counts`)."""
         from maas import tracing
 
         out = self.dataplane.calls.stats()
+        out["tokenized_in_ingress"] = self.dataplane.calls.inline_batches
         t = tracing.tracer()
         if t is not None:
             out["tracing"] = t.counts()

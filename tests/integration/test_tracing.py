@@ -101,12 +101,21 @@ def test_an_embeddings_trace_continues_the_caller_and_accounts_for_the_latency(t
     assert [lk.span_id for lk in batch.links] == [op.span_id]
     pre, model = children(spans, batch)
     assert (pre.name, model.name) == ("maas.preprocess", "maas.model")
-    assert attrs(pre)["maas.deployment"].startswith("Tokenizer") and attrs(model)["maas.replica"]
+    # two short texts: tokenized by the ingress itself (tokenizers.inline_max_chars), and traced as its work
+    assert attrs(pre)["maas.deployment"] == "Ingress" and attrs(model)["maas.replica"]
     queue, forward = children(spans, model)
     assert (queue.name, forward.name) == ("maas.model.queue", "maas.model.forward")
     assert attrs(forward)["maas.batch.items"] >= 2
     assert pre.end_time_unix_nano <= forward.start_time_unix_nano  # tokenised before the forward ran
     assert batch.start_time_unix_nano <= pre.start_time_unix_nano and model.end_time_unix_nano <= batch.end_time_unix_nano
+
+    # A batch over inline_max_chars goes to the shared tokenizer deployment, whose span says so.
+    r = requests.post(f"{url}/v1/embeddings", json={"model": "minilm-tr", "input": ["a longer text " * 50]},
+                      headers={"traceparent": f"00-{caller_trace[:-4]}0ca1-{caller_span}-01"}, timeout=60)
+    assert r.status_code == 200, r.text
+    spans = trace_of(receiver, header_ids(r)[0], {"maas.preprocess", "maas.model.forward"})
+    pre = next(s for s in spans.values() if s.name == "maas.preprocess")
+    assert attrs(pre)["maas.deployment"].startswith("Tokenizer-")
 
     # Stamped X-Request-Start (µs, as a proxy in front would): through HAProxy and Serve the server span starts at
     # the stamp, and maas.http.front holds the time before the app; the children still account for the span.

@@ -175,9 +175,11 @@ def spec(name, family="text-encoder", tasks=("embeddings",), **extra):
     return {**base, **extra}
 
 
-def plane(specs, answers, timeout_s=5.0, **ingress):
-    """A Dataplane over fakes: ``answers`` maps address → FakeModel."""
-    config = AppConfig.model_validate({"models": specs, "ingress": {"model_call_timeout_s": timeout_s, **ingress}})
+def plane(specs, answers, timeout_s=5.0, tokenizers=None, **ingress):
+    """A Dataplane over fakes: ``answers`` maps address → FakeModel. The fake preprocessor hands jobs through
+    untokenized, so tokenizing in the ingress is off unless ``tokenizers`` turns it on (its own tests)."""
+    config = AppConfig.model_validate({"models": specs, "ingress": {"model_call_timeout_s": timeout_s, **ingress},
+                                       "tokenizers": tokenizers or {"inline_max_chars": 0}})
     pre = FakePre()
     dp = Dataplane(config, {s.key: answers[s.key] for s in config.models}, {s.key: pre for s in config.models},
                    watch=FakeWatch())

@@ -35,13 +35,15 @@ class Preprocessed(Generic[T]):
         rows: Items each job contributes to ``inputs``, in job order (0 for a failed job).
         errors: Per job, the 4xx error that preprocessing raised for it, or None.
         timing_ns: When the preprocessor worked on the batch (``time.time_ns()`` at start and end) and its job
-            count: a traced request's ``maas.preprocess`` span (:mod:`maas.tracing`).
+            count: a traced request's ``maas.preprocess`` span (:mod:`maas.tracing`); a fourth element names
+            the deployment that did it when that is not the preprocessor deployment (the ingress, for a batch
+            it tokenized itself: :func:`maas.preprocess.text.tokenize_inline`).
     """
 
     inputs: T | None
     rows: list[int]
     errors: list[MaasError | None]
-    timing_ns: tuple[int, int, int] | None = None  # (start, end, jobs): the preprocessor's work, wall clock ns
+    timing_ns: tuple | None = None  # (start, end, jobs[, deployment]): the preprocessor's work, wall clock ns
 
     def __len__(self) -> int:
         return len(self.rows)

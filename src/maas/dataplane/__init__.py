@@ -25,6 +25,7 @@ request dicts, so HTTP and handles can never disagree. Nothing here imports torc
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
@@ -55,6 +56,29 @@ def current() -> "Dataplane":
     if _current is None:
         raise ModelNotReady("the ingress is still starting; retry")
     return _current
+
+
+def inline_tokenizers(config: AppConfig) -> dict[str, Any]:
+    """Address → the tokenizer this ingress replica tokenizes small batches with (``tokenizers.inline_max_chars``;
+    empty when it is 0): one :class:`~maas.preprocess.text.TextTokenizer` per distinct tokenizer of the config's
+    text models, loaded here at start-up (tens of ms and a few MB each); a model whose tokenizer cannot be
+    loaded here (no ``tokenizer.json``) always uses its tokenizer deployment."""
+    if config.tokenizers.inline_max_chars <= 0:
+        return {}
+    from maas.config import tokenizer_deployment_name
+    from maas.preprocess.text import load_inline_tokenizer
+
+    loaded: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for spec in config.models:
+        if spec.family == "image-classifier":
+            continue
+        dep = tokenizer_deployment_name(spec)
+        if dep not in loaded:
+            loaded[dep] = load_inline_tokenizer(spec.tokenizer_source, dep)
+        if loaded[dep] is not None:
+            out[spec.key] = loaded[dep]
+    return out
 
 
 class Dataplane:
@@ -88,7 +112,8 @@ class Dataplane:
             handles={**{s.deployment_name: models[s.key] for s in config.models},
                      **{by_pool[n]: h for n, h in pools.items()}})
         self.traffic = Traffic(config)
-        self.calls = Calls(self.limits, routes, self.watch, self.traffic)
+        self.calls = Calls(self.limits, routes, self.watch, self.traffic, inline_tokenizers(config),
+                           config.tokenizers.inline_max_chars)
         self.repository = None
         if index is not None:
             from maas.dataplane.repository import RepositoryRoutes

@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from maas import metrics, tracing
 from maas.batching.front import RETRY_AFTER_S, FrontBatcher
-from maas.config import BatchingSpec, IngressSpec, ModelSpec, PoolModelSpec
+from maas.config import INGRESS_DEPLOYMENT, BatchingSpec, IngressSpec, ModelSpec, PoolModelSpec
 from maas.dataplane.auto import LatencyBook
 from maas.dataplane.traffic import Traffic
 from maas.dataplane.watch import DeploymentWatch
@@ -41,6 +41,7 @@ from maas.errors import (
     TaskNotSupported,
     unwrap,
 )
+from maas.preprocess.text import inline_chars, tokenize_inline
 from maas.tenants import CURRENT, charge
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
@@ -66,10 +67,18 @@ class Calls:
         routes: Address → :class:`Route`.
         watch: Running replica counts (front batching keeps ``pipeline_depth`` batches per replica).
         traffic: The versions' traffic state (per-version records for auto-rollback).
+        inline: Address → the tokenizer this replica holds for it (:meth:`preprocess`); none: every batch
+            goes to the preprocessor deployment.
+        inline_max_chars: The most characters of plain text a batch tokenized here holds
+            (``tokenizers.inline_max_chars``).
     """
 
-    def __init__(self, limits: IngressSpec, routes: dict[str, Route], watch: DeploymentWatch, traffic: Traffic):
+    def __init__(self, limits: IngressSpec, routes: dict[str, Route], watch: DeploymentWatch, traffic: Traffic,
+                 inline: dict[str, Any] | None = None, inline_max_chars: int = 0):
         self.limits, self.routes, self.watch, self.traffic = limits, routes, watch, traffic
+        # address → the TextTokenizer this replica tokenizes small batches with (see preprocess())
+        self.inline, self.inline_max_chars = inline or {}, inline_max_chars
+        self.inline_batches = 0  # batches (and generation requests) tokenized here, for stats()
         self.latency = LatencyBook()
         self._info: dict[str, dict] = {}
         self._settings: dict[str, tuple[BatchingSpec, float]] = {}  # address → (settings, monotonic time)
@@ -261,7 +270,7 @@ class Calls:
         label = key[0] if shared else address
 
         def dispatch(jobs):
-            pre = route.pre.remote([j.payload for j in jobs], model=label)
+            pre = self.preprocess(route, [j.payload for j in jobs], label)
             backlog = b.queued_items / max(1, self.watch.running(dep))
             call = shared if shared is not None else route.model
             return call.remote(pre, [j.params for j in jobs], [j.deadline_s for j in jobs], backlog_items=backlog)
@@ -278,6 +287,21 @@ class Calls:
                                       {"maas.deployment": getattr(route.pre, "deployment_name", "")}))
         self._batchers[key] = b
         return b
+
+    def preprocess(self, route: Route, payloads: list, label: str) -> Any:
+        """The preprocessor's answer for ``payloads`` (a front batch's jobs, or one generation request's), to pass
+        to the model call: the preprocessor deployment's ``DeploymentResponse`` (chained, resolved by Serve), or
+        — for plain texts of at most ``inline_max_chars`` characters, when this replica holds the address's
+        tokenizer — the :class:`~maas.batching.jobs.Preprocessed` tokenized right here (same function, same
+        per-job 4xx errors), which saves the hops to the tokenizer deployment and back
+        (``maas.config.TokenizerDeploymentSpec`` has the measured trade). ``label``: the metrics tag."""
+        tokenizer = self.inline.get(route.spec.key) if self.inline else None
+        if tokenizer is not None:
+            chars = inline_chars(payloads)
+            if chars is not None and chars <= self.inline_max_chars:
+                self.inline_batches += 1
+                return tokenize_inline(tokenizer, payloads, label, INGRESS_DEPLOYMENT)
+        return route.pre.remote(payloads, model=label)
 
     async def batched(self, route: Route, operation: str, payload: Any, params: dict, items: int) -> Any:
         """One request through its front batcher; its own answer, or its error raised.
@@ -341,7 +365,7 @@ class Calls:
             "prompt_tokens": [int]}``.
         """
         address = route.spec.key
-        pre = route.pre.remote([job], model=address)
+        pre = self.preprocess(route, [job], address)
         tenant = CURRENT.get()
         if tenant is not None:
             params = {**params, "priority": tenant.priority}
@@ -369,7 +393,7 @@ class Calls:
         """The generator's stream events for one request (see ``TextGenerator.stream``), domain
         errors raised by type; the call is cancelled on the replica when the caller stops reading."""
         address = route.spec.key
-        pre = route.pre.remote([job], model=address)
+        pre = self.preprocess(route, [job], address)
         tenant = CURRENT.get()
         if tenant is not None:
             params = {**params, "priority": tenant.priority}

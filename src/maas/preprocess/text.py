@@ -264,6 +264,47 @@ def load_text_tokenizer(source: HuggingFaceSource | PackageSource, owner: str) -
     return _HFTextTokenizer(load_tokenizer(source, owner))
 
 
+def load_inline_tokenizer(source: HuggingFaceSource | PackageSource, owner: str) -> TextTokenizer | None:
+    """The tokenizer an ingress replica keeps to tokenize small batches itself (see
+    ``maas.config.TokenizerDeploymentSpec.inline_max_chars``): a :class:`TextTokenizer` when the source has a
+    ``tokenizer.json``; None when it has none (``transformers.AutoTokenizer`` would import torch into the
+    ingress) or cannot be loaded here (logged at INFO: the tokenizer deployment serves every batch then)."""
+    try:
+        where = _tokenizer_dir(source, owner)
+        if (Path(where) / "tokenizer.json").exists():
+            return TextTokenizer(where)
+        logger.info("%s: no tokenizer.json; every batch goes to the tokenizer deployment", owner)
+    except Exception as exc:  # noqa: BLE001 - the deployment path still serves
+        logger.info("%s: tokenizer not loadable in the ingress (%s); every batch goes to the tokenizer deployment",
+                    owner, type(exc).__name__)
+    return None
+
+
+def inline_chars(jobs: list) -> int | None:
+    """Characters of a batch of :class:`TextJob` s of plain texts, or None when one is not (chat messages,
+    token ids, or a value that is not a string: the deployment answers those, errors included)."""
+    total = 0
+    for job in jobs:
+        if not isinstance(job, TextJob) or job.kind != "texts":
+            return None
+        for v in job.values:
+            if not isinstance(v, str):
+                return None
+            total += len(v)
+    return total
+
+
+def tokenize_inline(tokenizer: TextTokenizer, jobs: list[TextJob], model: str, where: str) -> Preprocessed:
+    """:func:`tokenize_jobs` in the calling process (the ingress), timed as the deployment times it: the
+    ``preprocess`` stage metric for ``model`` and, for traced requests, ``timing_ns`` (start, end, jobs,
+    ``where`` — the deployment that did it, the ``maas.preprocess`` span's ``maas.deployment``)."""
+    started, started_ns = time.perf_counter(), time.time_ns()
+    out = tokenize_jobs(tokenizer, jobs)
+    out.timing_ns = (started_ns, time.time_ns(), len(jobs), where)
+    metrics.stage(model, "preprocess", 1000 * (time.perf_counter() - started))
+    return out
+
+
 def load_tokenizer(source: HuggingFaceSource | PackageSource, owner: str):
     """``transformers.AutoTokenizer.from_pretrained`` on the source (model replicas: decoding).
 

@@ -439,7 +439,10 @@ def replica_spans(parent: Span, trace: dict, model_attrs: dict, pre_attrs: dict 
     and ``maas.model.forward`` (pull-batched models) or ``maas.model.generate`` (generators)."""
     pre = trace.get("pre")
     if pre:
-        span = parent.child("maas.preprocess", pre[0], {**(pre_attrs or {}), "maas.batch.jobs": int(pre[2])})
+        attrs = {**(pre_attrs or {}), "maas.batch.jobs": int(pre[2])}
+        if len(pre) > 3:  # tokenized by the ingress itself (maas.preprocess.text.tokenize_inline)
+            attrs["maas.deployment"] = str(pre[3])
+        span = parent.child("maas.preprocess", pre[0], attrs)
         span.end(pre[1])
     arrived, start, end = trace["arrived"], trace["start"], trace["end"]
     model = parent.child("maas.model", arrived, {**model_attrs, "maas.replica": trace.get("replica", "")})
