@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from maas.errors import InvalidRequest, ModelNotFound, ServiceOverloaded
 from maas.protocol import v2
@@ -34,6 +35,9 @@ def test_embedding_inputs():
     assert EmbeddingRequest(model="m", input=[[1], [2, 3]]).token_arrays() == [[1], [2, 3]]
     op = EmbeddingRequest(model="m", input=[[1], [2, 3]], user="u").to_operation()
     assert op.texts is None and op.token_ids == [[1], [2, 3]] and op.routing_key == "u"
+    for bad in ([True], [[1, False]], [True, False]):  # JSON booleans are not token ids (lax mode reads 1 / 0)
+        with pytest.raises(ValidationError, match="true/false"):
+            EmbeddingRequest(model="m", input=bad)
 
 
 def _binary_request(inputs: list[tuple[dict, bytes]], outputs=None, params=None) -> tuple[bytes, int]:
