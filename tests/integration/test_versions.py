@@ -84,6 +84,24 @@ def rollout(served_app):
         wait_for(lambda: requests.get(f"{url}/readyz", timeout=10).status_code == 404, 120, "rollout app deleted")
 
 
+def applied_everywhere(url: str, seen, what: str) -> dict:
+    """Wait until a new traffic policy is in effect on every Ingress replica of the rollout app: ``seen(body)``
+    true on the ``/readyz`` body of the replica that answers (so Serve has begun applying it), then the Ingress
+    deployment HEALTHY again (Serve reconfigures its two replicas one after the other and reports UPDATING until
+    both run the new ``user_config``: a request to the other replica meanwhile follows the old policy).
+    Returns the ``/readyz`` body that showed it."""
+    from ray import serve
+
+    body = wait_for(lambda: (b := requests.get(f"{url}/readyz", timeout=10).json()) and seen(b) and b, 30,
+                    f"{what} applied", interval_s=0.2)
+
+    def healthy():
+        app = serve.status().applications.get(APP)
+        return app is not None and app.deployments["Ingress"].status == "HEALTHY"
+    wait_for(healthy, 60, f"{what} on every Ingress replica", interval_s=0.2)
+    return body
+
+
 def classify(url, model, jpeg, key=None, session=requests):
     headers = {"X-Maas-Routing-Key": key} if key else {}
     return session.post(f"{url}/v1/classifications/image", data={"model": model}, headers=headers, timeout=60,
@@ -232,11 +250,9 @@ def test_a_broken_version_takes_no_traffic_and_readyz_says_so(rollout):
     rollout["deploy"]({"imagenet": {"weights": {"1": 50, "3": 50}}})
     jpeg = small_jpeg()
 
-    def applied():
-        return requests.get(f"{rollout['url']}/readyz", timeout=10).json()["traffic"]["imagenet"]["3"]["weight"] == 50
-
     try:
-        wait_for(applied, 30, "policy 50/50 with version 3 applied", interval_s=0.2)
+        applied_everywhere(rollout["url"], lambda b: b["traffic"]["imagenet"]["3"]["weight"] == 50,
+                           "policy 50/50 with version 3")
         versions = {classify(rollout["url"], "imagenet", jpeg, f"u{i}").headers["x-maas-model-version"]
                     for i in range(40)}
         assert versions == {"1"}
@@ -269,7 +285,7 @@ def test_shadow_copies_are_compared_and_counted_never_returned(rollout):
         return requests.get(f"{rollout['url']}/readyz", timeout=10).json()["traffic"]["imagenet"]["2"].get("shadow")
 
     try:
-        wait_for(shadow_counts, 30, "shadow policy applied", interval_s=0.2)
+        applied_everywhere(rollout["url"], lambda b: b["traffic"]["imagenet"]["2"].get("shadow"), "shadow policy")
         answers = [classify(rollout["url"], "imagenet", jpeg, f"s{i}") for i in range(10)]
         assert {r.headers["x-maas-model-version"] for r in answers} == {"1"}  # the shadow never answers
         # Two ingress replicas share the requests and /readyz answers from one of them: poll until it
