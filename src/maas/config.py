@@ -560,8 +560,9 @@ class TokenizerDeploymentSpec(_Strict):
     (null and real forwards) no difference beyond the runs' spread, as larger batches keep going to the shared
     deployment, which scales apart from the ingress and where a hop is paid once per batch. Tokenizing one
     sentence in the ingress costs ~40 µs; a batch of at most 512 characters and 16 texts
-    (:data:`maas.preprocess.text.INLINE_MAX_TEXTS`: each text has its own fixed cost) ~0.3 ms at most, the longest
-    the ingress's event loop is held for it. The limit is the batch's total. 0: always the deployment.
+    (:data:`maas.preprocess.text.INLINE_MAX_TEXTS`: each text has its own fixed cost) holds the ingress's event
+    loop p50 0.25-0.43 ms (16 short jobs, or one 512-character text), 0.66 ms for 16 jobs of Japanese text (more
+    tokens per character), measured on the build VM. The limit is the batch's total. 0: always the deployment.
     Only tokenizers already on local disk with a ``tokenizer.json`` are loaded into the ingress (not hub ids,
     GGUF checkpoints or AutoTokenizer-only directories: :func:`maas.preprocess.text.load_inline_tokenizer`);
     chat messages (templates), caller-sent token ids and repository (pool) models always go to the deployment.

@@ -37,7 +37,7 @@ class Preprocessed(Generic[T]):
         timing_ns: When the preprocessor worked on the batch (``time.time_ns()`` at start and end) and its job
             count: a traced request's ``maas.preprocess`` span (:mod:`maas.tracing`); a fourth element names
             the deployment that did it when that is not the preprocessor deployment (the ingress, for a batch
-            it tokenized itself: :func:`maas.preprocess.text.tokenize_inline`).
+            it tokenized itself: :func:`maas.preprocess.text.tokenize_timed`).
     """
 
     inputs: T | None

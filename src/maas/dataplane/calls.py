@@ -41,7 +41,7 @@ from maas.errors import (
     TaskNotSupported,
     unwrap,
 )
-from maas.preprocess.text import inline_chars, tokenize_inline
+from maas.preprocess.text import inline_chars, tokenize_timed
 from maas.tenants import CURRENT, charge
 
 logger = logging.getLogger("ray.serve.maas.dataplane")
@@ -300,7 +300,7 @@ class Calls:
             chars = inline_chars(payloads)
             if chars is not None and chars <= self.inline_max_chars:
                 self.inline_batches += 1
-                return tokenize_inline(tokenizer, payloads, label, INGRESS_DEPLOYMENT)
+                return tokenize_timed(tokenizer, payloads, label, INGRESS_DEPLOYMENT)
         return route.pre.remote(payloads, model=label)
 
     async def batched(self, route: Route, operation: str, payload: Any, params: dict, items: int) -> Any:

@@ -73,10 +73,12 @@ class _OpenAIRequest(StrictRequest):
 def _homogeneous_list(v, field: str):
     """A list input must be all strings, all token ids, or all token arrays; a token id is an integer, never
     ``true``/``false`` (which pydantic's lax mode would read as 1 and 0)."""
-    if isinstance(v, list) and v and len({type(x) for x in v}) > 1:
+    if not isinstance(v, list) or not v:
+        return v
+    kinds = {type(x) for x in v}  # one pass; a list of texts pays nothing more
+    if len(kinds) > 1:
         raise ValueError(f"{field} must be all strings, all token ids, or all token arrays, not a mix")
-    if isinstance(v, list) and any(isinstance(x, bool) or (isinstance(x, list) and any(isinstance(y, bool) for y in x))
-                                   for x in v):
+    if bool in kinds or (list in kinds and any(type(y) is bool for x in v for y in x)):
         raise ValueError(f"{field} holds true/false where a token id (an integer) or a text is expected")
     return v
 

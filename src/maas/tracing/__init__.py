@@ -440,7 +440,7 @@ def replica_spans(parent: Span, trace: dict, model_attrs: dict, pre_attrs: dict 
     pre = trace.get("pre")
     if pre:
         attrs = {**(pre_attrs or {}), "maas.batch.jobs": int(pre[2])}
-        if len(pre) > 3:  # tokenized by the ingress itself (maas.preprocess.text.tokenize_inline)
+        if len(pre) > 3:  # tokenized by the ingress itself (maas.preprocess.text.tokenize_timed)
             attrs["maas.deployment"] = str(pre[3])
         span = parent.child("maas.preprocess", pre[0], attrs)
         span.end(pre[1])
