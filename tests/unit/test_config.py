@@ -78,3 +78,21 @@ def test_pretrained_config_is_valid():
         assert doc["applications"], name
         for app in doc["applications"]:
             assert plan_graph(parse_config(app["args"]))["models"], name
+
+
+def test_the_ingress_gc_threshold_is_bounded_and_set_without_touching_the_older_generations(local_args):
+    import gc
+
+    from maas.ingress import set_gc_threshold
+
+    assert parse_config(local_args).ingress.gc_threshold == 10_000
+    bad = copy.deepcopy(local_args)
+    bad.setdefault("ingress", {})["gc_threshold"] = 50  # a collection every few objects
+    with pytest.raises(ConfigError, match="gc_threshold"):
+        parse_config(bad)
+    before = gc.get_threshold()
+    try:
+        set_gc_threshold(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:])
+    finally:
+        gc.set_threshold(*before)
