@@ -450,6 +450,16 @@ def test_generation_is_one_call_and_the_renderings_carry_usage_and_version():
     run(go())
 
 
+def test_a_completion_prompt_with_a_lone_surrogate_is_a_400_naming_the_prompt():
+    async def go():
+        model = FakeModel(lambda job, params: pytest.fail("a bad prompt reached the model"))
+        dp, _ = plane([gen_spec()], {"gen": model})
+        with pytest.raises(InvalidRequest, match=r"prompt\[1\] is not valid Unicode") as err:
+            await dp.ops.generate(GenerateRequest("gen", task="completion", prompts=["fine", "bad \ud800"]))
+        assert err.value.param == "prompt"
+    run(go())
+
+
 def test_a_stream_renders_role_first_finish_last_then_usage():
     async def go():
         model = FakeModel(None)

@@ -175,6 +175,13 @@ class Operations:
             if not req.prompts:
                 raise InvalidRequest("prompt is an empty list; send at least one prompt", param="prompt")
             self.calls.check_items(len(req.prompts) * req.n, "prompt", limit, "prompts × n")
+            if not req.prompt_is_tokens:  # here, so that the error names the field the caller sent
+                for i, p in enumerate(req.prompts):
+                    try:
+                        p.encode("utf-8") if isinstance(p, str) else None
+                    except UnicodeEncodeError:
+                        raise InvalidRequest(f"prompt[{i}] is not valid Unicode (it holds a lone surrogate); send "
+                                             "UTF-8 text", param="prompt") from None
 
     async def _job(self, route, req: GenerateRequest) -> TextJob:
         """The tokenizer job: chat messages, or prompts (completion never truncates; text2text
