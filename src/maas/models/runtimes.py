@@ -39,6 +39,7 @@ the preprocessors on small machines; a spinning pool takes their CPU).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -344,7 +345,12 @@ def _export_quiet(spec: ModelSpec, export: Export, probe: Probe, out_dir: Path) 
                     return next(self.it, None)
 
             pre = out_dir / "pre.onnx"
-            quant_pre_process(str(fp32), str(pre))
+            # In out_dir: when its symbolic shape inference is incomplete, onnxruntime saves
+            # sym_shape_infer_temp.onnx and a <uuid>.data file of every weight into the current directory
+            # (a 90 MB one was once committed from the repository root). Here they go with out_dir.
+            src, dst = str(fp32.resolve()), str(pre.resolve())  # absolute: resolved before the chdir
+            with contextlib.chdir(out_dir):
+                quant_pre_process(src, dst)
             quantize_static(str(pre), str(target), Reader(probe.calibration or []), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             pre.unlink()
