@@ -80,9 +80,10 @@ def test_requests_queued_behind_a_batch_leave_together_with_their_own_answers_an
 
 
 def test_answered_jobs_are_freed_without_the_cycle_collector():
-    """Once answered, a request's job, future, payload and answer are freed by reference counting. A job and its
-    batch referred to each other, so each request waited for Python's cycle collector (in the ingress ~7 objects
-    per request, a collection every ~6 requests); the batcher now drops the link when the batch is answered."""
+    """Once answered — an answer, its own error, or its failed call's — a request's job, future, payload and answer
+    are freed by reference counting. A job and its batch referred to each other, and an error's traceback held the
+    frames that held it, so each request waited for Python's cycle collector (in the ingress ~8 objects per
+    request)."""
     from maas.batching.front import Job, _Batch
 
     class Payload:  # something to find among the collector's garbage
@@ -96,8 +97,17 @@ def test_answered_jobs_are_freed_without_the_cycle_collector():
         await until(lambda: batcher.queued_items == 3)
         calls[0].answer(["a"])
         await until(lambda: len(calls) == 2)
-        calls[1].answer(["b", "c", "d"])
-        assert [await t for t in (first, *rest)] == ["a", "b", "c", "d"]
+        failing = [asyncio.create_task(batcher.submit(Payload(), {}, 1, None)) for _ in range(2)]
+        await until(lambda: batcher.queued_items == 2)  # the next batch, behind the one out
+        calls[1].answer(["b", InvalidRequest("c is bad", param="input"), "d"])  # one job's own error
+        await until(lambda: len(calls) == 3)
+        assert len(calls[2].jobs) == 2
+        calls[2].future.set_exception(InvalidRequest("the whole call failed"))  # a failed call: every job
+        # gather, not ``await`` in a try: a caught exception's traceback would hold this frame, a cycle of the
+        # test's own
+        out = await asyncio.gather(first, *rest, *failing, return_exceptions=True)
+        assert out[:2] == ["a", "b"] and out[3] == "d"
+        assert [type(o) for o in out[2:3] + out[4:]] == [InvalidRequest] * 3
         calls.clear()  # the test's own references to the batches' jobs
 
     gc.collect()

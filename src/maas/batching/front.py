@@ -153,6 +153,11 @@ class FrontBatcher:
             elif self._queue.remove(job):  # still queued: withdraw it (False once answered: nothing to do)
                 self.queued_items -= job.items
             raise
+        finally:
+            # A job's error is raised from here, so its traceback holds this frame, and the frame (through
+            # ``job.future``) the error: without this, a reference cycle keeping the payload until Python's
+            # cycle collector runs.
+            del job
 
     @property
     def idle(self) -> bool:
@@ -229,7 +234,11 @@ class FrontBatcher:
             results = await self._call(batch)
         except BaseException as exc:  # noqa: BLE001 - each job gets the mapped error; nothing is lost
             failed = exc
-            err = exc if isinstance(exc, MaasError) else self.map_error(exc)
+            err = exc if isinstance(exc, MaasError) else self.map_error(exc)  # logs an unexpected one, traceback too
+            # Dropped before the futures get it (a future keeps the traceback it was given, to raise with): it
+            # holds this frame and _call's, whose locals hold the error and the batch — a cycle keeping every
+            # job's payload until Python's cycle collector runs.
+            exc.__traceback__ = err.__traceback__ = None
             for j in batch.jobs:
                 if not j.future.done():
                     j.future.set_exception(err)
