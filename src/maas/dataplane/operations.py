@@ -178,7 +178,8 @@ class Operations:
             if not req.prompt_is_tokens:  # here, so that the error names the field the caller sent
                 for i, p in enumerate(req.prompts):
                     try:
-                        p.encode("utf-8") if isinstance(p, str) else None
+                        if isinstance(p, str):
+                            p.encode("utf-8")
                     except UnicodeEncodeError:
                         raise InvalidRequest(f"prompt[{i}] is not valid Unicode (it holds a lone surrogate); send "
                                              "UTF-8 text", param="prompt") from None
