@@ -668,7 +668,7 @@ class IngressSpec(_Strict):
         description="Python's generation-0 garbage-collection threshold in each ingress replica (container objects "
         "allocated net of those freed; Python's default is 700). A request allocates a few hundred short-lived "
         "objects, so at 700 the ingress ran a collection every ~6 requests: measured at 1,150 one-sentence "
-        "requests/s, 3,600 gen-0 and 330 gen-1 collections in 20 s, ~6 % of a core; at 10,000, a few per minute. "
+        "requests/s, 3,600 gen-0 and 330 gen-1 collections in 20 s, ~7 % of a core; at 10,000, a few per minute. "
         "Lower it if the ingress's memory grows between collections; Ray Serve already freezes the objects of "
         "start-up out of every collection (RAY_SERVE_FREEZE_GC_ON_STARTUP).",
     )
