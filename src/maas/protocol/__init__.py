@@ -25,6 +25,20 @@ class CompletionUsage(Usage):
     completion_tokens: int
 
 
+def value_error(message: str):
+    """What a request schema's validator raises for a bad value (pydantic reports it as ``value_error`` with
+    ``message``), instead of ``ValueError``.
+
+    Why: pydantic keeps a raised ``ValueError`` in the error's ``ctx``, and its traceback holds the validator's
+    frame, whose caller (FastAPI's body validation) holds the list of errors: a reference cycle keeping the
+    request body until Python's collector runs. Measured over HTTP: 150 such requests of 2 MB grew the ingress
+    by ~500 MB. A ``PydanticCustomError`` carries only the message.
+    """
+    from pydantic_core import PydanticCustomError
+
+    return PydanticCustomError("value_error", message.replace("{", "{{").replace("}", "}}"))
+
+
 def _is_type_tag(part) -> bool:
     return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in part)
 

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -167,6 +168,8 @@ def drop_tracebacks(exc: BaseException) -> None:
         seen.add(id(e))
         e.__traceback__ = None
         todo += (e.__cause__, e.__context__)
+        if isinstance(e, (RequestValidationError, ValidationError)):  # a validator's own exception, kept in ctx
+            todo += [d["ctx"]["error"] for d in e.errors() if isinstance(d.get("ctx", {}).get("error"), BaseException)]
 
 
 def install(app: FastAPI) -> None:

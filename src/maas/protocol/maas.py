@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StrictInt, StrictStr
 
 from maas.dataplane import types as op
 from maas.errors import InvalidRequest
-from maas.protocol import CompletionUsage, StrictRequest, Usage
+from maas.protocol import CompletionUsage, StrictRequest, Usage, value_error
 
 
 BUDGET_DESCRIPTION = ("With model 'auto': answer within this many ms if a model is predicted to (the "
@@ -22,7 +22,7 @@ BUDGET_DESCRIPTION = ("With model 'auto': answer within this many ms if a model 
 def _no_bool(value):
     """JSON ``true`` is not a number of milliseconds (pydantic would read it as 1.0)."""
     if isinstance(value, bool):
-        raise ValueError("must be a number of milliseconds, not a boolean")
+        raise value_error("must be a number of milliseconds, not a boolean")
     return value
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from maas.dataplane.types import EmbedRequest, GenerateRequest
 from maas.errors import InvalidRequest
-from maas.protocol import StrictRequest
+from maas.protocol import StrictRequest, value_error
 
 HINT_FIELDS = ("metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
                "prompt_cache_options", "safety_identifier", "parallel_tool_calls")
@@ -77,9 +77,9 @@ def _homogeneous_list(v, field: str):
         return v
     kinds = {type(x) for x in v}  # one pass; a list of texts pays nothing more
     if len(kinds) > 1:
-        raise ValueError(f"{field} must be all strings, all token ids, or all token arrays, not a mix")
+        raise value_error(f"{field} must be all strings, all token ids, or all token arrays, not a mix")
     if bool in kinds or (list in kinds and any(type(y) is bool for x in v for y in x)):
-        raise ValueError(f"{field} holds true/false where a token id (an integer) or a text is expected")
+        raise value_error(f"{field} holds true/false where a token id (an integer) or a text is expected")
     return v
 
 
@@ -148,7 +148,7 @@ class _SamplingRequest(_OpenAIRequest):
     @classmethod
     def _stop(cls, v):
         if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop strings")
+            raise value_error("at most 4 stop strings")
         return v
 
     @field_validator("n")
