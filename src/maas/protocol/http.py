@@ -22,8 +22,8 @@ from typing import Any, AsyncIterator
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maas.errors import (
@@ -169,7 +169,8 @@ def drop_tracebacks(exc: BaseException) -> None:
         e.__traceback__ = None
         todo += (e.__cause__, e.__context__)
         if isinstance(e, (RequestValidationError, ValidationError)):  # a validator's own exception, kept in ctx
-            todo += [d["ctx"]["error"] for d in e.errors() if isinstance(d.get("ctx", {}).get("error"), BaseException)]
+            found = [(d.get("ctx") or {}).get("error") for d in e.errors() if isinstance(d, dict)]
+            todo += [x for x in found if isinstance(x, BaseException)]  # ctx "error" may also be a string
 
 
 def install(app: FastAPI) -> None:
