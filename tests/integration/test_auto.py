@@ -77,7 +77,8 @@ def test_a_budget_between_the_fastest_and_the_slowest_routes_to_a_model_that_mee
     assert routed != slowest and routed == r.json()["model"] == r.json()["routing"]["model"]
     reason = dict(kv.split("=", 1) for kv in r.headers["x-maas-route-reason"].split(";") if "=" in kv)
     assert float(reason["budget"].removesuffix("ms")) == pytest.approx(budget, abs=1)
-    assert float(reason["predicted"].removesuffix("ms")) <= budget
+    # the header rounds the prediction to whole ms (a 68.6 ms prediction under a 68.75 ms budget reads "69ms")
+    assert float(reason["predicted"].removesuffix("ms")) <= budget + 0.5
 
 
 def test_a_generous_budget_and_no_budget_route_to_the_best_model(auto_url, photos, estimates):
