@@ -36,7 +36,7 @@ def value_error(message: str):
     """
     from pydantic_core import PydanticCustomError
 
-    return PydanticCustomError("value_error", message.replace("{", "{{").replace("}", "}}"))
+    return PydanticCustomError("value_error", message)  # no context: the message is not formatted, braces stay
 
 
 def _is_type_tag(part) -> bool:
