@@ -96,3 +96,25 @@ def test_the_ingress_gc_threshold_is_bounded_and_set_without_touching_the_older_
         assert gc.get_threshold() == (12_345, *before[1:])
     finally:
         gc.set_threshold(*before)
+
+
+def test_the_ingress_replica_applies_its_gc_threshold_when_it_starts(local_args):
+    """The Ingress's constructor, run as Serve runs it (``serve.ingress`` makes ``__init__`` a coroutine),
+    sets the configured threshold in its process; no model is called while it starts."""
+    import asyncio
+    import collections
+    import gc
+
+    from maas.ingress import Ingress
+
+    args = copy.deepcopy(local_args)
+    args.setdefault("ingress", {})["gc_threshold"] = 4_321
+    config = parse_config(args).model_dump(mode="json")
+    unused = collections.defaultdict(lambda: None)  # handles: none is called in __init__
+    cls = Ingress.func_or_class
+    before = gc.get_threshold()
+    try:
+        asyncio.run(cls.__init__(cls.__new__(cls), config, unused, unused))
+        assert gc.get_threshold() == (4_321, *before[1:])
+    finally:
+        gc.set_threshold(*before)
