@@ -57,8 +57,11 @@ DEFAULT_BASELINE_REF = "28058b3"
 PEER_MODELS = ("efficientnet-lite0", "minilm")
 DEFAULT_MODELS = ("efficientnet-lite0", "resnet50", "minilm")
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-#: The multi-item point: sentences per embeddings request and clients (how bulk clients call).
-MULTI_ITEMS, MULTI_CONCURRENCY = 16, 4
+#: The multi-item points: sentences per embeddings request, and the clients of each point: 4 (how bulk
+#: clients call) and 16 (saturation: with 4 clients the 64 sentences in flight are exactly the two
+#: MiniLM replicas' 32-item forwards, so every answer's round trip leaves a replica idle; 16 keeps
+#: work queued in the ingress, as the single-sentence points at 64 clients do).
+MULTI_ITEMS, MULTI_CONCURRENCY = 16, (4, 16)
 #: Peers are swept at this concurrency (a loaded point) before their full run with the best settings.
 SWEEP_CONCURRENCY = 32
 
@@ -238,13 +241,13 @@ def run_maas(system: str, models: list[str], args, workdir: Path, result: dict, 
                     result["overhead"].setdefault(model, {})[system] = {
                         "maas_p50_ms": r["p50_ms"], "maas_p99_ms": r["p99_ms"], "requests": r["requests"],
                         "errors": r["errors"]}
-                    if workloads.KINDS[model] == "text":
-                        r = load.run(server.base_url, multi_bodies(model), concurrency=MULTI_CONCURRENCY,
+                    for clients in MULTI_CONCURRENCY if workloads.KINDS[model] == "text" else ():
+                        r = load.run(server.base_url, multi_bodies(model), concurrency=clients,
                                      duration_s=args.duration_s)
                         r.update(system="maas-serve", mode=mode, model=model, items_per_request=MULTI_ITEMS,
                                  items_per_s=round(r["ok_per_s"] * MULTI_ITEMS, 2))
                         result["multi"].append(r)
-                        print(f"  maas-serve {mode:12s} {model:18s} {MULTI_ITEMS} items/request c={MULTI_CONCURRENCY}"
+                        print(f"  maas-serve {mode:12s} {model:18s} {MULTI_ITEMS} items/request c={clients}"
                               f" {r['items_per_s']:8.1f} items/s  p50 {r['p50_ms']:7.1f} ms", flush=True)
         if server.proc:
             mem["peak_during_load"] = sampler.peak
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> Path:
         "settings": {"models": models, "systems": chosen, "concurrency": args.concurrency,
                      "duration_s": args.duration_s, "warmup_s": args.warmup_s, "load_generator": "wrk",
                      "items_per_request": 1, "multi": {"items_per_request": MULTI_ITEMS,
-                                                       "concurrency": MULTI_CONCURRENCY},
+                                                       "concurrency": list(MULTI_CONCURRENCY)},
                      "sweep_concurrency": SWEEP_CONCURRENCY,
                      "baseline_ref": args.baseline_ref if "maas-baseline" in chosen else None,
                      "maas_runtimes": {m: "/".join(v) for m, v in parse_runtimes(args.runtime).items()}},

@@ -333,13 +333,16 @@ def real_goals(result: dict) -> list[dict]:
             out.append({"goal": f"issue 28: {model} items/s ≥ {x} × ceiling",
                         "measured": f"{best['items_per_s']:.1f} (c={best['concurrency']}) / "
                                     f"{ceil['items_per_s']:.1f} = {ratio:.2f} ×", "met": ratio >= x})
-    multi = next((r for r in result.get("multi", []) if r["mode"] == "batching on" and r["model"] == "minilm"), None)
-    if multi and ceilings.get("minilm"):
-        ratio = multi["items_per_s"] / ceilings["minilm"]["items_per_s"]
-        out.append({"goal": f"issue 28: minilm {multi['items_per_request']} sentences per request ≥ "
+    # As the single-item goal above: the best point (saturation), every point named.
+    multis = [r for r in result.get("multi", []) if r["mode"] == "batching on" and r["model"] == "minilm"]
+    if multis and ceilings.get("minilm"):
+        ceil = ceilings["minilm"]["items_per_s"]
+        best = max(multis, key=lambda r: r["items_per_s"])
+        ratio = best["items_per_s"] / ceil
+        out.append({"goal": f"issue 28: minilm {best['items_per_request']} sentences per request ≥ "
                             f"{MULTI_X_CEILING} × ceiling",
-                    "measured": f"{multi['items_per_s']:.1f} (c={multi['concurrency']}) / "
-                                f"{ceilings['minilm']['items_per_s']:.1f} = {ratio:.2f} ×",
+                    "measured": ", ".join(f"{r['items_per_s']:.1f} (c={r['concurrency']})" for r in multis)
+                                + f" / {ceil:.1f} = {ratio:.2f} × at best",
                     "met": ratio >= MULTI_X_CEILING})
     for model, (p50, p99) in OVERHEAD_MS.items():
         o = result.get("overhead", {}).get(model, {}).get("maas")

@@ -54,3 +54,34 @@ def test_env_of_side_b_is_name_equals_value():
     for bad in ("NOVALUE", "=1", "A B=1"):
         with pytest.raises(SystemExit, match="NAME=VALUE"):
             ab.parse_env(bad)
+
+
+def test_the_16_sentence_goal_reads_the_best_point_and_names_every_point():
+    """bench.null.real_goals: as the one-sentence goal, the 16-sentence goal is judged at saturation
+    (the best of its client counts), and the row shows every point so none is hidden."""
+    from bench import null
+
+    multi = [{"mode": "batching on", "model": "minilm", "items_per_request": 16, "concurrency": c, "items_per_s": v}
+             for c, v in ((4, 300.0), (16, 420.0))]
+    result = {"limit": {"minilm": {"ceiling": {"items_per_s": 500.0}}}, "multi": multi}
+    [goal] = [g for g in null.real_goals(result) if "16 sentences" in g["goal"]]
+    assert goal["measured"] == "300.0 (c=4), 420.0 (c=16) / 500.0 = 0.84 × at best"
+    assert goal["met"] is False
+    multi[1]["items_per_s"] = 425.0
+    [goal] = [g for g in null.real_goals(result) if "16 sentences" in g["goal"]]
+    assert goal["met"] is True
+
+
+def test_the_contention_table_gives_each_setting_against_the_forward_alone():
+    from bench import contention
+
+    def row(setting, cpus):
+        return {"setting": setting, "copies": [{"cpu_ms_per_item": c, "wall_ms_per_item": 2 * c} for c in cpus]}
+
+    result = {"model": "minilm", "batch": 32, "seconds": 1, "copies": 2, "burst_ms": 0.3, "gap_ms": 0.5,
+              "rows": [row("alone", [4.0]), row("copies", [4.0, 4.2]), row("copies + 1 bursty", [4.4, 4.4]),
+                       row("copies + 2 bursty", [4.8, 5.0])]}
+    md = "\n".join(contention.markdown(result))
+    assert "| alone | 4.00 | 1.00 | 8.00 |" in md
+    assert "| 2 copies | 4.10 | 1.02 | 8.20 |" in md
+    assert "| 2 copies + 2 bursty | 4.90 | 1.23 | 9.80 |" in md
