@@ -259,3 +259,23 @@ def test_the_ingress_says_at_start_which_models_it_tokenizes_for(caplog):
     assert set(dp.calls.inline) == {"enc"}
     line = next(r.getMessage() for r in caplog.records if "tokenized in the ingress" in r.getMessage())
     assert "['enc']" in line and "['gen']" in line
+
+
+def test_a_completions_token_array_errors_name_prompt_and_embeddings_errors_name_input():
+    """A completion's prompt given as token ids is checked by the tokenizer deployment; its 400 names the
+    field the caller sent (``prompt``), as an embeddings request's names ``input``."""
+    from maas.dataplane.types import GenerateRequest
+
+    tok = load_text_tokenizer(MINILM, "test")
+
+    async def job_of(req):
+        dp, _ = plane([spec("g", family="text-generator", tasks=("completion",))], {"g": FakeModel(None)})
+        return await dp.ops._job(dp.calls.routes["g"], req)
+
+    job = asyncio.run(job_of(GenerateRequest("g", prompts=[[101, 99999999]], prompt_is_tokens=True)))
+    assert job.kind == "ids" and job.param == "prompt"
+    out = tokenize_jobs(tok, [job, TextJob("ids", [[]], param="prompt"), TextJob("ids", [[101, 99999999]])])
+    assert [e.param for e in out.errors] == ["prompt", "prompt", "input"]
+    assert str(out.errors[0]).startswith("prompt[0] holds token id 99999999, outside this model's vocabulary")
+    assert str(out.errors[1]) == "prompt[0] is an empty token array"
+    assert str(out.errors[2]).startswith("input[0] holds token id 99999999")

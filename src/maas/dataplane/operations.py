@@ -193,7 +193,7 @@ class Operations:
             info = await self.calls.info(route)
             return TextJob("texts", req.prompts, max_length=info["max_input_tokens"])
         if req.prompt_is_tokens:
-            return TextJob("ids", req.prompts, max_length=None)
+            return TextJob("ids", req.prompts, max_length=None, param="prompt")
         return TextJob("texts", req.prompts, max_length=None, truncate=False, add_special_tokens=False)
 
     async def generate(self, req: GenerateRequest) -> Generation:

@@ -414,22 +414,23 @@ def truncate_ids(row: list[int], max_length: int | None, closing_id: int | None)
 
 
 def from_token_ids(rows: list[list[int]], *, vocab_size: int, pad_token_id: int, max_length: int | None,
-                   closing_id: int | None = None) -> TokenizedBatch:
+                   closing_id: int | None = None, param: str = "input") -> TokenizedBatch:
     """Wrap caller-supplied token ids (OpenAI's token-array input) as a batch, truncating each
-    row to ``max_length`` (see :func:`truncate_ids`).
+    row to ``max_length`` (see :func:`truncate_ids`). ``param``: the request field the rows came
+    from (``input`` for embeddings, ``prompt`` for completions), named in errors.
 
     Raises:
         InvalidRequest: an empty row or an id outside ``[0, vocab_size)``.
     """
     if not rows:
-        raise InvalidRequest("input is an empty list; send at least one token array", param="input")
+        raise InvalidRequest(f"{param} is an empty list; send at least one token array", param=param)
     for i, r in enumerate(rows):
         if not r:
-            raise InvalidRequest(f"input[{i}] is an empty token array", param="input")
+            raise InvalidRequest(f"{param}[{i}] is an empty token array", param=param)
         bad = next((t for t in r if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(f"input[{i}] holds token id {bad!r}, outside this model's vocabulary "
-                                 f"[0, {vocab_size})", param="input")
+            raise InvalidRequest(f"{param}[{i}] holds token id {bad!r}, outside this model's vocabulary "
+                                 f"[0, {vocab_size})", param=param)
     num_tokens = [len(r) for r in rows]
     ids, mask = pad_right([truncate_ids(list(r), max_length, closing_id) for r in rows], pad_token_id)
     return TokenizedBatch(input_ids=ids, attention_mask=mask, num_tokens=num_tokens, pad_token_id=pad_token_id)
@@ -446,6 +447,7 @@ class TextJob:
         max_length: Longest row in tokens after truncation (None: no limit).
         truncate: Truncate texts to ``max_length`` (else they pass whole).
         add_special_tokens: Add the tokenizer's special tokens to texts.
+        param: The request field the values came from, named in errors (``input``, ``prompt``).
     """
 
     kind: Literal["texts", "ids", "chat"]
@@ -453,6 +455,7 @@ class TextJob:
     max_length: int | None = None
     truncate: bool = True
     add_special_tokens: bool = True
+    param: str = "input"
 
 
 def tokenize_job(tokenizer: TextTokenizer, job: TextJob) -> TokenizedBatch:
@@ -460,7 +463,7 @@ def tokenize_job(tokenizer: TextTokenizer, job: TextJob) -> TokenizedBatch:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if job.kind == "ids":
         return from_token_ids(job.values, vocab_size=tokenizer.vocab_size, pad_token_id=pad,
-                              max_length=job.max_length, closing_id=tokenizer.closing_id)
+                              max_length=job.max_length, closing_id=tokenizer.closing_id, param=job.param)
     if job.kind == "chat":
         for i, m in enumerate(job.values):
             try:
@@ -492,7 +495,7 @@ def tokenize_jobs(tokenizer: TextTokenizer, jobs: list[TextJob]) -> Preprocessed
     for i, job in enumerate(jobs):
         try:
             if job.kind == "texts":
-                _check_texts(job.values)
+                _check_texts(job.values, job.param)
                 groups.setdefault((job.max_length, job.truncate, job.add_special_tokens), []).append(i)
             else:
                 one = tokenize_job(tokenizer, job)
