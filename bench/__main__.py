@@ -8,7 +8,7 @@ first swept over its documented tuning knobs at one loaded point and then run wi
 settings. Per server and model: one checked request (the answer must be right), a short
 warm-up, then one closed-loop ``wrk`` run per concurrency level. maas-serve and the baseline
 also get a graph-overhead run (concurrency 1, the smallest input only) and, for MiniLM, a
-multi-item point (16 sentences per request, 4 clients). Memory of each server's process tree
+multi-item point (16 sentences per request at 4 and at 16 clients). Memory of each server's process tree
 is read after start-up, sampled during the load (peak) and read after it; its idle CPU is
 measured for 10 s before the load.
 
