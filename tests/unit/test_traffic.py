@@ -320,3 +320,17 @@ def test_image_deletion_baseline_is_the_top_region_moved():
     assert len(moved) == 4 and all(m.sum() == top.sum() for m in moved)
     assert all((m & top).sum() < top.sum() for m in moved)  # they sit elsewhere
     assert [m.tolist() for m in shifted_masks(top, seed=0)] == [m.tolist() for m in moved]  # seeded
+
+
+def test_a_routing_key_holding_a_lone_surrogate_is_hashed_like_any_key():
+    """``user`` may arrive as a JSON ``"\\ud800"`` escape; the hash (used without a KeyTable answer and to spread
+    the keys of a version that is not ready) must not raise, and valid keys hash as before."""
+    import hashlib
+
+    assert unit_hash("m", "user-1") == int.from_bytes(
+        hashlib.blake2b("0\0m\0user-1".encode(), digest_size=8).digest(), "big") / 2.0**64
+    assert 0 <= unit_hash("m", "\ud800") < 1 and unit_hash("m", "\ud800") != unit_hash("m", "\ud801")
+    t = Traffic(app(classifier(1), classifier(2)))
+    t.apply({"traffic": {"imagenet": {"weights": {"1": 50, "2": 50}}}})
+    assert t.choose("imagenet", "bad \ud800", {"1": True, "2": True}) in ("1", "2")
+    assert t.choose("imagenet", "bad \ud800", {"1": True, "2": False}, assigned="2") == "1"

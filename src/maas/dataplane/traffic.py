@@ -65,8 +65,9 @@ SHADOW_COSINE_AGREE = 0.99
 
 
 def unit_hash(name: str, key: str, salt: int = 0) -> float:
-    """A stable point in [0, 1) for (model name, routing key, salt)."""
-    digest = hashlib.blake2b(f"{salt}\0{name}\0{key}".encode(), digest_size=8).digest()
+    """A stable point in [0, 1) for (model name, routing key, salt). A routing key is opaque: one holding
+    a lone surrogate (a JSON ``"\\ud800"`` escape in ``user``) hashes as any other, never raises."""
+    digest = hashlib.blake2b(f"{salt}\0{name}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 
