@@ -194,10 +194,7 @@ def main(argv=None) -> int:
     check(settings)
     with tempfile.TemporaryDirectory(prefix="maas-bench-ab-") as tmp:
         result = run(Path(tmp), settings, forwards, a.duration_s, envs)
-    out = systems.ROOT / "bench" / "results"
-    (out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{a.name}.md").write_text("\n".join(markdown(result)) + "\n")
-    print("\n".join(markdown(result)))
+    systems.save_result(a.name, result, markdown(result))
     return 0
 
 

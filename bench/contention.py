@@ -24,7 +24,6 @@ code. Writes ``bench/results/<name>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import time
@@ -156,10 +155,7 @@ def main(argv=None) -> int:
                     help="result file stem in bench/results")
     a = ap.parse_args(argv)
     result = run(a.model, a.batch, a.seconds, a.copies, a.repeats, a.burst_ms, a.gap_ms)
-    out = systems.ROOT / "bench" / "results"
-    (out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{a.name}.md").write_text("\n".join(markdown(result)) + "\n")
-    print("\n".join(markdown(result)))
+    systems.save_result(a.name, result, markdown(result))
     return 0
 
 

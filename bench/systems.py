@@ -43,6 +43,17 @@ ROOT = workloads.ROOT
 BIN = Path(sys.executable).parent
 
 
+def save_result(name: str, result: dict, markdown: list[str]) -> None:
+    """Write ``bench/results/<name>.json`` (``result``) and ``.md`` (``markdown``'s lines), and print the
+    markdown: how the single-purpose benches (``bench.ab``, ``bench.contention``) record a run."""
+    import json
+
+    out = ROOT / "bench" / "results"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(markdown) + "\n")
+    print("\n".join(markdown))
+
+
 
 def free_port() -> int:
     with socket.socket() as s:
