@@ -334,3 +334,35 @@ def test_a_routing_key_holding_a_lone_surrogate_is_hashed_like_any_key():
     t.apply({"traffic": {"imagenet": {"weights": {"1": 50, "2": 50}}}})
     assert t.choose("imagenet", "bad \ud800", {"1": True, "2": True}) in ("1", "2")
     assert t.choose("imagenet", "bad \ud800", {"1": True, "2": False}, assigned="2") == "1"
+
+
+def test_the_key_table_is_asked_for_utf8_keys_and_a_lone_surrogate_key_is_hashed_without_asking():
+    """Ray's serialization packs a string argument as msgpack, which refuses a lone surrogate; such a routing
+    key is hashed at once (no failed call, no 'table did not answer' warning per request), still sticky."""
+    import asyncio
+
+    from maas.dataplane import Dataplane
+    from tests.unit.test_core import FakeModel, FakePre, FakeWatch
+
+    asked = []
+
+    class Keys:
+        class assign:  # noqa: N801 - the handle method's name
+            @staticmethod
+            def remote(name, key, weights):
+                asked.append(key)
+
+                async def answer():
+                    return "2"
+                return answer()
+
+    config = app(classifier(1), classifier(2))
+    dp = Dataplane(config, {s.key: FakeModel(None) for s in config.models}, {s.key: FakePre() for s in config.models},
+                   watch=FakeWatch(), keys=Keys())
+    dp.traffic.apply({"traffic": {"imagenet": {"weights": {"1": 50, "2": 50}}}})
+
+    async def go():
+        return (await dp.router._assigned_version("imagenet", "user-7"),
+                await dp.router._assigned_version("imagenet", "bad \ud800"))
+    assert asyncio.run(go()) == ("2", None)
+    assert asked == ["user-7"]

@@ -47,6 +47,15 @@ KEY_TABLE_TIMEOUT_S = 1.0
 Op = Callable[[str], Awaitable[Any]]
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (False for a lone surrogate, which a JSON ``\\ud800`` escape can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Router:
     """The routing decision of one ingress replica (see the module docstring).
 
@@ -209,6 +218,10 @@ class Router:
         version = self.traffic.assigned.get((name, routing_key))
         if version is not None or self.keys is None:
             return version
+        if not routing_key.isascii() and not _utf8(routing_key):
+            # A lone surrogate: Ray's own serialization packs a string argument as msgpack, which refuses it
+            # (a failed call and a warning per request); such a key is hashed instead, still sticky.
+            return None
         weights = self.traffic.weights(name)
         try:
             version = await asyncio.wait_for(self.keys.assign.remote(name, routing_key, weights),
