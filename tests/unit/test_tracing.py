@@ -606,3 +606,23 @@ def test_several_request_start_stamps_the_earliest_usable_one_wins():
     assert earliest_start_ns([b + b", " + a], now) == now - 50_000_000  # joined by a proxy
     assert earliest_start_ns([b"junk", b"t=1765100009"], now) is None  # nothing usable
     assert earliest_start_ns([b"junk, " + b], now) == now - 10_000_000
+
+
+def test_an_attribute_holding_a_lone_surrogate_is_exported_not_the_batch_lost():
+    """A span attribute echoing the request (the requested model name, JSON ``"\\ud800"``) encodes with ``?`` in
+    its place: the batch, with other requests' spans, still exports and parses."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    t = tracing.Tracer(tracing.SdkExporter(InMemorySpanExporter()), 1.0)
+    try:
+        spans = sample_spans(t)
+    finally:
+        t.close()
+    spans[0].attrs["maas.model.requested"] = "bad \ud800"
+    spans[1].status_message = "model 'bad \ud800' does not exist"
+    ours = ExportTraceServiceRequest()
+    ours.ParseFromString(tracing.encode_otlp(spans, {"service.name": "maas-serve"}))
+    got = ours.resource_spans[0].scope_spans[0].spans
+    assert len(got) == 2
+    assert {kv.key: kv.value.string_value for kv in got[0].attributes}["maas.model.requested"] == "bad ?"
+    assert got[1].status.message == "model 'bad ?' does not exist"

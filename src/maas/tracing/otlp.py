@@ -54,7 +54,8 @@ def _any_value(value: Any) -> bytes:
         out.append(0x21)
         out += struct.pack("<d", value)
     else:
-        _field_bytes(out, 0x0A, str(value).encode())
+        # "replace": an attribute echoing a request's lone surrogate (a model name) must not fail the batch's export
+        _field_bytes(out, 0x0A, str(value).encode("utf-8", "replace"))
     return bytes(out)
 
 
@@ -104,7 +105,7 @@ def _name_field(name: str) -> bytes:
     field = _NAME_CACHE.get(name)
     if field is None:
         out = bytearray()
-        _field_bytes(out, 0x2A, name.encode())  # 5 name
+        _field_bytes(out, 0x2A, name.encode("utf-8", "replace"))  # 5 name
         field = bytes(out)
         if len(_NAME_CACHE) >= _CACHE_MAX:
             _NAME_CACHE.clear()
@@ -144,7 +145,7 @@ def _span(s: Span) -> bytes:
     if s.status or s.status_message:  # 15 status (message 2, code 3)
         st = bytearray()
         if s.status_message:
-            _field_bytes(st, 0x12, s.status_message.encode())
+            _field_bytes(st, 0x12, s.status_message.encode("utf-8", "replace"))
         if s.status:
             st += bytes((0x18, s.status))
         out.append(0x7A)
