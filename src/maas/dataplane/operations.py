@@ -194,7 +194,7 @@ class Operations:
             return TextJob("texts", req.prompts, max_length=info["max_input_tokens"])
         if req.prompt_is_tokens:
             return TextJob("ids", req.prompts, max_length=None, param="prompt")
-        return TextJob("texts", req.prompts, max_length=None, truncate=False, add_special_tokens=False)
+        return TextJob("texts", req.prompts, max_length=None, truncate=False, add_special_tokens=False, param="prompt")
 
     async def generate(self, req: GenerateRequest) -> Generation:
         """A completion, chat or text2text, not streamed. Over-long completion and chat prompts
