@@ -73,8 +73,9 @@ def _copy(model: str, batch: int, seconds: float, ready, go, out) -> None:
     out.put((1000 * (time.thread_time() - cpu0) / n / batch, 1000 * (time.perf_counter() - wall0) / n / batch, n))
 
 
-def _bursty(burst_ms: float, gap_ms: float, stop) -> None:
-    """Spin ``burst_ms``, sleep ``gap_ms``, until ``stop`` is set."""
+def _bursty(burst_ms: float, gap_ms: float, ready, stop) -> None:
+    """Report ready, then spin ``burst_ms`` and sleep ``gap_ms`` until ``stop`` is set."""
+    ready.put(True)
     x = 0
     while not stop.is_set():
         until = time.perf_counter() + burst_ms / 1000
@@ -92,20 +93,43 @@ def measure(model: str, batch: int, seconds: float, copies: int, neighbours: int
     """
     ctx = mp.get_context("spawn")
     ready, out, go, stop = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
-    procs = [ctx.Process(target=_copy, args=(model, batch, seconds, ready, go, out)) for _ in range(copies)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=300)
-    noisy = [ctx.Process(target=_bursty, args=(burst_ms, gap_ms, stop)) for _ in range(neighbours)]
-    for p in noisy:
-        p.start()
-    go.set()
-    rows = [out.get(timeout=seconds + 300) for _ in procs]
-    stop.set()
-    for p in procs + noisy:
-        p.join(timeout=30)
+    procs = [ctx.Process(target=_copy, args=(model, batch, seconds, ready, go, out), daemon=True)
+             for _ in range(copies)]
+    noisy = [ctx.Process(target=_bursty, args=(burst_ms, gap_ms, ready, stop), daemon=True) for _ in range(neighbours)]
+    try:
+        for p in procs + noisy:  # every process loaded (copies) or started (neighbours) before the window opens
+            p.start()
+        _gather(ready, procs + noisy, 300, "ready")
+        go.set()
+        rows = _gather(out, procs, seconds + 300, "forwarding")
+    finally:
+        go.set()
+        stop.set()
+        for p in procs + noisy:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     return [{"cpu_ms_per_item": round(c, 3), "wall_ms_per_item": round(w, 3), "forwards": n} for c, w, n in rows]
+
+
+def _gather(queue, procs: list, timeout_s: float, what: str) -> list:
+    """One message per process from ``queue`` within ``timeout_s``.
+
+    Raises:
+        RuntimeError: a process exited first (it failed: its traceback is on stderr), or the time ran out.
+    """
+    import queue as queues
+
+    got, deadline = [], time.monotonic() + timeout_s
+    while len(got) < len(procs):
+        try:
+            got.append(queue.get(timeout=1.0))
+        except queues.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"bench.contention: {len(got)} of {len(procs)} processes {what}; exit codes "
+                                   f"{[p.exitcode for p in procs]}") from None
+    return got
 
 
 def run(model: str, batch: int, seconds: float, copies: int = 2, repeats: int = 2, burst_ms: float = 0.3,

@@ -98,6 +98,7 @@ def test_the_ingress_gc_threshold_is_bounded_and_set_without_touching_the_older_
         gc.set_threshold(*before)
 
 
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited")  # the wrapper's async __del__
 def test_the_ingress_replica_applies_its_gc_threshold_when_it_starts(local_args, monkeypatch):
     """The Ingress's constructor, run as Serve runs it (``serve.ingress`` makes ``__init__`` a coroutine),
     sets the configured threshold in its process; no model is called while it starts. The process-wide state
@@ -113,6 +114,7 @@ def test_the_ingress_replica_applies_its_gc_threshold_when_it_starts(local_args,
     monkeypatch.setattr(maas.dataplane, "_current", maas.dataplane._current)
     monkeypatch.setattr(security, "SETTINGS", copy.copy(security.SETTINGS))
     monkeypatch.setattr(tracing.TracingMiddleware, "known_routes", tracing.TracingMiddleware.known_routes)
+    monkeypatch.setattr(tracing, "_TRACER", None)  # configure() closes the tracer it finds
 
     args = copy.deepcopy(local_args)
     args.setdefault("ingress", {})["gc_threshold"] = 4_321
